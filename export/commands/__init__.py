@@ -1,0 +1,1 @@
+"""`genserve` verbs that need model code: train, evaluate, sample (offline)."""

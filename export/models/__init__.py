@@ -1,0 +1,41 @@
+"""The model zoo: one module per family, looked up by family name."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .base import GenerativeModel, ImageConfig, Score, UnsupportedCapability
+from .dcgan import DCGAN, DCGANConfig
+from .gated_pixelcnn import GatedPixelCNN, GatedPixelCNNConfig
+from .pixelcnn import PixelCNN, PixelCNNConfig
+from .realnvp import RealNVP, RealNVPConfig
+from .vae import VAE, VAEConfig
+
+FAMILIES: dict[str, type[GenerativeModel]] = {
+    cls.family: cls for cls in (PixelCNN, GatedPixelCNN, VAE, DCGAN, RealNVP)
+}
+
+
+def model_class(family: str) -> type[GenerativeModel]:
+    try:
+        return FAMILIES[family]
+    except KeyError:
+        raise ValueError(f"unknown model family {family!r}; expected one of {sorted(FAMILIES)}") from None
+
+
+def build_model(family: str, config: dict[str, Any] | ImageConfig | None = None) -> GenerativeModel:
+    """Builds an untrained model of `family` from a config (dataclass, dict, or defaults)."""
+    cls = model_class(family)
+    if config is None:
+        config = cls.config_class()
+    elif isinstance(config, dict):
+        config = cls.config_class.from_dict(config)
+    return cls(config)
+
+
+__all__ = [
+    "FAMILIES", "GenerativeModel", "ImageConfig", "Score", "UnsupportedCapability",
+    "build_model", "model_class",
+    "PixelCNN", "PixelCNNConfig", "GatedPixelCNN", "GatedPixelCNNConfig",
+    "VAE", "VAEConfig", "DCGAN", "DCGANConfig", "RealNVP", "RealNVPConfig",
+]
