@@ -15,9 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
-
 from genserve.serving.kernels.sampling import sample_stream_seed
+from tqdm import tqdm
 
 from .checkpoint import CONFIG_FILE, load_checkpoint, load_optimizer_state, read_record, save_checkpoint
 from .data import load_dataset, quantise
@@ -38,7 +37,9 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
-            raise ValueError(f"epochs and batch_size must be >= 1, got epochs={self.epochs} batch_size={self.batch_size}")
+            raise ValueError(
+                f"epochs and batch_size must be >= 1, got epochs={self.epochs} batch_size={self.batch_size}"
+            )
         if not self.learning_rate > 0 or not 0 < self.lr_decay <= 1:
             raise ValueError(
                 f"learning_rate must be > 0 and lr_decay in (0, 1], got {self.learning_rate}, {self.lr_decay}"

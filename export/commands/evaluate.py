@@ -35,7 +35,8 @@ def run(args: argparse.Namespace) -> int:
         for method, figures in metrics.items():
             if isinstance(figures, dict) and "nll_nats" in figures:
                 kind = "bound" if figures["is_bound"] else "exact"
-                print(f"  {method:>14}: {figures['nll_nats']:8.2f} nats  {figures['bits_per_dim']:.4f} bits/dim  ({kind})")
+                nats, bpd = figures["nll_nats"], figures["bits_per_dim"]
+                print(f"  {method:>14}: {nats:8.2f} nats  {bpd:.4f} bits/dim  ({kind})")
             elif isinstance(figures, dict):
                 print(f"  {method:>14}: mean logit {figures['mean_logit']:.3f} ({figures['note']})")
     if args.card:

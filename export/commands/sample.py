@@ -22,7 +22,6 @@ def run(args: argparse.Namespace) -> int:
     import time
 
     import torch
-
     from genserve.export.checkpoint import load_checkpoint
     from genserve.export.images import save_samples
 

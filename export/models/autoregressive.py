@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
 from genserve.serving.kernels.sampling import choose_pixels, uniform_noise
 
 from .base import SAMPLE, SCORE, GenerativeModel, Score
@@ -23,8 +22,8 @@ class AutoregressiveModel(GenerativeModel):
         raise NotImplementedError
 
     def scale_input(self, x: torch.Tensor) -> torch.Tensor:
-        """Pixel values → floats in [-1, 1], the network's input."""
-        return x.float() * (2.0 / (self.config.pixel_levels - 1)) - 1.0
+        """Pixel values → floats in [-1, 1] of the weights' dtype, the network's input."""
+        return x.to(self.output_logits.weight.dtype) * (2.0 / (self.config.pixel_levels - 1)) - 1.0
 
     def log_prob(self, x: torch.Tensor, labels: torch.Tensor | None = None, seed: int = 0) -> torch.Tensor:
         x = self.check_pixels(x)

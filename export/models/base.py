@@ -180,7 +180,9 @@ class GenerativeModel(nn.Module):
             raise ValueError(f"this {self.family} model is conditional on {classes} classes; labels are required")
         labels = torch.as_tensor(labels)
         if labels.shape != (n,) or labels.is_floating_point():
-            raise ValueError(f"labels must be an integer tensor of shape ({n},), got {labels.dtype} {tuple(labels.shape)}")
+            raise ValueError(
+                f"labels must be an integer tensor of shape ({n},), got {labels.dtype} {tuple(labels.shape)}"
+            )
         labels = labels.long()
         if n and (int(labels.min()) < 0 or int(labels.max()) >= classes):
             raise ValueError(f"labels must lie in [0, {classes}), got [{int(labels.min())}, {int(labels.max())}]")

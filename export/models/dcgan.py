@@ -16,9 +16,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from genserve.serving.kernels.sampling import gaussian_noise
+from torch import nn
 
 from .base import DECODE, SAMPLE, SCORE, GenerativeModel, ImageConfig, Score
 
@@ -87,6 +86,21 @@ class Discriminator(nn.Module):
         return logit  # (N,)
 
 
+def _dcgan_init(module: nn.Module) -> None:
+    """The DCGAN paper's initialisation: weights ~ N(0, 0.02), batch-norm scales ~ N(1, 0.02).
+
+    Small label projections matter most: with PyTorch's N(0, 1) embedding default the
+    projection term swamps D's logit and the generator never recovers.
+    """
+    if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, 0.0, 0.02)
+        if getattr(module, "bias", None) is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
+        nn.init.normal_(module.weight, 1.0, 0.02)
+        nn.init.zeros_(module.bias)
+
+
 class DCGAN(GenerativeModel):
     family = "dcgan"
     config_class = DCGANConfig
@@ -96,6 +110,7 @@ class DCGAN(GenerativeModel):
         super().__init__(config)
         self.generator = Generator(config)
         self.discriminator = Discriminator(config)
+        self.apply(_dcgan_init)
 
     @staticmethod
     def to_unit_range(x: torch.Tensor) -> torch.Tensor:

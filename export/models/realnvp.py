@@ -18,10 +18,8 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
-from torch import nn
-
 from genserve.serving.kernels.sampling import gaussian_noise, uniform_noise
+from torch import nn
 
 from .base import DECODE, ENCODE, SAMPLE, SCORE, GenerativeModel, ImageConfig, Score
 

@@ -1,0 +1,44 @@
+"""Shared fixtures: tiny model factories and the shipped checkpoints."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from genserve.export.checkpoint import SHIPPED_DIR, load_checkpoint
+from genserve.export.models import build_model
+
+# Tiny configurations: fast enough for CI, big enough to exercise every code path.
+TINY = {
+    "pixelcnn": dict(image_size=4, hidden_channels=8, num_residual_blocks=2, output_channels=8),
+    "gated_pixelcnn": dict(image_size=4, hidden_channels=8, num_layers=3, kernel_size=3, first_kernel_size=3,
+                           output_channels=8),
+    "vae": dict(image_size=8, hidden_channels=4, hidden_units=16, latent_dim=3, score_samples=8),
+    "dcgan": dict(image_size=8, latent_dim=4, generator_channels=4, discriminator_channels=4),
+    "realnvp": dict(image_size=4, hidden_channels=4, num_checkerboard=2, num_channelwise=2),
+}
+SHIPPED = ("pixelcnn_mnist", "gated_pixelcnn_mnist", "vae_mnist", "dcgan_mnist", "realnvp_mnist")
+
+
+def make_model(family: str, seed: int = 0, **overrides):
+    """A tiny randomly initialised model in eval mode; every weight non-zero (no identity layers)."""
+    torch.manual_seed(seed)
+    model = build_model(family, {**TINY[family], **overrides})
+    with torch.no_grad():  # the flow's couplings start as the identity: perturb them to test real maps
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def shipped():
+    """Loads a shipped checkpoint by name (cached for the session)."""
+    cache = {}
+
+    def load(name: str):
+        if not (SHIPPED_DIR / name / "config.json").exists():
+            pytest.fail(f"shipped checkpoint {name} is missing from {SHIPPED_DIR}")
+        if name not in cache:
+            cache[name] = load_checkpoint(name)
+        return cache[name]
+
+    return load

@@ -1,0 +1,48 @@
+"""Per-sample noise and the inverse-CDF pixel choice."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from genserve.serving.kernels.sampling import choose_pixels, gaussian_noise, sample_stream_seed, uniform_noise
+
+
+def test_noise_of_a_sample_depends_only_on_seed_index_and_stream():
+    both = uniform_noise(5, [0, 1], (3, 3))
+    assert torch.equal(uniform_noise(5, [1], (3, 3))[0], both[1])
+    assert not torch.equal(both[0], both[1])
+    assert not torch.equal(uniform_noise(6, [0], (3, 3))[0], both[0])
+    assert not torch.equal(uniform_noise(5, [0], (3, 3), stream=1)[0], both[0])
+    assert gaussian_noise(5, [0, 1], (4,)).shape == (2, 4)
+
+
+def test_stream_seeds_are_distinct_and_in_range():
+    seeds = {sample_stream_seed(s, i, k) for s in range(20) for i in range(20) for k in range(3)}
+    assert len(seeds) == 1200
+    assert all(0 <= s < 2**63 for s in seeds)
+    with pytest.raises(ValueError, match="non-negative"):
+        sample_stream_seed(-1, 0)
+
+
+def test_inverse_cdf_picks_the_interval_holding_the_noise():
+    probs = torch.tensor([0.2, 0.5, 0.3])
+    logits = probs.log().view(1, 3).expand(7, 3)
+    noise = torch.tensor([0.0, 0.19, 0.21, 0.69, 0.71, 0.99, 0.999999])
+    assert choose_pixels(logits, noise, 1.0).tolist() == [0, 0, 1, 1, 2, 2, 2]
+
+
+def test_inverse_cdf_frequencies_match_the_distribution():
+    probs = torch.tensor([0.1, 0.6, 0.3])
+    noise = torch.rand(200_000, generator=torch.Generator().manual_seed(0))
+    values = choose_pixels(probs.log().view(1, 3).expand(len(noise), 3), noise, 1.0)
+    frequencies = torch.bincount(values, minlength=3).float() / len(noise)
+    assert torch.allclose(frequencies, probs, atol=0.005)
+
+
+def test_temperature_sharpens_and_zero_takes_the_argmax():
+    logits = torch.tensor([[0.0, 1.0, 0.5]])
+    assert choose_pixels(logits, torch.tensor([0.0]), 0.0).item() == 1
+    # at T = 0.01 almost all mass is on the argmax: noise 0.01 falls in its interval
+    assert choose_pixels(logits, torch.tensor([0.01]), 0.01).item() == 1
+    with pytest.raises(ValueError, match="temperature must be >= 0"):
+        choose_pixels(logits, torch.tensor([0.5]), -0.1)
