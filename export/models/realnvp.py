@@ -124,7 +124,8 @@ class RealNVP(GenerativeModel):
     # ---- the bijection y ↔ z ------------------------------------------------------------
     def flow_forward(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Logit-space data y (N, C, H, W) → latents z (same shape) and log|det dz/dy| (N,)."""
-        log_det = torch.zeros(y.shape[0], dtype=y.dtype)
+        # The first coupling starts the sum (there is always one): no zeros of a traced batch size.
+        log_det = 0
         for coupling in self.before_squeeze:
             y, ld = coupling(y)
             log_det = log_det + ld

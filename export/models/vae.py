@@ -53,6 +53,15 @@ def gaussian_log_density(z: torch.Tensor, mean: torch.Tensor, log_var: torch.Ten
     return -0.5 * (_LOG_2PI + log_var + (z - mean) ** 2 / log_var.exp()).sum(-1)
 
 
+def bounds_from_log_weights(log_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(K, N) log-weights → ELBO (N,) and IWAE-K (N,).
+
+    K is read from the tensor, not from Python, so a traced graph keeps it dynamic.
+    """
+    num_samples = torch.ones_like(log_w).sum(0)  # (N,) all equal to K
+    return log_w.mean(0), torch.logsumexp(log_w, 0) - torch.log(num_samples)
+
+
 class VAE(GenerativeModel):
     family = "vae"
     config_class = VAEConfig
@@ -114,18 +123,20 @@ class VAE(GenerativeModel):
         """log p(x, z_k) - log q(z_k | x) for z_k = mean + std * eps_k.
 
         Args:
-            x: (N, C, H, W) binary pixel values.
+            x: (N, C, H, W) binary pixel values (not validated here: also the exported graph).
             eps: (K, N, D) standard normal noise (an input: graphs stay deterministic).
 
         Returns:
             (K, N) log-weights in nats.
         """
-        mean, log_var = self.encode(x)  # (N, D) each
+        mean, log_var = self.encoder(x.float()).chunk(2, dim=1)  # (N, D) each
         z = mean + (0.5 * log_var).exp() * eps  # (K, N, D)
         k, n, d = z.shape
         logits = self.decoder_logits(z.reshape(k * n, d)).view(k, n, -1)
-        target = x.float().flatten(1).expand(k, n, -1)
-        log_px_given_z = -F.binary_cross_entropy_with_logits(logits, target, reduction="none").sum(-1)
+        target = x.float().flatten(1)  # (N, C*H*W), broadcast over K
+        # Bernoulli log-likelihood x*l - softplus(l), written out: the ONNX exporter lowers
+        # binary_cross_entropy_with_logits to log(1 - sigmoid(l)), which is -inf for large l.
+        log_px_given_z = (target * logits - F.softplus(logits)).sum(-1)
         log_prior = gaussian_log_density(z, torch.zeros_like(z), torch.zeros_like(z))
         return log_px_given_z + log_prior - gaussian_log_density(z, mean, log_var)
 
@@ -136,9 +147,7 @@ class VAE(GenerativeModel):
         x = self.check_pixels(x)
         # noise for image i is keyed by (seed, i): a figure does not depend on batch size.
         eps = gaussian_noise(seed, range(x.shape[0]), (num_samples, self.config.latent_dim)).transpose(0, 1)
-        log_w = self.importance_log_weights(x, eps)  # (K, N)
-        elbo = log_w.mean(0)
-        iwae = torch.logsumexp(log_w, 0) - math.log(num_samples)
+        elbo, iwae = bounds_from_log_weights(self.importance_log_weights(x, eps))
         return (
             Score(elbo, method="elbo", is_bound=True),
             Score(iwae, method=f"iwae-{num_samples}", is_bound=True),
