@@ -150,7 +150,6 @@ def export_sampler(checkpoint: Checkpoint, logits: EntryPoint, logits_onnx: Path
     One batch row is one sample: (seed, index) keys its noise, so Triton's dynamic batcher may
     merge requests freely and every sample stays the one its seed names.
     """
-    model = checkpoint.model
     name = f"{checkpoint.name}_sample"
     folder = repository / name
     version_dir = folder / str(options.version)
@@ -172,7 +171,9 @@ def export_sampler(checkpoint: Checkpoint, logits: EntryPoint, logits_onnx: Path
     return folder
 
 
-def export_checkpoint(checkpoint: Checkpoint, repository: str | Path, options: ExportOptions | None = None) -> list[Path]:
+def export_checkpoint(
+    checkpoint: Checkpoint, repository: str | Path, options: ExportOptions | None = None
+) -> list[Path]:
     """Exports every entry point of a checkpoint into a Triton repository; returns the model folders."""
     options = options or ExportOptions()
     repository = Path(repository)
