@@ -75,6 +75,11 @@ def save_checkpoint(
     return directory
 
 
+def shipped_names() -> list[str]:
+    """Names of the checkpoints shipped in export/checkpoints/."""
+    return sorted(p.name for p in SHIPPED_DIR.glob("*") if (p / CONFIG_FILE).is_file())
+
+
 def resolve_checkpoint(name_or_path: str | Path) -> Path:
     """A checkpoint folder path, or the name of a shipped checkpoint (e.g. `vae_mnist`)."""
     path = Path(name_or_path)
@@ -83,10 +88,9 @@ def resolve_checkpoint(name_or_path: str | Path) -> Path:
     shipped = SHIPPED_DIR / str(name_or_path)
     if (shipped / CONFIG_FILE).is_file():
         return shipped
-    available = sorted(p.name for p in SHIPPED_DIR.glob("*") if (p / CONFIG_FILE).is_file())
     raise FileNotFoundError(
         f"no checkpoint at {str(name_or_path)!r}: expected a folder holding {CONFIG_FILE} or one of "
-        f"the shipped checkpoints {available}"
+        f"the shipped checkpoints {shipped_names()}"
     )
 
 

@@ -161,7 +161,7 @@ class FlowEncode(nn.Module):
     def forward(self, images: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         y, log_det_pre = self.model.dequantise(images, noise)
         z, log_det_flow = self.model.flow_forward(y)
-        return z, (log_det_pre + log_det_flow).unsqueeze(1)
+        return z, (log_det_pre + log_det_flow).float().unsqueeze(1)
 
 
 class FlowDecode(nn.Module):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from genserve.serving.kernels.sampling import choose_pixels, uniform_noise
+from genserve.serving.kernels.sampling import naive_sample, uniform_noise
 
 from .base import SAMPLE, SCORE, GenerativeModel, Score
 
@@ -52,9 +52,4 @@ class AutoregressiveModel(GenerativeModel):
         c = self.config
         shape = (c.channels, c.image_size, c.image_size)
         noise = uniform_noise(seed, range(n), shape)  # (N, C, H, W)
-        x = torch.zeros((n, *shape), dtype=torch.long)
-        for i in range(c.image_size):
-            for j in range(c.image_size):
-                logits = self.logits(x, labels)[..., i, j]  # (N, L, C)
-                x[:, :, i, j] = choose_pixels(logits, noise[:, :, i, j], temperature)
-        return x
+        return naive_sample(lambda x: self.logits(x, labels), noise, temperature, c.pixel_levels)

@@ -74,6 +74,16 @@ def unsqueeze(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(n, c, 2 * h, 2 * w)
 
 
+def sum_per_image(t: torch.Tensor) -> torch.Tensor:
+    """(N, ...) → (N,) sums accumulated in float64.
+
+    A log-det sums hundreds of per-dimension terms of a few nats each; float32 summation
+    order alone then moves the total by ~1e-3 between runtimes. float64 accumulation keeps
+    ONNX Runtime, TorchScript and eager within 1e-4 of each other.
+    """
+    return t.flatten(1).double().sum(1)
+
+
 class AffineCoupling(nn.Module):
     """y = mask * x + (1 - mask) * (x * exp(s(mask * x)) + t(mask * x)); log|det| = sum(s)."""
 
@@ -98,7 +108,7 @@ class AffineCoupling(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         s, t = self._scale_shift(x * self.mask)
-        return x * s.exp() + t, s.flatten(1).sum(1)
+        return x * s.exp() + t, sum_per_image(s)
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
         s, t = self._scale_shift(y * self.mask)  # the kept entries are unchanged, so s, t are too
@@ -123,7 +133,7 @@ class RealNVP(GenerativeModel):
 
     # ---- the bijection y ↔ z ------------------------------------------------------------
     def flow_forward(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logit-space data y (N, C, H, W) → latents z (same shape) and log|det dz/dy| (N,)."""
+        """Logit-space data y (N, C, H, W) → latents z (same shape) and log|det dz/dy| (N,) float64."""
         # The first coupling starts the sum (there is always one): no zeros of a traced batch size.
         log_det = 0
         for coupling in self.before_squeeze:
@@ -146,18 +156,20 @@ class RealNVP(GenerativeModel):
 
     # ---- pixels ↔ logit space -----------------------------------------------------------
     def dequantise(self, x: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pixels + uniform noise → logit space y and log|det dy/d(pixel + u)| (N,).
+        """Pixels + uniform noise → logit space y and log|det dy/d(pixel + u)| (N,) float64.
 
         The D log 256 term of x = (pixel + u) / 256 is included, so the result is a density
         over the dequantised pixel values themselves.
         """
         a = self.config.alpha
-        unit = (x.to(noise.dtype) + noise) / self.config.pixel_levels  # (0, 1)
+        # float64 here: these 784 logs are summed into the log-det, and runtimes' float32 log
+        # implementations round differently enough to move the total by ~1e-4 nats.
+        unit = (x.double() + noise.double()) / self.config.pixel_levels  # (0, 1)
         squashed = a + (1 - 2 * a) * unit
-        y = torch.log(squashed) - torch.log1p(-squashed)
+        log_odds = torch.log(squashed) - torch.log1p(-squashed)
         per_dim = math.log(1 - 2 * a) - torch.log(squashed) - torch.log1p(-squashed)
-        log_det = per_dim.flatten(1).sum(1) - self.config.dims * math.log(self.config.pixel_levels)
-        return y, log_det
+        log_det = sum_per_image(per_dim) - self.config.dims * math.log(self.config.pixel_levels)
+        return log_odds.to(noise.dtype), log_det
 
     def to_pixels(self, y: torch.Tensor) -> torch.Tensor:
         a, levels = self.config.alpha, self.config.pixel_levels
@@ -168,8 +180,8 @@ class RealNVP(GenerativeModel):
         """log p(pixel + u) in nats per image for pixels x (N, C, H, W) and noise u (same shape)."""
         y, log_det_pre = self.dequantise(x, noise)
         z, log_det_flow = self.flow_forward(y)
-        log_prior = -0.5 * (z**2 + math.log(2 * math.pi)).flatten(1).sum(1)
-        return log_prior + log_det_flow + log_det_pre
+        log_prior = -0.5 * sum_per_image(z**2 + math.log(2 * math.pi))
+        return (log_prior + log_det_flow + log_det_pre).float()
 
     # ---- capabilities -------------------------------------------------------------------
     def encode(self, x: torch.Tensor, noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -179,7 +191,7 @@ class RealNVP(GenerativeModel):
             noise = torch.full(x.shape, 0.5)
         y, log_det_pre = self.dequantise(x, noise)
         z, log_det_flow = self.flow_forward(y)
-        return z, log_det_pre + log_det_flow
+        return z, (log_det_pre + log_det_flow).float()
 
     def decode(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """Latents (N, C, H, W) → pixel values (N, C, H, W) int64."""

@@ -8,7 +8,7 @@ outside any exported graph, and passed in as a tensor.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -36,21 +36,29 @@ def sample_stream_seed(seed: int, index: int, stream: int = 0) -> int:
     return z >> 1
 
 
-def _per_sample(seed: int, indices: Sequence[int], stream: int, draw) -> torch.Tensor:
-    samples = []
-    for index in indices:
-        generator = torch.Generator().manual_seed(sample_stream_seed(seed, index, stream))
-        samples.append(draw(generator))
-    return torch.stack(samples)
+def noise_for(
+    keys: Sequence[tuple[int, int]], shape: Sequence[int], stream: int = 0, gaussian: bool = False
+) -> torch.Tensor:
+    """Noise for arbitrary (seed, index) pairs, one row each: rows of different requests can share a batch.
+
+    Returns:
+        float32 tensor of shape (len(keys), *shape), uniform [0, 1) or standard normal.
+    """
+    draw = torch.randn if gaussian else torch.rand
+    rows = [
+        draw(tuple(shape), generator=torch.Generator().manual_seed(sample_stream_seed(seed, index, stream)))
+        for seed, index in keys
+    ]
+    return torch.stack(rows) if rows else torch.empty((0, *shape))
 
 
 def uniform_noise(seed: int, indices: Sequence[int], shape: Sequence[int], stream: int = 0) -> torch.Tensor:
-    """Uniform [0, 1) noise, one independent tensor per sample index.
+    """Uniform [0, 1) noise, one independent tensor per sample index of one seed.
 
     Returns:
         float32 tensor of shape (len(indices), *shape).
     """
-    return _per_sample(seed, indices, stream, lambda g: torch.rand(tuple(shape), generator=g))
+    return noise_for([(seed, i) for i in indices], shape, stream)
 
 
 def gaussian_noise(seed: int, indices: Sequence[int], shape: Sequence[int], stream: int = 0) -> torch.Tensor:
@@ -59,29 +67,62 @@ def gaussian_noise(seed: int, indices: Sequence[int], shape: Sequence[int], stre
     Returns:
         float32 tensor of shape (len(indices), *shape).
     """
-    return _per_sample(seed, indices, stream, lambda g: torch.randn(tuple(shape), generator=g))
+    return noise_for([(seed, i) for i in indices], shape, stream, gaussian=True)
 
 
-def choose_pixels(logits: torch.Tensor, noise: torch.Tensor, temperature: float) -> torch.Tensor:
+def choose_pixels(logits: torch.Tensor, noise: torch.Tensor, temperature: float | torch.Tensor) -> torch.Tensor:
     """Picks a category per position by inverse CDF of softmax(logits / temperature).
 
-    The choice is a pure function of (logits, noise): the value is the number of CDF entries
-    strictly below the noise. Temperature 0 takes the argmax (ties to the lowest value).
+    The choice is a pure function of (logits, noise, temperature): the value is the number of
+    CDF entries strictly below the noise. Temperature 0 takes the argmax (ties to the lowest).
 
     Args:
         logits: (N, L, ...) unnormalised log-probabilities over L values.
         noise: (N, ...) uniform [0, 1) noise, one number per position.
-        temperature: >= 0.
+        temperature: >= 0; a float for the whole batch or a (N,) tensor, one per row.
 
     Returns:
         int64 tensor of shape (N, ...) with values in [0, L).
     """
-    if temperature < 0 or temperature != temperature:
+    t = torch.as_tensor(temperature, dtype=torch.float32)
+    if not torch.all(t >= 0):  # also catches NaN
         raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if temperature == 0:
-        return logits.argmax(dim=1)
-    probs = torch.softmax(logits.float() / temperature, dim=1)
+    greedy = logits.argmax(dim=1)
+    if t.dim() == 0:
+        if t.item() == 0:
+            return greedy
+        t = t.expand(logits.shape[0])
+    # (N,) → (N, 1, 1, ...); rows at T = 0 divide by 1 here and take the argmax below.
+    t_rows = torch.where(t > 0, t, torch.ones_like(t)).view(-1, *([1] * (logits.dim() - 1)))
+    probs = torch.softmax(logits.float() / t_rows, dim=1)
     cdf = probs.cumsum(dim=1)  # (N, L, ...)
     below = (cdf < noise.unsqueeze(1)).sum(dim=1)
     # float rounding can leave cdf[-1] a hair under 1; noise above it still means "last value".
-    return below.clamp_(max=logits.shape[1] - 1)
+    chosen = below.clamp_(max=logits.shape[1] - 1)
+    return torch.where((t == 0).view(-1, *([1] * (chosen.dim() - 1))), greedy, chosen)
+
+
+def naive_sample(
+    logits_fn: Callable[[torch.Tensor], torch.Tensor],
+    noise: torch.Tensor,
+    temperature: float | torch.Tensor,
+    levels: int,
+) -> torch.Tensor:
+    """Sequential sampling by full recomputation: one logits pass per pixel (the slow reference).
+
+    Args:
+        logits_fn: pixel values (N, C, H, W) int64 → logits (N, L, C, H, W), causally masked.
+        noise: (N, C, H, W) uniform noise, one number per pixel (from `noise_for`).
+        temperature: a float or (N,) per-row temperatures.
+        levels: L, the number of pixel values.
+
+    Returns:
+        (N, C, H, W) int64 pixel values. The cached engine must reproduce these exactly.
+    """
+    n, channels, height, width = noise.shape
+    x = torch.zeros((n, channels, height, width), dtype=torch.long)
+    for i in range(height):
+        for j in range(width):
+            logits = logits_fn(x)[..., i, j]  # (N, L, C)
+            x[:, :, i, j] = choose_pixels(logits, noise[:, :, i, j], temperature)
+    return x

@@ -1,0 +1,50 @@
+"""`genserve export CHECKPOINT --repository DIR [--version N]`: a Triton model repository."""
+
+from __future__ import annotations
+
+import argparse
+
+from genserve.clients.verbs import Verb
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT",
+                        help="checkpoint folders or shipped names; 'shipped' exports every shipped checkpoint")
+    parser.add_argument("--repository", default="model_repository", help="the Triton model repository to write into")
+    parser.add_argument("--version", type=int, default=1, help="version folder to write (older ones are kept)")
+    parser.add_argument(
+        "--flavour", choices=("python", "native"), default="python",
+        help="python: Python-backend models running ONNX Runtime (loads in the pip-installable Triton); "
+        "native: backend onnxruntime/pytorch, for NVIDIA's GPU containers",
+    )
+    parser.add_argument("--native-backend", choices=("onnxruntime", "pytorch"), default="onnxruntime")
+    parser.add_argument("--max-batch-size", type=int, default=64)
+    parser.add_argument("--max-queue-delay-us", type=int, default=2000, help="Triton dynamic batching delay")
+    parser.add_argument("--instances", type=int, default=1, help="model instances per Triton model")
+
+
+def run(args: argparse.Namespace) -> int:
+    from genserve.export.checkpoint import load_checkpoint, shipped_names
+    from genserve.export.repository import ExportOptions, export_checkpoint
+    from tqdm import tqdm
+
+    options = ExportOptions(
+        version=args.version, flavour=args.flavour, native_backend=args.native_backend,
+        max_batch_size=args.max_batch_size, max_queue_delay_microseconds=args.max_queue_delay_us,
+        instance_count=args.instances,
+    )
+    names = [n for c in args.checkpoints for n in (shipped_names() if c == "shipped" else [c])]
+    for name in tqdm(names, desc="export", unit="checkpoint"):
+        for folder in export_checkpoint(load_checkpoint(name), args.repository, options):
+            tqdm.write(f"  {folder}")
+    return 0
+
+
+VERB = Verb(
+    help="export checkpoints to ONNX + TorchScript in a Triton model repository",
+    description="Write one Triton model per entry point (config.pbtxt, genserve.json manifest with "
+    "sha256 of every artifact, version folder with model.onnx, model.pt and, for the python flavour, "
+    "model.py), plus an in-server sampling model per autoregressive checkpoint.",
+    add_arguments=add_arguments,
+    run=run,
+)

@@ -1,0 +1,1 @@
+"""`genserve` verbs that need only artifacts: triton (and, later, serve)."""

@@ -1,0 +1,149 @@
+"""The logic of genserve's Triton Python-backend models (the generated model.py imports these).
+
+STYLE.md, habit 6: `initialize` reads the manifest once (verifying artifact hashes), `execute`
+answers every request with exactly one response, and a bad request gets its own error
+response without failing the others in its batch. `triton_python_backend_utils` exists only
+inside Triton's stub process, so it is imported in `initialize`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .kernels.sampling import naive_sample, noise_for
+from .manifest import load_manifest
+from .onnx_runner import OnnxEntryPoint
+
+
+class RequestError(ValueError):
+    """A client mistake in one request: reported in that request's response only."""
+
+
+class _TritonModel:
+    def initialize(self, args: dict) -> None:
+        import triton_python_backend_utils as pb_utils
+
+        self.pb = pb_utils
+        folder = Path(args["model_repository"])
+        self.manifest = load_manifest(folder)
+        self.version = int(args["model_version"])
+        self.config = json.loads(args["model_config"])
+        self.setup()
+
+    def setup(self) -> None:
+        raise NotImplementedError
+
+    def _inputs(self, request) -> dict[str, np.ndarray]:
+        feeds = {}
+        for spec in self.manifest.inputs:
+            tensor = self.pb.get_input_tensor_by_name(request, spec.name)
+            if tensor is None:
+                raise RequestError(f"input '{spec.name}' is required")
+            feeds[spec.name] = tensor.as_numpy()
+        return feeds
+
+    def _respond(self, outputs: dict[str, np.ndarray]):
+        tensors = [self.pb.Tensor(t.name, outputs[t.name].astype(t.numpy_dtype)) for t in self.manifest.outputs]
+        return self.pb.InferenceResponse(output_tensors=tensors)
+
+    def _error(self, error: Exception):
+        return self.pb.InferenceResponse(error=self.pb.TritonError(f"{type(error).__name__}: {error}"))
+
+    def execute(self, requests: list) -> list:
+        feeds, valid, responses = [], [], [None] * len(requests)
+        for k, request in enumerate(requests):
+            try:
+                feeds.append(self.check(self._inputs(request)))
+                valid.append(k)
+            except Exception as error:  # noqa: BLE001 - one bad request must not fail its batch
+                responses[k] = self._error(error)
+        if valid:
+            try:
+                for k, outputs in zip(valid, self.compute(feeds)):
+                    responses[k] = self._respond(outputs)
+            except Exception as error:  # noqa: BLE001
+                for k in valid:
+                    responses[k] = self._error(error)
+        return responses
+
+    def check(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Per-request validation beyond the dtype/shape checks Triton already made."""
+        return feeds
+
+    def compute(self, feeds: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+        raise NotImplementedError
+
+    def finalize(self) -> None:
+        pass
+
+
+class OnnxEntryPointModel(_TritonModel):
+    """Runs one exported entry point (encode, decode, score, logits, ...) through ONNX Runtime."""
+
+    def setup(self) -> None:
+        self.runner = OnnxEntryPoint.load(self.manifest, self.version)
+
+    def compute(self, feeds):
+        return self.runner.run_merged(feeds)
+
+
+def check_sampling_controls(feeds: dict[str, np.ndarray], num_classes: int | None) -> dict[str, np.ndarray]:
+    """Validates one sampling request's rows: seeds/indices >= 0, finite temperature >= 0, labels in range."""
+    for name in ("seed", "index"):
+        if np.any(feeds[name] < 0):
+            raise RequestError(f"'{name}' must be >= 0, got {int(feeds[name].min())}")
+    t = feeds["temperature"]
+    if not np.all(np.isfinite(t)) or np.any(t < 0):
+        raise RequestError(f"'temperature' must be finite and >= 0, got {t.ravel().tolist()}")
+    if num_classes is not None:
+        labels = feeds["labels"]
+        if np.any(labels < 0) or np.any(labels >= num_classes):
+            raise RequestError(f"'labels' must lie in [0, {num_classes}), got {labels.ravel().tolist()}")
+    return feeds
+
+
+class SamplingModel(_TritonModel):
+    """Runs the whole autoregressive sampling loop inside Triton: rows in, finished images out.
+
+    Every row is one sample keyed by (seed, index); all rows of all requests in a batch share
+    one loop, so concurrent requests cost one pass per pixel between them.
+    """
+
+    def setup(self) -> None:
+        self.step = OnnxEntryPoint.load(self.manifest, self.version)
+        # The step's own signature (logits graph), not the sampler's rows-in/images-out one.
+        step = self.manifest.raw["step"]
+        self.step_inputs = [t["name"] for t in step["inputs"]]
+        c = self.manifest.model_config
+        self.shape = (c["channels"], c["image_size"], c["image_size"])
+        self.levels = c["pixel_levels"]
+        self.num_classes = c["num_classes"]
+
+    def check(self, feeds):
+        return check_sampling_controls(feeds, self.num_classes)
+
+    def compute(self, feeds):
+        rows = [len(f["seed"]) for f in feeds]
+        seeds = np.concatenate([f["seed"][:, 0] for f in feeds])
+        indices = np.concatenate([f["index"][:, 0] for f in feeds])
+        temperature = torch.from_numpy(np.concatenate([f["temperature"][:, 0] for f in feeds]))
+        labels = np.concatenate([f["labels"] for f in feeds]) if self.num_classes else None
+        noise = noise_for(list(zip(seeds.tolist(), indices.tolist())), self.shape)  # (N, C, H, W)
+
+        def logits(x: torch.Tensor) -> torch.Tensor:
+            step_feeds = {"images": x.numpy().astype(np.uint8)}
+            if labels is not None:
+                step_feeds["labels"] = labels
+            (out,) = self.step.session.run(None, step_feeds)
+            return torch.from_numpy(out)
+
+        images = naive_sample(logits, noise, temperature, self.levels).numpy().astype(np.uint8)
+        results, start = [], 0
+        for n in rows:
+            results.append({"images": images[start : start + n]})
+            start += n
+        return results

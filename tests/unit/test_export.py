@@ -1,0 +1,173 @@
+"""Exported artifacts: parity with eager PyTorch, valid Triton configs, verified manifests, no drift."""
+
+from __future__ import annotations
+
+import filecmp
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from genserve.export.checkpoint import load_checkpoint, save_checkpoint
+from genserve.export.data import fixed_held_out, load_mnist5k
+from genserve.export.entry_points import entry_points
+from genserve.export.exporters import export_onnx, export_torchscript
+from genserve.export.repository import ExportOptions, export_checkpoint
+from genserve.export.triton_config import DynamicBatching, ModelConfig, TensorConfig, parse, render
+from genserve.serving.manifest import ArtifactIntegrityError, load_manifest
+from genserve.serving.onnx_runner import OnnxEntryPoint, onnx_session
+
+from tests.conftest import SHIPPED, make_model
+
+REPOSITORY = Path(__file__).resolve().parents[2] / "model_repository"
+
+
+def real_inputs(entry, model, n: int = 3) -> tuple[torch.Tensor, ...]:
+    """Real held-out digits (at the model's pixel levels, with their labels) and random latents/noise."""
+    held = fixed_held_out(load_mnist5k(), model.config.pixel_levels)
+    g = torch.Generator().manual_seed(5)
+    inputs = []
+    for spec in entry.inputs:
+        if spec.name == "images":
+            inputs.append(held.images[:n])
+        elif spec.name == "labels":
+            inputs.append(held.labels[:n].view(n, 1))
+        elif spec.name == "noise":
+            inputs.append(torch.rand(n, *spec.shape, generator=g))
+        else:  # z, eps: standard normal latents (eps with K = 7 samples)
+            shape = tuple(7 if s == -1 else s for s in spec.shape)
+            inputs.append(torch.randn(n, *shape, generator=g))
+    return tuple(inputs)
+
+
+def as_list(out) -> list[np.ndarray]:
+    return [t.numpy() for t in (out if isinstance(out, tuple) else (out,))]
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_onnx_and_torchscript_match_eager_pytorch(name, shipped, tmp_path):
+    model = shipped(name).model
+    for entry in entry_points(model):
+        inputs = real_inputs(entry, model)  # batch 3: not the batch size the graphs were traced at
+        with torch.no_grad():
+            eager = as_list(entry.module(*inputs))
+        session = onnx_session(export_onnx(entry, tmp_path / f"{entry.name}.onnx"))
+        onnx_out = session.run(None, {s.name: t.numpy() for s, t in zip(entry.inputs, inputs)})
+        export_torchscript(entry, tmp_path / f"{entry.name}.pt")
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            scripted = as_list(torch.jit.load(str(tmp_path / f"{entry.name}.pt"))(*inputs))
+        for spec, e, o, s in zip(entry.outputs, eager, onnx_out, scripted):
+            where = f"{name}.{entry.name}.{spec.name}"
+            assert o.shape == e.shape == s.shape, where
+            assert o.dtype == e.dtype == s.dtype, where
+            if spec.dtype == torch.uint8:  # images: the same pixel values, exactly
+                assert np.array_equal(o, e) and np.array_equal(s, e), where
+            else:
+                # 1e-4 absolute; per-image totals of hundreds of terms (a flow's log-det of
+                # ~200 nats) may also move by 1e-5 of their size: ONNX Runtime's MLAS and
+                # PyTorch's oneDNN float32 convolutions differ in the last bits of every term.
+                assert np.allclose(o, e, rtol=1e-5, atol=1e-4), (where, np.abs(o - e).max())
+                assert np.allclose(s, e, rtol=1e-5, atol=1e-4), (where, np.abs(s - e).max())
+
+
+def test_outputs_are_deterministic_functions_of_inputs(shipped):
+    # Randomness stays outside the graphs: the same inputs twice give the same outputs.
+    model = shipped("vae_mnist").model
+    entry = entry_points(model)[2]  # score: images + eps
+    inputs = real_inputs(entry, model)
+    with torch.no_grad():
+        assert all(np.array_equal(a, b) for a, b in zip(as_list(entry.module(*inputs)), as_list(entry.module(*inputs))))
+
+
+def test_generated_config_parses_into_tritons_model_config():
+    config = ModelConfig(
+        name="m", backend="python", max_batch_size=8,
+        inputs=(TensorConfig("images", "UINT8", (1, 28, 28)),), outputs=(TensorConfig("logit", "FP32", (1,)),),
+        dynamic_batching=DynamicBatching(500, (4, 8)),
+    )
+    parsed = parse(render(config))
+    assert parsed.max_batch_size == 8 and parsed.input[0].dims == [1, 28, 28]
+    assert parsed.dynamic_batching.max_queue_delay_microseconds == 500
+    assert list(parsed.dynamic_batching.preferred_batch_size) == [4, 8]
+    assert parsed.version_policy.latest.num_versions == 1
+
+
+def test_invalid_config_text_is_rejected():
+    with pytest.raises(Exception, match="max_batch_sise"):
+        parse('name: "m"\nmax_batch_sise: 4\n')
+    with pytest.raises(ValueError, match="bad instance group"):
+        from genserve.export.triton_config import InstanceGroup
+
+        InstanceGroup(kind="KIND_TPU")
+
+
+def tiny_checkpoint(tmp_path, family="gated_pixelcnn", **overrides) -> Path:
+    folder = tmp_path / f"tiny_{family}"
+    save_checkpoint(folder, make_model(family, **overrides), training={"data": "none", "seed": 0})
+    return folder
+
+
+def test_repository_layout_manifest_and_native_flavour(tmp_path):
+    checkpoint = load_checkpoint(tiny_checkpoint(tmp_path, num_classes=3))
+    folders = export_checkpoint(checkpoint, tmp_path / "repo")
+    assert [f.name for f in folders] == ["tiny_gated_pixelcnn_logits", "tiny_gated_pixelcnn_sample"]
+    logits = folders[0]
+    assert sorted(p.name for p in (logits / "1").iterdir()) == ["model.onnx", "model.pt", "model.py"]
+    manifest = load_manifest(logits)
+    assert manifest.family == "gated_pixelcnn" and manifest.entry_point == "logits"
+    assert [t.name for t in manifest.inputs] == ["images", "labels"]
+    assert set(manifest.artifacts) == {"1/model.onnx", "1/model.pt"}
+    assert parse((logits / "config.pbtxt").read_text()).backend == "python"
+    # version 2 of the native flavour: Triton's onnxruntime backend, both versions' hashes kept
+    export_checkpoint(checkpoint, tmp_path / "repo", ExportOptions(version=2, flavour="native"))
+    native = parse((logits / "config.pbtxt").read_text())
+    assert native.backend == "onnxruntime" and native.default_model_filename == "model.onnx"
+    assert set(load_manifest(logits).artifacts) == {"1/model.onnx", "1/model.pt", "2/model.onnx", "2/model.pt"}
+    export_checkpoint(checkpoint, tmp_path / "pt", ExportOptions(flavour="native", native_backend="pytorch"))
+    pytorch = parse((tmp_path / "pt" / "tiny_gated_pixelcnn_logits" / "config.pbtxt").read_text())
+    assert pytorch.backend == "pytorch" and pytorch.output[0].name == "logits__0"
+
+
+def test_a_tampered_artifact_is_refused(tmp_path):
+    folders = export_checkpoint(load_checkpoint(tiny_checkpoint(tmp_path, "vae")), tmp_path / "repo")
+    manifest = load_manifest(folders[0])
+    OnnxEntryPoint.load(manifest)  # loads while intact
+    artifact = folders[0] / "1" / "model.onnx"
+    artifact.write_bytes(artifact.read_bytes() + b"\0")
+    with pytest.raises(ArtifactIntegrityError, match="refusing to load"):
+        OnnxEntryPoint.load(manifest)
+
+
+def test_merged_requests_give_the_same_rows_as_separate_runs(tmp_path):
+    folders = export_checkpoint(load_checkpoint(tiny_checkpoint(tmp_path, "vae")), tmp_path / "repo")
+    score = OnnxEntryPoint.load(load_manifest(folders[2]))  # images + eps (K free)
+    rng = np.random.default_rng(0)
+
+    def request(n, k):
+        return {"images": rng.integers(0, 2, (n, 1, 8, 8)).astype(np.uint8),
+                "eps": rng.standard_normal((n, k, 3)).astype(np.float32)}
+
+    requests = [request(2, 4), request(1, 4), request(3, 6)]  # two can merge, one has another K
+    merged = score.run_merged(requests)
+    for req, out in zip(requests, merged):
+        alone = score.run(req)
+        assert out["iwae"].shape == (len(req["images"]), 1)
+        assert np.allclose(out["iwae"], alone["iwae"], atol=1e-5) and np.allclose(out["elbo"], alone["elbo"], atol=1e-5)
+
+
+def test_committed_repository_equals_a_fresh_export(tmp_path):
+    from genserve.export.checkpoint import shipped_names
+
+    assert REPOSITORY.is_dir(), "model_repository/ is missing: run `genserve export shipped`"
+    for name in shipped_names():
+        export_checkpoint(load_checkpoint(name), tmp_path)
+    committed = sorted(p.relative_to(REPOSITORY) for p in REPOSITORY.rglob("*") if p.is_file() and p.name != "README.md")
+    fresh = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
+    assert committed == fresh
+    drifted = [str(p) for p in fresh if not filecmp.cmp(REPOSITORY / p, tmp_path / p, shallow=False)]
+    assert not drifted, f"model_repository/ differs from a fresh export: {drifted}"
+    manifest = json.loads((REPOSITORY / "vae_mnist_decode" / "genserve.json").read_text())
+    assert manifest["metrics"]["iwae-100"]["is_bound"] is True
