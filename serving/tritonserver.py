@@ -124,7 +124,8 @@ class TritonServer:
                 pass
             time.sleep(0.25)
         self.stop()
-        raise TimeoutError(f"tritonserver not ready after {self.config.startup_timeout_s} s:\n{self.log_text()[-4000:]}")
+        log = self.log_text()[-4000:]
+        raise TimeoutError(f"tritonserver not ready after {self.config.startup_timeout_s} s:\n{log}")
 
     def stop(self, timeout_s: float = 30.0) -> None:
         if self.process is not None and self.process.poll() is None:

@@ -164,7 +164,9 @@ def test_committed_repository_equals_a_fresh_export(tmp_path):
     assert REPOSITORY.is_dir(), "model_repository/ is missing: run `genserve export shipped`"
     for name in shipped_names():
         export_checkpoint(load_checkpoint(name), tmp_path)
-    committed = sorted(p.relative_to(REPOSITORY) for p in REPOSITORY.rglob("*") if p.is_file() and p.name != "README.md")
+    committed = sorted(
+        p.relative_to(REPOSITORY) for p in REPOSITORY.rglob("*") if p.is_file() and p.name != "README.md"
+    )
     fresh = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
     assert committed == fresh
     drifted = [str(p) for p in fresh if not filecmp.cmp(REPOSITORY / p, tmp_path / p, shallow=False)]
