@@ -1,0 +1,19 @@
+"""A real Triton Inference Server (nvidia-pytriton wheel) over a model repository, on loopback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from genserve.serving.tritonserver import TritonServer, TritonServerConfig, free_port
+
+REPOSITORY = Path(__file__).resolve().parents[2] / "model_repository"
+
+
+@pytest.fixture(scope="session")
+def triton(tmp_path_factory):
+    """The committed model_repository/ served by a real tritonserver; yields its gRPC URL."""
+    config = TritonServerConfig(REPOSITORY, free_port(), free_port(), free_port(), startup_timeout_s=300)
+    server = TritonServer(config, log_path=tmp_path_factory.mktemp("triton") / "tritonserver.log").start()
+    yield config.grpc_url
+    server.stop()
