@@ -18,7 +18,7 @@ def genserve(*args: str) -> subprocess.CompletedProcess:
 
 def test_every_verb_is_registered_and_documented():
     verbs = load_verbs()
-    assert {"train", "evaluate", "sample"} <= set(verbs)
+    assert {"train", "evaluate", "sample", "export", "triton", "triton-bench"} <= set(verbs)
     assert all(verb.help for verb in verbs.values())
     result = genserve("--help")
     assert result.returncode == 0
@@ -57,3 +57,15 @@ def test_evaluate_prints_nats_and_bits_per_dim(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "exact:" in result.stdout and "nats" in result.stdout and "bits/dim" in result.stdout
     assert (tmp_path / "s.png").exists()
+
+
+def test_export_writes_a_triton_repository(tmp_path):
+    repository = tmp_path / "repo"
+    result = genserve("export", "dcgan_mnist", "--repository", str(repository), "--version", "3")
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in repository.iterdir()) == ["dcgan_mnist_discriminate", "dcgan_mnist_generate"]
+    assert sorted(p.name for p in (repository / "dcgan_mnist_generate" / "3").iterdir()) == [
+        "model.onnx", "model.pt", "model.py"
+    ]
+    bad = genserve("export", "dcgan_mnist", "--repository", str(repository), "--version", "0")
+    assert bad.returncode == 2 and "version must be >= 1, got 0" in bad.stderr

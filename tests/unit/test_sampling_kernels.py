@@ -46,3 +46,13 @@ def test_temperature_sharpens_and_zero_takes_the_argmax():
     assert choose_pixels(logits, torch.tensor([0.01]), 0.01).item() == 1
     with pytest.raises(ValueError, match="temperature must be >= 0"):
         choose_pixels(logits, torch.tensor([0.5]), -0.1)
+
+
+def test_per_row_temperatures_mix_greedy_and_sampled_rows():
+    logits = torch.tensor([[0.0, 1.0, 0.5]]).expand(3, 3)
+    noise = torch.tensor([0.01, 0.01, 0.99])
+    # row 0: T = 0 → argmax (1); row 1: T = 1, noise 0.01 → value 0; row 2: T = 1, noise 0.99 → value 2
+    chosen = choose_pixels(logits, noise, torch.tensor([0.0, 1.0, 1.0]))
+    assert chosen.tolist() == [1, 0, 2]
+    with pytest.raises(ValueError, match="temperature must be >= 0"):
+        choose_pixels(logits, noise, torch.tensor([1.0, float("nan"), 1.0]))
