@@ -12,7 +12,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="checkpoint folder or shipped name (e.g. gated_pixelcnn_mnist)")
     parser.add_argument("--data", help="dataset to score (default: the one the checkpoint was trained on)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the scoring noise (VAE eps, dequantisation)")
-    parser.add_argument("--samples", default="samples.png", help="where to write a grid of 64 samples ('' to skip)")
+    parser.add_argument("--samples", default="samples.png", help="where to write a grid of samples ('' to skip)")
+    parser.add_argument("--num-samples", type=int, default=64, help="how many samples the grid shows")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     parser.add_argument(
         "--card", action="store_true",
@@ -43,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
         write_card(checkpoint, metrics)
         print(f"wrote {checkpoint.path / 'MODEL_CARD.md'} and samples.png")
     elif args.samples:
-        print(f"samples: {write_samples(checkpoint, Path(args.samples), seed=args.seed)}")
+        print(f"samples: {write_samples(checkpoint, Path(args.samples), n=args.num_samples, seed=args.seed)}")
     return 0
 
 

@@ -53,7 +53,7 @@ def test_user_mistakes_are_one_line_errors_not_tracebacks(tmp_path):
 
 
 def test_evaluate_prints_nats_and_bits_per_dim(tmp_path):
-    result = genserve("evaluate", "pixelcnn_mnist", "--samples", str(tmp_path / "s.png"))
+    result = genserve("evaluate", "pixelcnn_mnist", "--samples", str(tmp_path / "s.png"), "--num-samples", "2")
     assert result.returncode == 0, result.stderr
     assert "exact:" in result.stdout and "nats" in result.stdout and "bits/dim" in result.stdout
     assert (tmp_path / "s.png").exists()
