@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from genserve.export.checkpoint import SHIPPED_DIR, load_checkpoint
 from genserve.export.models import build_model
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from genserve.serving.tritonserver import TritonServer, TritonServerConfig, free_port
 
 REPOSITORY = Path(__file__).resolve().parents[2] / "model_repository"

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
 from genserve.export.checkpoint import load_checkpoint
 from genserve.export.data import fixed_held_out, load_mnist5k
 from genserve.export.entry_points import entry_points
 from genserve.serving.manifest import load_manifest
-from tritonclient.utils import InferenceServerException
-
 from tests.integration.conftest import REPOSITORY
 from tests.unit.test_export import as_list, real_inputs
 

@@ -6,8 +6,9 @@ import subprocess
 import sys
 
 import numpy as np
-from genserve.clients.cli import load_verbs
 from PIL import Image
+
+from genserve.clients.cli import load_verbs
 
 
 def genserve(*args: str) -> subprocess.CompletedProcess:

@@ -8,6 +8,7 @@ import struct
 import numpy as np
 import pytest
 import torch
+
 from genserve.export.data import fixed_held_out, load_dataset, load_digits8, load_mnist5k, quantise
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from genserve.export.checkpoint import load_checkpoint, save_checkpoint
 from genserve.export.data import fixed_held_out, load_mnist5k
 from genserve.export.entry_points import entry_points
@@ -18,7 +19,6 @@ from genserve.export.repository import ExportOptions, export_checkpoint
 from genserve.export.triton_config import DynamicBatching, ModelConfig, TensorConfig, parse, render
 from genserve.serving.manifest import ArtifactIntegrityError, load_manifest
 from genserve.serving.onnx_runner import OnnxEntryPoint, onnx_session
-
 from tests.conftest import SHIPPED, make_model
 
 REPOSITORY = Path(__file__).resolve().parents[2] / "model_repository"

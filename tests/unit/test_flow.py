@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from genserve.export.models.realnvp import squeeze, unsqueeze
 
+from genserve.export.models.realnvp import squeeze, unsqueeze
 from tests.conftest import make_model
 
 

@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-from genserve.export.models import FAMILIES, UnsupportedCapability, build_model, model_class
 
+from genserve.export.models import FAMILIES, UnsupportedCapability, build_model, model_class
 from tests.conftest import TINY, make_model
 
 CONDITIONAL = {"gated_pixelcnn", "dcgan"}

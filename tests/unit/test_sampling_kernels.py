@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from genserve.serving.kernels.sampling import choose_pixels, gaussian_noise, sample_stream_seed, uniform_noise
 
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
+
 from genserve.export.checkpoint import SHIPPED_DIR
 from genserve.export.evaluation import evaluate
-
 from tests.conftest import SHIPPED
 
 

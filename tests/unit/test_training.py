@@ -7,10 +7,10 @@ import json
 import numpy as np
 import pytest
 import torch
+
 from genserve.export.checkpoint import load_checkpoint, save_checkpoint
 from genserve.export.data import fixed_held_out, load_dataset, load_mnist5k
 from genserve.export.training import TrainConfig, train
-
 from tests.conftest import TINY, make_model
 
 

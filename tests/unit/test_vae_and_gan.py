@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from genserve.export.data import fixed_held_out, load_mnist5k
 
+from genserve.export.data import fixed_held_out, load_mnist5k
 from tests.conftest import make_model
 
 

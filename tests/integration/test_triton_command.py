@@ -1,0 +1,43 @@
+"""`genserve triton` as a user runs it: starts a real server, serves, and stops on Ctrl-C."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+
+from genserve.export.checkpoint import load_checkpoint, save_checkpoint
+from genserve.export.repository import export_checkpoint
+from genserve.serving.tritonserver import free_port
+from tests.conftest import make_model
+
+
+def test_genserve_triton_serves_until_interrupted(tmp_path):
+    save_checkpoint(tmp_path / "tiny_vae", make_model("vae"), training={"data": "none"})
+    export_checkpoint(load_checkpoint(tmp_path / "tiny_vae"), tmp_path / "repo")
+    grpc_port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "genserve.clients.cli", "triton", "--repository", str(tmp_path / "repo"),
+         "--grpc-port", str(grpc_port), "--http-port", str(free_port()), "--metrics-port", str(free_port())],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        assert "tritonserver ready" in process.stdout.readline()
+        with grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}") as client:
+            z = grpcclient.InferInput("z", [1, 3], "FP32")
+            z.set_data_from_numpy(np.zeros((1, 3), np.float32))
+            assert client.infer("tiny_vae_decode", [z]).as_numpy("probs").shape == (1, 1, 8, 8)
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=60) == 0
+    finally:
+        process.kill()
+    # the server went with it: nothing listens on its port any more
+    with grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}") as client:
+        try:
+            live = client.is_server_live()
+        except Exception:  # noqa: BLE001 - connection refused is the expected answer
+            live = False
+    assert not live
