@@ -8,7 +8,6 @@ inside Triton's stub process, so it is imported in `initialize`.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +30,6 @@ class _TritonModel:
         folder = Path(args["model_repository"])
         self.manifest = load_manifest(folder)
         self.version = int(args["model_version"])
-        self.config = json.loads(args["model_config"])
         self.setup()
 
     def setup(self) -> None:
@@ -114,10 +112,8 @@ class SamplingModel(_TritonModel):
     """
 
     def setup(self) -> None:
+        # The full-logits graph; it is called with its own signature (images [, labels]).
         self.step = OnnxEntryPoint.load(self.manifest, self.version)
-        # The step's own signature (logits graph), not the sampler's rows-in/images-out one.
-        step = self.manifest.raw["step"]
-        self.step_inputs = [t["name"] for t in step["inputs"]]
         c = self.manifest.model_config
         self.shape = (c["channels"], c["image_size"], c["image_size"])
         self.levels = c["pixel_levels"]

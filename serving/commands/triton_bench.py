@@ -75,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     import tritonclient.grpc as grpcclient
+
     from genserve.serving.manifest import load_manifest
     from genserve.serving.tritonserver import TritonServer, TritonServerConfig, free_port
 
