@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from genserve.serving.kernels.sampling import sample_stream_seed
 from tqdm import tqdm
+
+from genserve.serving.kernels.sampling import sample_stream_seed
 
 from .checkpoint import CONFIG_FILE, load_checkpoint, load_optimizer_state, read_record, save_checkpoint
 from .data import load_dataset, quantise

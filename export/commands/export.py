@@ -24,9 +24,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
     from genserve.export.checkpoint import load_checkpoint, shipped_names
     from genserve.export.repository import ExportOptions, export_checkpoint
-    from tqdm import tqdm
 
     options = ExportOptions(
         version=args.version, flavour=args.flavour, native_backend=args.native_backend,

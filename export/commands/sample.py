@@ -22,6 +22,7 @@ def run(args: argparse.Namespace) -> int:
     import time
 
     import torch
+
     from genserve.export.checkpoint import load_checkpoint
     from genserve.export.images import save_samples
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
 from genserve.serving.kernels.sampling import naive_sample, uniform_noise
 
 from .base import SAMPLE, SCORE, GenerativeModel, Score

@@ -16,8 +16,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from genserve.serving.kernels.sampling import gaussian_noise
 from torch import nn
+
+from genserve.serving.kernels.sampling import gaussian_noise
 
 from .base import DECODE, SAMPLE, SCORE, GenerativeModel, ImageConfig, Score
 

@@ -18,8 +18,9 @@ import math
 from dataclasses import dataclass
 
 import torch
-from genserve.serving.kernels.sampling import gaussian_noise, uniform_noise
 from torch import nn
+
+from genserve.serving.kernels.sampling import gaussian_noise, uniform_noise
 
 from .base import DECODE, ENCODE, SAMPLE, SCORE, GenerativeModel, ImageConfig, Score
 

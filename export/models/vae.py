@@ -18,8 +18,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from genserve.serving.kernels.sampling import choose_pixels, gaussian_noise, uniform_noise
 from torch import nn
+
+from genserve.serving.kernels.sampling import choose_pixels, gaussian_noise, uniform_noise
 
 from .base import DECODE, ENCODE, SAMPLE, SCORE, GenerativeModel, ImageConfig, Score
 

@@ -79,6 +79,12 @@ def sampler_inputs(seed: int, indices: list[int], temperature: float = 1.0, labe
     return inputs
 
 
+def execution_counts(client, model: str) -> tuple[int, int]:
+    """(model executions, batch rows inferred) from Triton's own statistics."""
+    (stats,) = client.get_inference_statistics(model).model_stats
+    return stats.execution_count, stats.inference_count
+
+
 def test_concurrent_sampling_requests_share_the_loop_and_match_eager_sampling(client):
     # Three requests in flight at once: Triton's dynamic batcher hands them to one execute(),
     # which runs a single sampling loop over all four rows (sample 2 of seed 13 alone). Each
@@ -87,6 +93,7 @@ def test_concurrent_sampling_requests_share_the_loop_and_match_eager_sampling(cl
     # (~1e-6) of a CDF edge.
     model = load_checkpoint("gated_pixelcnn_mnist").model
     requests = [(11, [0, 1]), (12, [0]), (13, [2])]
+    before = execution_counts(client, "gated_pixelcnn_mnist_sample")
     results: queue.Queue = queue.Queue()
     for k, (seed, indices) in enumerate(requests):
         client.async_infer(
@@ -98,6 +105,9 @@ def test_concurrent_sampling_requests_share_the_loop_and_match_eager_sampling(cl
         k, result, error = results.get(timeout=600)
         assert error is None, error
         answers[k] = result.as_numpy("images")
+    executions, rows = (a - b for a, b in zip(execution_counts(client, "gated_pixelcnn_mnist_sample"), before))
+    # 4 rows in fewer executions than requests: at most the first ran alone, the rest shared a loop.
+    assert rows == 4 and executions < len(requests), (executions, rows)
     for k, (seed, indices) in enumerate(requests):
         eager = model.sample(max(indices) + 1, seed)[indices].numpy().astype(np.uint8)
         assert np.array_equal(answers[k], eager), f"request {k} (seed {seed})"
