@@ -99,6 +99,7 @@ class TritonServer:
             filter(None, [sysconfig.get_config_var("LIBDIR"), str(bundled), env.get("LD_LIBRARY_PATH")])
         )
         env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+        env["PYTHONDONTWRITEBYTECODE"] = "1"  # keep __pycache__ out of the model repository
         log = open(self.log_path or work / "tritonserver.log", "wb")  # noqa: SIM115 - closed in stop()
         self._log = log
         self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
