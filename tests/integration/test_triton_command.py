@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -41,3 +42,22 @@ def test_genserve_triton_serves_until_interrupted(tmp_path):
         except Exception:  # noqa: BLE001 - connection refused is the expected answer
             live = False
     assert not live
+
+
+def test_triton_bench_prints_latency_per_batch_size(tmp_path):
+    save_checkpoint(tmp_path / "tiny_vae", make_model("vae"), training={"data": "none"})
+    export_checkpoint(load_checkpoint(tmp_path / "tiny_vae"), tmp_path / "repo")
+    result = subprocess.run(
+        [sys.executable, "-m", "genserve.clients.cli", "triton-bench", "tiny_vae_score", "--repository",
+         str(tmp_path / "repo"), "--batch", "1", "--batch", "8", "--requests", "5", "--warmup", "1", "--json"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert [row["batch"] for row in report["rows"]] == [1, 8]
+    assert all(0 < row["p50_ms"] <= row["p99_ms"] and row["images_per_s"] > 0 for row in report["rows"])
+    missing = subprocess.run(
+        [sys.executable, "-m", "genserve.clients.cli", "triton-bench", "nope", "--repository", str(tmp_path / "repo")],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert missing.returncode == 2 and "no model 'nope'" in missing.stderr

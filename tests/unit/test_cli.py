@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -70,3 +71,19 @@ def test_export_writes_a_triton_repository(tmp_path):
     ]
     bad = genserve("export", "dcgan_mnist", "--repository", str(repository), "--version", "0")
     assert bad.returncode == 2 and "version must be >= 1, got 0" in bad.stderr
+
+
+def test_train_then_resume_from_the_command_line(tmp_path):
+    images = np.random.default_rng(0).integers(0, 256, (40, 8, 8), dtype=np.uint8)
+    np.savez(tmp_path / "mine.npz", images=images)
+    out = tmp_path / "ckpt"
+    args = ["train", "vae", "--data", str(tmp_path / "mine.npz"), "--out", str(out), "--batch-size", "16",
+            "--set", "hidden_units=8", "--set", "latent_dim=2", "--set", "hidden_channels=2"]
+    first = genserve(*args, "--epochs", "1")
+    assert first.returncode == 0, first.stderr
+    assert "vae epoch 1/1" in first.stderr  # the progress bar
+    second = genserve(*args, "--epochs", "2")
+    assert second.returncode == 0, second.stderr
+    assert "epoch 2/2" in second.stderr and "epoch 1/2" not in second.stderr  # resumed, not restarted
+    record = json.loads((out / "config.json").read_text())
+    assert record["training"]["epochs_done"] == 2 and record["model"]["latent_dim"] == 2
