@@ -64,13 +64,13 @@ class ModelConfig:
             )
 
 
-def _tensor(kind: str, t: TensorConfig) -> str:
+def _tensor(t: TensorConfig) -> str:
     dims = ", ".join(str(d) for d in t.dims)
     return f'  {{\n    name: "{t.name}"\n    data_type: TYPE_{t.data_type}\n    dims: [ {dims} ]\n  }}'
 
 
 def _tensors(kind: str, tensors: tuple[TensorConfig, ...]) -> str:
-    return f"{kind} [\n" + ",\n".join(_tensor(kind, t) for t in tensors) + "\n]"
+    return f"{kind} [\n" + ",\n".join(_tensor(t) for t in tensors) + "\n]"
 
 
 def _dynamic_batching(d: DynamicBatching) -> str:
