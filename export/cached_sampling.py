@@ -34,8 +34,9 @@ def _vertical_row(layer: GatedLayer, below: torch.Tensor, row: int) -> torch.Ten
     if source_row < 0:
         n, _, _, width = below.shape
         return below.new_zeros(n, layer.vertical.out_channels, 1, width)
-    padded = F.pad(below, (k // 2, k // 2, k // 2, 0))  # padded row r holds input row r - k//2
-    return layer.vertical(padded[:, :, source_row : source_row + k // 2 + 1, :])
+    top = source_row - k // 2  # the window is input rows top..source_row; rows above 0 are zero padding
+    window = below[:, :, max(top, 0) : source_row + 1, :]
+    return layer.vertical(F.pad(window, (k // 2, k // 2, max(-top, 0), 0)))
 
 
 def _horizontal_pixel(layer: GatedLayer, row_input: torch.Tensor, col: int) -> torch.Tensor:
@@ -48,9 +49,9 @@ def _horizontal_pixel(layer: GatedLayer, row_input: torch.Tensor, col: int) -> t
     source_col = col - 1 if layer.first else col  # the first layer's output is shifted right one column
     if source_col < 0:
         return row_input.new_zeros(row_input.shape[0], layer.horizontal.out_channels)
-    padded = F.pad(row_input, (k // 2, 0))  # padded col c holds input col c - k//2
-    window = padded[:, :, source_col : source_col + k // 2 + 1].unsqueeze(2)  # (N, Cin, 1, k//2 + 1)
-    return layer.horizontal(window).flatten(1)
+    left = source_col - k // 2  # the window is input cols left..source_col; cols left of 0 are zero padding
+    window = F.pad(row_input[:, :, max(left, 0) : source_col + 1], (max(-left, 0), 0))  # (N, Cin, k//2 + 1)
+    return layer.horizontal(window.unsqueeze(2)).flatten(1)
 
 
 @torch.inference_mode()
