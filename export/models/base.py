@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import typing
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -62,13 +61,7 @@ class ImageConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"unknown {cls.__name__} fields {unknown}; expected some of {sorted(known)}")
-        hints = typing.get_type_hints(cls)
-        # JSON has no tuples: restore them so a round trip gives an equal (frozen) config.
-        coerced = {
-            k: tuple(v) if isinstance(v, list) and "tuple" in str(hints[k]) else v
-            for k, v in values.items()
-        }
-        return cls(**coerced)
+        return cls(**values)
 
 
 @dataclass(frozen=True)
