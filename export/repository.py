@@ -10,14 +10,14 @@ Layout (Triton's), for checkpoint `vae_mnist` exported as version 1:
     1/model.py          (python flavour) a two-line Python-backend model: the logic lives in
                         genserve.serving.triton_python, importable and tested without Triton
 Autoregressive checkpoints also get `<name>_sample`: a Python-backend model that runs the
-whole sampling loop inside Triton over the `logits` graph (one request → finished images).
+sampling engine inside Triton over the checkpoint's cached step program (refresh.onnx,
+step.onnx, and the same as .pt), one request → finished images.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +27,7 @@ from .checkpoint import Checkpoint
 from .entry_points import EntryPoint, TensorSpec, entry_points
 from .exporters import export_onnx, export_torchscript
 from .models.autoregressive import AutoregressiveModel
+from .steps import step_program
 from .triton_config import FLAVOURS, NATIVE_BACKENDS, DynamicBatching, ModelConfig, TensorConfig, render
 
 MANIFEST = "genserve.json"
@@ -108,6 +109,9 @@ def _base_record(checkpoint: Checkpoint, triton_name: str, entry_point: str, opt
         "training": {k: training.get(k) for k in ("data", "dataset", "seed", "epochs_done", "command")},
         "metrics": checkpoint.metrics,
         "flavour": options.flavour,
+        # What Triton's dynamic batcher is configured with; genserve's embedded batchers read it too.
+        "batching": {"max_batch_size": options.max_batch_size,
+                     "max_queue_delay_microseconds": options.max_queue_delay_microseconds},
     }
 
 
@@ -143,31 +147,37 @@ SAMPLER_CONTROLS = (
 )
 
 
-def export_sampler(checkpoint: Checkpoint, logits: EntryPoint, logits_onnx: Path, repository: Path,
-                   options: ExportOptions) -> Path:
+def export_sampler(checkpoint: Checkpoint, repository: Path, options: ExportOptions) -> Path:
     """The in-server sampling model of an autoregressive checkpoint (always the Python backend).
 
-    One batch row is one sample: (seed, index) keys its noise, so Triton's dynamic batcher may
-    merge requests freely and every sample stays the one its seed names.
+    Its artifacts are the cached step program (export/steps.py) as ONNX and TorchScript; the
+    Python model runs them with the sampling engine. One batch row is one sample: (seed, index)
+    keys its noise, so Triton's dynamic batcher may merge requests freely and every sample
+    stays the one its seed names.
     """
     name = f"{checkpoint.name}_sample"
     folder = repository / name
     version_dir = folder / str(options.version)
     version_dir.mkdir(parents=True, exist_ok=True)
-    step = shutil.copyfile(logits_onnx, version_dir / "model.onnx")
+    program = step_program(checkpoint.model)
+    artifacts = []
+    for graph in (program.refresh, program.step):
+        artifacts.append(export_onnx(graph, version_dir / f"{graph.name}.onnx"))
+        artifacts.append(version_dir / f"{graph.name}.pt")
+        export_torchscript(graph, artifacts[-1])
     (version_dir / "model.py").write_text(PYTHON_MODEL.format(cls="SamplingModel"))
-    labels = tuple(s for s in logits.inputs if s.name == "labels")
-    images = next(s for s in logits.inputs if s.name == "images")
+    c = checkpoint.model.config
+    labels = (TensorSpec("labels", torch.int64, (1,)),) if c.num_classes else ()
+    images = TensorSpec("images", torch.uint8, (c.channels, c.image_size, c.image_size))
     inputs, outputs = (*SAMPLER_CONTROLS, *labels), (images,)
     (folder / "config.pbtxt").write_text(render(_model_config(name, inputs, outputs, options, "python")))
     record = _base_record(checkpoint, name, "sample", options)
     record.update(
         inputs=[s.to_dict() for s in inputs],
         outputs=[s.to_dict() for s in outputs],
-        step={"kind": "full_logits", "inputs": [s.to_dict() for s in logits.inputs],
-              "outputs": [s.to_dict() for s in logits.outputs]},
+        step=program.manifest_section(),
     )
-    _write_manifest(folder, record, options.version, [step])
+    _write_manifest(folder, record, options.version, artifacts)
     return folder
 
 
@@ -181,6 +191,5 @@ def export_checkpoint(
     for entry in entry_points(checkpoint.model):
         folders.append(export_entry_point(checkpoint, entry, repository, options))
         if isinstance(checkpoint.model, AutoregressiveModel) and entry.name == "logits":
-            onnx_path = folders[-1] / str(options.version) / "model.onnx"
-            folders.append(export_sampler(checkpoint, entry, onnx_path, repository, options))
+            folders.append(export_sampler(checkpoint, repository, options))
     return folders

@@ -11,9 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from .kernels.sampling import naive_sample, noise_for
+from .engine import EngineConfig, OnnxStepRunner, SamplingEngine
 from .manifest import load_manifest
 from .onnx_runner import OnnxEntryPoint
 
@@ -105,41 +104,30 @@ def check_sampling_controls(feeds: dict[str, np.ndarray], num_classes: int | Non
 
 
 class SamplingModel(_TritonModel):
-    """Runs the whole autoregressive sampling loop inside Triton: rows in, finished images out.
+    """Runs the sampling engine inside Triton: rows of (seed, index, temperature[, label]) in, images out.
 
-    Every row is one sample keyed by (seed, index); all rows of all requests in a batch share
-    one loop, so concurrent requests cost one pass per pixel between them.
+    Every row is one sample keyed by (seed, index); all rows of all requests in a batch run in
+    one engine (the cached step program in ONNX Runtime), so concurrent requests share every
+    step. The engine is driven to completion per batch: Triton's Python backend answers a
+    batch at once (no decoupled streaming here), so joins happen at batch boundaries.
     """
 
     def setup(self) -> None:
-        # The full-logits graph; it is called with its own signature (images [, labels]).
-        self.step = OnnxEntryPoint.load(self.manifest, self.version)
-        c = self.manifest.model_config
-        self.shape = (c["channels"], c["image_size"], c["image_size"])
-        self.levels = c["pixel_levels"]
-        self.num_classes = c["num_classes"]
+        self.runner = OnnxStepRunner.load(self.manifest, self.version)
+        self.num_classes = self.runner.spec.num_classes
+        slots = self.manifest.raw["batching"]["max_batch_size"]
+        self.engine = SamplingEngine(self.runner, EngineConfig(num_slots=slots))
 
     def check(self, feeds):
         return check_sampling_controls(feeds, self.num_classes)
 
     def compute(self, feeds):
-        rows = [len(f["seed"]) for f in feeds]
-        seeds = np.concatenate([f["seed"][:, 0] for f in feeds])
-        indices = np.concatenate([f["index"][:, 0] for f in feeds])
-        temperature = torch.from_numpy(np.concatenate([f["temperature"][:, 0] for f in feeds]))
-        labels = np.concatenate([f["labels"] for f in feeds]) if self.num_classes else None
-        noise = noise_for(list(zip(seeds.tolist(), indices.tolist())), self.shape)  # (N, C, H, W)
-
-        def logits(x: torch.Tensor) -> torch.Tensor:
-            step_feeds = {"images": x.numpy().astype(np.uint8)}
-            if labels is not None:
-                step_feeds["labels"] = labels
-            (out,) = self.step.session.run(None, step_feeds)
-            return torch.from_numpy(out)
-
-        images = naive_sample(logits, noise, temperature, self.levels).numpy().astype(np.uint8)
-        results, start = [], 0
-        for n in rows:
-            results.append({"images": images[start : start + n]})
-            start += n
-        return results
+        jobs = []
+        for f in feeds:
+            jobs.append([
+                self.engine.submit(int(seed), indices=[int(index)], temperature=float(t),
+                                   labels=None if self.num_classes is None else [int(f["labels"][row, 0])])
+                for row, (seed, index, t) in enumerate(zip(f["seed"][:, 0], f["index"][:, 0], f["temperature"][:, 0]))
+            ])
+        self.engine.run_until_idle()
+        return [{"images": np.concatenate([job.images for job in request])} for request in jobs]

@@ -87,18 +87,28 @@ def choose_pixels(logits: torch.Tensor, noise: torch.Tensor, temperature: float 
     t = torch.as_tensor(temperature, dtype=torch.float32)
     if not torch.all(t >= 0):  # also catches NaN
         raise ValueError(f"temperature must be >= 0, got {temperature}")
-    greedy = logits.argmax(dim=1)
     if t.dim() == 0:
         if t.item() == 0:
-            return greedy
+            return logits.argmax(dim=1)
         t = t.expand(logits.shape[0])
+    return inverse_cdf_choice(logits, noise, t)
+
+
+def inverse_cdf_choice(logits: torch.Tensor, noise: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+    """`choose_pixels` without validation or Python branches: the form exported step graphs trace.
+
+    Args:
+        logits: (N, L, ...); noise: (N, ...); temperature: (N,) or (N, 1), >= 0.
+    """
+    t = temperature.reshape(-1)
+    greedy = logits.argmax(dim=1)
     # (N,) → (N, 1, 1, ...); rows at T = 0 divide by 1 here and take the argmax below.
     t_rows = torch.where(t > 0, t, torch.ones_like(t)).view(-1, *([1] * (logits.dim() - 1)))
     probs = torch.softmax(logits.float() / t_rows, dim=1)
     cdf = probs.cumsum(dim=1)  # (N, L, ...)
     below = (cdf < noise.unsqueeze(1)).sum(dim=1)
     # float rounding can leave cdf[-1] a hair under 1; noise above it still means "last value".
-    chosen = below.clamp_(max=logits.shape[1] - 1)
+    chosen = below.clamp(max=logits.shape[1] - 1)
     return torch.where((t == 0).view(-1, *([1] * (chosen.dim() - 1))), greedy, chosen)
 
 

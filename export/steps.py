@@ -1,0 +1,307 @@
+"""Cached incremental sampling steps (Ramachandran, Paine et al. 2017), as exportable graphs.
+
+Naive sampling recomputes the whole network over the whole image for every pixel. A step
+program instead carries each layer's causal context in explicit cache tensors ("states"),
+one row per sample slot, and computes only what a new pixel needs. Two graphs make a program:
+- `refresh` runs for a slot when its position starts a row (position % period == 0): the
+  per-row work (Gated PixelCNN: every layer's vertical stack for the whole row at once, and
+  its 1x1 link into the horizontal stack; PixelCNN: roll each layer's row cache up one row);
+- `step` runs for every slot every step: O(layers) small matmuls on the cached context give
+  the logits of the slot's current pixel, the pixel is chosen from them and the per-sample
+  noise by inverse CDF, and the caches are updated.
+Every slot has its own position (an input), so slots at different pixels share one call: this
+is what lets the engine (serving/engine) batch continuously. The graphs are plain
+tensor-in, tensor-out modules, exported to ONNX and TorchScript like every entry point, so
+the architecture travels in the artifact and the engine stays family-agnostic.
+
+Graph inputs come from a fixed vocabulary the engine knows (`controls`) plus the program's own
+states; outputs are `pixel` and `next_<state>` for each state the graph updates (ONNX forbids
+an output named like an input). A state a graph does not update is left as it was: the step
+reads the row-level caches without copying them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from genserve.serving.kernels.sampling import inverse_cdf_choice
+
+from .entry_points import EntryPoint, TensorSpec
+from .models.autoregressive import AutoregressiveModel
+from .models.gated_pixelcnn import GatedPixelCNN, gate
+from .models.pixelcnn import PixelCNN
+
+STEP_FORMAT = "genserve-step/1"
+
+
+def controls(model: AutoregressiveModel) -> dict[str, TensorSpec]:
+    """The inputs the engine supplies, by name; each graph takes the ones it needs."""
+    c = model.config
+    return {
+        "positions": TensorSpec("positions", torch.int64, (1,)),  # raster index of the slot's current pixel
+        "pixels": TensorSpec("pixels", torch.uint8, (c.channels, c.image_size, c.image_size)),  # sample so far
+        "noise": TensorSpec("noise", torch.float32, (c.channels,)),  # uniform noise of the current pixel
+        "temperature": TensorSpec("temperature", torch.float32, (1,)),
+        "labels": TensorSpec("labels", torch.int64, (1,)),
+    }
+
+
+@dataclass(frozen=True)
+class StepProgram:
+    """A family's refresh and step graphs with their states, ready to export or to run eagerly."""
+
+    states: tuple[TensorSpec, ...]
+    refresh: EntryPoint
+    step: EntryPoint
+    period: int  # refresh runs on slots whose position is a multiple of this
+    length: int  # positions per sample
+
+    def manifest_section(self) -> dict:
+        return {
+            "format": STEP_FORMAT,
+            "period": self.period,
+            "length": self.length,
+            "states": [s.to_dict() for s in self.states],
+            "graphs": {
+                g.name: {"inputs": [s.name for s in g.inputs], "outputs": [s.name for s in g.outputs]}
+                for g in (self.refresh, self.step)
+            },
+        }
+
+
+def _next(*states: TensorSpec) -> tuple[TensorSpec, ...]:
+    """The output that replaces each state."""
+    return tuple(TensorSpec(f"next_{s.name}", s.dtype, s.shape) for s in states)
+
+
+def _columns(positions: torch.Tensor, width: int, span: int, like: torch.Tensor) -> torch.Tensor:
+    """Gather indices of columns j..j+span-1 (j = position % width) over `like`'s last axis.
+
+    Returns an index of like's shape with the last axis replaced by `span`.
+    """
+    n = positions.shape[0]
+    cols = positions.view(n, *([1] * (like.dim() - 1))) % width + torch.arange(span)
+    return cols.expand(*like.shape[:-1], span)
+
+
+# ---- Gated PixelCNN -------------------------------------------------------------------------
+class GatedRefresh(nn.Module):
+    """Row start: every layer's vertical stack for row i, its link into the horizontal stack, empty left context.
+
+    pixels (n, C, H, W), positions (n, 1) [, labels (n, 1)], vertical (n, L-1, C, p, W) →
+    vertical (updated), links (n, L, 2C, W), image_context (n, C_img, p0+1) and hidden_context
+    (n, L-1, C, p), the last two zero (the left padding of the new row).
+    """
+
+    def __init__(self, model: GatedPixelCNN) -> None:
+        super().__init__()
+        self.model = model
+        self.conditional = model.config.num_classes is not None
+
+    def forward(self, pixels, positions, *rest):
+        labels, vertical = rest if self.conditional else (None, rest[0])
+        model, c = self.model, self.model.config
+        n, width = pixels.shape[0], c.image_size
+        first = model.layers[0]
+        p0 = first.kernel_size // 2
+        # The first layer sees image rows i-1-p0..i-1 (zero above the image) across the padded width.
+        padded = F.pad(model.scale_input(pixels), (p0, p0, p0 + 1, 0))  # (n, C, p0+1+H, W+2p0)
+        rows = positions.view(n, 1, 1, 1) // width + torch.arange(p0 + 1).view(1, 1, -1, 1)
+        below = padded.gather(2, rows.expand(n, c.channels, p0 + 1, padded.shape[3]))  # (n, C, p0+1, W+2p0)
+        new_vertical, links, v_out = [], [], None
+        for index, layer in enumerate(model.layers):
+            if index > 0:
+                p = layer.kernel_size // 2
+                window = torch.cat([vertical[:, index - 1], v_out], dim=2)  # (n, C, p+1, W): rows i-p..i
+                new_vertical.append(window[:, :, 1:])
+                below = F.pad(window, (p, p))
+            v_pre = layer.vertical(below)  # (n, 2C, 1, W)
+            if index == 0:  # the first layer's shift down makes row 0 exactly zero, bias included
+                v_pre = v_pre * (positions >= width).view(n, 1, 1, 1)
+            link = layer.vertical_to_horizontal(v_pre)
+            if labels is not None:
+                v_bias, h_bias = layer.class_bias(labels[:, 0])[:, :, None, None].chunk(2, dim=1)
+                v_pre, link = v_pre + v_bias, link + h_bias
+            links.append(link[:, :, 0, :])
+            if index < len(model.layers) - 1:  # the last layer's vertical output feeds nothing
+                v_out = gate(v_pre)  # (n, C, 1, W): the next layer's newest input row
+        image_context = pixels.new_zeros(n, c.channels, p0 + 1, dtype=vertical.dtype)
+        hidden_context = vertical.new_zeros(n, len(model.layers) - 1, c.hidden_channels,
+                                            model.layers[-1].kernel_size // 2)
+        return torch.stack(new_vertical, 1), torch.stack(links, 1), image_context, hidden_context
+
+
+class GatedStep(nn.Module):
+    """One pixel per slot: horizontal stacks from the left context, output layers, inverse-CDF choice.
+
+    positions (n, 1), noise (n, C), temperature (n, 1), links, image_context, hidden_context →
+    pixel (n, C) int64, image_context and hidden_context shifted left by one column.
+    """
+
+    def __init__(self, model: GatedPixelCNN) -> None:
+        super().__init__()
+        self.model = model
+        self.choose = inverse_cdf_choice  # (logits, noise, temperature) → pixel; tests swap in teacher forcing
+
+    def forward(self, positions, noise, temperature, links, image_context, hidden_context):
+        model, c = self.model, self.model.config
+        n, num_layers, two_c, width = links.shape
+        link = links.gather(3, _columns(positions, width, 1, links)).squeeze(3)  # (n, L, 2C): column j
+        window = image_context  # (n, C_img, p0+1): the first layer sees pixels j-1-p0..j-1
+        new_hidden, skips, h_out = [], 0, None
+        for index, layer in enumerate(model.layers):
+            if index > 0:
+                window = torch.cat([hidden_context[:, index - 1], h_out.unsqueeze(2)], dim=2)  # (n, C, p+1)
+                new_hidden.append(window[:, :, 1:])
+            # The horizontal convolution on one window is a matmul with its flattened kernel.
+            h_pre = F.linear(window.flatten(1), layer.horizontal.weight.flatten(1), layer.horizontal.bias)
+            if index == 0:  # the first layer's shift right makes column 0 exactly zero, bias included
+                h_pre = h_pre * (positions % width > 0)
+            h_gated = gate(h_pre + link[:, index])  # (n, C)
+            skips = skips + F.linear(h_gated, layer.skip.weight.flatten(1), layer.skip.bias)
+            if index < num_layers - 1:  # the last layer's horizontal output feeds nothing
+                out = F.linear(h_gated, layer.horizontal_out.weight.flatten(1), layer.horizontal_out.bias)
+                h_out = out if index == 0 else out + h_out
+        hidden = F.relu(F.linear(F.relu(skips), model.output_hidden.weight.flatten(1), model.output_hidden.bias))
+        logits = F.linear(hidden, model.output_logits.weight.flatten(1), model.output_logits.bias)
+        pixel = self.choose(logits.view(n, c.pixel_levels, c.channels), noise, temperature)  # (n, C)
+        image_context = torch.cat([image_context[:, :, 1:], model.scale_input(pixel).unsqueeze(2)], dim=2)
+        return pixel, image_context, torch.stack(new_hidden, 1)
+
+
+def gated_program(model: GatedPixelCNN) -> StepProgram:
+    c = model.config
+    if c.num_layers < 2:
+        raise ValueError("the cached Gated PixelCNN step needs num_layers >= 2")
+    f32, ctl = torch.float32, controls(model)
+    p0, p = c.first_kernel_size // 2, c.kernel_size // 2
+    rest = c.num_layers - 1
+    vertical = TensorSpec("vertical", f32, (rest, c.hidden_channels, p, c.image_size))
+    links = TensorSpec("links", f32, (c.num_layers, 2 * c.hidden_channels, c.image_size))
+    image_context = TensorSpec("image_context", f32, (c.channels, p0 + 1))
+    hidden_context = TensorSpec("hidden_context", f32, (rest, c.hidden_channels, p))
+    labels = (ctl["labels"],) if c.num_classes else ()
+    pixel = TensorSpec("pixel", torch.int64, (c.channels,))
+
+    def refresh_example(n):
+        pixels = torch.randint(0, c.pixel_levels, (n, c.channels, c.image_size, c.image_size), dtype=torch.uint8)
+        positions = (torch.arange(n) % c.image_size * c.image_size).view(n, 1)
+        label_values = (torch.arange(n).view(n, 1) % c.num_classes,) if c.num_classes else ()
+        return pixels, positions, *label_values, torch.randn(n, *vertical.shape)
+
+    def step_example(n):
+        return (torch.arange(n).view(n, 1) * 5, torch.rand(n, c.channels), torch.ones(n, 1),
+                torch.randn(n, *links.shape), torch.randn(n, *image_context.shape),
+                torch.randn(n, *hidden_context.shape))
+
+    return StepProgram(
+        states=(vertical, links, image_context, hidden_context),
+        refresh=EntryPoint("refresh", GatedRefresh(model), (ctl["pixels"], ctl["positions"], *labels, vertical),
+                           _next(vertical, links, image_context, hidden_context), refresh_example),
+        step=EntryPoint("step", GatedStep(model),
+                        (ctl["positions"], ctl["noise"], ctl["temperature"], links, image_context, hidden_context),
+                        (pixel, *_next(image_context, hidden_context)), step_example),
+        period=c.image_size,
+        length=c.image_size * c.image_size,
+    )
+
+
+# ---- PixelCNN -------------------------------------------------------------------------------
+def _masked_rows(conv: nn.Conv2d) -> torch.Tensor:
+    """A masked k x k kernel's rows 0..k//2 (all rows below the centre are masked), flattened.
+
+    Returns (out, in * (k//2 + 1) * k), matching a flattened (in, k//2 + 1, k) window.
+    """
+    k = conv.kernel_size[0]
+    return (conv.weight * conv.mask)[:, :, : k // 2 + 1, :].flatten(1)
+
+
+class RollRows(nn.Module):
+    """Row start: every row cache moves up one row; the new current row is empty (zeros)."""
+
+    def forward(self, *caches):
+        return tuple(torch.cat([r[:, :, 1:], torch.zeros_like(r[:, :, :1])], dim=2) for r in caches)
+
+
+class PixelCNNStep(nn.Module):
+    """One pixel per slot: each masked layer at the current pixel only, from its rows cache.
+
+    positions, noise, temperature, image_rows (n, C, p0+1, W+2p0), block{b}_rows (n, h, p+1, W+2p)
+    → pixel (n, C) int64 and the caches with the current pixel's values written.
+    """
+
+    def __init__(self, model: PixelCNN) -> None:
+        super().__init__()
+        self.model = model
+        self.choose = inverse_cdf_choice  # (logits, noise, temperature) → pixel; tests swap in teacher forcing
+
+    def forward(self, positions, noise, temperature, image_rows, *block_rows):
+        model, c = self.model, self.model.config
+        n, width = positions.shape[0], c.image_size
+        k0 = model.input_conv.kernel_size[0]
+        window = image_rows.gather(3, _columns(positions, width, k0, image_rows))  # (n, C, p0+1, k0)
+        x = F.linear(window.flatten(1), _masked_rows(model.input_conv), model.input_conv.bias)  # (n, 2h)
+        new_rows = []
+        for block, rows in zip(model.blocks, block_rows):
+            k = block.masked.kernel_size[0]
+            a = F.relu(F.linear(F.relu(x), block.reduce.weight.flatten(1), block.reduce.bias))  # (n, h)
+            rows = _write_current(rows, positions, width, k // 2, a)
+            new_rows.append(rows)
+            window = rows.gather(3, _columns(positions, width, k, rows))  # (n, h, p+1, k)
+            m = F.linear(window.flatten(1), _masked_rows(block.masked), block.masked.bias)
+            x = x + F.linear(F.relu(m), block.expand.weight.flatten(1), block.expand.bias)
+        hidden = F.relu(F.linear(F.relu(x), model.output_hidden.weight.flatten(1), model.output_hidden.bias))
+        logits = F.linear(hidden, model.output_logits.weight.flatten(1), model.output_logits.bias)
+        pixel = self.choose(logits.view(n, c.pixel_levels, c.channels), noise, temperature)
+        image_rows = _write_current(image_rows, positions, width, k0 // 2, model.scale_input(pixel))
+        return (pixel, image_rows, *new_rows)
+
+
+def _write_current(rows: torch.Tensor, positions: torch.Tensor, width: int, pad: int, values: torch.Tensor):
+    """rows (n, C, R, W+2pad) with `values` (n, C) written at the current pixel: last row, column j+pad."""
+    current = rows[:, :, -1, :]  # (n, C, W+2pad)
+    index = _columns(positions, width, 1, current) + pad
+    current = current.scatter(2, index, values.unsqueeze(2))
+    return torch.cat([rows[:, :, :-1], current.unsqueeze(2)], dim=2)
+
+
+def pixelcnn_program(model: PixelCNN) -> StepProgram:
+    c = model.config
+    f32, ctl = torch.float32, controls(model)
+    p0, p = c.first_kernel_size // 2, c.kernel_size // 2
+    image_rows = TensorSpec("image_rows", f32, (c.channels, p0 + 1, c.image_size + 2 * p0))
+    block_rows = tuple(
+        TensorSpec(f"block{b}_rows", f32, (c.hidden_channels, p + 1, c.image_size + 2 * p))
+        for b in range(c.num_residual_blocks)
+    )
+    caches = (image_rows, *block_rows)
+    pixel = TensorSpec("pixel", torch.int64, (c.channels,))
+
+    def caches_example(n):
+        return tuple(torch.randn(n, *s.shape) for s in caches)
+
+    def step_example(n):
+        return (torch.arange(n).view(n, 1) * 5, torch.rand(n, c.channels), torch.ones(n, 1), *caches_example(n))
+
+    return StepProgram(
+        states=caches,
+        refresh=EntryPoint("refresh", RollRows(), caches, _next(*caches), caches_example),
+        step=EntryPoint("step", PixelCNNStep(model), (ctl["positions"], ctl["noise"], ctl["temperature"], *caches),
+                        (pixel, *_next(*caches)), step_example),
+        period=c.image_size,
+        length=c.image_size * c.image_size,
+    )
+
+
+def step_program(model: AutoregressiveModel) -> StepProgram:
+    """The cached step program of an autoregressive model (eval mode)."""
+    model = model.eval()
+    if isinstance(model, GatedPixelCNN):
+        return gated_program(model)
+    if isinstance(model, PixelCNN):
+        return pixelcnn_program(model)
+    raise ValueError(f"no cached step program for family {model.family!r}")

@@ -1,0 +1,15 @@
+"""The sampling engine: cached step programs run slot by slot with continuous batching."""
+
+from .program import OnnxStepRunner, StepRunner, StepSpec, TorchStepRunner, load_step_runner
+from .scheduler import EngineConfig, SampleJob, SamplingEngine
+
+__all__ = [
+    "EngineConfig",
+    "OnnxStepRunner",
+    "SampleJob",
+    "SamplingEngine",
+    "StepRunner",
+    "StepSpec",
+    "TorchStepRunner",
+    "load_step_runner",
+]
