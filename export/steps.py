@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from genserve.serving.kernels.sampling import inverse_cdf_choice
+from genserve.serving.kernels.sampling import choose_at_temperature, temperature_rows
 
 from .entry_points import EntryPoint, TensorSpec
 from .models.autoregressive import AutoregressiveModel
@@ -38,16 +38,23 @@ from .models.pixelcnn import PixelCNN
 STEP_FORMAT = "genserve-step/1"
 
 
-def controls(model: AutoregressiveModel) -> dict[str, TensorSpec]:
-    """The inputs the engine supplies, by name; each graph takes the ones it needs."""
+def controls(model: AutoregressiveModel, span: int) -> dict[str, TensorSpec]:
+    """The engine's side of the contract, by name: graphs take the inputs they need, steps output `pixel`."""
     c = model.config
     return {
-        "positions": TensorSpec("positions", torch.int64, (1,)),  # raster index of the slot's current pixel
+        "positions": TensorSpec("positions", torch.int64, (1,)),  # raster index of the slot's next pixel
         "pixels": TensorSpec("pixels", torch.uint8, (c.channels, c.image_size, c.image_size)),  # sample so far
-        "noise": TensorSpec("noise", torch.float32, (c.channels,)),  # uniform noise of the current pixel
+        "noise": TensorSpec("noise", torch.float32, (span, c.channels)),  # uniform noise of the step's pixels
         "temperature": TensorSpec("temperature", torch.float32, (1,)),
         "labels": TensorSpec("labels", torch.int64, (1,)),
+        "pixel": TensorSpec("pixel", torch.int64, (span, c.channels)),  # the step's chosen pixels
     }
+
+
+def _step_controls_example(n: int, c, span: int) -> tuple[torch.Tensor, ...]:
+    """positions (at row starts, as the engine keeps them when span = width), noise, temperature."""
+    positions = (torch.arange(n).view(n, 1) % c.image_size) * c.image_size
+    return positions, torch.rand(n, span, c.channels), torch.ones(n, 1)
 
 
 @dataclass(frozen=True)
@@ -59,12 +66,14 @@ class StepProgram:
     step: EntryPoint
     period: int  # refresh runs on slots whose position is a multiple of this
     length: int  # positions per sample
+    span: int  # pixels per step call
 
     def manifest_section(self) -> dict:
         return {
             "format": STEP_FORMAT,
             "period": self.period,
             "length": self.length,
+            "span": self.span,
             "states": [s.to_dict() for s in self.states],
             "graphs": {
                 g.name: {"inputs": [s.name for s in g.inputs], "outputs": [s.name for s in g.outputs]}
@@ -89,12 +98,29 @@ def _columns(positions: torch.Tensor, width: int, span: int, like: torch.Tensor)
 
 
 # ---- Gated PixelCNN -------------------------------------------------------------------------
+# Left contexts are kept column-major, (n, columns * C) with the newest column last, so a
+# window is one concat and the horizontal convolution one matmul with the kernel flattened in
+# the same (column, channel) order; dropping the oldest column is one slice.
+def _column_major(conv: nn.Conv2d) -> torch.Tensor:
+    """A (out, in, 1, k) kernel as (out, k * in), matching a column-major window."""
+    # A copy: a view of a parameter cannot be traced as a constant.
+    return conv.weight[:, :, 0, :].permute(0, 2, 1).flatten(1).clone()
+
+
+def _gate(x: torch.Tensor, channels: int) -> torch.Tensor:
+    """`gate` on (n, 2C) with the split at a constant: exported as two static slices, no shape arithmetic."""
+    return torch.tanh(x[:, :channels]) * torch.sigmoid(x[:, channels:])
+
+
 class GatedRefresh(nn.Module):
     """Row start: every layer's vertical stack for row i, its link into the horizontal stack, empty left context.
 
     pixels (n, C, H, W), positions (n, 1) [, labels (n, 1)], vertical (n, L-1, C, p, W) →
-    vertical (updated), links (n, L, 2C, W), image_context (n, C_img, p0+1) and hidden_context
-    (n, L-1, C, p), the last two zero (the left padding of the new row).
+    vertical (updated), links (n, L, 2C, W), image_context (n, (p0+1) * C_img) and
+    hidden_context (n, L-1, p * C), the last two zero (the left padding of the new row).
+    A link holds everything the horizontal pre-activation adds to its convolution: the 1x1
+    of the vertical stack, the class bias and the convolution's own bias (for the first layer
+    zero at column 0, where its shift right leaves exact zeros).
     """
 
     def __init__(self, model: GatedPixelCNN) -> None:
@@ -110,8 +136,9 @@ class GatedRefresh(nn.Module):
         p0 = first.kernel_size // 2
         # The first layer sees image rows i-1-p0..i-1 (zero above the image) across the padded width.
         padded = F.pad(model.scale_input(pixels), (p0, p0, p0 + 1, 0))  # (n, C, p0+1+H, W+2p0)
-        rows = positions.view(n, 1, 1, 1) // width + torch.arange(p0 + 1).view(1, 1, -1, 1)
+        rows = positions.reshape(-1, 1, 1, 1) // width + torch.arange(p0 + 1).view(1, 1, -1, 1)
         below = padded.gather(2, rows.expand(n, c.channels, p0 + 1, padded.shape[3]))  # (n, C, p0+1, W+2p0)
+        not_first_column = (torch.arange(width) > 0).to(below.dtype)  # (W,)
         new_vertical, links, v_out = [], [], None
         for index, layer in enumerate(model.layers):
             if index > 0:
@@ -121,71 +148,90 @@ class GatedRefresh(nn.Module):
                 below = F.pad(window, (p, p))
             v_pre = layer.vertical(below)  # (n, 2C, 1, W)
             if index == 0:  # the first layer's shift down makes row 0 exactly zero, bias included
-                v_pre = v_pre * (positions >= width).view(n, 1, 1, 1)
-            link = layer.vertical_to_horizontal(v_pre)
+                v_pre = v_pre * (positions >= width).reshape(-1, 1, 1, 1)
+            h_bias = layer.horizontal.bias.view(-1, 1)  # (2C, 1)
+            if index == 0:
+                h_bias = h_bias * not_first_column
+            link = layer.vertical_to_horizontal(v_pre)[:, :, 0, :] + h_bias
             if labels is not None:
-                v_bias, h_bias = layer.class_bias(labels[:, 0])[:, :, None, None].chunk(2, dim=1)
-                v_pre, link = v_pre + v_bias, link + h_bias
-            links.append(link[:, :, 0, :])
+                v_class, h_class = layer.class_bias(labels[:, 0]).chunk(2, dim=1)  # (n, 2C) each
+                v_pre, link = v_pre + v_class[:, :, None, None], link + h_class[:, :, None]
+            links.append(link)  # (n, 2C, W)
             if index < len(model.layers) - 1:  # the last layer's vertical output feeds nothing
                 v_out = gate(v_pre)  # (n, C, 1, W): the next layer's newest input row
-        image_context = pixels.new_zeros(n, c.channels, p0 + 1, dtype=vertical.dtype)
-        hidden_context = vertical.new_zeros(n, len(model.layers) - 1, c.hidden_channels,
-                                            model.layers[-1].kernel_size // 2)
+        image_context = vertical.new_zeros(n, (p0 + 1) * c.channels)
+        p = model.layers[-1].kernel_size // 2
+        hidden_context = vertical.new_zeros(n, len(model.layers) - 1, p * c.hidden_channels)
         return torch.stack(new_vertical, 1), torch.stack(links, 1), image_context, hidden_context
 
 
 class GatedStep(nn.Module):
-    """One pixel per slot: horizontal stacks from the left context, output layers, inverse-CDF choice.
+    """K pixels of a row per slot: horizontal stacks from the left context, output layers, inverse-CDF choice.
 
-    positions (n, 1), noise (n, C), temperature (n, 1), links, image_context, hidden_context →
-    pixel (n, C) int64, image_context and hidden_context shifted left by one column.
+    positions (n, 1), noise (n, K, C), temperature (n, 1), links, image_context, hidden_context →
+    pixel (n, K, C) int64, image_context and hidden_context moved K columns right. K is the
+    noise's second axis, fixed when the graph is exported (the loop over it is unrolled: per
+    pixel a few small matmuls per layer and nothing else, which is what makes batch 1 fast).
     """
 
     def __init__(self, model: GatedPixelCNN) -> None:
         super().__init__()
         self.model = model
-        self.choose = inverse_cdf_choice  # (logits, noise, temperature) → pixel; tests swap in teacher forcing
+        self.choose = choose_at_temperature  # (logits, noise, divisor, greedy) → pixel; tests force pixels here
+        with torch.no_grad():
+            layers = model.layers
+            horizontal = torch.stack([_column_major(layer.horizontal) for layer in layers[1:]])  # (L-1, 2C, (p+1)*C)
+            self.register_buffer("horizontal", horizontal, False)
+            self.register_buffer("first_horizontal", _column_major(layers[0].horizontal), False)
+            # Every layer's skip 1x1 as one matmul over the concatenated gated outputs: (C, L*C).
+            skip_weight = torch.cat([layer.skip.weight.flatten(1) for layer in layers], 1)
+            self.register_buffer("skip_weight", skip_weight, False)
+            self.register_buffer("skip_bias", sum(layer.skip.bias for layer in layers), False)
 
     def forward(self, positions, noise, temperature, links, image_context, hidden_context):
         model, c = self.model, self.model.config
-        n, num_layers, two_c, width = links.shape
-        link = links.gather(3, _columns(positions, width, 1, links)).squeeze(3)  # (n, L, 2C): column j
-        window = image_context  # (n, C_img, p0+1): the first layer sees pixels j-1-p0..j-1
-        new_hidden, skips, h_out = [], 0, None
-        for index, layer in enumerate(model.layers):
-            if index > 0:
-                window = torch.cat([hidden_context[:, index - 1], h_out.unsqueeze(2)], dim=2)  # (n, C, p+1)
-                new_hidden.append(window[:, :, 1:])
-            # The horizontal convolution on one window is a matmul with its flattened kernel.
-            h_pre = F.linear(window.flatten(1), layer.horizontal.weight.flatten(1), layer.horizontal.bias)
-            if index == 0:  # the first layer's shift right makes column 0 exactly zero, bias included
-                h_pre = h_pre * (positions % width > 0)
-            h_gated = gate(h_pre + link[:, index])  # (n, C)
-            skips = skips + F.linear(h_gated, layer.skip.weight.flatten(1), layer.skip.bias)
-            if index < num_layers - 1:  # the last layer's horizontal output feeds nothing
-                out = F.linear(h_gated, layer.horizontal_out.weight.flatten(1), layer.horizontal_out.bias)
-                h_out = out if index == 0 else out + h_out
-        hidden = F.relu(F.linear(F.relu(skips), model.output_hidden.weight.flatten(1), model.output_hidden.bias))
-        logits = F.linear(hidden, model.output_logits.weight.flatten(1), model.output_logits.bias)
-        pixel = self.choose(logits.view(n, c.pixel_levels, c.channels), noise, temperature)  # (n, C)
-        image_context = torch.cat([image_context[:, :, 1:], model.scale_input(pixel).unsqueeze(2)], dim=2)
-        return pixel, image_context, torch.stack(new_hidden, 1)
+        width, span, num_layers = links.shape[3], noise.shape[1], links.shape[1]
+        channels = c.hidden_channels
+        columns = links.gather(3, _columns(positions, width, span, links))  # (n, L, 2C, K): columns j..j+K-1
+        columns = columns.permute(3, 1, 0, 2)  # (K, L, n, 2C)
+        divisor, greedy = temperature_rows(temperature, 3)
+        hidden = list(hidden_context.unbind(1))  # per layer l >= 1: (n, p*C), layer l-1's last p outputs
+        pixels = []
+        for s in range(span):
+            link = columns[s]  # (L, n, 2C)
+            h = torch.addmm(link[0], image_context, self.first_horizontal.t())  # (n, 2C); pixels j-1-p0..j-1
+            gated = [_gate(h, channels)]
+            h_out = F.linear(gated[0], model.layers[0].horizontal_out.weight.flatten(1),
+                             model.layers[0].horizontal_out.bias)
+            for index in range(1, num_layers):
+                window = torch.cat([hidden[index - 1], h_out], dim=1)  # (n, (p+1)*C): columns j-p..j
+                hidden[index - 1] = window[:, channels:]
+                gated.append(_gate(torch.addmm(link[index], window, self.horizontal[index - 1].t()), channels))
+                if index < num_layers - 1:  # the last layer's horizontal output feeds nothing
+                    out = model.layers[index].horizontal_out
+                    h_out = F.linear(gated[-1], out.weight.flatten(1), out.bias) + h_out
+            skips = F.linear(torch.cat(gated, 1), self.skip_weight, self.skip_bias)  # (n, C)
+            hidden_out = F.relu(F.linear(F.relu(skips), model.output_hidden.weight.flatten(1),
+                                         model.output_hidden.bias))
+            logits = F.linear(hidden_out, model.output_logits.weight.flatten(1), model.output_logits.bias)
+            pixel = self.choose(logits.reshape(-1, c.pixel_levels, c.channels), noise[:, s], divisor, greedy)
+            pixels.append(pixel)  # (n, C)
+            image_context = torch.cat([image_context[:, c.channels:], model.scale_input(pixel)], dim=1)
+        return torch.stack(pixels, 1), image_context, torch.stack(hidden, 1)
 
 
-def gated_program(model: GatedPixelCNN) -> StepProgram:
+def gated_program(model: GatedPixelCNN, span: int) -> StepProgram:
     c = model.config
     if c.num_layers < 2:
         raise ValueError("the cached Gated PixelCNN step needs num_layers >= 2")
-    f32, ctl = torch.float32, controls(model)
+    f32, ctl = torch.float32, controls(model, span)
     p0, p = c.first_kernel_size // 2, c.kernel_size // 2
     rest = c.num_layers - 1
     vertical = TensorSpec("vertical", f32, (rest, c.hidden_channels, p, c.image_size))
     links = TensorSpec("links", f32, (c.num_layers, 2 * c.hidden_channels, c.image_size))
-    image_context = TensorSpec("image_context", f32, (c.channels, p0 + 1))
-    hidden_context = TensorSpec("hidden_context", f32, (rest, c.hidden_channels, p))
+    image_context = TensorSpec("image_context", f32, ((p0 + 1) * c.channels,))
+    hidden_context = TensorSpec("hidden_context", f32, (rest, p * c.hidden_channels))
     labels = (ctl["labels"],) if c.num_classes else ()
-    pixel = TensorSpec("pixel", torch.int64, (c.channels,))
 
     def refresh_example(n):
         pixels = torch.randint(0, c.pixel_levels, (n, c.channels, c.image_size, c.image_size), dtype=torch.uint8)
@@ -194,9 +240,8 @@ def gated_program(model: GatedPixelCNN) -> StepProgram:
         return pixels, positions, *label_values, torch.randn(n, *vertical.shape)
 
     def step_example(n):
-        return (torch.arange(n).view(n, 1) * 5, torch.rand(n, c.channels), torch.ones(n, 1),
-                torch.randn(n, *links.shape), torch.randn(n, *image_context.shape),
-                torch.randn(n, *hidden_context.shape))
+        return (*_step_controls_example(n, c, span), torch.randn(n, *links.shape),
+                torch.randn(n, *image_context.shape), torch.randn(n, *hidden_context.shape))
 
     return StepProgram(
         states=(vertical, links, image_context, hidden_context),
@@ -204,9 +249,10 @@ def gated_program(model: GatedPixelCNN) -> StepProgram:
                            _next(vertical, links, image_context, hidden_context), refresh_example),
         step=EntryPoint("step", GatedStep(model),
                         (ctl["positions"], ctl["noise"], ctl["temperature"], links, image_context, hidden_context),
-                        (pixel, *_next(image_context, hidden_context)), step_example),
+                        (ctl["pixel"], *_next(image_context, hidden_context)), step_example),
         period=c.image_size,
         length=c.image_size * c.image_size,
+        span=span,
     )
 
 
@@ -228,37 +274,43 @@ class RollRows(nn.Module):
 
 
 class PixelCNNStep(nn.Module):
-    """One pixel per slot: each masked layer at the current pixel only, from its rows cache.
+    """K pixels of a row per slot: each masked layer at the current pixel only, from its rows cache.
 
-    positions, noise, temperature, image_rows (n, C, p0+1, W+2p0), block{b}_rows (n, h, p+1, W+2p)
-    → pixel (n, C) int64 and the caches with the current pixel's values written.
+    positions, noise (n, K, C), temperature, image_rows (n, C, p0+1, W+2p0), block{b}_rows
+    (n, h, p+1, W+2p) → pixel (n, K, C) int64 and the caches with the new pixels' values written.
     """
 
     def __init__(self, model: PixelCNN) -> None:
         super().__init__()
         self.model = model
-        self.choose = inverse_cdf_choice  # (logits, noise, temperature) → pixel; tests swap in teacher forcing
+        self.choose = choose_at_temperature  # (logits, noise, divisor, greedy) → pixel; tests force pixels here
 
     def forward(self, positions, noise, temperature, image_rows, *block_rows):
+        block_rows, pixels = list(block_rows), []
+        divisor, greedy = temperature_rows(temperature, 3)
+        for s in range(noise.shape[1]):
+            pixel, image_rows = self._pixel(positions + s, noise[:, s], divisor, greedy, image_rows, block_rows)
+            pixels.append(pixel)
+        return (torch.stack(pixels, 1), image_rows, *block_rows)
+
+    def _pixel(self, positions, noise, divisor, greedy, image_rows, block_rows):
+        """One pixel at `positions`: returns (pixel (n, C), image_rows); updates `block_rows` in place."""
         model, c = self.model, self.model.config
-        n, width = positions.shape[0], c.image_size
+        width = c.image_size
         k0 = model.input_conv.kernel_size[0]
         window = image_rows.gather(3, _columns(positions, width, k0, image_rows))  # (n, C, p0+1, k0)
         x = F.linear(window.flatten(1), _masked_rows(model.input_conv), model.input_conv.bias)  # (n, 2h)
-        new_rows = []
-        for block, rows in zip(model.blocks, block_rows):
+        for b, block in enumerate(model.blocks):
             k = block.masked.kernel_size[0]
             a = F.relu(F.linear(F.relu(x), block.reduce.weight.flatten(1), block.reduce.bias))  # (n, h)
-            rows = _write_current(rows, positions, width, k // 2, a)
-            new_rows.append(rows)
+            block_rows[b] = rows = _write_current(block_rows[b], positions, width, k // 2, a)
             window = rows.gather(3, _columns(positions, width, k, rows))  # (n, h, p+1, k)
             m = F.linear(window.flatten(1), _masked_rows(block.masked), block.masked.bias)
             x = x + F.linear(F.relu(m), block.expand.weight.flatten(1), block.expand.bias)
         hidden = F.relu(F.linear(F.relu(x), model.output_hidden.weight.flatten(1), model.output_hidden.bias))
         logits = F.linear(hidden, model.output_logits.weight.flatten(1), model.output_logits.bias)
-        pixel = self.choose(logits.view(n, c.pixel_levels, c.channels), noise, temperature)
-        image_rows = _write_current(image_rows, positions, width, k0 // 2, model.scale_input(pixel))
-        return (pixel, image_rows, *new_rows)
+        pixel = self.choose(logits.reshape(-1, c.pixel_levels, c.channels), noise, divisor, greedy)
+        return pixel, _write_current(image_rows, positions, width, k0 // 2, model.scale_input(pixel))
 
 
 def _write_current(rows: torch.Tensor, positions: torch.Tensor, width: int, pad: int, values: torch.Tensor):
@@ -269,9 +321,9 @@ def _write_current(rows: torch.Tensor, positions: torch.Tensor, width: int, pad:
     return torch.cat([rows[:, :, :-1], current.unsqueeze(2)], dim=2)
 
 
-def pixelcnn_program(model: PixelCNN) -> StepProgram:
+def pixelcnn_program(model: PixelCNN, span: int) -> StepProgram:
     c = model.config
-    f32, ctl = torch.float32, controls(model)
+    f32, ctl = torch.float32, controls(model, span)
     p0, p = c.first_kernel_size // 2, c.kernel_size // 2
     image_rows = TensorSpec("image_rows", f32, (c.channels, p0 + 1, c.image_size + 2 * p0))
     block_rows = tuple(
@@ -279,29 +331,40 @@ def pixelcnn_program(model: PixelCNN) -> StepProgram:
         for b in range(c.num_residual_blocks)
     )
     caches = (image_rows, *block_rows)
-    pixel = TensorSpec("pixel", torch.int64, (c.channels,))
 
     def caches_example(n):
         return tuple(torch.randn(n, *s.shape) for s in caches)
 
     def step_example(n):
-        return (torch.arange(n).view(n, 1) * 5, torch.rand(n, c.channels), torch.ones(n, 1), *caches_example(n))
+        return (*_step_controls_example(n, c, span), *caches_example(n))
 
     return StepProgram(
         states=caches,
         refresh=EntryPoint("refresh", RollRows(), caches, _next(*caches), caches_example),
         step=EntryPoint("step", PixelCNNStep(model), (ctl["positions"], ctl["noise"], ctl["temperature"], *caches),
-                        (pixel, *_next(*caches)), step_example),
+                        (ctl["pixel"], *_next(*caches)), step_example),
         period=c.image_size,
         length=c.image_size * c.image_size,
+        span=span,
     )
 
 
-def step_program(model: AutoregressiveModel) -> StepProgram:
-    """The cached step program of an autoregressive model (eval mode)."""
+def step_program(model: AutoregressiveModel, span: int | None = None) -> StepProgram:
+    """The cached step program of an autoregressive model (eval mode).
+
+    Args:
+        span: pixels per step call, a divisor of the image width; default the whole width.
+            One row per call keeps the per-call overhead (session, Python) off the per-pixel
+            path, at the price of joining the engine at row boundaries; span 1 is the
+            finest-grained program.
+    """
     model = model.eval()
+    width = model.config.image_size
+    span = width if span is None else span
+    if span < 1 or width % span:
+        raise ValueError(f"span must divide the image width {width}, got {span}")
     if isinstance(model, GatedPixelCNN):
-        return gated_program(model)
+        return gated_program(model, span)
     if isinstance(model, PixelCNN):
-        return pixelcnn_program(model)
+        return pixelcnn_program(model, span)
     raise ValueError(f"no cached step program for family {model.family!r}")

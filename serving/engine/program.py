@@ -38,6 +38,7 @@ class StepSpec:
     graphs: Mapping[str, GraphSignature]  # "refresh" and "step"
     period: int  # refresh runs for slots whose position is a multiple of this
     length: int  # positions per sample
+    span: int  # positions one step call advances (noise (n, span, C) in, pixel (n, span, C) out)
     sample_shape: tuple[int, int, int]  # (C, H, W)
     levels: int
     num_classes: int | None
@@ -58,11 +59,15 @@ class StepSpec:
         if unknown:
             raise ValueError(f"step program outputs {unknown} are neither 'pixel' nor next_<state> of {sorted(names)}")
         size = model_config["image_size"]
+        period, length, span = int(section["period"]), int(section["length"]), int(section["span"])
+        if span < 1 or period % span or length % period:
+            raise ValueError(f"step program: span {span} must divide period {period}, which must divide {length}")
         return cls(
             states=states,
             graphs=graphs,
-            period=int(section["period"]),
-            length=int(section["length"]),
+            period=period,
+            length=length,
+            span=span,
             sample_shape=(model_config["channels"], size, size),
             levels=model_config["pixel_levels"],
             num_classes=model_config.get("num_classes"),

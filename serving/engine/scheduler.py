@@ -227,9 +227,11 @@ class SamplingEngine:
             self._run("refresh", slice(0, n))
         elif len(starting):
             self._run("refresh", starting)
-        pixel = self._run("step", slice(0, n))["pixel"]  # (n, C)
-        self.pixels[np.arange(n), :, positions] = pixel.cpu().numpy()
-        positions += 1
+        pixel = self._run("step", slice(0, n))["pixel"].cpu().numpy()  # (n, span, C)
+        span = self.spec.span
+        taken = positions[:, None] + np.arange(span)  # (n, span)
+        self.pixels[np.arange(n)[:, None], :, taken] = pixel
+        positions += span
         self.steps_run += 1
         ended_rows = np.flatnonzero(positions % self.spec.sample_shape[2] == 0)
         if len(ended_rows):
@@ -246,9 +248,10 @@ class SamplingEngine:
             if name in self.states:
                 feeds[name] = self.states[name][rows]
                 continue
-            if name == "noise":  # the current pixel's noise, (n, C)
+            if name == "noise":  # the noise of the step's pixels, (n, span, C)
                 picked = self.noise[slots]
-                value = picked[np.arange(len(picked)), self.positions[slots]]
+                taken = self.positions[slots, None] + np.arange(self.spec.span)
+                value = picked[np.arange(len(picked))[:, None], taken]
             elif name == "positions":
                 value = self.positions[slots, None]
             elif name == "pixels":

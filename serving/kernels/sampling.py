@@ -100,16 +100,32 @@ def inverse_cdf_choice(logits: torch.Tensor, noise: torch.Tensor, temperature: t
     Args:
         logits: (N, L, ...); noise: (N, ...); temperature: (N,) or (N, 1), >= 0.
     """
+    return choose_at_temperature(logits, noise, *temperature_rows(temperature, logits.dim()))
+
+
+def temperature_rows(temperature: torch.Tensor, dims: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row temperatures shaped for (N, L, ...) logits of `dims` axes.
+
+    Returns:
+        divisor (N, 1, ...) of `dims` axes, 1 where T = 0 (those rows take the argmax), and
+        greedy (N, 1, ...) of `dims - 1` axes, True where T = 0. A step graph computes these
+        once per call, not once per pixel.
+    """
     t = temperature.reshape(-1)
-    greedy = logits.argmax(dim=1)
-    # (N,) → (N, 1, 1, ...); rows at T = 0 divide by 1 here and take the argmax below.
-    t_rows = torch.where(t > 0, t, torch.ones_like(t)).view(-1, *([1] * (logits.dim() - 1)))
-    probs = torch.softmax(logits.float() / t_rows, dim=1)
+    divisor = torch.where(t > 0, t, torch.ones_like(t)).reshape(-1, *([1] * (dims - 1)))
+    return divisor, (t == 0).reshape(-1, *([1] * (dims - 2)))
+
+
+def choose_at_temperature(
+    logits: torch.Tensor, noise: torch.Tensor, divisor: torch.Tensor, greedy: torch.Tensor
+) -> torch.Tensor:
+    """The choice itself, from `temperature_rows`'s divisor and greedy mask."""
+    probs = torch.softmax(logits.float() / divisor, dim=1)
     cdf = probs.cumsum(dim=1)  # (N, L, ...)
     below = (cdf < noise.unsqueeze(1)).sum(dim=1)
     # float rounding can leave cdf[-1] a hair under 1; noise above it still means "last value".
     chosen = below.clamp(max=logits.shape[1] - 1)
-    return torch.where((t == 0).view(-1, *([1] * (chosen.dim() - 1))), greedy, chosen)
+    return torch.where(greedy, logits.argmax(dim=1), chosen)
 
 
 def naive_sample(

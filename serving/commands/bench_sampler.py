@@ -1,0 +1,65 @@
+"""`genserve bench-sampler`: naive vs cached sampling, continuous vs static batching, side by side.
+
+See genserve.serving.engine.bench for what is measured and how. Prints a table; `--json
+PATH` also writes the figures as JSON (`-` for stdout instead of the table).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from genserve.clients.verbs import CommandError, Verb
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", nargs="?", default="gated_pixelcnn_mnist", help="checkpoint name in the repository")
+    parser.add_argument("--repository", default="model_repository")
+    parser.add_argument("--runtime", choices=("onnx", "torchscript"), default="onnx")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (cuda needs --runtime torchscript)")
+    parser.add_argument("--batch", type=int, action="append", help="batch sizes (default: 1, 16, 64)")
+    parser.add_argument("--naive-steps", type=int, default=28, help="naive pixels timed per batch, then scaled")
+    parser.add_argument("--slots", type=int, default=16, help="engine slots in the batching comparison")
+    parser.add_argument("--requests", type=int, default=40, help="Poisson-arriving requests per batching mode")
+    parser.add_argument("--max-request-size", type=int, default=4, help="requests ask for 1..this many samples")
+    parser.add_argument("--load", type=float, default=0.5, help="arrival rate / static-batch capacity, in (0, 1]")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON ('-': stdout only)")
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    from genserve.serving.engine.bench import BenchConfig, format_report, run_benchmark
+
+    if args.device != "cpu":
+        if args.runtime != "torchscript":
+            raise CommandError(f"--device {args.device} needs --runtime torchscript (the ONNX runner is CPU here)")
+        if args.device.startswith("cuda") and not torch.cuda.is_available():
+            raise CommandError("--device cuda: no CUDA device is visible to torch on this machine")
+    config = BenchConfig(
+        model=args.model, repository=args.repository, runtime=args.runtime, device=args.device,
+        batches=tuple(args.batch or (1, 16, 64)), naive_steps=args.naive_steps, slots=args.slots,
+        requests=args.requests, max_request_size=args.max_request_size, load=args.load, seed=args.seed,
+    )
+    to_stdout = args.json == "-"
+    report = run_benchmark(config, progress=lambda line: print(line, file=sys.stderr, flush=True))
+    if to_stdout:
+        print(json.dumps(report.to_dict(), indent=2))
+        return 0
+    print(format_report(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+VERB = Verb(
+    help="benchmark the sampling engine: naive vs cached, continuous vs static batching",
+    add_arguments=add_arguments,
+    run=run,
+    description=__doc__,
+)

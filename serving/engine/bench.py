@@ -1,0 +1,236 @@
+"""The sampler benchmark: naive vs cached sampling, and continuous vs static batching.
+
+Everything is measured side by side in one run on the same artifacts and runtime, because
+these machines are noisy: ratios taken minutes apart mean little.
+- naive: the exported full-network `logits` graph, one pass per pixel over the whole image
+  (what `model.sample` does), timed over a prefix of `naive_steps` pixels and scaled to the
+  whole image (each naive pass costs the same wherever it is in the image);
+- cached: the exported step program in the sampling engine, whole images;
+- batching: requests of 1..max_request_size samples arriving as a Poisson process at a fixed
+  rate (the same arrival schedule for both modes), served by an engine that admits at every
+  step (continuous) or only into an empty engine (static); per-request latency percentiles
+  and throughput.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..kernels.sampling import choose_pixels
+from ..manifest import load_manifest
+from ..onnx_runner import onnx_session
+from .program import StepRunner, load_step_runner
+from .scheduler import EngineConfig, SamplingEngine
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    model: str = "gated_pixelcnn_mnist"
+    repository: str = "model_repository"
+    runtime: str = "onnx"  # onnx or torchscript
+    device: str = "cpu"  # torchscript only: cpu or cuda
+    batches: tuple[int, ...] = (1, 16, 64)
+    naive_steps: int = 28  # naive passes timed per batch size (one 28-pixel row by default)
+    slots: int = 16  # engine slots for the batching comparison
+    requests: int = 40
+    max_request_size: int = 4
+    load: float = 0.5  # arrival rate as a fraction of the measured static-batch capacity
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        bad = {k: v for k, v in (("naive_steps", self.naive_steps), ("slots", self.slots),
+                                 ("requests", self.requests), ("max_request_size", self.max_request_size))
+               if v < 1}
+        if bad or not self.batches or min(self.batches) < 1:
+            raise ValueError(f"counts must be >= 1, got {bad or {'batches': self.batches}}")
+        if not 0 < self.load <= 1:
+            raise ValueError(f"load must lie in (0, 1], got {self.load}")
+
+
+@dataclass
+class SpeedupRow:
+    batch: int
+    naive_ms_per_image: float  # scaled from naive_steps passes
+    cached_ms_per_image: float
+    speedup: float
+
+
+@dataclass
+class BatchingRow:
+    batching: str
+    p50_ms: float
+    p99_ms: float
+    mean_ms: float
+    images_per_s: float
+    requests: int
+
+
+@dataclass
+class BenchReport:
+    config: dict
+    machine: dict
+    speedup: list[SpeedupRow] = field(default_factory=list)
+    capacity_images_per_s: float = 0.0
+    arrival_rate_requests_per_s: float = 0.0
+    batching: list[BatchingRow] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class NaiveSampler:
+    """The full-logits graph of the same model in the same runtime, driven one pixel at a time."""
+
+    def __init__(self, folder: Path, runtime: str, device: str) -> None:
+        manifest = load_manifest(folder)
+        self.levels = manifest.model_config["pixel_levels"]
+        self.num_classes = manifest.model_config.get("num_classes")
+        self.device = torch.device(device)
+        if runtime == "onnx":
+            session = onnx_session(manifest.artifact("model.onnx"))
+            def forward(feeds):
+                return torch.from_numpy(session.run(None, {k: v.numpy() for k, v in feeds.items()})[0])
+
+            self.forward = forward
+        else:
+            module = torch.jit.load(str(manifest.artifact("model.pt")), map_location=device).eval()
+            self.forward = lambda feeds: module(*feeds.values())
+
+    @torch.inference_mode()
+    def time_passes(self, noise: torch.Tensor, steps: int) -> float:
+        """Seconds for the first `steps` pixels of naive sampling at batch len(noise)."""
+        n, channels, height, width = noise.shape
+        x = torch.zeros(noise.shape, dtype=torch.uint8, device=self.device)
+        feeds = {"images": x}
+        if self.num_classes:
+            feeds["labels"] = (torch.arange(n, device=self.device) % self.num_classes).view(n, 1)
+        noise = noise.to(self.device)
+        _sync(self.device)
+        start = time.perf_counter()
+        for position in range(steps):
+            i, j = divmod(position, width)
+            logits = self.forward(feeds)[..., i, j]  # (N, L, C)
+            x[:, :, i, j] = choose_pixels(logits, noise[:, :, i, j], 1.0).to(torch.uint8)
+        _sync(self.device)
+        return time.perf_counter() - start
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _labels(runner: StepRunner, n: int) -> list[int] | None:
+    classes = runner.spec.num_classes
+    return [k % classes for k in range(n)] if classes else None
+
+
+def time_cached(runner: StepRunner, batch: int, seed: int) -> float:
+    """Seconds to sample `batch` whole images with `batch` engine slots."""
+    engine = SamplingEngine(runner, EngineConfig(num_slots=batch))
+    engine.generate(seed, batch, labels=_labels(runner, batch))  # warm-up (allocations, graph optimisation)
+    _sync(runner.device)
+    start = time.perf_counter()
+    engine.generate(seed + 1, batch, labels=_labels(runner, batch))
+    _sync(runner.device)
+    return time.perf_counter() - start
+
+
+def serve_poisson(runner: StepRunner, batching: str, slots: int, arrivals: list[tuple[float, int]]) -> BatchingRow:
+    """Submits requests at the given (offset seconds, size) times to a running engine; waits for all."""
+    engine = SamplingEngine(runner, EngineConfig(num_slots=slots, batching=batching))
+    engine.start()
+    jobs = []
+    try:
+        start = time.monotonic()
+        for k, (offset, size) in enumerate(arrivals):
+            delay = start + offset - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            jobs.append(engine.submit(k, size, labels=_labels(runner, size)))
+        for job in jobs:
+            job.wait()
+    finally:
+        engine.stop()
+    ms = np.array([job.latency for job in jobs]) * 1e3
+    elapsed = max(job.finished_at for job in jobs) - start
+    return BatchingRow(batching, round(float(np.percentile(ms, 50)), 1), round(float(np.percentile(ms, 99)), 1),
+                       round(float(ms.mean()), 1), round(sum(job.count for job in jobs) / elapsed, 2), len(jobs))
+
+
+def run_benchmark(config: BenchConfig, progress=print) -> BenchReport:
+    """Runs both comparisons; `progress` gets a line before each long measurement."""
+    import platform
+
+    repository = Path(config.repository)
+    sampler = repository / f"{config.model}_sample"
+    if not (sampler / "genserve.json").exists():
+        raise FileNotFoundError(f"{sampler}: no sampling model there; export {config.model} into {repository} first")
+    runner = load_step_runner(load_manifest(sampler), config.runtime, config.device)
+    naive = NaiveSampler(repository / f"{config.model}_logits", config.runtime, config.device)
+    report = BenchReport(config=asdict(config), machine={
+        "cpu_threads": torch.get_num_threads(), "platform": platform.platform(),
+        "device": torch.cuda.get_device_name() if runner.device.type == "cuda" else "cpu",
+    })
+    length = runner.spec.length
+    steps = min(config.naive_steps, length)
+    for batch in config.batches:
+        progress(f"naive vs cached at batch {batch} ...")
+        noise = torch.rand(batch, *runner.spec.sample_shape, generator=torch.Generator().manual_seed(batch))
+        naive.time_passes(noise, 1)  # warm-up
+        naive_ms = naive.time_passes(noise, steps) * (length / steps) / batch * 1e3
+        cached_ms = time_cached(runner, batch, config.seed) / batch * 1e3
+        report.speedup.append(
+            SpeedupRow(batch, round(naive_ms, 1), round(cached_ms, 2), round(naive_ms / cached_ms, 1))
+        )
+
+    progress(f"static batch of {config.slots}: capacity ...")
+    report.capacity_images_per_s = round(config.slots / time_cached(runner, config.slots, config.seed), 2)
+    rng = random.Random(config.seed)
+    mean_size = (1 + config.max_request_size) / 2
+    rate = config.load * report.capacity_images_per_s / mean_size  # requests per second
+    report.arrival_rate_requests_per_s = round(rate, 3)
+    arrivals, t = [], 0.0
+    for _ in range(config.requests):
+        t += rng.expovariate(rate)
+        arrivals.append((t, rng.randint(1, config.max_request_size)))
+    for batching in ("static", "continuous"):
+        progress(f"{batching} batching: {config.requests} Poisson arrivals at {rate:.2f} requests/s ...")
+        report.batching.append(serve_poisson(runner, batching, config.slots, arrivals))
+    return report
+
+
+def format_report(report: BenchReport) -> str:
+    c = report.config
+    lines = [
+        f"model {c['model']} · runtime {c['runtime']} on {report.machine['device']} "
+        f"({report.machine['cpu_threads']} CPU threads)",
+        f"naive = full-network pass per pixel, timed over the first {c['naive_steps']} pixels and scaled "
+        "to the whole image; cached = the exported step program in the engine, whole images",
+        "",
+        f"{'batch':>5}  {'naive ms/image':>14}  {'cached ms/image':>15}  {'speedup':>8}",
+    ]
+    lines += [f"{r.batch:>5}  {r.naive_ms_per_image:>14.1f}  {r.cached_ms_per_image:>15.2f}  {r.speedup:>7.1f}x"
+              for r in report.speedup]
+    lines += [
+        "",
+        f"Poisson arrivals: {c['requests']} requests of 1..{c['max_request_size']} samples at "
+        f"{report.arrival_rate_requests_per_s} requests/s ({c['load']:.0%} of the static capacity "
+        f"{report.capacity_images_per_s} images/s), {c['slots']} slots",
+        f"{'batching':>10}  {'p50 ms':>9}  {'p99 ms':>9}  {'mean ms':>9}  {'images/s':>8}",
+    ]
+    lines += [f"{r.batching:>10}  {r.p50_ms:>9.1f}  {r.p99_ms:>9.1f}  {r.mean_ms:>9.1f}  {r.images_per_s:>8.2f}"
+              for r in report.batching]
+    by_mode = {r.batching: r for r in report.batching}
+    if {"static", "continuous"} <= set(by_mode):
+        s, k = by_mode["static"], by_mode["continuous"]
+        lines.append(f"continuous vs static: p50 {s.p50_ms / k.p50_ms:.2f}x lower, p99 {s.p99_ms / k.p99_ms:.2f}x "
+                     f"lower, throughput {k.images_per_s / s.images_per_s:.2f}x")
+    return "\n".join(lines)
+
