@@ -190,15 +190,15 @@ def test_committed_repository_equals_a_fresh_export(tmp_path):
     drifted = []
     for p in fresh:
         old, new = REPOSITORY / p, tmp_path / p
-        if p.name == "model.pt":
+        if p.suffix == ".pt":
             (old_code, old_state), (new_code, new_state) = torchscript_fingerprint(old), torchscript_fingerprint(new)
             same = old_code == new_code and old_state.keys() == new_state.keys() and all(
                 torch.equal(old_state[k], new_state[k]) for k in old_state
             )
-        elif p.name == "genserve.json":  # identical but for the sha256 of model.pt (see above)
+        elif p.name == "genserve.json":  # identical but for the sha256 of TorchScript files (see above)
             old_m, new_m = json.loads(old.read_text()), json.loads(new.read_text())
             for m in (old_m, new_m):
-                m["artifacts"] = {k: v for k, v in m["artifacts"].items() if not k.endswith("model.pt")}
+                m["artifacts"] = {k: v for k, v in m["artifacts"].items() if not k.endswith(".pt")}
             same = old_m == new_m
         else:  # ONNX, config.pbtxt, model.py: byte for byte
             same = filecmp.cmp(old, new, shallow=False)
