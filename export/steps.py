@@ -93,7 +93,7 @@ def _columns(positions: torch.Tensor, width: int, span: int, like: torch.Tensor)
     Returns an index of like's shape with the last axis replaced by `span`.
     """
     n = positions.shape[0]
-    cols = positions.view(n, *([1] * (like.dim() - 1))) % width + torch.arange(span)
+    cols = positions.view(n, *([1] * (like.dim() - 1))) % width + torch.arange(span, device=positions.device)
     return cols.expand(*like.shape[:-1], span)
 
 
@@ -136,9 +136,9 @@ class GatedRefresh(nn.Module):
         p0 = first.kernel_size // 2
         # The first layer sees image rows i-1-p0..i-1 (zero above the image) across the padded width.
         padded = F.pad(model.scale_input(pixels), (p0, p0, p0 + 1, 0))  # (n, C, p0+1+H, W+2p0)
-        rows = positions.reshape(-1, 1, 1, 1) // width + torch.arange(p0 + 1).view(1, 1, -1, 1)
+        rows = positions.reshape(-1, 1, 1, 1) // width + torch.arange(p0 + 1, device=pixels.device).view(1, 1, -1, 1)
         below = padded.gather(2, rows.expand(n, c.channels, p0 + 1, padded.shape[3]))  # (n, C, p0+1, W+2p0)
-        not_first_column = (torch.arange(width) > 0).to(below.dtype)  # (W,)
+        not_first_column = (torch.arange(width, device=below.device) > 0).to(below.dtype)  # (W,)
         new_vertical, links, v_out = [], [], None
         for index, layer in enumerate(model.layers):
             if index > 0:

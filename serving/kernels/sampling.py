@@ -84,7 +84,7 @@ def choose_pixels(logits: torch.Tensor, noise: torch.Tensor, temperature: float 
     Returns:
         int64 tensor of shape (N, ...) with values in [0, L).
     """
-    t = torch.as_tensor(temperature, dtype=torch.float32)
+    t = torch.as_tensor(temperature, dtype=torch.float32, device=logits.device)
     if not torch.all(t >= 0):  # also catches NaN
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if t.dim() == 0:
