@@ -87,14 +87,26 @@ def _next(*states: TensorSpec) -> tuple[TensorSpec, ...]:
     return tuple(TensorSpec(f"next_{s.name}", s.dtype, s.shape) for s in states)
 
 
-def _columns(positions: torch.Tensor, width: int, span: int, like: torch.Tensor) -> torch.Tensor:
-    """Gather indices of columns j..j+span-1 (j = position % width) over `like`'s last axis.
+class StepModule(nn.Module):
+    """A step graph over `model`, with the index offsets its gathers use as a buffer.
 
-    Returns an index of like's shape with the last axis replaced by `span`.
+    Why a buffer: tracing bakes `torch.arange(...)` in as a CPU constant, which breaks the
+    TorchScript artifact on CUDA; a buffer moves with `map_location`.
     """
-    n = positions.shape[0]
-    cols = positions.view(n, *([1] * (like.dim() - 1))) % width + torch.arange(span, device=positions.device)
-    return cols.expand(*like.shape[:-1], span)
+
+    def __init__(self, model: AutoregressiveModel) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("offsets", torch.arange(2 * model.config.image_size + 1), persistent=False)
+
+    def columns(self, positions: torch.Tensor, width: int, span: int, like: torch.Tensor) -> torch.Tensor:
+        """Gather indices of columns j..j+span-1 (j = position % width) over `like`'s last axis.
+
+        Returns an index of like's shape with the last axis replaced by `span`.
+        """
+        n = positions.shape[0]
+        cols = positions.view(n, *([1] * (like.dim() - 1))) % width + self.offsets[:span]
+        return cols.expand(*like.shape[:-1], span)
 
 
 # ---- Gated PixelCNN -------------------------------------------------------------------------
@@ -112,7 +124,7 @@ def _gate(x: torch.Tensor, channels: int) -> torch.Tensor:
     return torch.tanh(x[:, :channels]) * torch.sigmoid(x[:, channels:])
 
 
-class GatedRefresh(nn.Module):
+class GatedRefresh(StepModule):
     """Row start: every layer's vertical stack for row i, its link into the horizontal stack, empty left context.
 
     pixels (n, C, H, W), positions (n, 1) [, labels (n, 1)], vertical (n, L-1, C, p, W) →
@@ -124,8 +136,7 @@ class GatedRefresh(nn.Module):
     """
 
     def __init__(self, model: GatedPixelCNN) -> None:
-        super().__init__()
-        self.model = model
+        super().__init__(model)
         self.conditional = model.config.num_classes is not None
 
     def forward(self, pixels, positions, *rest):
@@ -136,9 +147,9 @@ class GatedRefresh(nn.Module):
         p0 = first.kernel_size // 2
         # The first layer sees image rows i-1-p0..i-1 (zero above the image) across the padded width.
         padded = F.pad(model.scale_input(pixels), (p0, p0, p0 + 1, 0))  # (n, C, p0+1+H, W+2p0)
-        rows = positions.reshape(-1, 1, 1, 1) // width + torch.arange(p0 + 1, device=pixels.device).view(1, 1, -1, 1)
+        rows = positions.reshape(-1, 1, 1, 1) // width + self.offsets[: p0 + 1].view(1, 1, -1, 1)
         below = padded.gather(2, rows.expand(n, c.channels, p0 + 1, padded.shape[3]))  # (n, C, p0+1, W+2p0)
-        not_first_column = (torch.arange(width, device=below.device) > 0).to(below.dtype)  # (W,)
+        not_first_column = (self.offsets[:width] > 0).to(below.dtype)  # (W,)
         new_vertical, links, v_out = [], [], None
         for index, layer in enumerate(model.layers):
             if index > 0:
@@ -165,7 +176,7 @@ class GatedRefresh(nn.Module):
         return torch.stack(new_vertical, 1), torch.stack(links, 1), image_context, hidden_context
 
 
-class GatedStep(nn.Module):
+class GatedStep(StepModule):
     """K pixels of a row per slot: horizontal stacks from the left context, output layers, inverse-CDF choice.
 
     positions (n, 1), noise (n, K, C), temperature (n, 1), links, image_context, hidden_context →
@@ -175,8 +186,7 @@ class GatedStep(nn.Module):
     """
 
     def __init__(self, model: GatedPixelCNN) -> None:
-        super().__init__()
-        self.model = model
+        super().__init__(model)
         self.choose = choose_at_temperature  # (logits, noise, divisor, greedy) → pixel; tests force pixels here
         with torch.no_grad():
             layers = model.layers
@@ -192,7 +202,7 @@ class GatedStep(nn.Module):
         model, c = self.model, self.model.config
         width, span, num_layers = links.shape[3], noise.shape[1], links.shape[1]
         channels = c.hidden_channels
-        columns = links.gather(3, _columns(positions, width, span, links))  # (n, L, 2C, K): columns j..j+K-1
+        columns = links.gather(3, self.columns(positions, width, span, links))  # (n, L, 2C, K): columns j..j+K-1
         columns = columns.permute(3, 1, 0, 2)  # (K, L, n, 2C)
         divisor, greedy = temperature_rows(temperature, 3)
         hidden = list(hidden_context.unbind(1))  # per layer l >= 1: (n, p*C), layer l-1's last p outputs
@@ -273,7 +283,7 @@ class RollRows(nn.Module):
         return tuple(torch.cat([r[:, :, 1:], torch.zeros_like(r[:, :, :1])], dim=2) for r in caches)
 
 
-class PixelCNNStep(nn.Module):
+class PixelCNNStep(StepModule):
     """K pixels of a row per slot: each masked layer at the current pixel only, from its rows cache.
 
     positions, noise (n, K, C), temperature, image_rows (n, C, p0+1, W+2p0), block{b}_rows
@@ -281,8 +291,7 @@ class PixelCNNStep(nn.Module):
     """
 
     def __init__(self, model: PixelCNN) -> None:
-        super().__init__()
-        self.model = model
+        super().__init__(model)
         self.choose = choose_at_temperature  # (logits, noise, divisor, greedy) → pixel; tests force pixels here
 
     def forward(self, positions, noise, temperature, image_rows, *block_rows):
@@ -298,27 +307,26 @@ class PixelCNNStep(nn.Module):
         model, c = self.model, self.model.config
         width = c.image_size
         k0 = model.input_conv.kernel_size[0]
-        window = image_rows.gather(3, _columns(positions, width, k0, image_rows))  # (n, C, p0+1, k0)
+        window = image_rows.gather(3, self.columns(positions, width, k0, image_rows))  # (n, C, p0+1, k0)
         x = F.linear(window.flatten(1), _masked_rows(model.input_conv), model.input_conv.bias)  # (n, 2h)
         for b, block in enumerate(model.blocks):
             k = block.masked.kernel_size[0]
             a = F.relu(F.linear(F.relu(x), block.reduce.weight.flatten(1), block.reduce.bias))  # (n, h)
-            block_rows[b] = rows = _write_current(block_rows[b], positions, width, k // 2, a)
-            window = rows.gather(3, _columns(positions, width, k, rows))  # (n, h, p+1, k)
+            block_rows[b] = rows = self.write_current(block_rows[b], positions, width, k // 2, a)
+            window = rows.gather(3, self.columns(positions, width, k, rows))  # (n, h, p+1, k)
             m = F.linear(window.flatten(1), _masked_rows(block.masked), block.masked.bias)
             x = x + F.linear(F.relu(m), block.expand.weight.flatten(1), block.expand.bias)
         hidden = F.relu(F.linear(F.relu(x), model.output_hidden.weight.flatten(1), model.output_hidden.bias))
         logits = F.linear(hidden, model.output_logits.weight.flatten(1), model.output_logits.bias)
         pixel = self.choose(logits.reshape(-1, c.pixel_levels, c.channels), noise, divisor, greedy)
-        return pixel, _write_current(image_rows, positions, width, k0 // 2, model.scale_input(pixel))
+        return pixel, self.write_current(image_rows, positions, width, k0 // 2, model.scale_input(pixel))
 
-
-def _write_current(rows: torch.Tensor, positions: torch.Tensor, width: int, pad: int, values: torch.Tensor):
-    """rows (n, C, R, W+2pad) with `values` (n, C) written at the current pixel: last row, column j+pad."""
-    current = rows[:, :, -1, :]  # (n, C, W+2pad)
-    index = _columns(positions, width, 1, current) + pad
-    current = current.scatter(2, index, values.unsqueeze(2))
-    return torch.cat([rows[:, :, :-1], current.unsqueeze(2)], dim=2)
+    def write_current(self, rows: torch.Tensor, positions: torch.Tensor, width: int, pad: int, values: torch.Tensor):
+        """rows (n, C, R, W+2pad) with `values` (n, C) written at the current pixel: last row, column j+pad."""
+        current = rows[:, :, -1, :]  # (n, C, W+2pad)
+        index = self.columns(positions, width, 1, current) + pad
+        current = current.scatter(2, index, values.unsqueeze(2))
+        return torch.cat([rows[:, :, :-1], current.unsqueeze(2)], dim=2)
 
 
 def pixelcnn_program(model: PixelCNN, span: int) -> StepProgram:
