@@ -121,10 +121,10 @@ def choose_at_temperature(
 ) -> torch.Tensor:
     """The choice itself, from `temperature_rows`'s divisor and greedy mask."""
     probs = torch.softmax(logits.float() / divisor, dim=1)
-    cdf = probs.cumsum(dim=1)  # (N, L, ...)
-    below = (cdf < noise.unsqueeze(1)).sum(dim=1)
-    # float rounding can leave cdf[-1] a hair under 1; noise above it still means "last value".
-    chosen = below.clamp(max=logits.shape[1] - 1)
+    cdf = probs.cumsum(dim=1)  # (N, L, ...), non-decreasing
+    # The value is the count of CDF entries below the noise. The last entry is left out: float
+    # rounding can leave it a hair under 1, and noise above it still means "last value".
+    chosen = (cdf[:, :-1] < noise.unsqueeze(1)).sum(dim=1)
     return torch.where(greedy, logits.argmax(dim=1), chosen)
 
 
