@@ -16,6 +16,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--label", type=int, action="append", help="class label(s) for conditional models; "
                         "one for all samples or one per sample (default: cycle through the classes)")
     parser.add_argument("-o", "--output", default="samples.png", help="a .png grid or a .npz of uint8 arrays")
+    parser.add_argument("--naive", action="store_true",
+                        help="PixelCNNs: recompute the whole network per pixel (the slow reference; same images)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -25,6 +27,8 @@ def run(args: argparse.Namespace) -> int:
 
     from genserve.export.checkpoint import load_checkpoint
     from genserve.export.images import save_samples
+    from genserve.export.models.autoregressive import AutoregressiveModel
+    from genserve.export.steps import cached_sample
 
     if args.num < 1:
         raise CommandError(f"-n must be >= 1, got {args.num}")
@@ -41,7 +45,10 @@ def run(args: argparse.Namespace) -> int:
     elif args.label is not None:
         raise CommandError(f"{args.model} is unconditional; drop --label")
     start = time.perf_counter()
-    pixels = model.sample(args.num, seed, args.temperature, labels)
+    if isinstance(model, AutoregressiveModel) and not args.naive:
+        pixels = cached_sample(model, args.num, seed, args.temperature, labels)
+    else:
+        pixels = model.sample(args.num, seed, args.temperature, labels)
     elapsed = time.perf_counter() - start
     path = save_samples(pixels, model.config.pixel_levels, args.output, labels)
     print(f"{args.num} samples of {args.model} (seed {seed}, temperature {args.temperature}) "

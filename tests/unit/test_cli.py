@@ -20,7 +20,7 @@ def genserve(*args: str) -> subprocess.CompletedProcess:
 
 def test_every_verb_is_registered_and_documented():
     verbs = load_verbs()
-    assert {"train", "evaluate", "sample", "export", "triton", "triton-bench"} <= set(verbs)
+    assert {"train", "evaluate", "sample", "export", "triton", "triton-bench", "bench-sampler"} <= set(verbs)
     assert all(verb.help for verb in verbs.values())
     result = genserve("--help")
     assert result.returncode == 0
@@ -37,6 +37,29 @@ def test_sample_writes_a_png_grid_and_an_npz(tmp_path):
     arrays = np.load(npz)
     assert arrays["images"].shape == (6, 1, 28, 28) and arrays["images"].dtype == np.uint8
     assert arrays["labels"].tolist() == [4] * 6
+
+
+def test_sampling_a_pixelcnn_uses_the_cached_engine_and_draws_the_naive_images(tmp_path):
+    cached, slow = tmp_path / "cached.npz", tmp_path / "naive.npz"
+    for path, extra in ((cached, []), (slow, ["--naive"])):
+        result = genserve("sample", "pixelcnn_mnist", "-n", "2", "--seed", "11", *extra, "-o", str(path))
+        assert result.returncode == 0, result.stderr
+    assert np.array_equal(np.load(cached)["images"], np.load(slow)["images"])
+
+
+def test_bench_sampler_prints_a_table_and_writes_json(tmp_path):
+    out = tmp_path / "bench.json"
+    result = genserve("bench-sampler", "pixelcnn_mnist", "--batch", "2", "--naive-steps", "2", "--slots", "2",
+                      "--requests", "3", "--max-request-size", "2", "--json", str(out))
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    (row,) = report["speedup"]
+    assert row["batch"] == 2 and row["naive_ms_per_image"] > 0 and row["cached_ms_per_image"] > 0
+    assert [r["batching"] for r in report["batching"]] == ["static", "continuous"]
+    assert all(r["requests"] == 3 and r["p99_ms"] >= r["p50_ms"] > 0 for r in report["batching"])
+    assert "speedup" in result.stdout and "continuous vs static" in result.stdout
+    bad = genserve("bench-sampler", "--runtime", "onnx", "--device", "cuda")
+    assert bad.returncode == 2 and "needs --runtime torchscript" in bad.stderr
 
 
 def test_user_mistakes_are_one_line_errors_not_tracebacks(tmp_path):
