@@ -20,7 +20,7 @@ $(BIN)/genserve: pyproject.toml
 
 setup: $(BIN)/genserve
 
-# The main job (until the server exists): sample the shipped Gated PixelCNN into a PNG grid.
+# The main job (until the server exists): sample the shipped Gated PixelCNN (cached engine) into a PNG grid.
 run: setup
 	$(BIN)/genserve sample gated_pixelcnn_mnist -n 16 --seed 7 -o samples.png
 
