@@ -5,7 +5,8 @@ position, noise, temperature, label and cache rows. One engine step:
   1. retire slots whose job was cancelled or ran past its deadline;
   2. admit waiting samples into free slots (continuous: at every step; static: only when
      every slot is free, the classic run-the-batch-to-completion baseline);
-  3. run `refresh` on the slots starting a row, then `step` on all active slots;
+  3. run `refresh` on the slots starting a row, then `step` on all active slots (one call
+     advances every slot by the program's span: a whole row for the exported programs);
   4. write each slot's pixel, report finished rows, retire finished samples at once.
 Active slots are kept packed at the front of every per-slot tensor (a retiring slot takes
 the last active slot's row), so graphs run on plain leading slices, never on idle slots.
