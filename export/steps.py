@@ -378,6 +378,15 @@ def step_program(model: AutoregressiveModel, span: int | None = None) -> StepPro
     raise ValueError(f"no cached step program for family {model.family!r}")
 
 
+def eager_runner(model: AutoregressiveModel, span: int | None = None):
+    """The engine's runner over the eager step modules (the very modules the exporters trace)."""
+    from genserve.serving.engine import StepSpec, TorchStepRunner
+
+    program = step_program(model, span)
+    spec = StepSpec.from_section(program.manifest_section(), model.config.to_dict())
+    return TorchStepRunner(spec, {"refresh": program.refresh.module, "step": program.step.module})
+
+
 def cached_sample(
     model: AutoregressiveModel, n: int, seed: int, temperature: float = 1.0, labels: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -386,11 +395,8 @@ def cached_sample(
     Returns:
         (n, C, H, W) int64 pixel values, equal to `model.sample(n, seed, temperature, labels)`.
     """
-    from genserve.serving.engine import EngineConfig, SamplingEngine, StepSpec, TorchStepRunner
+    from genserve.serving.engine import EngineConfig, SamplingEngine
 
-    program = step_program(model)
-    spec = StepSpec.from_section(program.manifest_section(), model.config.to_dict())
-    runner = TorchStepRunner(spec, {"refresh": program.refresh.module, "step": program.step.module})
-    engine = SamplingEngine(runner, EngineConfig(num_slots=min(n, 64)))
+    engine = SamplingEngine(eager_runner(model), EngineConfig(num_slots=min(n, 64)))
     label_list = None if labels is None else [int(v) for v in labels]
     return torch.from_numpy(engine.generate(seed, n, temperature, label_list)).long()

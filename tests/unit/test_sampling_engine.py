@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from genserve.export.steps import step_program
-from genserve.serving.engine import EngineConfig, SamplingEngine, StepSpec, TorchStepRunner, load_step_runner
+from genserve.export.steps import eager_runner, step_program
+from genserve.serving.engine import EngineConfig, SamplingEngine, StepSpec, load_step_runner
 from genserve.serving.manifest import load_manifest
 from tests.conftest import make_model
 from tests.unit.test_export import REPOSITORY
@@ -27,10 +27,7 @@ MODELS = {
 
 def make_engine(model, span=None, **config) -> SamplingEngine:
     """An engine over the eager step modules of `model` (the same modules the exporters trace)."""
-    program = step_program(model, span)
-    spec = StepSpec.from_section(program.manifest_section(), model.config.to_dict())
-    runner = TorchStepRunner(spec, {"refresh": program.refresh.module, "step": program.step.module})
-    return SamplingEngine(runner, EngineConfig(**config))
+    return SamplingEngine(eager_runner(model, span), EngineConfig(**config))
 
 
 def tiny(name: str):
