@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 CKPT := export/checkpoints
 TRAIN := $(BIN)/genserve train --no-progress
 
-.PHONY: setup run test lint shipped-models cards clean
+.PHONY: setup run test lint proto shipped-models cards clean
 
 $(BIN)/genserve: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,11 @@ test: setup
 
 lint: setup
 	$(BIN)/ruff check export serving clients tests
+
+# The gRPC stubs (committed) from serving/proto/genserve/v1/*.proto; a test checks they are fresh.
+proto: setup
+	$(BIN)/python -m grpc_tools.protoc -I serving/proto --python_out=serving/proto --pyi_out=serving/proto \
+	  --grpc_python_out=serving/proto serving/proto/genserve/v1/*.proto
 
 # Retrain the shipped checkpoints (about an hour on a 2-core CPU); each model card records
 # the command that made it. Two jobs run side by side, one thread each.

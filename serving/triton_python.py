@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from .engine import EngineConfig, OnnxStepRunner, SamplingEngine
+from .entry_runner import OnnxEntryPoint
 from .manifest import load_manifest
-from .onnx_runner import OnnxEntryPoint
 
 
 class RequestError(ValueError):

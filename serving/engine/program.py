@@ -121,7 +121,7 @@ class OnnxStepRunner(StepRunner):
 
     @classmethod
     def load(cls, manifest: Manifest, version: int | None = None) -> OnnxStepRunner:
-        from ..onnx_runner import onnx_session
+        from ..entry_runner import onnx_session
 
         spec = StepSpec.from_manifest(manifest)
         return cls(spec, {name: onnx_session(manifest.artifact(f"{name}.onnx", version)) for name in spec.graphs})

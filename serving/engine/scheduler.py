@@ -59,6 +59,7 @@ class SampleJob:
     rows_done: np.ndarray  # (count,) rows completed per sample
     deadline: float | None = None  # time.monotonic() after which the job is dropped
     on_progress: Callable[[SampleJob], None] | None = None  # engine thread: after a step that finished rows
+    on_done: Callable[[SampleJob], None] | None = None  # engine thread: once the job ends, however it ends
     error: str | None = None  # "cancelled" or "deadline exceeded" when the job did not finish
     done: threading.Event = field(default_factory=threading.Event)
     submitted_at: float = field(default_factory=time.monotonic)
@@ -127,6 +128,7 @@ class SamplingEngine:
         indices: Sequence[int] | None = None,
         deadline: float | None = None,
         on_progress: Callable[[SampleJob], None] | None = None,
+        on_done: Callable[[SampleJob], None] | None = None,
     ) -> SampleJob:
         """Queues samples `indices` (default 0..count-1) of `seed`; returns the job to wait on.
 
@@ -138,6 +140,7 @@ class SamplingEngine:
             indices: explicit sample indices (e.g. to regenerate sample 17 of a seed alone).
             deadline: a `time.monotonic()` time after which the job is dropped.
             on_progress: called from the engine thread whenever samples of the job finish rows.
+            on_done: called from the engine thread when the job ends (finished, cancelled or expired).
 
         Raises:
             ValueError: bad counts, seeds, temperatures or labels (the caller's mistake).
@@ -163,6 +166,7 @@ class SamplingEngine:
             seed=seed, indices=indices, temperature=float(temperature), labels=labels,
             images=np.zeros((len(indices), *self.spec.sample_shape), dtype=np.uint8),
             rows_done=np.zeros(len(indices), dtype=np.int64), deadline=deadline, on_progress=on_progress,
+            on_done=on_done,
         )
         job._notify = self._note_drop
         with self._wake:
@@ -179,6 +183,12 @@ class SamplingEngine:
         job = self.submit(seed, count, temperature, labels)
         self.run_until_idle()
         return job.images
+
+    @property
+    def queued_samples(self) -> int:
+        """Samples submitted but not yet in a slot."""
+        with self._wake:
+            return sum(job.count - job._admitted for job in self._waiting)
 
     def _note_drop(self) -> None:
         with self._wake:
@@ -212,7 +222,20 @@ class SamplingEngine:
                     self._wake.wait()
                 if self._stopping:
                     return
-            self.step()
+            try:
+                self.step()
+            except Exception as error:  # noqa: BLE001 - a failed step must not hang every waiting caller
+                self._fail_all(f"sampling engine error: {type(error).__name__}: {error}")
+
+    def _fail_all(self, error: str) -> None:
+        """Ends every job in the engine with `error` and frees all slots (the thread keeps serving)."""
+        for slot in range(self.active - 1, -1, -1):
+            job, _ = self.slot_jobs[slot]
+            self._release(slot)
+            self._end(job, error)
+        with self._wake:
+            while self._waiting:
+                self._end(self._waiting.popleft(), error)
 
     def step(self) -> bool:
         """One engine step (module docstring); False when there was nothing to do."""
@@ -360,3 +383,5 @@ class SamplingEngine:
         job.error = error
         job.finished_at = time.monotonic()
         job.done.set()
+        if job.on_done is not None:
+            job.on_done(job)

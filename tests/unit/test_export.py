@@ -17,8 +17,8 @@ from genserve.export.entry_points import entry_points
 from genserve.export.exporters import export_onnx, export_torchscript
 from genserve.export.repository import ExportOptions, export_checkpoint
 from genserve.export.triton_config import DynamicBatching, ModelConfig, TensorConfig, parse, render
+from genserve.serving.entry_runner import OnnxEntryPoint, onnx_session
 from genserve.serving.manifest import ArtifactIntegrityError, load_manifest
-from genserve.serving.onnx_runner import OnnxEntryPoint, onnx_session
 from tests.conftest import SHIPPED, make_model
 
 REPOSITORY = Path(__file__).resolve().parents[2] / "model_repository"

@@ -1,0 +1,92 @@
+"""Running an exported entry point (ONNX or TorchScript) on batches that may come from several requests."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+import numpy as np
+
+from .manifest import Manifest
+
+
+def onnx_session(path: str | Path):
+    """An ONNX Runtime session on the best provider present: CUDA where available, else CPU."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    available = ort.get_available_providers()
+    providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+    return ort.InferenceSession(str(path), options, providers=providers)
+
+
+class EntryPointRunner(ABC):
+    """One entry point's artifact with the manifest's signature: named inputs in, named outputs out."""
+
+    def __init__(self, manifest: Manifest) -> None:
+        self.manifest = manifest
+
+    @abstractmethod
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Runs one batch; `feeds` holds every input the manifest declares."""
+
+    def run_merged(self, requests: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+        """Runs many requests' feeds as few batches as their shapes allow; splits results back.
+
+        Requests whose non-batch shapes agree (all, for fixed-shape entry points) are
+        concatenated into one run: the merge a dynamic batcher pays for.
+        """
+        results: list[dict[str, np.ndarray] | None] = [None] * len(requests)
+        groups: dict[tuple, list[int]] = {}
+        for k, feeds in enumerate(requests):
+            signature = tuple((name, a.shape[1:]) for name, a in sorted(feeds.items()))
+            groups.setdefault(signature, []).append(k)
+        for members in groups.values():
+            merged = {name: np.concatenate([requests[k][name] for k in members]) for name in requests[members[0]]}
+            outputs = self.run(merged)
+            start = 0
+            for k in members:
+                rows = len(next(iter(requests[k].values())))
+                results[k] = {name: out[start : start + rows] for name, out in outputs.items()}
+                start += rows
+        return results  # type: ignore[return-value]
+
+
+class OnnxEntryPoint(EntryPointRunner):
+    """The entry point's `model.onnx` in an ONNX Runtime session (CUDA EP when present)."""
+
+    def __init__(self, manifest: Manifest, session) -> None:
+        super().__init__(manifest)
+        self.session = session
+
+    @classmethod
+    def load(cls, manifest: Manifest, version: int | None = None) -> OnnxEntryPoint:
+        return cls(manifest, onnx_session(manifest.artifact("model.onnx", version)))
+
+    def run(self, feeds):
+        names = [t.name for t in self.manifest.outputs]
+        return dict(zip(names, self.session.run(names, feeds)))
+
+
+class TorchScriptEntryPoint(EntryPointRunner):
+    """The entry point's traced `model.pt` on `device`; inputs are passed in manifest order."""
+
+    def __init__(self, manifest: Manifest, module, device: str = "cpu") -> None:
+        super().__init__(manifest)
+        self.module, self.device = module, device
+
+    @classmethod
+    def load(cls, manifest: Manifest, version: int | None = None, device: str = "cpu") -> TorchScriptEntryPoint:
+        import torch
+
+        return cls(manifest, torch.jit.load(str(manifest.artifact("model.pt", version)), map_location=device), device)
+
+    def run(self, feeds):
+        import torch
+
+        with torch.inference_mode():
+            args = [torch.from_numpy(np.ascontiguousarray(feeds[t.name])).to(self.device) for t in self.manifest.inputs]
+            outputs = self.module(*args)
+        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+        return {t.name: out.cpu().numpy() for t, out in zip(self.manifest.outputs, outputs)}

@@ -1,0 +1,103 @@
+"""The triton runtime: the same API, its entry points forwarded to a Triton Inference Server.
+
+Each entry point is the Triton model of the same name (the repository genserve exported, served
+by Triton), called over gRPC with `tritonclient.grpc.aio`. Requests larger than a model's
+`max_batch_size` are split into chunks sent concurrently (Triton's own dynamic batcher merges
+requests). Autoregressive sampling calls the `<model>_sample` Python model, which runs the same
+sampling engine inside Triton; it answers once, so SampleStream sends no progress here, and a
+cancelled request stops waiting but Triton finishes the batch it has started.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+
+from ..config import RuntimeConfig
+from ..errors import DeadlineExceeded, InvalidArgument, Unavailable
+from ..manifest import Manifest
+from ..registry import ModelRegistry
+from .base import ProgressCallback, Runtime, SampleBatch
+
+TRITON_DTYPES = {np.dtype(np.uint8): "UINT8", np.dtype(np.int64): "INT64", np.dtype(np.float32): "FP32"}
+
+
+class TritonRuntime(Runtime):
+    def __init__(self, config: RuntimeConfig, max_message_bytes: int) -> None:
+        self.config, self.max_message_bytes = config, max_message_bytes
+        self.client = None
+        self._ready: set[str] = set()
+
+    async def start(self, registry: ModelRegistry) -> None:
+        import tritonclient.grpc.aio as triton
+
+        limit = self.max_message_bytes
+        self.client = triton.InferenceServerClient(
+            self.config.triton_url,
+            channel_args=[("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)],
+        )
+        for spec in registry.models.values():
+            for manifest in spec.entry_points.values():
+                if await self._call(self.client.is_model_ready(manifest.triton_name, client_timeout=30)):
+                    self._ready.add(manifest.triton_name)
+
+    async def _call(self, awaitable):
+        """Awaits a tritonclient call, translating its exceptions to genserve's."""
+        from tritonclient.utils import InferenceServerException
+
+        try:
+            return await awaitable
+        except InferenceServerException as error:
+            status = str(error.status() or "")
+            if "DEADLINE_EXCEEDED" in status:
+                raise DeadlineExceeded("deadline exceeded waiting for Triton") from error
+            if "UNAVAILABLE" in status:
+                raise Unavailable(f"Triton at {self.config.triton_url} is unavailable: {error.message()}") from error
+            if "INVALID_ARGUMENT" in status:
+                raise InvalidArgument("request", f"Triton refused it: {error.message()}") from error
+            raise RuntimeError(f"Triton: {status} {error.message()}") from error
+
+    async def _infer_chunk(self, entry: Manifest, feeds: dict[str, np.ndarray], deadline: float | None):
+        import tritonclient.grpc.aio as triton
+
+        inputs = []
+        for name, array in feeds.items():
+            tensor = triton.InferInput(name, list(array.shape), TRITON_DTYPES[array.dtype])
+            tensor.set_data_from_numpy(np.ascontiguousarray(array))
+            inputs.append(tensor)
+        outputs = [triton.InferRequestedOutput(t.name) for t in entry.outputs]
+        timeout = None
+        if deadline is not None:
+            timeout = deadline - time.monotonic()
+            if timeout <= 0:
+                raise DeadlineExceeded("deadline exceeded before the request reached Triton")
+        result = await self._call(self.client.infer(entry.triton_name, inputs, outputs=outputs, client_timeout=timeout))
+        return {t.name: result.as_numpy(t.name) for t in entry.outputs}
+
+    async def infer(self, entry, feeds, deadline):
+        rows = len(next(iter(feeds.values())))
+        step = entry.raw["batching"]["max_batch_size"]
+        chunks = [{name: a[i : i + step] for name, a in feeds.items()} for i in range(0, rows, step)]
+        results = await asyncio.gather(*(self._infer_chunk(entry, chunk, deadline) for chunk in chunks))
+        return {name: np.concatenate([r[name] for r in results]) for name in results[0]}
+
+    async def sample_sequential(self, sampler: Manifest, batch: SampleBatch, deadline: float | None,
+                                on_progress: ProgressCallback | None) -> np.ndarray:
+        n = len(batch.indices)
+        feeds = {
+            "seed": np.full((n, 1), batch.seed, dtype=np.int64),
+            "index": np.asarray(batch.indices, dtype=np.int64).reshape(n, 1),
+            "temperature": np.full((n, 1), batch.temperature, dtype=np.float32),
+        }
+        if batch.labels is not None:
+            feeds["labels"] = np.asarray(batch.labels, dtype=np.int64).reshape(n, 1)
+        return (await self.infer(sampler, feeds, deadline))["images"]
+
+    def ready(self, entry: Manifest) -> bool:
+        return entry.triton_name in self._ready
+
+    async def close(self) -> None:
+        if self.client is not None:
+            await self.client.close()

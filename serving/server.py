@@ -1,0 +1,140 @@
+"""The genserve gRPC server: the Generative service, health, reflection, metrics, shutdown.
+
+`GenserveServer` wires the parts: registry (manifests) → runtime (embedded or triton) →
+service (handlers), on a grpc.aio server with a max message size, the standard health service
+(overall, per service, and one status per model name) and server reflection (grpcurl, Postman).
+`stop()` is graceful: health turns NOT_SERVING, new RPCs are refused, in-flight ones get
+`grace_seconds` to finish, then the runtime stops. `ServerThread` runs one in a background
+thread with its own event loop (tests and benchmarks).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from genserve.v1 import generative_pb2 as pb
+from genserve.v1 import generative_pb2_grpc as pb_grpc
+
+from .config import ServerConfig
+from .metrics import ServerMetrics
+from .registry import ModelRegistry
+from .runtimes.base import Runtime
+from .service import GenerativeService
+
+log = logging.getLogger("genserve.server")
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Generative"].full_name  # "genserve.v1.Generative"
+SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def make_runtime(config: ServerConfig, metrics: ServerMetrics) -> Runtime:
+    if config.runtime.kind == "triton":
+        from .runtimes.triton import TritonRuntime
+
+        return TritonRuntime(config.runtime, config.max_message_bytes)
+    from .runtimes.embedded import EmbeddedRuntime
+
+    return EmbeddedRuntime(config.runtime, config.batcher, metrics)
+
+
+class GenserveServer:
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.metrics = ServerMetrics()
+        self.registry = ModelRegistry.from_repository(config.repository)
+        self.runtime = make_runtime(config, self.metrics)
+        self.health = health.aio.HealthServicer()
+        self.port: int | None = None
+        self.metrics_port: int | None = None
+        self._grpc: grpc.aio.Server | None = None
+        self._metrics_http = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.config.address}:{self.port}"
+
+    async def start(self) -> None:
+        """Loads the models, then starts listening; returns once the server answers."""
+        await self.runtime.start(self.registry)
+        limit = self.config.max_message_bytes
+        self._grpc = grpc.aio.server(options=[
+            ("grpc.max_send_message_length", limit),
+            ("grpc.max_receive_message_length", limit),
+        ])
+        service = GenerativeService(self.registry, self.runtime, self.metrics, self.config.max_samples_per_request)
+        pb_grpc.add_GenerativeServicer_to_server(service, self._grpc)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
+        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc)
+        self.port = self._grpc.add_insecure_port(f"{self.config.address}:{self.config.port}")
+        if self.port == 0:
+            raise OSError(f"cannot listen on {self.config.address}:{self.config.port}")
+        for name, spec in self.registry.models.items():
+            ready = all(self.runtime.ready(m) for m in spec.entry_points.values())
+            await self.health.set(name, SERVING if ready else NOT_SERVING)
+        await self.health.set(SERVICE_NAME, SERVING)
+        if self.config.metrics_port is not None:
+            self._metrics_http = self.metrics.serve_http(self.config.metrics_port, self.config.address)
+            self.metrics_port = self._metrics_http.server_port
+        await self._grpc.start()
+        log.info("genserve listening on %s (%s runtime, %d models)", self.address, self.config.runtime.kind,
+                 len(self.registry.models))
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Graceful: refuse new RPCs, let in-flight ones finish within the grace period, then stop."""
+        grace = self.config.grace_seconds if grace is None else grace
+        await self.health.enter_graceful_shutdown()
+        if self._grpc is not None:
+            await self._grpc.stop(grace)
+        await self.runtime.close()
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
+
+    async def wait(self) -> None:
+        await self._grpc.wait_for_termination()
+
+
+class ServerThread:
+    """A GenserveServer on its own event loop in a daemon thread: `with ServerThread(config) as s: s.address`."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.loop = asyncio.new_event_loop()
+        self.server: GenserveServer | None = None
+        self._thread = threading.Thread(target=self.loop.run_forever, name="genserve-server", daemon=True)
+
+    def start(self) -> ServerThread:
+        self._thread.start()
+        self.server = self.call(self._build())
+        return self
+
+    async def _build(self) -> GenserveServer:
+        server = GenserveServer(self.config)
+        await server.start()
+        return server
+
+    def call(self, coroutine, timeout: float | None = 600):
+        """Runs a coroutine on the server's loop and returns its result."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    @property
+    def address(self) -> str:
+        return self.server.address
+
+    def stop(self, grace: float | None = None) -> None:
+        if self.server is not None:
+            self.call(self.server.stop(grace))
+            self.server = None
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+
+    def __enter__(self) -> ServerThread:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,72 @@
+"""genserve.v1.Tensor ↔ numpy, refusing anything whose bytes do not match its shape and dtype."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+
+import numpy as np
+
+from genserve.v1 import generative_pb2 as pb
+
+from .errors import InvalidArgument
+
+# Little-endian on the wire whatever the host's byte order.
+WIRE_DTYPES = {
+    pb.DATA_TYPE_UINT8: np.dtype("u1"),
+    pb.DATA_TYPE_INT64: np.dtype("<i8"),
+    pb.DATA_TYPE_FLOAT32: np.dtype("<f4"),
+}
+DTYPE_NAMES = {pb.DATA_TYPE_UINT8: "uint8", pb.DATA_TYPE_INT64: "int64", pb.DATA_TYPE_FLOAT32: "float32"}
+_CODES = {np.dtype(v).newbyteorder("="): k for k, v in WIRE_DTYPES.items()}
+
+
+def to_numpy(tensor: pb.Tensor, field: str, dtype: int, shape: Sequence[int | None]) -> np.ndarray:
+    """Decodes `tensor`, checking it against what `field` must hold.
+
+    Args:
+        tensor: the message as received.
+        field: the request field's name, for error messages.
+        dtype: the DataType the field must have.
+        shape: the expected shape; None marks a free axis (the batch axis, >= 1).
+
+    Raises:
+        InvalidArgument: wrong dtype, rank, shape or byte length, or an empty batch.
+    """
+    expected = "(" + ", ".join("N" if s is None else str(s) for s in shape) + ")"
+    if tensor.dtype != dtype:
+        got = DTYPE_NAMES.get(tensor.dtype, pb.DataType.Name(tensor.dtype) if tensor.dtype in pb.DataType.values()
+                              else str(tensor.dtype))
+        raise InvalidArgument(f"{field}.dtype", f"expected {DTYPE_NAMES[dtype]}, got {got}")
+    got_shape = tuple(tensor.shape)
+    if len(got_shape) != len(shape) or any(s is not None and g != s for g, s in zip(got_shape, shape)):
+        raise InvalidArgument(f"{field}.shape", f"expected {expected}, got {list(got_shape)}")
+    if any(g < 1 for g in got_shape):
+        raise InvalidArgument(f"{field}.shape", f"every axis must be >= 1, got {list(got_shape)}")
+    wire = WIRE_DTYPES[dtype]
+    size = int(np.prod(got_shape)) * wire.itemsize
+    if len(tensor.data) != size:
+        needs = f"shape {list(got_shape)} of {DTYPE_NAMES[dtype]} needs {size} bytes"
+        raise InvalidArgument(f"{field}.data", f"{needs}, got {len(tensor.data)}")
+    return np.frombuffer(tensor.data, dtype=wire).reshape(got_shape).astype(wire.newbyteorder("="), copy=True)
+
+
+def from_numpy(array: np.ndarray) -> pb.Tensor:
+    """Encodes a uint8, int64 or float32 array (other dtypes are a server bug: ValueError)."""
+    dtype = np.dtype(array.dtype).newbyteorder("=")
+    if dtype not in _CODES:
+        raise ValueError(f"no wire dtype for {array.dtype}")
+    code = _CODES[dtype]
+    data = np.ascontiguousarray(array, dtype=WIRE_DTYPES[code]).tobytes()
+    return pb.Tensor(shape=list(array.shape), dtype=code, data=data)
+
+
+def png_bytes(image: np.ndarray, pixel_levels: int) -> bytes:
+    """One (C, H, W) uint8 image as a PNG, values stretched from [0, pixel_levels) to [0, 255]."""
+    from PIL import Image
+
+    scaled = (image.astype(np.float32) * (255.0 / max(pixel_levels - 1, 1))).round().astype(np.uint8)
+    pixels = scaled[0] if scaled.shape[0] == 1 else scaled.transpose(1, 2, 0)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()

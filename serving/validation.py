@@ -1,0 +1,97 @@
+"""validate → from_pb: every request field checked against the model before any work starts.
+
+Each function takes a request message and the model's spec, and returns plain values (numpy
+arrays, dataclasses) or raises `InvalidArgument` naming the field and what was expected, or
+`ResourceExhausted` for counts over the server's limits. Protobuf types stop here and in
+service.py (STYLE.md, habit 2).
+"""
+
+from __future__ import annotations
+
+import secrets
+
+import numpy as np
+
+from genserve.v1 import generative_pb2 as pb
+
+from .errors import InvalidArgument, ResourceExhausted
+from .families import SampleParams
+from .registry import ModelSpec
+from .tensors import to_numpy
+
+MAX_SEED = 2**63  # seeds and sample indices travel as Triton INT64
+MAX_IMPORTANCE_SAMPLES = 1000
+
+
+def check_count(field: str, count: int, limit: int) -> None:
+    if count < 1:
+        raise InvalidArgument(field, f"must be >= 1, got {count}")
+    if count > limit:
+        raise ResourceExhausted(f"{field}: {count} is over this server's limit of {limit} per request; split it")
+
+
+def labels_for(spec: ModelSpec, labels, count: int, field: str = "labels", default_cycle: bool = False
+               ) -> np.ndarray | None:
+    """One label per row: given once for all, once per row, or (sampling only) cycled through the classes."""
+    labels = list(labels)
+    if not spec.num_classes:
+        if labels:
+            raise InvalidArgument(field, f"model '{spec.name}' is unconditional; send no labels")
+        return None
+    if not labels:
+        if default_cycle:
+            return np.arange(count, dtype=np.int64) % spec.num_classes
+        raise InvalidArgument(field, f"model '{spec.name}' is conditional: give one label for all rows or {count}")
+    if len(labels) not in (1, count):
+        raise InvalidArgument(field, f"give 1 label or {count} (one per row), got {len(labels)}")
+    bad = [v for v in labels if not 0 <= v < spec.num_classes]
+    if bad:
+        raise InvalidArgument(field, f"labels must lie in [0, {spec.num_classes}), got {bad[:8]}")
+    return np.broadcast_to(np.asarray(labels, dtype=np.int64), (count,)).copy()
+
+
+def images_from(tensor: pb.Tensor, spec: ModelSpec, limit: int, field: str = "images") -> np.ndarray:
+    images = to_numpy(tensor, field, pb.DATA_TYPE_UINT8, (None, *spec.image_shape))
+    check_count(f"{field}.shape[0]", len(images), limit)
+    if images.max() >= spec.pixel_levels:
+        raise InvalidArgument(f"{field}.data", f"pixel values must lie in [0, {spec.pixel_levels}), "
+                              f"got a maximum of {int(images.max())}")
+    return images
+
+
+def latents_from(tensor: pb.Tensor, spec: ModelSpec, limit: int, field: str = "latents") -> np.ndarray:
+    latents = to_numpy(tensor, field, pb.DATA_TYPE_FLOAT32, (None, *spec.latent_shape))
+    check_count(f"{field}.shape[0]", len(latents), limit)
+    if not np.all(np.isfinite(latents)):
+        raise InvalidArgument(f"{field}.data", f"latents must be finite, got {int((~np.isfinite(latents)).sum())} "
+                              "NaN or infinite values")
+    return latents
+
+
+def sample_params(request: pb.SampleRequest, spec: ModelSpec, limit: int) -> SampleParams:
+    check_count("num_samples", request.num_samples, limit)
+    seed = request.seed if request.HasField("seed") else secrets.randbelow(MAX_SEED)
+    if seed >= MAX_SEED:
+        raise InvalidArgument("seed", f"must be < 2**63, got {seed}")
+    if request.start_index + request.num_samples > MAX_SEED:
+        raise InvalidArgument("start_index", f"start_index + num_samples must be <= 2**63, got {request.start_index}")
+    temperature = request.temperature if request.HasField("temperature") else 1.0
+    if not np.isfinite(temperature) or temperature < 0:
+        raise InvalidArgument("temperature", f"must be finite and >= 0, got {temperature}")
+    labels = labels_for(spec, request.labels, request.num_samples, default_cycle=True)
+    return SampleParams(request.num_samples, seed, request.start_index, float(temperature), labels)
+
+
+def score_options(request: pb.ScoreRequest, spec: ModelSpec) -> tuple[int, int | None]:
+    """(seed, importance_samples) of a Score request."""
+    seed = request.seed if request.HasField("seed") else 0
+    if seed >= MAX_SEED:
+        raise InvalidArgument("seed", f"must be < 2**63, got {seed}")
+    if not request.HasField("importance_samples"):
+        return seed, None
+    k = request.importance_samples
+    if spec.family != "vae":
+        raise InvalidArgument("importance_samples", f"only VAE bounds take K; model '{spec.name}' is {spec.family}")
+    if not 1 <= k <= MAX_IMPORTANCE_SAMPLES:
+        raise InvalidArgument("importance_samples", f"must lie in [1, {MAX_IMPORTANCE_SAMPLES}], got {k}")
+    return seed, k
