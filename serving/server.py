@@ -138,3 +138,68 @@ class ServerThread:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+class ServerProcess:
+    """`genserve serve ARGS` in a child process, waited on until it answers health checks.
+
+    What a deployment runs: benchmarks use it so client and server do not share a GIL, and
+    tests use it to signal a real process (graceful shutdown).
+    """
+
+    def __init__(self, *args: str, startup_timeout_s: float = 120.0) -> None:
+        from .tritonserver import free_port
+
+        self.port = free_port()
+        self.args = ["serve", "--port", str(self.port), *args]
+        self.startup_timeout_s = startup_timeout_s
+        self.process = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> ServerProcess:
+        import subprocess
+        import sys
+        import time
+
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "genserve.clients.cli", *self.args],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        give_up = time.monotonic() + self.startup_timeout_s
+        with grpc.insecure_channel(self.address) as channel:
+            check = health_pb2_grpc.HealthStub(channel).Check
+            while True:
+                if self.process.poll() is not None:
+                    raise RuntimeError(f"genserve serve exited with {self.process.returncode}:\n"
+                                       f"{self.process.stdout.read()}")
+                try:
+                    if check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=1).status == SERVING:
+                        return self
+                except grpc.RpcError:
+                    pass
+                if time.monotonic() > give_up:
+                    self.stop()
+                    raise TimeoutError(f"genserve serve did not answer within {self.startup_timeout_s:g} s")
+                time.sleep(0.2)
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        """SIGTERM (graceful), then SIGKILL after `timeout`; returns the exit code."""
+        import subprocess
+
+        if self.process is None or self.process.poll() is not None:
+            return None if self.process is None else self.process.returncode
+        self.process.terminate()
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait()
+
+    def __enter__(self) -> ServerProcess:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
