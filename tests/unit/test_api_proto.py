@@ -45,7 +45,8 @@ def test_every_field_and_enum_value_of_the_proto_is_commented():
 def test_tensors_round_trip_exactly_as_little_endian_bytes(array):
     message = from_numpy(array)
     assert message.data == array.astype(array.dtype.newbyteorder("<")).tobytes()
-    code = {np.uint8: pb.DATA_TYPE_UINT8, np.int64: pb.DATA_TYPE_INT64, np.float32: pb.DATA_TYPE_FLOAT32}[array.dtype.type]
+    codes = {np.uint8: pb.DATA_TYPE_UINT8, np.int64: pb.DATA_TYPE_INT64, np.float32: pb.DATA_TYPE_FLOAT32}
+    code = codes[array.dtype.type]
     back = to_numpy(message, "x", code, (None, *array.shape[1:]))
     np.testing.assert_array_equal(back, array)
     assert back.dtype == array.dtype and back.flags.writeable
