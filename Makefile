@@ -20,9 +20,10 @@ $(BIN)/genserve: pyproject.toml
 
 setup: $(BIN)/genserve
 
-# The main job (until the server exists): sample the shipped Gated PixelCNN (cached engine) into a PNG grid.
+# The main job: serve the shipped models over gRPC (embedded runtime) on 127.0.0.1:50051,
+# Prometheus metrics on :9095, until Ctrl-C.
 run: setup
-	$(BIN)/genserve sample gated_pixelcnn_mnist -n 16 --seed 7 -o samples.png
+	$(BIN)/genserve serve --repository model_repository --port 50051 --metrics-port 9095
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -151,23 +151,39 @@ async def _measure(call_factory, label: str, config: ServeBenchConfig, concurren
         await handle.close()
 
 
+def mean_batch_rows(metrics_port: int, entry_point: str) -> float:
+    """Mean rows per batch the server ran for `entry_point`, from its Prometheus endpoint."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics").read().decode()
+    values = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples
+              if s.labels.get("entry_point") == entry_point and s.name.startswith("genserve_batch_size_")}
+    return values["genserve_batch_size_sum"] / max(values["genserve_batch_size_count"], 1)
+
+
 def run_serve_bench(config: ServeBenchConfig, progress: Callable[[str], None] = print) -> dict:
     """Runs every comparison; returns the figures (see `format_serve_report`)."""
     from .server import ServerProcess
+    from .tritonserver import free_port
 
     repo, model, c = config.repository, config.model, config.concurrency
     latents = decode_latents(repo, model)
     decode_entry = ModelRegistry.from_repository(repo).get(model).entry("decode")
     results: dict[str, LoadResult] = {}
     common = ("--repository", str(repo), "--metrics-port", "-1")
+    batched_metrics = free_port()
 
     progress(f"in-process ONNX Runtime decode of {model}, batch 1 ...")
     in_process_p50 = in_process_decode(decode_entry.folder, latents)
-    with ServerProcess(*common) as batched, ServerProcess(*common, "--no-batching") as unbatched:
+    with ServerProcess("--repository", str(repo), "--metrics-port", str(batched_metrics)) as batched, \
+            ServerProcess(*common, "--no-batching") as unbatched:
         for label, server in (("batching on", batched), ("batching off", unbatched)):
             progress(f"genserve embedded, {label}, concurrency {c} ...")
             results[f"{label} c{c}"] = asyncio.run(_measure(
                 lambda s=server: genserve_decode(s.address, model, latents), label, config, c))
+        mean_batch = mean_batch_rows(batched_metrics, decode_entry.triton_name)
         progress("genserve embedded, concurrency 1 ...")
         results["embedded c1"] = asyncio.run(_measure(
             lambda: genserve_decode(batched.address, model, latents), "genserve embedded", config, 1))
@@ -185,6 +201,7 @@ def run_serve_bench(config: ServeBenchConfig, progress: Callable[[str], None] = 
                         lambda: genserve_decode(forwarding.address, model, latents), "genserve→Triton", config,
                         level))
     return {"config": {k: str(v) for k, v in asdict(config).items()}, "in_process_p50_ms": in_process_p50,
+            "mean_batch_rows_batching_on": mean_batch,
             "results": {k: {**asdict(r), "throughput": r.throughput} for k, r in results.items()}}
 
 
@@ -203,7 +220,8 @@ def format_serve_report(report: dict) -> str:
     on, off = r[f"batching on c{c}"], r[f"batching off c{c}"]
     lines += ["Dynamic batching (genserve embedded)", header, row(f"batching on c{c}"), row(f"batching off c{c}"),
               f"throughput ratio on/off: {on['throughput'] / off['throughput']:.2f}x (aim >= 4x); "
-              f"p50 ratio off/on {off['p50_ms'] / on['p50_ms']:.2f}x", ""]
+              f"p50 ratio off/on {off['p50_ms'] / on['p50_ms']:.2f}x; batching on ran "
+              f"{report['mean_batch_rows_batching_on']:.1f} rows per batch on average", ""]
     embedded = r["embedded c1"]
     lines += ["gRPC overhead, concurrency 1",
               f"  in-process ONNX Runtime call  p50 {report['in_process_p50_ms']:.3f} ms",

@@ -20,7 +20,8 @@ def genserve(*args: str) -> subprocess.CompletedProcess:
 
 def test_every_verb_is_registered_and_documented():
     verbs = load_verbs()
-    assert {"train", "evaluate", "sample", "export", "triton", "triton-bench", "bench-sampler"} <= set(verbs)
+    assert {"train", "evaluate", "sample", "export", "triton", "triton-bench", "bench-sampler", "serve",
+            "bench-serve"} <= set(verbs)
     assert all(verb.help for verb in verbs.values())
     result = genserve("--help")
     assert result.returncode == 0
@@ -110,3 +111,21 @@ def test_train_then_resume_from_the_command_line(tmp_path):
     assert "epoch 2/2" in second.stderr and "epoch 1/2" not in second.stderr  # resumed, not restarted
     record = json.loads((out / "config.json").read_text())
     assert record["training"]["epochs_done"] == 2 and record["model"]["latent_dim"] == 2
+
+
+def test_bench_serve_compares_batching_on_and_off_and_writes_json(tmp_path):
+    out = tmp_path / "serve.json"
+    result = genserve("bench-serve", "--no-triton", "--concurrency", "4", "--duration", "0.5", "--warmup", "0.2",
+                      "--json", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "throughput ratio on/off" in result.stdout and "in-process ONNX Runtime call" in result.stdout
+    report = json.loads(out.read_text())
+    assert set(report["results"]) == {"batching on c4", "batching off c4", "embedded c1"}
+    assert all(r["requests"] > 0 and r["errors"] == 0 for r in report["results"].values())
+
+
+def test_serve_refuses_bad_flags_in_one_line(tmp_path):
+    result = genserve("serve", "--runtime", "triton", "--port", "0")
+    assert result.returncode == 2 and "triton_url" in result.stderr and "Traceback" not in result.stderr
+    result = genserve("serve", "--repository", str(tmp_path / "missing"), "--port", "0")
+    assert result.returncode == 2 and "no model repository" in result.stderr
