@@ -54,10 +54,6 @@ class ModelSpec:
         return ()
 
     @property
-    def max_batch_size(self) -> int:
-        return min(m.raw["batching"]["max_batch_size"] for m in self.entry_points.values())
-
-    @property
     def metrics(self) -> dict[str, Any]:
         return next(iter(self.entry_points.values())).metrics
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from genserve.clients.verbs import Verb
+from genserve.clients.verbs import CommandError, Verb
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,6 +49,7 @@ def run(args: argparse.Namespace) -> int:
     import logging
     import signal
 
+    from genserve.serving.errors import RequestError
     from genserve.serving.server import GenserveServer
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -56,7 +57,11 @@ def run(args: argparse.Namespace) -> int:
 
     async def serve() -> None:
         server = GenserveServer(config)
-        await server.start()
+        try:
+            await server.start()
+        except (OSError, RequestError) as error:  # a busy port, an unreachable Triton: one line, not a traceback
+            await server.stop(0)
+            raise CommandError(f"cannot start: {error}") from None
         metrics = f", metrics http://{config.address}:{server.metrics_port}/metrics" if server.metrics_port else ""
         print(f"genserve serving {len(server.registry.models)} models ({', '.join(server.registry.models)}) "
               f"on {server.address} with the {config.runtime.kind} runtime{metrics}; Ctrl-C stops it", flush=True)

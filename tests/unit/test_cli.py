@@ -129,3 +129,11 @@ def test_serve_refuses_bad_flags_in_one_line(tmp_path):
     assert result.returncode == 2 and "triton_url" in result.stderr and "Traceback" not in result.stderr
     result = genserve("serve", "--repository", str(tmp_path / "missing"), "--port", "0")
     assert result.returncode == 2 and "no model repository" in result.stderr
+
+
+def test_serve_says_in_one_line_when_triton_does_not_answer():
+    from genserve.serving.tritonserver import free_port
+
+    result = genserve("serve", "--runtime", "triton", "--triton-url", f"127.0.0.1:{free_port()}", "--port", "0",
+                      "--metrics-port", "-1")
+    assert result.returncode == 2 and "unavailable" in result.stderr and "Traceback" not in result.stderr
