@@ -59,6 +59,9 @@ class ServerConfig:
     max_message_bytes: int = 64 * 1024 * 1024
     max_samples_per_request: int = 1024  # also bounds images/latents per Encode/Decode/Score
     grace_seconds: float = 10.0  # shutdown: in-flight requests get this long to finish
+    tls_cert: Path | None = None  # PEM certificate chain and key: serve TLS instead of plaintext
+    tls_key: Path | None = None
+    auth_token: str | None = None  # when set, Generative calls need `authorization: Bearer <token>`
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     batcher: BatcherConfig = field(default_factory=BatcherConfig)
 
@@ -69,5 +72,8 @@ class ServerConfig:
             raise ValueError(f"max_message_bytes must be >= 1024, got {self.max_message_bytes}")
         if self.max_samples_per_request < 1:
             raise ValueError(f"max_samples_per_request must be >= 1, got {self.max_samples_per_request}")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError(f"TLS needs both a certificate and a key, got tls_cert={self.tls_cert}, "
+                             f"tls_key={self.tls_key}")
         if self.grace_seconds < 0:
             raise ValueError(f"grace_seconds must be >= 0, got {self.grace_seconds}")

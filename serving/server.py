@@ -21,6 +21,7 @@ from grpc_reflection.v1alpha import reflection
 from genserve.v1 import generative_pb2 as pb
 from genserve.v1 import generative_pb2_grpc as pb_grpc
 
+from .auth import BearerTokenInterceptor
 from .config import ServerConfig
 from .metrics import ServerMetrics
 from .registry import ModelRegistry
@@ -62,7 +63,8 @@ class GenserveServer:
         """Loads the models, then starts listening; returns once the server answers."""
         await self.runtime.start(self.registry)
         limit = self.config.max_message_bytes
-        self._grpc = grpc.aio.server(options=[
+        interceptors = [BearerTokenInterceptor(self.config.auth_token)] if self.config.auth_token else []
+        self._grpc = grpc.aio.server(interceptors=interceptors, options=[
             ("grpc.max_send_message_length", limit),
             ("grpc.max_receive_message_length", limit),
         ])
@@ -70,7 +72,7 @@ class GenserveServer:
         pb_grpc.add_GenerativeServicer_to_server(service, self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc)
-        self.port = self._grpc.add_insecure_port(f"{self.config.address}:{self.config.port}")
+        self.port = self._listen(f"{self.config.address}:{self.config.port}")
         if self.port == 0:
             raise OSError(f"cannot listen on {self.config.address}:{self.config.port}")
         for name, spec in self.registry.models.items():
@@ -83,6 +85,12 @@ class GenserveServer:
         await self._grpc.start()
         log.info("genserve listening on %s (%s runtime, %d models)", self.address, self.config.runtime.kind,
                  len(self.registry.models))
+
+    def _listen(self, address: str) -> int:
+        if self.config.tls_cert is None:
+            return self._grpc.add_insecure_port(address)
+        key, chain = self.config.tls_key.read_bytes(), self.config.tls_cert.read_bytes()
+        return self._grpc.add_secure_port(address, grpc.ssl_server_credentials([(key, chain)]))
 
     async def stop(self, grace: float | None = None) -> None:
         """Graceful: refuse new RPCs, let in-flight ones finish within the grace period, then stop."""

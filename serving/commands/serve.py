@@ -26,6 +26,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="larger requests are refused RESOURCE_EXHAUSTED")
     parser.add_argument("--max-message-mb", type=int, default=64, help="largest gRPC message, either way")
     parser.add_argument("--grace", type=float, default=10.0, help="seconds in-flight requests get at shutdown")
+    parser.add_argument("--tls-cert", help="PEM certificate chain: serve TLS (with --tls-key)")
+    parser.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    parser.add_argument("--auth-token-file", help="a file holding a token that Generative calls must send as "
+                        "'authorization: Bearer TOKEN' (health and reflection stay open)")
 
 
 def config_from(args: argparse.Namespace):
@@ -38,6 +42,8 @@ def config_from(args: argparse.Namespace):
         metrics_port=None if args.metrics_port < 0 else args.metrics_port,
         max_message_bytes=args.max_message_mb * 1024 * 1024,
         max_samples_per_request=args.max_samples_per_request, grace_seconds=args.grace,
+        tls_cert=Path(args.tls_cert) if args.tls_cert else None, tls_key=Path(args.tls_key) if args.tls_key else None,
+        auth_token=Path(args.auth_token_file).read_text().strip() if args.auth_token_file else None,
         runtime=RuntimeConfig(kind=args.runtime, backend=args.backend, device=args.device, triton_url=args.triton_url),
         batcher=BatcherConfig(enabled=not args.no_batching, max_batch_size=args.max_batch_size,
                               max_queue_delay_us=args.max_queue_delay_us),

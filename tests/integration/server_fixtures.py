@@ -16,8 +16,8 @@ from tests.integration.conftest import REPOSITORY
 def server_config(runtime: str = "embedded", triton_url: str | None = None, **overrides) -> ServerConfig:
     batcher = overrides.pop("batcher", BatcherConfig())
     runtime_config = overrides.pop("runtime_config", RuntimeConfig(kind=runtime, triton_url=triton_url))
-    return ServerConfig(repository=REPOSITORY, port=0, metrics_port=0, grace_seconds=5,
-                        runtime=runtime_config, batcher=batcher, **overrides)
+    defaults = dict(repository=REPOSITORY, port=0, metrics_port=0, grace_seconds=5)
+    return ServerConfig(**{**defaults, **overrides}, runtime=runtime_config, batcher=batcher)
 
 
 class Connected:
