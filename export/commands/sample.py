@@ -1,4 +1,4 @@
-"""`genserve sample MODEL -n 16 --seed 7 -o samples.png`: sample a checkpoint in-process."""
+"""`genserve sample-local MODEL -n 16 --seed 7 -o samples.png`: sample a checkpoint in-process (no server)."""
 
 from __future__ import annotations
 

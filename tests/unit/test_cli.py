@@ -20,7 +20,7 @@ def genserve(*args: str) -> subprocess.CompletedProcess:
 
 def test_every_verb_is_registered_and_documented():
     verbs = load_verbs()
-    assert {"train", "evaluate", "sample", "export", "triton", "triton-bench", "bench-sampler", "serve",
+    assert {"train", "evaluate", "sample-local", "export", "triton", "triton-bench", "bench-sampler", "serve",
             "bench-serve"} <= set(verbs)
     assert all(verb.help for verb in verbs.values())
     result = genserve("--help")
@@ -30,11 +30,12 @@ def test_every_verb_is_registered_and_documented():
 
 def test_sample_writes_a_png_grid_and_an_npz(tmp_path):
     png, npz = tmp_path / "grid.png", tmp_path / "s.npz"
-    result = genserve("sample", "dcgan_mnist", "-n", "6", "--seed", "3", "-o", str(png))
+    result = genserve("sample-local", "dcgan_mnist", "-n", "6", "--seed", "3", "-o", str(png))
     assert result.returncode == 0, result.stderr
     assert "seed 3" in result.stdout
     assert Image.open(png).size[0] > 28
-    assert genserve("sample", "dcgan_mnist", "-n", "6", "--seed", "3", "--label", "4", "-o", str(npz)).returncode == 0
+    result = genserve("sample-local", "dcgan_mnist", "-n", "6", "--seed", "3", "--label", "4", "-o", str(npz))
+    assert result.returncode == 0
     arrays = np.load(npz)
     assert arrays["images"].shape == (6, 1, 28, 28) and arrays["images"].dtype == np.uint8
     assert arrays["labels"].tolist() == [4] * 6
@@ -43,7 +44,7 @@ def test_sample_writes_a_png_grid_and_an_npz(tmp_path):
 def test_sampling_a_pixelcnn_uses_the_cached_engine_and_draws_the_naive_images(tmp_path):
     cached, slow = tmp_path / "cached.npz", tmp_path / "naive.npz"
     for path, extra in ((cached, []), (slow, ["--naive"])):
-        result = genserve("sample", "pixelcnn_mnist", "-n", "2", "--seed", "11", *extra, "-o", str(path))
+        result = genserve("sample-local", "pixelcnn_mnist", "-n", "2", "--seed", "11", *extra, "-o", str(path))
         assert result.returncode == 0, result.stderr
     assert np.array_equal(np.load(cached)["images"], np.load(slow)["images"])
 
@@ -65,10 +66,10 @@ def test_bench_sampler_prints_a_table_and_writes_json(tmp_path):
 
 def test_user_mistakes_are_one_line_errors_not_tracebacks(tmp_path):
     cases = [
-        (["sample", "no_such_model"], "no checkpoint at 'no_such_model'"),
-        (["sample", "vae_mnist", "-n", "0"], "-n must be >= 1, got 0"),
-        (["sample", "vae_mnist", "--label", "3"], "is unconditional; drop --label"),
-        (["sample", "vae_mnist", "-o", str(tmp_path / "x.jpg")], "output must end in .png or .npz"),
+        (["sample-local", "no_such_model"], "no checkpoint at 'no_such_model'"),
+        (["sample-local", "vae_mnist", "-n", "0"], "-n must be >= 1, got 0"),
+        (["sample-local", "vae_mnist", "--label", "3"], "is unconditional; drop --label"),
+        (["sample-local", "vae_mnist", "-o", str(tmp_path / "x.jpg")], "output must end in .png or .npz"),
         (["train", "vae", "--out", str(tmp_path), "--epochs", "0"], "epochs and batch_size must be >= 1"),
         (["train", "vae", "--out", str(tmp_path), "--set", "nokey"], "--set expects KEY=VALUE"),
     ]

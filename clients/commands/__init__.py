@@ -1,0 +1,1 @@
+"""The client verbs: models, sample, score, encode, decode (query.py), batch, bench."""
