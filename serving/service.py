@@ -50,21 +50,22 @@ class _Call:
         name = getattr(request, "model", "")
         self.model = name if name in service.registry.models else ("" if not name else "unknown")
         self.start = time.perf_counter()
+        self.code = grpc.StatusCode.OK  # until something says otherwise
         self.metrics.in_flight.labels(method).inc()
 
     async def fail(self, error: BaseException, context: grpc.aio.ServicerContext) -> None:
-        code = status_of(error)
-        if code == grpc.StatusCode.INTERNAL:
+        """Ends the RPC with `error`'s status (aborting raises); INTERNAL hides details from the client."""
+        self.code = status_of(error)
+        if self.code == grpc.StatusCode.INTERNAL:
             log.exception("%s failed", self.method, exc_info=error)
             message = f"internal error ({type(error).__name__}); the server logged the details"
         else:
             message = str(error)
-        self.end(code)
-        await context.abort(code, message)
+        await context.abort(self.code, message)
 
-    def end(self, code: grpc.StatusCode) -> None:
+    def end(self) -> None:
         self.metrics.in_flight.labels(self.method).dec()
-        self.metrics.requests.labels(self.model, self.method, code.name).inc()
+        self.metrics.requests.labels(self.model, self.method, self.code.name).inc()
         self.metrics.latency.labels(self.model, self.method).observe(time.perf_counter() - self.start)
 
 
@@ -73,14 +74,14 @@ def unary(method):
     async def handler(self: GenerativeService, request, context):
         call = _Call(self, method.__name__, request)
         try:
-            response = await method(self, request, context)
+            return await method(self, request, context)
         except asyncio.CancelledError:
-            call.end(grpc.StatusCode.CANCELLED)
+            call.code = grpc.StatusCode.CANCELLED
             raise
         except Exception as error:  # noqa: BLE001 - mapped to a status, never a crash
             await call.fail(error, context)
-        call.end(grpc.StatusCode.OK)
-        return response
+        finally:
+            call.end()
 
     return handler
 
@@ -92,12 +93,13 @@ def streaming(method):
         try:
             async for message in method(self, request, context):
                 yield message
-        except asyncio.CancelledError:
-            call.end(grpc.StatusCode.CANCELLED)
+        except (asyncio.CancelledError, GeneratorExit):  # the client went away mid-stream
+            call.code = grpc.StatusCode.CANCELLED
             raise
         except Exception as error:  # noqa: BLE001
             await call.fail(error, context)
-        call.end(grpc.StatusCode.OK)
+        finally:
+            call.end()
 
     return handler
 

@@ -174,6 +174,9 @@ def test_a_cancelled_stream_stops_its_samples(connect):
     time.sleep(0.3)
     assert engine.steps_run == steps
     assert images_of(api.stub.Sample(pb.SampleRequest(model="gated_pixelcnn_mnist", num_samples=1))).shape[0] == 1
+    stream_labels = (("method", "SampleStream"), ("model", "gated_pixelcnn_mnist"))
+    assert wait_until(lambda: scrape(api).get(("genserve_requests_total", (("code", "CANCELLED"), *stream_labels))))
+    assert scrape(api)[("genserve_requests_in_flight", (("method", "SampleStream"),))] == 0
 
 
 def test_graceful_shutdown_finishes_in_flight_requests_and_refuses_new_ones():
