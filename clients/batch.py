@@ -145,6 +145,8 @@ async def run_job(client: AsyncClient, folder: Path, manifest: Manifest, todo: l
     info = await client.model(job.model)
     if "sample" not in info.capabilities:
         raise ValueError(f"model {job.model} cannot sample (it offers {', '.join(info.capabilities)})")
+    if job.label is not None and not info.num_classes:
+        raise ValueError(f"model {job.model} is unconditional; drop --label")
     gate = asyncio.Semaphore(concurrency)
     failed: dict[str, str] = {}
 
