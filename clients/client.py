@@ -189,6 +189,26 @@ def _scores(r: pb.ScoreResponse) -> list[Score]:
                   np.asarray(s.bits_per_dim) if len(s.bits_per_dim) else None) for s in r.scores]
 
 
+class _Retry:
+    """One call's deadline and retry budget, shared by the blocking and the asyncio client."""
+
+    def __init__(self, config: ClientConfig, timeout: float | None, method: str) -> None:
+        self.config, self.method, self.attempt = config, method, 0
+        self.deadline = time.monotonic() + (timeout or config.timeout)
+
+    def remaining(self) -> float:
+        return max(self.deadline - time.monotonic(), 0.001)
+
+    def delay_after(self, error: grpc.RpcError) -> float:
+        """The wait before the next attempt; raises GenserveError when the call should not be retried."""
+        delay = self.config.delay(self.attempt)
+        retry = error.code() == grpc.StatusCode.UNAVAILABLE and self.attempt < self.config.retries
+        if not retry or time.monotonic() + delay >= self.deadline:
+            raise GenserveError.from_rpc(error, self.method) from None
+        self.attempt += 1
+        return delay
+
+
 class Client:
     """A blocking client. Use as a context manager, or call `close()`.
 
@@ -218,17 +238,12 @@ class Client:
         self.stub = pb_grpc.GenerativeStub(self.channel)
 
     def _call(self, method: str, request, timeout: float | None):
-        deadline = time.monotonic() + (timeout or self.config.timeout)
-        for attempt in range(self.config.retries + 1):
+        retry = _Retry(self.config, timeout, method)
+        while True:
             try:
-                return getattr(self.stub, method)(request, timeout=max(deadline - time.monotonic(), 0.001),
-                                                  metadata=self.config.metadata)
+                return getattr(self.stub, method)(request, timeout=retry.remaining(), metadata=self.config.metadata)
             except grpc.RpcError as error:
-                delay = self.config.delay(attempt)
-                retry = error.code() == grpc.StatusCode.UNAVAILABLE and attempt < self.config.retries
-                if not retry or time.monotonic() + delay >= deadline:
-                    raise GenserveError.from_rpc(error, method) from None
-                time.sleep(delay)
+                time.sleep(retry.delay_after(error))
 
     def models(self, timeout: float | None = None) -> list[ModelInfo]:
         """Every served model."""
@@ -306,17 +321,13 @@ class AsyncClient:
         self.stub = pb_grpc.GenerativeStub(self.channel)
 
     async def _call(self, method: str, request, timeout: float | None):
-        deadline = time.monotonic() + (timeout or self.config.timeout)
-        for attempt in range(self.config.retries + 1):
+        retry = _Retry(self.config, timeout, method)
+        while True:
             try:
-                return await getattr(self.stub, method)(request, timeout=max(deadline - time.monotonic(), 0.001),
+                return await getattr(self.stub, method)(request, timeout=retry.remaining(),
                                                         metadata=self.config.metadata)
             except grpc.RpcError as error:
-                delay = self.config.delay(attempt)
-                retry = error.code() == grpc.StatusCode.UNAVAILABLE and attempt < self.config.retries
-                if not retry or time.monotonic() + delay >= deadline:
-                    raise GenserveError.from_rpc(error, method) from None
-                await asyncio.sleep(delay)
+                await asyncio.sleep(retry.delay_after(error))
 
     async def models(self, timeout: float | None = None) -> list[ModelInfo]:
         return [ModelInfo.from_pb(m) for m in (await self._call("ListModels", pb.ListModelsRequest(), timeout)).models]

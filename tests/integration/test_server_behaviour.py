@@ -86,6 +86,8 @@ def test_metrics_count_requests_by_code_samples_and_batches(connect):
         api.stub.Decode(pb.DecodeRequest(model="vae_mnist", latents=tensor(np.zeros((2, 3), np.float32))))
     with pytest.raises(grpc.RpcError):
         api.stub.Sample(pb.SampleRequest(model="no_such_model", num_samples=1))
+    # The server counts a request just after answering it: wait for all six.
+    assert wait_until(lambda: sum(v for (name, _), v in scrape(api).items() if name == "genserve_requests_total") == 6)
     m = scrape(api)
     assert m[("genserve_requests_total", (("code", "OK"), ("method", "Decode"), ("model", "vae_mnist")))] == 3
     decode_labels = (("method", "Decode"), ("model", "vae_mnist"))
