@@ -104,11 +104,14 @@ def run_score(args: argparse.Namespace) -> int:
                            "bits_per_dim": None if s.bits_per_dim is None else s.bits_per_dim.tolist()}
                           for s in scores], indent=2))
         return 0
+    meaning = {"exact": "the exact log p(x)", "lower bound": "a lower bound on log p(x)",
+               "not a likelihood": "not a likelihood"}
     print(f"{len(images)} images scored by {args.model}: " +
-          "; ".join(f"{s.method} is {'a ' if s.kind == 'lower bound' else ''}{s.kind}" for s in scores))
+          "; ".join(f"{s.method} is {meaning.get(s.kind, s.kind)}" for s in scores))
     header = ["image"]
     for s in scores:
-        header += [f"{s.method} nats"] + ([f"{s.method} bits/dim"] if s.bits_per_dim is not None else [])
+        value = f"{s.method} log p nats" if s.bits_per_dim is not None else f"{s.method} value"
+        header += [value] + ([f"{s.method} bits/dim"] if s.bits_per_dim is not None else [])
     rows = []
     for k in range(len(images)):
         row = [str(k)]

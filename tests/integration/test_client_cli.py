@@ -63,7 +63,7 @@ def test_score_prints_nats_and_bits_per_dim_for_png_and_npz_images(server, tmp_p
         Image.fromarray(images[k, 0] * 255).save(tmp_path / f"{k}.png")
     result = genserve("score", "pixelcnn_mnist", str(tmp_path / "x.npz"), "--server", server)
     assert result.returncode == 0, result.stderr
-    assert "exact nats" in result.stdout and "exact bits/dim" in result.stdout
+    assert "exact is the exact log p(x)" in result.stdout and "exact bits/dim" in result.stdout
     rows = {line.split()[0]: line.split()[1:] for line in result.stdout.splitlines()[2:]}
     assert float(rows["0"][0]) == pytest.approx(expected.values[0], abs=1e-3)
     assert float(rows["mean"][1]) == pytest.approx(expected.bits_per_dim.mean(), abs=1e-4)
@@ -71,7 +71,9 @@ def test_score_prints_nats_and_bits_per_dim_for_png_and_npz_images(server, tmp_p
                                  "--json", "--server", server).stdout)
     np.testing.assert_allclose(as_png[0]["values"], expected.values[:2], rtol=1e-6)
     vae = genserve("score", "vae_mnist", str(tmp_path / "x.npz"), "--importance-samples", "4", "--server", server)
-    assert "elbo is a lower bound; iwae-4 is a lower bound" in vae.stdout
+    assert "elbo is a lower bound on log p(x); iwae-4 is a lower bound on log p(x)" in vae.stdout
+    gan = genserve("score", "dcgan_mnist", str(tmp_path / "x.npz"), "--label", "1", "--server", server)
+    assert "discriminator is not a likelihood" in gan.stdout and "bits/dim" not in gan.stdout
 
 
 def test_encode_then_decode_round_trips_a_flow(server, tmp_path):
