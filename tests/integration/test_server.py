@@ -18,6 +18,7 @@ import torch
 from genserve.export.data import fixed_held_out, load_mnist5k
 from genserve.v1 import generative_pb2 as pb
 from tests.integration.server_fixtures import Connected, images_of, server_config, tensor
+from tests.rounding import assert_within_rounding, rounding_sigma
 
 RUNTIMES = ("embedded", "triton")
 
@@ -153,11 +154,13 @@ def test_vae_encode_and_decode_equal_the_models_own(api, shipped, digits):
     with torch.inference_mode():
         mean, log_var = model.encode(torch.from_numpy(x))
         probs = model.decode(mean).numpy()
-    np.testing.assert_allclose(as_array(response.latents), mean.numpy(), atol=1e-4)
-    np.testing.assert_allclose(as_array(response.log_var), log_var.numpy(), atol=1e-4)
+    sigma_mean, sigma_log_var = rounding_sigma(model.encode, [torch.from_numpy(x)])
+    assert_within_rounding(as_array(response.latents), mean.numpy(), sigma_mean, "latents")
+    assert_within_rounding(as_array(response.log_var), log_var.numpy(), sigma_log_var, "log_var")
     assert not response.HasField("log_det")
     decoded = api.stub.Decode(pb.DecodeRequest(model="vae_mnist", latents=response.latents))
-    np.testing.assert_allclose(as_array(decoded.probabilities), probs, atol=1e-5)
+    (sigma_probs,) = rounding_sigma(model.decode, [torch.from_numpy(as_array(response.latents).copy())])
+    assert_within_rounding(as_array(decoded.probabilities), probs, sigma_probs, "probabilities")
     np.testing.assert_array_equal(images_of(decoded), (probs > 0.5).astype(np.uint8))
 
 
@@ -167,8 +170,9 @@ def test_flow_encode_decode_round_trips_real_digits(api, shipped, digits):
     response = api.stub.Encode(pb.EncodeRequest(model="realnvp_mnist", images=tensor(x)))
     with torch.inference_mode():
         z, log_det = model.encode(torch.from_numpy(x))
-    np.testing.assert_allclose(as_array(response.latents), z.numpy(), atol=1e-3)
-    np.testing.assert_allclose(as_array(response.log_det), log_det.numpy(), rtol=1e-4, atol=1e-2)
+    sigma_z, sigma_log_det = rounding_sigma(model.encode, [torch.from_numpy(x)])
+    assert_within_rounding(as_array(response.latents), z.numpy(), sigma_z, "latents")
+    assert_within_rounding(as_array(response.log_det), log_det.numpy(), sigma_log_det, "log_det")
     decoded = api.stub.Decode(pb.DecodeRequest(model="realnvp_mnist", latents=response.latents))
     np.testing.assert_array_equal(images_of(decoded), x)  # bin centres invert exactly to the pixels
 
@@ -188,11 +192,14 @@ def test_scores_equal_the_models_own_with_methods_named(api, shipped, digits, mo
     x = digits(m.config.pixel_levels)
     labels = [int(v) for v in np.arange(8) % 10] if m.config.num_classes else []
     response = api.stub.Score(pb.ScoreRequest(model=model, images=tensor(x), labels=labels, seed=3))
+    def scores(images):
+        return [s.values for s in m.scores(images, torch.tensor(labels) if labels else None, seed=3)]
+
     with torch.inference_mode():
         expected = m.scores(torch.from_numpy(x), torch.tensor(labels) if labels else None, seed=3)
     assert [s.method for s in response.scores] == [e.method for e in expected]
-    for got, want in zip(response.scores, expected):
-        np.testing.assert_allclose(got.values, want.values.double().numpy(), rtol=1e-4, atol=1e-2)
+    for got, want, sigma in zip(response.scores, expected, rounding_sigma(scores, [torch.from_numpy(x)])):
+        assert_within_rounding(got.values, want.values.numpy(), sigma, want.method)
         if want.is_likelihood:
             kind = "SCORE_KIND_LOWER_BOUND" if want.is_bound else "SCORE_KIND_EXACT"
             np.testing.assert_allclose(got.bits_per_dim, -np.asarray(got.values) / (math.log(2) * 784))
@@ -205,10 +212,13 @@ def test_scores_equal_the_models_own_with_methods_named(api, shipped, digits, mo
 def test_vae_score_takes_the_number_of_importance_samples(api, shipped, digits):
     x = digits(2)[:3]
     response = api.stub.Score(pb.ScoreRequest(model="vae_mnist", images=tensor(x), importance_samples=7))
+    model = shipped("vae_mnist").model
     with torch.inference_mode():
-        elbo, iwae = shipped("vae_mnist").model.bounds(torch.from_numpy(x), 7, seed=0)
+        elbo, iwae = model.bounds(torch.from_numpy(x), 7, seed=0)
+    (_, sigma) = rounding_sigma(lambda images: [b.values for b in model.bounds(images, 7, seed=0)],
+                                [torch.from_numpy(x)])
     assert [s.method for s in response.scores] == ["elbo", "iwae-7"]
-    np.testing.assert_allclose(response.scores[1].values, iwae.values.double().numpy(), rtol=1e-4, atol=1e-2)
+    assert_within_rounding(response.scores[1].values, iwae.values.numpy(), sigma, "iwae-7")
 
 
 # ---- client mistakes: one test per branch, and the server keeps serving ---------------------------
