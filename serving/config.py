@@ -58,6 +58,7 @@ class ServerConfig:
     metrics_port: int | None = 9095  # None: no metrics endpoint
     max_message_bytes: int = 64 * 1024 * 1024
     max_samples_per_request: int = 1024  # also bounds images/latents per Encode/Decode/Score
+    max_importance_work: int = 65536  # a VAE Score's images × importance samples (each one a decoder pass)
     grace_seconds: float = 10.0  # shutdown: in-flight requests get this long to finish
     tls_cert: Path | None = None  # PEM certificate chain and key: serve TLS instead of plaintext
     tls_key: Path | None = None
@@ -72,6 +73,8 @@ class ServerConfig:
             raise ValueError(f"max_message_bytes must be >= 1024, got {self.max_message_bytes}")
         if self.max_samples_per_request < 1:
             raise ValueError(f"max_samples_per_request must be >= 1, got {self.max_samples_per_request}")
+        if self.max_importance_work < 1:
+            raise ValueError(f"max_importance_work must be >= 1, got {self.max_importance_work}")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError(f"TLS needs both a certificate and a key, got tls_cert={self.tls_cert}, "
                              f"tls_key={self.tls_key}")

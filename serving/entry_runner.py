@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .limits import MAX_WORK_PER_RUN
 from .manifest import Manifest
 
 
@@ -44,13 +45,25 @@ class EntryPointRunner(ABC):
             groups.setdefault(signature, []).append(k)
         for members in groups.values():
             merged = {name: np.concatenate([requests[k][name] for k in members]) for name in requests[members[0]]}
-            outputs = self.run(merged)
+            outputs = self.run_in_pieces(merged)
             start = 0
             for k in members:
                 rows = len(next(iter(requests[k].values())))
                 results[k] = {name: out[start : start + rows] for name, out in outputs.items()}
                 start += rows
         return results  # type: ignore[return-value]
+
+    def run_in_pieces(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """`run`, over as many row ranges as keep each run's work within MAX_WORK_PER_RUN."""
+        per_row = 1
+        for spec in self.manifest.inputs:  # -1 in a manifest shape is a free axis; axis 0 of a feed is rows
+            per_row *= int(np.prod([n for n, s in zip(feeds[spec.name].shape[1:], spec.shape) if s == -1]))
+        rows = len(next(iter(feeds.values())))
+        step = max(1, MAX_WORK_PER_RUN // max(1, per_row))
+        if rows <= step:
+            return self.run(feeds)
+        pieces = [self.run({k: a[i : i + step] for k, a in feeds.items()}) for i in range(0, rows, step)]
+        return {name: np.concatenate([p[name] for p in pieces]) for name in pieces[0]}
 
 
 class OnnxEntryPoint(EntryPointRunner):

@@ -19,14 +19,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from genserve.v1 import generative_pb2 as pb
-from genserve.v1 import generative_pb2_grpc as pb_grpc
 
 from .auth import BearerTokenInterceptor
 from .config import ServerConfig
 from .metrics import ServerMetrics
 from .registry import ModelRegistry
 from .runtimes.base import Runtime
-from .service import GenerativeService
+from .service import GenerativeService, add_to_server
 
 log = logging.getLogger("genserve.server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Generative"].full_name  # "genserve.v1.Generative"
@@ -68,8 +67,9 @@ class GenserveServer:
             ("grpc.max_send_message_length", limit),
             ("grpc.max_receive_message_length", limit),
         ])
-        service = GenerativeService(self.registry, self.runtime, self.metrics, self.config.max_samples_per_request)
-        pb_grpc.add_GenerativeServicer_to_server(service, self._grpc)
+        service = GenerativeService(self.registry, self.runtime, self.metrics, self.config.max_samples_per_request,
+                                    self.config.max_importance_work)
+        add_to_server(service, self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc)
         self.port = self._listen(f"{self.config.address}:{self.config.port}")

@@ -15,11 +15,12 @@ import time
 
 import grpc
 import numpy as np
+from google.protobuf.message import DecodeError
 
 from genserve.v1 import generative_pb2 as pb
 from genserve.v1 import generative_pb2_grpc as pb_grpc
 
-from .errors import status_of
+from .errors import InvalidArgument, status_of
 from .families import EXACT, FAMILIES, LOWER_BOUND, Family, SampleParams, ScoreSet
 from .metrics import ServerMetrics
 from .registry import ModelRegistry
@@ -58,7 +59,7 @@ class _Call:
         self.code = status_of(error)
         if self.code == grpc.StatusCode.INTERNAL:
             log.exception("%s failed", self.method, exc_info=error)
-            message = f"internal error ({type(error).__name__}); the server logged the details"
+            message = "internal error; the server logged the details"
         else:
             message = str(error)
         await context.abort(self.code, message)
@@ -69,12 +70,37 @@ class _Call:
         self.metrics.latency.labels(self.model, self.method).observe(time.perf_counter() - self.start)
 
 
+class Unparsable:
+    """What a request whose bytes are not its message type decodes to; the handler refuses it."""
+
+    def __init__(self, message_type: str) -> None:
+        self.message_type = message_type
+
+
+def tolerant_parser(message_class):
+    """A request deserializer that never raises: gRPC would answer UNKNOWN with a Python class name."""
+
+    def parse(data: bytes):
+        try:
+            return message_class.FromString(data)
+        except DecodeError:
+            return Unparsable(message_class.DESCRIPTOR.full_name)
+
+    return parse
+
+
+def parsed(request):
+    if isinstance(request, Unparsable):
+        raise InvalidArgument("request", f"the bytes do not parse as a {request.message_type} message")
+    return request
+
+
 def unary(method):
     @functools.wraps(method)
     async def handler(self: GenerativeService, request, context):
         call = _Call(self, method.__name__, request)
         try:
-            return await method(self, request, context)
+            return await method(self, parsed(request), context)
         except asyncio.CancelledError:
             call.code = grpc.StatusCode.CANCELLED
             raise
@@ -91,7 +117,7 @@ def streaming(method):
     async def handler(self: GenerativeService, request, context):
         call = _Call(self, method.__name__, request)
         try:
-            async for message in method(self, request, context):
+            async for message in method(self, parsed(request), context):
                 yield message
         except (asyncio.CancelledError, GeneratorExit):  # the client went away mid-stream
             call.code = grpc.StatusCode.CANCELLED
@@ -106,9 +132,9 @@ def streaming(method):
 
 class GenerativeService(pb_grpc.GenerativeServicer):
     def __init__(self, registry: ModelRegistry, runtime: Runtime, metrics: ServerMetrics,
-                 max_per_request: int) -> None:
+                 max_per_request: int, max_importance_work: int) -> None:
         self.registry, self.runtime, self.metrics = registry, runtime, metrics
-        self.max_per_request = max_per_request
+        self.max_per_request, self.max_importance_work = max_per_request, max_importance_work
         self.families: dict[str, Family] = {
             name: FAMILIES[spec.family](spec, runtime) for name, spec in registry.models.items()
         }
@@ -208,7 +234,7 @@ class GenerativeService(pb_grpc.GenerativeServicer):
         family = self._family(request.model, "score")
         images = images_from(request.images, family.spec, self.max_per_request)
         labels = labels_for(family.spec, request.labels, len(images))
-        seed, k = score_options(request, family.spec)
+        seed, k = score_options(request, family.spec, len(images), self.max_importance_work)
         scores = await family.score(images, labels, seed, k, deadline_of(context))
         return pb.ScoreResponse(model=family.spec.name, scores=[self._score_pb(s, family.spec.dims) for s in scores])
 
@@ -219,3 +245,19 @@ class GenerativeService(pb_grpc.GenerativeServicer):
             method=score.method, kind=SCORE_KINDS.get(score.kind, pb.SCORE_KIND_NOT_A_LIKELIHOOD),
             values=score.values.tolist(), bits_per_dim=[] if bpd is None else bpd.tolist(),
         )
+
+
+def add_to_server(service: GenerativeService, server: grpc.aio.Server) -> None:
+    """Registers the Generative RPCs, as the generated `add_GenerativeServicer_to_server` does,
+    but with deserializers that turn unparsable bytes into INVALID_ARGUMENT (see `tolerant_parser`)."""
+    descriptor = pb.DESCRIPTOR.services_by_name["Generative"]
+    handlers = {}
+    for method in descriptor.methods:
+        make = grpc.unary_stream_rpc_method_handler if method.server_streaming else grpc.unary_unary_rpc_method_handler
+        handlers[method.name] = make(
+            getattr(service, method.name),
+            request_deserializer=tolerant_parser(getattr(pb, method.input_type.name)),
+            response_serializer=getattr(pb, method.output_type.name).SerializeToString,
+        )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(descriptor.full_name, handlers),))
+    server.add_registered_method_handlers(descriptor.full_name, handlers)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -44,7 +45,7 @@ def to_numpy(tensor: pb.Tensor, field: str, dtype: int, shape: Sequence[int | No
     if any(g < 1 for g in got_shape):
         raise InvalidArgument(f"{field}.shape", f"every axis must be >= 1, got {list(got_shape)}")
     wire = WIRE_DTYPES[dtype]
-    size = int(np.prod(got_shape)) * wire.itemsize
+    size = math.prod(got_shape) * wire.itemsize  # Python integers: a huge shape cannot wrap around
     if len(tensor.data) != size:
         needs = f"shape {list(got_shape)} of {DTYPE_NAMES[dtype]} needs {size} bytes"
         raise InvalidArgument(f"{field}.data", f"{needs}, got {len(tensor.data)}")

@@ -14,6 +14,7 @@ import numpy as np
 
 from .engine import EngineConfig, OnnxStepRunner, SamplingEngine
 from .entry_runner import OnnxEntryPoint
+from .limits import MAX_IMPORTANCE_SAMPLES
 from .manifest import load_manifest
 
 
@@ -83,6 +84,16 @@ class OnnxEntryPointModel(_TritonModel):
 
     def setup(self) -> None:
         self.runner = OnnxEntryPoint.load(self.manifest, self.version)
+
+    def check(self, feeds):
+        # Triton bounds the rows (max_batch_size) but not a free axis: a client calling this model
+        # directly could otherwise ask for any number of importance samples.
+        for spec in self.manifest.inputs:
+            for axis, (size, declared) in enumerate(zip(feeds[spec.name].shape[1:], spec.shape), start=1):
+                if declared == -1 and size > MAX_IMPORTANCE_SAMPLES:
+                    raise RequestError(f"'{spec.name}' has {size} entries on axis {axis}, over the limit of "
+                                       f"{MAX_IMPORTANCE_SAMPLES}")
+        return feeds
 
     def compute(self, feeds):
         return self.runner.run_merged(feeds)

@@ -16,18 +16,19 @@ from genserve.v1 import generative_pb2 as pb
 
 from .errors import InvalidArgument, ResourceExhausted
 from .families import SampleParams
+from .limits import MAX_IMPORTANCE_SAMPLES
 from .registry import ModelSpec
 from .tensors import to_numpy
 
 MAX_SEED = 2**63  # seeds and sample indices travel as Triton INT64
-MAX_IMPORTANCE_SAMPLES = 1000
 
 
 def check_count(field: str, count: int, limit: int) -> None:
     if count < 1:
         raise InvalidArgument(field, f"must be >= 1, got {count}")
     if count > limit:
-        raise ResourceExhausted(f"{field}: {count} is over this server's limit of {limit} per request; split it")
+        raise ResourceExhausted(f"{field}: {count} is over this server's limit of {limit} per request "
+                                "(serve --max-samples-per-request); split it")
 
 
 def labels_for(spec: ModelSpec, labels, count: int, field: str = "labels", default_cycle: bool = False
@@ -82,8 +83,8 @@ def sample_params(request: pb.SampleRequest, spec: ModelSpec, limit: int) -> Sam
     return SampleParams(request.num_samples, seed, request.start_index, float(temperature), labels)
 
 
-def score_options(request: pb.ScoreRequest, spec: ModelSpec) -> tuple[int, int | None]:
-    """(seed, importance_samples) of a Score request."""
+def score_options(request: pb.ScoreRequest, spec: ModelSpec, rows: int, max_work: int) -> tuple[int, int | None]:
+    """(seed, importance_samples) of a Score request of `rows` images; rows × K is bounded by `max_work`."""
     seed = request.seed if request.HasField("seed") else 0
     if seed >= MAX_SEED:
         raise InvalidArgument("seed", f"must be < 2**63, got {seed}")
@@ -94,4 +95,7 @@ def score_options(request: pb.ScoreRequest, spec: ModelSpec) -> tuple[int, int |
         raise InvalidArgument("importance_samples", f"only VAE bounds take K; model '{spec.name}' is {spec.family}")
     if not 1 <= k <= MAX_IMPORTANCE_SAMPLES:
         raise InvalidArgument("importance_samples", f"must lie in [1, {MAX_IMPORTANCE_SAMPLES}], got {k}")
+    if rows * k > max_work:
+        raise ResourceExhausted(f"importance_samples: {rows} images x {k} samples = {rows * k} decoder passes is over "
+                                f"this server's limit of {max_work} (serve --max-importance-work); ask for fewer")
     return seed, k

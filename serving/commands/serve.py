@@ -24,6 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-batching", action="store_true", help="run every request alone (the baseline)")
     parser.add_argument("--max-samples-per-request", type=int, default=1024,
                         help="larger requests are refused RESOURCE_EXHAUSTED")
+    parser.add_argument("--max-importance-work", type=int, default=65536,
+                        help="a VAE Score's images x importance samples; more is refused RESOURCE_EXHAUSTED")
     parser.add_argument("--max-message-mb", type=int, default=64, help="largest gRPC message, either way")
     parser.add_argument("--grace", type=float, default=10.0, help="seconds in-flight requests get at shutdown")
     parser.add_argument("--tls-cert", help="PEM certificate chain: serve TLS (with --tls-key)")
@@ -41,7 +43,8 @@ def config_from(args: argparse.Namespace):
         repository=Path(args.repository), address=args.address, port=args.port,
         metrics_port=None if args.metrics_port < 0 else args.metrics_port,
         max_message_bytes=args.max_message_mb * 1024 * 1024,
-        max_samples_per_request=args.max_samples_per_request, grace_seconds=args.grace,
+        max_samples_per_request=args.max_samples_per_request, max_importance_work=args.max_importance_work,
+        grace_seconds=args.grace,
         tls_cert=Path(args.tls_cert) if args.tls_cert else None, tls_key=Path(args.tls_key) if args.tls_key else None,
         auth_token=Path(args.auth_token_file).read_text().strip() if args.auth_token_file else None,
         runtime=RuntimeConfig(kind=args.runtime, backend=args.backend, device=args.device, triton_url=args.triton_url),

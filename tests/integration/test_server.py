@@ -275,6 +275,21 @@ BAD_REQUESTS = {
     "zero importance samples": ("Score", pb.ScoreRequest(model="vae_mnist", images=_u8((1, 1, 28, 28)),
                                                          importance_samples=0), "INVALID_ARGUMENT",
                                 "importance_samples"),
+    "too many importance samples": ("Score", pb.ScoreRequest(model="vae_mnist", images=_u8((1, 1, 28, 28)),
+                                                             importance_samples=1001), "INVALID_ARGUMENT",
+                                    "importance_samples"),
+    "images x importance samples over the budget": (
+        "Score", pb.ScoreRequest(model="vae_mnist", images=_u8((66, 1, 28, 28)), importance_samples=1000),
+        "RESOURCE_EXHAUSTED", "--max-importance-work"),
+    "too many samples names its flag": ("Sample", pb.SampleRequest(model="vae_mnist", num_samples=5000),
+                                        "RESOURCE_EXHAUSTED", "--max-samples-per-request"),
+    # shapes whose element count overflows 64 bits, with no data: refused, not a numpy error
+    "score images shape overflowing int64": ("Score", pb.ScoreRequest(model="vae_mnist", images=pb.Tensor(
+        shape=[2**60, 1, 28, 28], dtype=pb.DATA_TYPE_UINT8)), "INVALID_ARGUMENT", "images.data"),
+    "encode images shape overflowing int64": ("Encode", pb.EncodeRequest(model="realnvp_mnist", images=pb.Tensor(
+        shape=[2**60, 1, 28, 28], dtype=pb.DATA_TYPE_UINT8)), "INVALID_ARGUMENT", "images.data"),
+    "decode latents shape overflowing int64": ("Decode", pb.DecodeRequest(model="vae_mnist", latents=pb.Tensor(
+        shape=[2**62, 16], dtype=pb.DATA_TYPE_FLOAT32)), "INVALID_ARGUMENT", "latents.data"),
 }
 
 
@@ -287,6 +302,20 @@ def test_a_client_mistake_gets_its_status_naming_the_field_and_the_server_keeps_
     assert named in caught.value.details()
     assert images_of(api.stub.Sample(pb.SampleRequest(model="vae_mnist", num_samples=1, seed=0))).shape == \
         (1, 1, 28, 28)
+
+
+@pytest.mark.parametrize("method", ["ListModels", "GetModel", "Sample", "SampleStream", "Encode", "Decode", "Score"])
+def test_bytes_that_are_not_the_request_message_are_an_invalid_argument(api, method):
+    # b"\xff": a field tag with no value. gRPC itself would answer UNKNOWN with a Python class name.
+    raw = api.channel.unary_stream if method == "SampleStream" else api.channel.unary_unary
+    call = raw(f"/genserve.v1.Generative/{method}", request_serializer=None, response_deserializer=None)
+    with pytest.raises(grpc.RpcError) as caught:
+        result = call(b"\xff", timeout=10)
+        list(result) if method == "SampleStream" else result
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.details().startswith("request: the bytes do not parse as a genserve.v1.")
+    assert "Error" not in caught.value.details()  # no Python exception names
+    assert api.stub.GetModel(pb.GetModelRequest(model="vae_mnist")).name == "vae_mnist"
 
 
 def test_a_deadline_shorter_than_the_work_ends_deadline_exceeded(api):

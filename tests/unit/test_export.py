@@ -18,6 +18,7 @@ from genserve.export.exporters import export_onnx, export_torchscript
 from genserve.export.repository import ExportOptions, export_checkpoint
 from genserve.export.triton_config import DynamicBatching, ModelConfig, TensorConfig, parse, render
 from genserve.serving.entry_runner import OnnxEntryPoint, onnx_session
+from genserve.serving.limits import MAX_WORK_PER_RUN
 from genserve.serving.manifest import ArtifactIntegrityError, load_manifest
 from tests.conftest import SHIPPED, make_model
 from tests.rounding import assert_within_rounding, rounding_sigma
@@ -168,6 +169,30 @@ def test_merged_requests_give_the_same_rows_as_separate_runs(tmp_path):
         for spec, sigma in zip(entry.outputs, sigmas):  # batch size changes only how MLAS blocks the work
             assert out[spec.name].shape == (len(req["images"]), 1)
             assert_within_rounding(out[spec.name], alone[spec.name], sigma, spec.name)
+
+
+def test_large_merged_batches_run_in_pieces_of_bounded_work(tmp_path):
+    # rows x importance samples per ONNX Runtime run stays within MAX_WORK_PER_RUN (memory grows with it)
+    folders = export_checkpoint(load_checkpoint(tiny_checkpoint(tmp_path, "vae")), tmp_path / "repo")
+
+    class Recording(OnnxEntryPoint):
+        def run(self, feeds):
+            self.works.append(feeds["eps"].shape[0] * feeds["eps"].shape[1])
+            return super().run(feeds)
+
+    manifest = load_manifest(folders[2])
+    score = Recording(manifest, onnx_session(manifest.artifact("model.onnx")))
+    score.works = []
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 2, (10, 1, 8, 8)).astype(np.uint8)
+    eps = rng.standard_normal((10, 1000, 3)).astype(np.float32)
+    (pieces,) = score.run_merged([{"images": images, "eps": eps}])
+    assert score.works == [4000, 4000, 2000] and max(score.works) <= MAX_WORK_PER_RUN
+    entry = entry_points(make_model("vae"))[2]
+    sigmas = rounding_sigma(entry.module, [torch.from_numpy(images), torch.from_numpy(eps)])
+    whole = score.session.run(None, {"images": images, "eps": eps})  # one run, as before the bound
+    for spec, sigma, expected in zip(entry.outputs, sigmas, whole):
+        assert_within_rounding(pieces[spec.name], expected, sigma, spec.name)
 
 
 def torchscript_fingerprint(path: Path) -> tuple[str, dict[str, torch.Tensor]]:
