@@ -28,6 +28,7 @@ from .runtimes.base import Runtime
 from .service import GenerativeService, add_to_server
 
 log = logging.getLogger("genserve.server")
+HEALTH_INTERVAL_S = 0.5  # how often per-model health is re-read from the runtime
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Generative"].full_name  # "genserve.v1.Generative"
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -53,6 +54,7 @@ class GenserveServer:
         self.metrics_port: int | None = None
         self._grpc: grpc.aio.Server | None = None
         self._metrics_http = None
+        self._health_watch: asyncio.Future | None = None
 
     @property
     def address(self) -> str:
@@ -75,16 +77,26 @@ class GenserveServer:
         self.port = self._listen(f"{self.config.address}:{self.config.port}")
         if self.port == 0:
             raise OSError(f"cannot listen on {self.config.address}:{self.config.port}")
-        for name, spec in self.registry.models.items():
-            ready = all(self.runtime.ready(m) for m in spec.entry_points.values())
-            await self.health.set(name, SERVING if ready else NOT_SERVING)
+        await self._update_health()
         await self.health.set(SERVICE_NAME, SERVING)
+        self._health_watch = asyncio.ensure_future(self._watch_health())
         if self.config.metrics_port is not None:
             self._metrics_http = self.metrics.serve_http(self.config.metrics_port, self.config.address)
             self.metrics_port = self._metrics_http.server_port
         await self._grpc.start()
         log.info("genserve listening on %s (%s runtime, %d models)", self.address, self.config.runtime.kind,
                  len(self.registry.models))
+
+    async def _update_health(self) -> None:
+        for name, spec in self.registry.models.items():
+            ready = all(self.runtime.ready(m) for m in spec.entry_points.values())
+            await self.health.set(name, SERVING if ready else NOT_SERVING)
+
+    async def _watch_health(self) -> None:
+        """Per-model health follows the runtime (an engine that died, a model Triton unloaded)."""
+        while True:
+            await asyncio.sleep(HEALTH_INTERVAL_S)
+            await self._update_health()
 
     def _listen(self, address: str) -> int:
         if self.config.tls_cert is None:
@@ -95,6 +107,8 @@ class GenserveServer:
     async def stop(self, grace: float | None = None) -> None:
         """Graceful: refuse new RPCs, let in-flight ones finish within the grace period, then stop."""
         grace = self.config.grace_seconds if grace is None else grace
+        if self._health_watch is not None:
+            self._health_watch.cancel()
         await self.health.enter_graceful_shutdown()
         if self._grpc is not None:
             await self._grpc.stop(grace)

@@ -1,10 +1,11 @@
 """The sampling engine: cached step programs run slot by slot with continuous batching."""
 
 from .program import OnnxStepRunner, StepRunner, StepSpec, TorchStepRunner, load_step_runner
-from .scheduler import EngineConfig, SampleJob, SamplingEngine
+from .scheduler import EngineConfig, EngineStopped, SampleJob, SamplingEngine
 
 __all__ = [
     "EngineConfig",
+    "EngineStopped",
     "OnnxStepRunner",
     "SampleJob",
     "SamplingEngine",

@@ -17,6 +17,7 @@ images do not depend on what else shares the batch, or when the sample joined it
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
@@ -29,6 +30,12 @@ import torch
 from ..kernels.sampling import noise_for
 from .program import NEXT, TORCH_DTYPES, StepRunner
 
+log = logging.getLogger("genserve.engine")
+
+
+class EngineStopped(RuntimeError):
+    """The engine's thread has died: nothing submitted to it will run."""
+
 BATCHING = ("continuous", "static")
 
 
@@ -36,6 +43,7 @@ BATCHING = ("continuous", "static")
 class EngineConfig:
     num_slots: int = 64
     batching: str = "continuous"  # or "static": admit only into an empty engine (the baseline)
+    name: str = "sampler"  # the model it samples, for log lines
 
     def __post_init__(self) -> None:
         if self.num_slots < 1:
@@ -117,6 +125,7 @@ class SamplingEngine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._look_for_drops = False  # a job was cancelled, or one has a deadline
+        self.died: str | None = None  # why the engine thread died, once it has
 
     # ---- requests ---------------------------------------------------------------------------
     def submit(
@@ -170,6 +179,8 @@ class SamplingEngine:
         )
         job._notify = self._note_drop
         with self._wake:
+            if self.died is not None:
+                raise EngineStopped(f"the sampling engine has stopped ({self.died})")
             self._waiting.append(job)
             self._look_for_drops |= deadline is not None
             self._wake.notify()
@@ -215,7 +226,21 @@ class SamplingEngine:
             self._thread.join()
             self._thread = None
 
+    @property
+    def alive(self) -> bool:
+        """Whether submitted samples will run: the thread is running (or was never started) and never died."""
+        return self.died is None and (self._thread is None or self._thread.is_alive())
+
     def _loop(self) -> None:
+        try:
+            self._serve()
+        except BaseException as error:  # noqa: BLE001 - the thread is ending: no caller may wait forever
+            with self._wake:
+                self.died = f"{type(error).__name__}: {error}"
+            log.error("the sampling engine of %s died (%s); its requests fail UNAVAILABLE", self.config.name, self.died)
+            self._fail_all(f"the sampling engine has stopped ({self.died})")
+
+    def _serve(self) -> None:
         while True:
             with self._wake:
                 while not self._stopping and not self._waiting and self.active == 0:

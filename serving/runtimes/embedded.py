@@ -9,18 +9,21 @@ checked against its manifest before it is loaded (Manifest.artifact).
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import numpy as np
 
 from ..batcher import BatchPolicy, DynamicBatcher
 from ..config import BatcherConfig, RuntimeConfig
-from ..engine import EngineConfig, SampleJob, SamplingEngine, load_step_runner
+from ..engine import EngineConfig, EngineStopped, SampleJob, SamplingEngine, load_step_runner
 from ..entry_runner import EntryPointRunner, OnnxEntryPoint, TorchScriptEntryPoint
-from ..errors import DeadlineExceeded, ResourceExhausted
-from ..manifest import Manifest
+from ..errors import DeadlineExceeded, ResourceExhausted, Unavailable
+from ..manifest import ArtifactIntegrityError, Manifest
 from ..metrics import ServerMetrics
 from ..registry import ModelRegistry
 from .base import Progress, ProgressCallback, Runtime, SampleBatch
+
+log = logging.getLogger("genserve.embedded")
 
 
 def batch_policy(manifest: Manifest, config: BatcherConfig) -> BatchPolicy:
@@ -43,6 +46,7 @@ class EmbeddedRuntime(Runtime):
         self.config, self.batcher_config, self.metrics = config, batcher, metrics
         self.batchers: dict[str, DynamicBatcher] = {}
         self.engines: dict[str, SamplingEngine] = {}
+        self.refused: dict[str, str] = {}  # entry point → why it was not loaded
 
     async def start(self, registry: ModelRegistry) -> None:
         manifests = [m for spec in registry.models.values() for m in spec.entry_points.values()]
@@ -51,17 +55,30 @@ class EmbeddedRuntime(Runtime):
 
     def _load_all(self, manifests: list[Manifest]) -> None:
         for manifest in manifests:
-            if is_step_program(manifest):
-                runner = load_step_runner(manifest, self.config.backend, self.config.device)
-                engine = SamplingEngine(runner, EngineConfig(num_slots=manifest.raw["batching"]["max_batch_size"]))
-                engine.start()
-                self.engines[manifest.triton_name] = engine
-            else:
-                runner = self._entry_runner(manifest)
-                self.batchers[manifest.triton_name] = DynamicBatcher(
-                    manifest.triton_name, runner.run_merged, batch_policy(manifest, self.batcher_config),
-                    self._observer(manifest.triton_name),
-                )
+            try:
+                self._load(manifest)
+            except ArtifactIntegrityError as error:  # that model is refused; the others still serve
+                self.refused[manifest.triton_name] = str(error)
+                log.error("not serving %s: %s", manifest.triton_name, error)
+
+    def _load(self, manifest: Manifest) -> None:
+        if is_step_program(manifest):
+            runner = load_step_runner(manifest, self.config.backend, self.config.device)
+            config = EngineConfig(num_slots=manifest.raw["batching"]["max_batch_size"], name=manifest.triton_name)
+            engine = SamplingEngine(runner, config)
+            engine.start()
+            self.engines[manifest.triton_name] = engine
+        else:
+            runner = self._entry_runner(manifest)
+            self.batchers[manifest.triton_name] = DynamicBatcher(
+                manifest.triton_name, runner.run_merged, batch_policy(manifest, self.batcher_config),
+                self._observer(manifest.triton_name),
+            )
+
+    def _unavailable(self, name: str) -> Unavailable:
+        why = self.refused.get(name) or (f"its sampling engine has stopped ({self.engines[name].died})"
+                                         if name in self.engines else "it is not loaded")
+        return Unavailable(f"{name} is not serving: {why}")
 
     def _entry_runner(self, manifest: Manifest) -> EntryPointRunner:
         if self.config.backend == "torchscript":
@@ -81,11 +98,15 @@ class EmbeddedRuntime(Runtime):
         return observe
 
     async def infer(self, entry, feeds, deadline):
+        if entry.triton_name not in self.batchers:
+            raise self._unavailable(entry.triton_name)
         return await self.batchers[entry.triton_name].submit(feeds, deadline)
 
     async def sample_sequential(self, sampler: Manifest, batch: SampleBatch, deadline: float | None,
                                 on_progress: ProgressCallback | None) -> np.ndarray:
-        engine = self.engines[sampler.triton_name]
+        engine = self.engines.get(sampler.triton_name)
+        if engine is None or not engine.alive:
+            raise self._unavailable(sampler.triton_name)
         if engine.queued_samples + len(batch.indices) > self.config.max_waiting_samples:
             raise ResourceExhausted(
                 f"the sampling queue of {sampler.triton_name} is full ({engine.queued_samples} samples waiting, "
@@ -102,11 +123,14 @@ class EmbeddedRuntime(Runtime):
             snapshot = Progress(job.rows_done.copy(), job.images.copy())
             loop.call_soon_threadsafe(on_progress, snapshot)
 
-        job = engine.submit(
-            batch.seed, temperature=batch.temperature, labels=batch.labels, indices=batch.indices,
-            deadline=deadline, on_progress=progressed if on_progress is not None else None,
-            on_done=lambda job: loop.call_soon_threadsafe(resolve, job),
-        )
+        try:
+            job = engine.submit(
+                batch.seed, temperature=batch.temperature, labels=batch.labels, indices=batch.indices,
+                deadline=deadline, on_progress=progressed if on_progress is not None else None,
+                on_done=lambda job: loop.call_soon_threadsafe(resolve, job),
+            )
+        except EngineStopped:
+            raise self._unavailable(sampler.triton_name) from None
         try:
             await ended
         except asyncio.CancelledError:
@@ -115,12 +139,15 @@ class EmbeddedRuntime(Runtime):
         if job.error == "deadline exceeded":
             raise DeadlineExceeded(f"deadline exceeded after {int(job.rows_done.min())} of "
                                    f"{job.images.shape[2]} rows; the samples were dropped")
+        if engine.died is not None:
+            raise self._unavailable(sampler.triton_name)
         if job.error is not None:
             raise RuntimeError(job.error)
         return job.images
 
     def ready(self, entry: Manifest) -> bool:
-        return entry.triton_name in self.batchers or entry.triton_name in self.engines
+        engine = self.engines.get(entry.triton_name)
+        return entry.triton_name in self.batchers or (engine is not None and engine.alive)
 
     async def close(self) -> None:
         for batcher in self.batchers.values():
