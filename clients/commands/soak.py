@@ -49,7 +49,8 @@ VERB = Verb(
     "mistakes (unknown model, over-limit counts, NaN temperature, wrong shapes, overflowing shapes, wrong "
     "byte lengths, bytes that are no message) for --duration seconds at --concurrency. Reports requests by "
     "status code and kind, p50/p99 latency of the valid ones, and the resident memory of each --pid at "
-    "start, peak and end. Exits 1 if any request ended INTERNAL or UNKNOWN or a valid one did not end OK.",
+    "start, peak and end. Exits 1 if any request ended INTERNAL or UNKNOWN or a valid one was refused as a "
+    "mistake (valid requests ending DEADLINE_EXCEEDED or RESOURCE_EXHAUSTED are overload: reported, not failed).",
     add_arguments=add_arguments,
     run=run,
 )
