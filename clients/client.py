@@ -204,7 +204,7 @@ class _Retry:
         delay = self.config.delay(self.attempt)
         retry = error.code() == grpc.StatusCode.UNAVAILABLE and self.attempt < self.config.retries
         if not retry or time.monotonic() + delay >= self.deadline:
-            raise GenserveError.from_rpc(error, self.method) from None
+            raise GenserveError.from_rpc(error, self.method, attempts=self.attempt + 1) from None
         self.attempt += 1
         return delay
 

@@ -120,20 +120,19 @@ def test_unavailable_is_retried_until_the_server_comes_up():
 
 
 def test_unavailable_gives_up_after_the_retries_and_other_codes_are_not_retried(server):
-    began = time.monotonic()
-    with Client(f"127.0.0.1:{free_port()}", retries=2, backoff=0.2, max_backoff=0.2) as c:
+    with Client(f"127.0.0.1:{free_port()}", retries=2, backoff=0.01, max_backoff=0.01) as c:
         with pytest.raises(GenserveError) as caught:
             c.models()
     assert caught.value.code == grpc.StatusCode.UNAVAILABLE
-    assert time.monotonic() - began >= 0.2  # two backoffs of 0.1-0.2 s were waited out
+    assert caught.value.attempts == 3 and "(after 3 attempts)" in str(caught.value)  # the first and two retries
     before = server.server.metrics.requests.labels("", "Sample", "INVALID_ARGUMENT")._value.get()
-    with Client(server.address, retries=5) as c, pytest.raises(GenserveError):
+    with Client(server.address, retries=5) as c, pytest.raises(GenserveError) as caught:
         c.sample("", 1)
+    assert caught.value.attempts == 1  # INVALID_ARGUMENT is not retried
     counted = server.server.metrics.requests.labels("", "Sample", "INVALID_ARGUMENT")._value.get
     give_up = time.monotonic() + 5
     while counted() == before and time.monotonic() < give_up:  # the server counts just after answering
         time.sleep(0.01)
-    time.sleep(0.2)  # room for a retry to arrive, were there one
     assert counted() == before + 1
 
 
