@@ -96,6 +96,7 @@ class GenserveServer:
         """Per-model health follows the runtime (an engine that died, a model Triton unloaded)."""
         while True:
             await asyncio.sleep(HEALTH_INTERVAL_S)
+            await self.runtime.refresh()
             await self._update_health()
 
     def _listen(self, address: str) -> int:

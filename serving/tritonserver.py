@@ -31,6 +31,7 @@ class TritonServerConfig:
     address: str = "127.0.0.1"
     startup_timeout_s: float = 120.0
     log_verbose: int = 0
+    explicit_model_control: bool = False  # load every model at start, and let clients unload and load them
 
     @property
     def grpc_url(self) -> str:
@@ -90,6 +91,8 @@ class TritonServer:
             "--allow-gpu-metrics=false", "--allow-cpu-metrics=false",
             f"--log-verbose={c.log_verbose}",
         ]
+        if c.explicit_model_control:
+            command += ["--model-control-mode=explicit", "--load-model=*"]
         env = dict(os.environ)
         # The stub embeds libpython: it must find this interpreter's shared library, and with
         # this environment's bin/ first on PATH it imports this environment's packages.

@@ -72,6 +72,9 @@ class Runtime(ABC):
     def ready(self, entry: Manifest) -> bool:
         """Whether `entry` is loaded and answering."""
 
+    async def refresh(self) -> None:  # noqa: B027 - optional: in-process runtimes know their state already
+        """Re-reads what `ready` reports from wherever the models run (the server calls it periodically)."""
+
     @abstractmethod
     async def close(self) -> None:
         """Stops background work and releases connections."""

@@ -28,20 +28,33 @@ class TritonRuntime(Runtime):
     def __init__(self, config: RuntimeConfig, max_message_bytes: int) -> None:
         self.config, self.max_message_bytes = config, max_message_bytes
         self.client = None
+        self._names: list[str] = []
         self._ready: set[str] = set()
 
     async def start(self, registry: ModelRegistry) -> None:
         import tritonclient.grpc.aio as triton
 
         limit = self.max_message_bytes
-        self.client = triton.InferenceServerClient(
-            self.config.triton_url,
-            channel_args=[("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)],
-        )
-        for spec in registry.models.values():
-            for manifest in spec.entry_points.values():
-                if await self._call(self.client.is_model_ready(manifest.triton_name, client_timeout=30)):
-                    self._ready.add(manifest.triton_name)
+        self.client = triton.InferenceServerClient(self.config.triton_url, channel_args=[
+            ("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit),
+            # After Triton restarts, reconnect within a second rather than gRPC's default backoff (up to 2 min).
+            ("grpc.initial_reconnect_backoff_ms", 250), ("grpc.min_reconnect_backoff_ms", 250),
+            ("grpc.max_reconnect_backoff_ms", 1000),
+        ])
+        self._names = [m.triton_name for spec in registry.models.values() for m in spec.entry_points.values()]
+        for name in self._names:
+            if await self._call(self.client.is_model_ready(name, client_timeout=30)):
+                self._ready.add(name)
+
+    async def refresh(self) -> None:
+        """Readiness from Triton's repository index: one call; Triton unreachable means nothing is ready."""
+        try:
+            index = await self.client.get_model_repository_index(client_timeout=2)
+        except Exception:  # noqa: BLE001 - any failure to answer: no model can be served through it now
+            self._ready.clear()
+            return
+        states = {(m.name, m.state) for m in index.models}
+        self._ready = {name for name in self._names if (name, "READY") in states}
 
     async def _call(self, awaitable):
         """Awaits a tritonclient call, translating its exceptions to genserve's."""
@@ -55,6 +68,9 @@ class TritonRuntime(Runtime):
                 raise DeadlineExceeded("deadline exceeded waiting for Triton") from error
             if "UNAVAILABLE" in status:
                 raise Unavailable(f"Triton at {self.config.triton_url} is unavailable: {error.message()}") from error
+            if "NOT_FOUND" in status or "unknown model" in error.message():  # unloaded in Triton meanwhile
+                raise Unavailable(f"Triton at {self.config.triton_url} does not serve it now: {error.message()}"
+                                  ) from error
             if "INVALID_ARGUMENT" in status:
                 raise InvalidArgument("request", f"Triton refused it: {error.message()}") from error
             raise RuntimeError(f"Triton: {status} {error.message()}") from error
