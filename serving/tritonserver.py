@@ -32,6 +32,7 @@ class TritonServerConfig:
     startup_timeout_s: float = 120.0
     log_verbose: int = 0
     explicit_model_control: bool = False  # load every model at start, and let clients unload and load them
+    exit_on_model_error: bool = True  # False: a model that fails to load is left out, the others serve
 
     @property
     def grpc_url(self) -> str:
@@ -93,6 +94,8 @@ class TritonServer:
         ]
         if c.explicit_model_control:
             command += ["--model-control-mode=explicit", "--load-model=*"]
+        if not c.exit_on_model_error:
+            command += ["--exit-on-error=false", "--strict-readiness=false"]
         env = dict(os.environ)
         # The stub embeds libpython: it must find this interpreter's shared library, and with
         # this environment's bin/ first on PATH it imports this environment's packages.

@@ -177,6 +177,17 @@ def test_flow_encode_decode_round_trips_real_digits(api, shipped, digits):
     np.testing.assert_array_equal(images_of(decoded), x)  # bin centres invert exactly to the pixels
 
 
+def test_a_request_over_the_max_batch_size_is_split_and_answered_whole(api, shipped):
+    # 100 latents: over the entry point's max batch of 64 (Triton refuses such a batch; genserve splits it)
+    model = shipped("vae_mnist").model
+    z = np.random.default_rng(4).standard_normal((100, 16)).astype(np.float32)
+    decoded = api.stub.Decode(pb.DecodeRequest(model="vae_mnist", latents=tensor(z)))
+    with torch.inference_mode():
+        probs = model.decode(torch.from_numpy(z)).numpy()
+    (sigma,) = rounding_sigma(model.decode, [torch.from_numpy(z)])
+    assert_within_rounding(as_array(decoded.probabilities), probs, sigma, "probabilities")
+
+
 def test_dcgan_decode_is_the_generator_on_given_latents(api, shipped):
     z = np.random.default_rng(0).standard_normal((3, 64)).astype(np.float32)
     response = api.stub.Decode(pb.DecodeRequest(model="dcgan_mnist", latents=tensor(z), labels=[7]))

@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import numpy as np
 import pytest
+import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -227,3 +228,54 @@ def test_a_server_keeps_serving_while_other_requests_fail(connect):
         t.join()
     assert errors == [grpc.StatusCode.INVALID_ARGUMENT] * 8
     assert len(answers) == 8 and all(np.array_equal(a, answers[0]) for a in answers)
+
+
+def test_shutdown_turns_health_not_serving_and_the_grace_period_ends_what_is_left(connect):
+    api = connect()
+    check = health_pb2_grpc.HealthStub(api.channel).Check
+    stream = api.stub.SampleStream(pb.SampleRequest(model="gated_pixelcnn_mnist", num_samples=64, seed=4))
+    assert next(stream).WhichOneof("event") == "progress"  # in flight: 64 samples take far longer than the grace
+    stopping = threading.Thread(target=api.thread.stop, kwargs={"grace": 0.5})
+    stopping.start()
+    assert wait_until(lambda: check(health_pb2.HealthCheckRequest(service="vae_mnist")).status
+                      == health_pb2.HealthCheckResponse.NOT_SERVING)
+    with pytest.raises(grpc.RpcError) as caught:
+        list(stream)  # the grace period ran out: the stream is ended, not left hanging
+    assert caught.value.code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE)
+    stopping.join(30)
+    assert not stopping.is_alive()
+
+
+def test_the_torchscript_backend_serves_the_same_answers(connect):
+    from genserve.export.checkpoint import load_checkpoint
+    from tests.rounding import assert_within_rounding, rounding_sigma
+
+    api = connect(runtime_config=RuntimeConfig(backend="torchscript"))
+    z = np.random.default_rng(3).standard_normal((3, 16)).astype(np.float32)
+    decoded = api.stub.Decode(pb.DecodeRequest(model="vae_mnist", latents=tensor(z)))
+    model = load_checkpoint("vae_mnist").model
+    with torch.inference_mode():
+        probs = model.decode(torch.from_numpy(z)).numpy()
+    (sigma,) = rounding_sigma(model.decode, [torch.from_numpy(z)])
+    got = np.frombuffer(decoded.probabilities.data, np.float32).reshape(probs.shape)
+    assert_within_rounding(got, probs, sigma, "probabilities")
+    # the sampler's step program runs in TorchScript too: the same images as the ONNX engine's
+    onnx = connect()
+    request = pb.SampleRequest(model="pixelcnn_mnist", num_samples=2, seed=6)
+    assert np.array_equal(images_of(api.stub.Sample(request)), images_of(onnx.stub.Sample(request)))
+
+
+def test_a_server_fault_answers_internal_without_internal_detail(connect, caplog):
+    api = connect()
+    batcher = api.server.runtime.batchers["vae_mnist_decode"]
+
+    def broken(requests):
+        raise RuntimeError("secret detail /srv/models/vae.onnx")
+
+    batcher.run_merged = broken
+    with caplog.at_level("ERROR", logger="genserve.server"), pytest.raises(grpc.RpcError) as caught:
+        api.stub.Decode(pb.DecodeRequest(model="vae_mnist", latents=tensor(np.zeros((1, 16), np.float32))))
+    assert caught.value.code() == grpc.StatusCode.INTERNAL
+    assert caught.value.details() == "internal error; the server logged the details"
+    assert any("secret detail" in r.getMessage() or "secret detail" in str(r.exc_info) for r in caplog.records)
+    assert images_of(api.stub.Sample(pb.SampleRequest(model="realnvp_mnist", num_samples=1))).shape[0] == 1

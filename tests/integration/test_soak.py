@@ -36,7 +36,7 @@ def test_a_short_soak_passes_with_every_kind_of_answer(api):
     seen = {kind: codes for kind, codes in report.by_kind.items() if kind in MISTAKES}
     assert len(seen) >= 4, report.table()
     assert {kind: set(codes) for kind, codes in seen.items()} == {kind: {MISTAKES[kind]} for kind in seen}
-    assert set(report.valid_codes) == {"OK"} and report.valid_p50_ms <= report.valid_p99_ms
+    assert set(report.valid_codes) == {"OK"} and report.valid_p50_ms > 0
     memory = report.rss_mb[str(os.getpid())]
     assert 0 < memory["start"] <= memory["peak"] and memory["end"] <= memory["peak"]
 

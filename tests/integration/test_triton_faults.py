@@ -110,3 +110,24 @@ def test_triton_killed_under_load_then_back_and_models_unloaded(vae_repository, 
     finally:
         api.close()
         triton.stop()
+
+
+def test_a_tampered_artifact_is_refused_inside_triton_and_the_other_models_serve(vae_repository):
+    artifact = vae_repository / "vae_mnist_encode" / "1" / "model.onnx"
+    artifact.write_bytes(artifact.read_bytes()[:-1] + b"\0")  # the sha256 no longer matches the manifest
+    config = TritonServerConfig(vae_repository, free_port(), free_port(), free_port(), exit_on_model_error=False)
+    triton = TritonServer(config).start()
+    api = Connected(server_config(runtime="triton", triton_url=config.grpc_url, repository=vae_repository))
+    try:
+        with grpcclient.InferenceServerClient(config.grpc_url) as client:
+            index = {m.name: m for m in client.get_model_repository_index().models}
+        assert index["vae_mnist_encode"].state == "UNAVAILABLE" and index["vae_mnist_decode"].state == "READY"
+        assert "sha256" in index["vae_mnist_encode"].reason and "refusing to load" in index["vae_mnist_encode"].reason
+        assert health(api, "vae_mnist") == NOT_SERVING
+        with pytest.raises(grpc.RpcError) as caught:
+            api.stub.Encode(pb.EncodeRequest(model="vae_mnist", images=tensor(np.zeros((1, 1, 28, 28), np.uint8))))
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE, caught.value.details()
+        assert list(api.stub.Decode(decode_request(), timeout=30).images.shape) == [2, 1, 28, 28]
+    finally:
+        api.close()
+        triton.stop()

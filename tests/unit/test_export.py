@@ -17,7 +17,7 @@ from genserve.export.entry_points import entry_points
 from genserve.export.exporters import export_onnx, export_torchscript
 from genserve.export.repository import ExportOptions, export_checkpoint
 from genserve.export.triton_config import DynamicBatching, ModelConfig, TensorConfig, parse, render
-from genserve.serving.entry_runner import OnnxEntryPoint, onnx_session
+from genserve.serving.entry_runner import OnnxEntryPoint, TorchScriptEntryPoint, onnx_session
 from genserve.serving.limits import MAX_WORK_PER_RUN
 from genserve.serving.manifest import ArtifactIntegrityError, load_manifest
 from tests.conftest import SHIPPED, make_model
@@ -149,6 +149,11 @@ def test_a_tampered_artifact_is_refused(tmp_path):
     artifact.write_bytes(artifact.read_bytes() + b"\0")
     with pytest.raises(ArtifactIntegrityError, match="refusing to load"):
         OnnxEntryPoint.load(manifest)
+    TorchScriptEntryPoint.load(manifest)  # the TorchScript artifact is checked on its own
+    scripted = folders[0] / "1" / "model.pt"
+    scripted.write_bytes(scripted.read_bytes() + b"\0")
+    with pytest.raises(ArtifactIntegrityError, match="model.pt has sha256 .*refusing to load"):
+        TorchScriptEntryPoint.load(manifest)
 
 
 def test_merged_requests_give_the_same_rows_as_separate_runs(tmp_path):
