@@ -130,15 +130,15 @@ def in_process_decode(manifest_folder: Path, latents: np.ndarray, repeats: int =
 @contextlib.contextmanager
 def model_only_triton(repository: Path, model: str):
     """A Triton server over just `model`'s entry points (symlinked): starts in seconds, not a minute."""
-    from .tritonserver import TritonServer, TritonServerConfig, free_port
+    from .tritonserver import TritonServer, TritonServerConfig
 
     with tempfile.TemporaryDirectory(prefix="genserve-bench-") as tmp:
         for folder in ModelRegistry.from_repository(repository).get(model).entry_points.values():
             (Path(tmp) / folder.folder.name).symlink_to(folder.folder.resolve())
-        config = TritonServerConfig(Path(tmp), free_port(), free_port(), free_port(), startup_timeout_s=300)
-        server = TritonServer(config).start()
+        config = TritonServerConfig(Path(tmp), 0, 0, 0, startup_timeout_s=300)
+        server = TritonServer(config).start()  # ports chosen at start: server.config has them
         try:
-            yield config.grpc_url
+            yield server.config.grpc_url
         finally:
             server.stop()
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import threading
 
 import grpc
@@ -171,12 +172,11 @@ class ServerProcess:
     """
 
     def __init__(self, *args: str, startup_timeout_s: float = 120.0) -> None:
-        from .tritonserver import free_port
-
-        self.port = free_port()
-        self.args = ["serve", "--port", str(self.port), *args]
+        self.port: int | None = None  # the port the server bound (it is given port 0 and says which it got)
+        self.args = ["serve", "--port", "0", *args]
         self.startup_timeout_s = startup_timeout_s
         self.process = None
+        self.output: list[str] = []
 
     @property
     def address(self) -> str:
@@ -192,12 +192,27 @@ class ServerProcess:
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         give_up = time.monotonic() + self.startup_timeout_s
+        reported = threading.Event()
+
+        def read_output() -> None:  # until the process ends: its "serving ... on HOST:PORT" line gives the port
+            for line in self.process.stdout:
+                self.output.append(line)
+                found = re.search(r"^genserve serving .* on [^ ]+:(\d+) ", line)
+                if found and not reported.is_set():
+                    self.port = int(found.group(1))
+                    reported.set()
+            reported.set()
+
+        threading.Thread(target=read_output, daemon=True).start()
+        if not reported.wait(self.startup_timeout_s) or self.port is None:
+            self.stop()
+            raise RuntimeError(f"genserve serve did not report its port:\n{''.join(self.output)}")
         with grpc.insecure_channel(self.address) as channel:
             check = health_pb2_grpc.HealthStub(channel).Check
             while True:
                 if self.process.poll() is not None:
                     raise RuntimeError(f"genserve serve exited with {self.process.returncode}:\n"
-                                       f"{self.process.stdout.read()}")
+                                       f"{''.join(self.output)}")
                 try:
                     if check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=1).status == SERVING:
                         return self

@@ -18,7 +18,7 @@ import sys
 import sysconfig
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 
@@ -76,7 +76,23 @@ class TritonServer:
         self.process: subprocess.Popen | None = None
         self._workdir: tempfile.TemporaryDirectory | None = None
 
-    def start(self) -> TritonServer:
+    def start(self, attempts: int = 3) -> TritonServer:
+        """Starts the server and waits until it is ready. Ports given as 0 are chosen here: tritonserver
+        cannot report a port it picked, so a free one is taken and, if another process binds it
+        first, the start is retried on fresh ports; `config` then holds the ports in use."""
+        wanted = self.config
+        for attempt in range(attempts):
+            self.config = replace(wanted, **{name: getattr(wanted, name) or free_port()
+                                             for name in ("grpc_port", "http_port", "metrics_port")})
+            try:
+                return self._start_once()
+            except RuntimeError as error:
+                lost_a_port = "already in use" in str(error) or "Failed to start" in str(error)
+                if not lost_a_port or attempt == attempts - 1 or self.config == wanted:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _start_once(self) -> TritonServer:
         server_dir = pytriton_server_dir()
         self._workdir = tempfile.TemporaryDirectory(prefix="genserve-triton-")
         work = Path(self._workdir.name)

@@ -9,9 +9,9 @@ from genserve.clients.verbs import Verb
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repository", default="model_repository")
-    parser.add_argument("--grpc-port", type=int, default=8001)
-    parser.add_argument("--http-port", type=int, default=8000)
-    parser.add_argument("--metrics-port", type=int, default=8002)
+    parser.add_argument("--grpc-port", type=int, default=8001, help="0 picks a free port (printed when ready)")
+    parser.add_argument("--http-port", type=int, default=8000, help="0 picks a free port")
+    parser.add_argument("--metrics-port", type=int, default=8002, help="0 picks a free port")
     parser.add_argument("--address", default="127.0.0.1", help="interface to bind (loopback by default)")
 
 
@@ -25,9 +25,10 @@ def run(args: argparse.Namespace) -> int:
     stop_signals = {signal.SIGINT, signal.SIGTERM}
     # Block them so sigwait receives them: the server (its own session) is then always stopped.
     signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
-    with TritonServer(config) as server:
-        print(f"tritonserver ready: gRPC {config.grpc_url}, HTTP {args.address}:{args.http_port}, "
-              f"metrics {args.address}:{args.metrics_port}; Ctrl-C stops it")
+    with TritonServer(config) as server:  # a port given as 0 is chosen at start: server.config has it
+        c = server.config
+        print(f"tritonserver ready: gRPC {c.grpc_url}, HTTP {c.address}:{c.http_port}, "
+              f"metrics {c.address}:{c.metrics_port}; Ctrl-C stops it", flush=True)
         try:
             signal.sigwait(stop_signals)
         finally:

@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     import tritonclient.grpc as grpcclient
 
     from genserve.serving.manifest import load_manifest
-    from genserve.serving.tritonserver import TritonServer, TritonServerConfig, free_port
+    from genserve.serving.tritonserver import TritonServer, TritonServerConfig
 
     folder = Path(args.repository) / args.model
     if not (folder / "genserve.json").exists():
@@ -89,9 +89,8 @@ def run(args: argparse.Namespace) -> int:
     with contextlib.ExitStack() as stack:
         url = args.url
         if url is None:
-            config = TritonServerConfig(Path(args.repository), free_port(), free_port(), free_port())
-            stack.enter_context(TritonServer(config))
-            url = config.grpc_url
+            config = TritonServerConfig(Path(args.repository), 0, 0, 0)
+            url = stack.enter_context(TritonServer(config)).config.grpc_url  # ports chosen at start
         client = stack.enter_context(grpcclient.InferenceServerClient(url))
         rows = [measure(client, manifest, b, args.requests, args.warmup) for b in batches]
     report = {"model": args.model, "url": url, "machine": f"{platform.machine()} {platform.processor()}".strip(),

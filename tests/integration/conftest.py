@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from genserve.serving.tritonserver import TritonServer, TritonServerConfig, free_port
+from genserve.serving.tritonserver import TritonServer, TritonServerConfig
 
 REPOSITORY = Path(__file__).resolve().parents[2] / "model_repository"
 
@@ -14,7 +14,7 @@ REPOSITORY = Path(__file__).resolve().parents[2] / "model_repository"
 @pytest.fixture(scope="session")
 def triton(tmp_path_factory):
     """The committed model_repository/ served by a real tritonserver; yields its gRPC URL."""
-    config = TritonServerConfig(REPOSITORY, free_port(), free_port(), free_port(), startup_timeout_s=300)
+    config = TritonServerConfig(REPOSITORY, 0, 0, 0, startup_timeout_s=300)  # 0: ports chosen at start
     server = TritonServer(config, log_path=tmp_path_factory.mktemp("triton") / "tritonserver.log").start()
-    yield config.grpc_url
+    yield server.config.grpc_url
     server.stop()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -14,21 +15,21 @@ from tritonclient.utils import InferenceServerException
 
 from genserve.export.checkpoint import load_checkpoint, save_checkpoint
 from genserve.export.repository import export_checkpoint
-from genserve.serving.tritonserver import free_port
 from tests.conftest import make_model
 
 
 def test_genserve_triton_serves_until_interrupted(tmp_path):
     save_checkpoint(tmp_path / "tiny_vae", make_model("vae"), training={"data": "none"})
     export_checkpoint(load_checkpoint(tmp_path / "tiny_vae"), tmp_path / "repo")
-    grpc_port = free_port()
-    process = subprocess.Popen(
+    process = subprocess.Popen(  # port 0: the command picks free ports and says which
         [sys.executable, "-m", "genserve.clients.cli", "triton", "--repository", str(tmp_path / "repo"),
-         "--grpc-port", str(grpc_port), "--http-port", str(free_port()), "--metrics-port", str(free_port())],
+         "--grpc-port", "0", "--http-port", "0", "--metrics-port", "0"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
-        assert "tritonserver ready" in process.stdout.readline()
+        ready = process.stdout.readline()
+        assert "tritonserver ready" in ready
+        grpc_port = int(re.search(r"gRPC 127\.0\.0\.1:(\d+),", ready).group(1))
         with grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}") as client:
             z = grpcclient.InferInput("z", [1, 3], "FP32")
             z.set_data_from_numpy(np.zeros((1, 3), np.float32))

@@ -18,7 +18,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from genserve.serving.tritonserver import TritonServer, TritonServerConfig, free_port
+from genserve.serving.tritonserver import TritonServer, TritonServerConfig
 from genserve.v1 import generative_pb2 as pb
 from tests.integration.conftest import REPOSITORY
 from tests.integration.server_fixtures import Connected, server_config, tensor
@@ -71,8 +71,8 @@ def vae_repository(tmp_path):
 
 
 def test_triton_killed_under_load_then_back_and_models_unloaded(vae_repository, capsys):
-    config = TritonServerConfig(vae_repository, free_port(), free_port(), free_port(), explicit_model_control=True)
-    triton = TritonServer(config).start()
+    triton = TritonServer(TritonServerConfig(vae_repository, 0, 0, 0, explicit_model_control=True)).start()
+    config = triton.config  # the ports it got: Triton comes back on the same ones below
     api = Connected(server_config(runtime="triton", triton_url=config.grpc_url, repository=vae_repository))
     try:
         assert health(api, "vae_mnist") == SERVING
@@ -115,8 +115,8 @@ def test_triton_killed_under_load_then_back_and_models_unloaded(vae_repository, 
 def test_a_tampered_artifact_is_refused_inside_triton_and_the_other_models_serve(vae_repository):
     artifact = vae_repository / "vae_mnist_encode" / "1" / "model.onnx"
     artifact.write_bytes(artifact.read_bytes()[:-1] + b"\0")  # the sha256 no longer matches the manifest
-    config = TritonServerConfig(vae_repository, free_port(), free_port(), free_port(), exit_on_model_error=False)
-    triton = TritonServer(config).start()
+    triton = TritonServer(TritonServerConfig(vae_repository, 0, 0, 0, exit_on_model_error=False)).start()
+    config = triton.config
     api = Connected(server_config(runtime="triton", triton_url=config.grpc_url, repository=vae_repository))
     try:
         with grpcclient.InferenceServerClient(config.grpc_url) as client:
