@@ -166,24 +166,22 @@ def mean_batch_rows(metrics_port: int, entry_point: str) -> float:
 def run_serve_bench(config: ServeBenchConfig, progress: Callable[[str], None] = print) -> dict:
     """Runs every comparison; returns the figures (see `format_serve_report`)."""
     from .server import ServerProcess
-    from .tritonserver import free_port
 
     repo, model, c = config.repository, config.model, config.concurrency
     latents = decode_latents(repo, model)
     decode_entry = ModelRegistry.from_repository(repo).get(model).entry("decode")
     results: dict[str, LoadResult] = {}
     common = ("--repository", str(repo), "--metrics-port", "-1")
-    batched_metrics = free_port()
 
     progress(f"in-process ONNX Runtime decode of {model}, batch 1 ...")
     in_process_p50 = in_process_decode(decode_entry.folder, latents)
-    with ServerProcess("--repository", str(repo), "--metrics-port", str(batched_metrics)) as batched, \
+    with ServerProcess("--repository", str(repo), "--metrics-port", "0") as batched, \
             ServerProcess(*common, "--no-batching") as unbatched:
         for label, server in (("batching on", batched), ("batching off", unbatched)):
             progress(f"genserve embedded, {label}, concurrency {c} ...")
             results[f"{label} c{c}"] = asyncio.run(_measure(
                 lambda s=server: genserve_decode(s.address, model, latents), label, config, c))
-        mean_batch = mean_batch_rows(batched_metrics, decode_entry.triton_name)
+        mean_batch = mean_batch_rows(batched.metrics_port, decode_entry.triton_name)
         progress("genserve embedded, concurrency 1 ...")
         results["embedded c1"] = asyncio.run(_measure(
             lambda: genserve_decode(batched.address, model, latents), "genserve embedded", config, 1))

@@ -173,6 +173,7 @@ class ServerProcess:
 
     def __init__(self, *args: str, startup_timeout_s: float = 120.0) -> None:
         self.port: int | None = None  # the port the server bound (it is given port 0 and says which it got)
+        self.metrics_port: int | None = None  # likewise, when started with --metrics-port 0
         self.args = ["serve", "--port", "0", *args]
         self.startup_timeout_s = startup_timeout_s
         self.process = None
@@ -200,6 +201,8 @@ class ServerProcess:
                 found = re.search(r"^genserve serving .* on [^ ]+:(\d+) ", line)
                 if found and not reported.is_set():
                     self.port = int(found.group(1))
+                    metrics = re.search(r"metrics http://[^ ]+:(\d+)/metrics", line)
+                    self.metrics_port = int(metrics.group(1)) if metrics else None
                     reported.set()
             reported.set()
 
