@@ -62,7 +62,8 @@ class ServerConfig:
     grace_seconds: float = 10.0  # shutdown: in-flight requests get this long to finish
     tls_cert: Path | None = None  # PEM certificate chain and key: serve TLS instead of plaintext
     tls_key: Path | None = None
-    auth_token: str | None = None  # when set, Generative calls need `authorization: Bearer <token>`
+    # when set, Generative calls need `authorization: Bearer <token>`; kept out of repr, so never logged
+    auth_token: str | None = field(default=None, repr=False)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     batcher: BatcherConfig = field(default_factory=BatcherConfig)
 

@@ -136,7 +136,8 @@ def test_unavailable_gives_up_after_the_retries_and_other_codes_are_not_retried(
     assert counted() == before + 1
 
 
-def test_tls_and_bearer_tokens(tmp_path):
+def test_tls_and_bearer_tokens(tmp_path, caplog):
+    caplog.set_level("DEBUG")
     key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
                     str(cert), "-days", "1", "-subj", "/CN=localhost",
@@ -160,6 +161,8 @@ def test_tls_and_bearer_tokens(tmp_path):
         with grpc.secure_channel(address, credentials) as channel:  # probes need no token
             status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="vae_mnist"))
         assert status.status == health_pb2.HealthCheckResponse.SERVING
+        # the token appears in no log line and no repr of the configuration (which a log might print)
+        assert "s3cret" not in repr(thread.config) and "s3cret" not in caplog.text
     finally:
         thread.stop()
 
