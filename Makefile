@@ -13,7 +13,7 @@ $(BIN)/genserve: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	# torch first, pinned: on these machines that takes the CPU wheel already on disk;
-	# an open range would pull several GB of CUDA wheels (ENV.md).
+	# an open range would pull several GB of CUDA wheels.
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@

@@ -1,7 +1,7 @@
 """genserve's clients: the Python client library, the CLI verbs, batch jobs and the latency benchmark.
 
 This package imports only the generated API (`genserve.v1`) and its own modules, never model or
-server code (DESIGN.md). The client classes load lazily, so the `genserve` dispatcher (also in
+server code. The client classes load lazily, so the `genserve` dispatcher (also in
 this package) starts without importing grpc or numpy.
 """
 

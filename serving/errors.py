@@ -1,7 +1,7 @@
 """The errors a request can end in, and the one place they become gRPC status codes.
 
 Client mistakes are raised as `RequestError` subclasses carrying their status code, so a
-handler never chooses a code itself (STYLE.md, habit 7). Anything else that escapes a handler
+handler never chooses a code itself. Anything else that escapes a handler
 is a server fault: logged with its traceback and answered INTERNAL without details.
 """
 

@@ -1,9 +1,10 @@
 """What each family does for Sample / Encode / Decode / Score, on top of a runtime's entry points.
 
-DESIGN.md's capability table, in code. Randomness is drawn here, per (seed, sample index),
-from `kernels.sampling` (the same functions the models' own `sample`/`scores` use), and passed
-to deterministic exported graphs: so a served sample or score equals the model's own, in every
-runtime. Inputs arrive validated (validation.py); results leave as the small dataclasses below.
+Which capabilities each family has, and how each is computed. Randomness is drawn here, per
+(seed, sample index), from `kernels.sampling` (the same functions the models' own
+`sample`/`scores` use), and passed to deterministic exported graphs: so a served sample or
+score equals the model's own, in every runtime. Inputs arrive validated (validation.py);
+results leave as the small dataclasses below.
 """
 
 from __future__ import annotations

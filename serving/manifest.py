@@ -1,7 +1,7 @@
 """Reading a model's `genserve.json` manifest and checking its artifacts before loading.
 
-`serving` knows artifacts and manifests only (DESIGN.md: offline and online are separate
-rooms). The manifest format is written by `genserve export` (export/repository.py); this is
+`serving` knows artifacts and manifests only (offline model code stays in `export`). The
+manifest format is written by `genserve export` (export/repository.py); this is
 its reader, and nothing is loaded whose sha256 differs from what the manifest records.
 """
 

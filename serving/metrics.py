@@ -1,4 +1,4 @@
-"""Prometheus metrics, on their own HTTP port (DESIGN.md: `genserve_*`, `_total`/`_seconds`).
+"""Prometheus metrics, on their own HTTP port: `genserve_*`, counters `_total`, durations `_seconds`.
 
 Each server owns a CollectorRegistry rather than the process-global one, so tests and benches
 can run several servers in one process without colliding metric names.

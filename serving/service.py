@@ -1,6 +1,6 @@
 """The gRPC handlers of genserve.v1.Generative: protobuf in, protobuf out, nothing else.
 
-Every RPC takes one path (STYLE.md, habit 2): validate → from_pb (validation.py) → the model's
+Every RPC takes one path: validate → from_pb (validation.py) → the model's
 family (families.py, over a runtime) → to_pb. One decorator per call shape (unary, streaming)
 maps exceptions to status codes (errors.py) and records metrics, so no handler handles errors.
 """

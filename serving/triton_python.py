@@ -1,6 +1,6 @@
 """The logic of genserve's Triton Python-backend models (the generated model.py imports these).
 
-STYLE.md, habit 6: `initialize` reads the manifest once (verifying artifact hashes), `execute`
+Thin by design: `initialize` reads the manifest once (verifying artifact hashes), `execute`
 answers every request with exactly one response, and a bad request gets its own error
 response without failing the others in its batch. `triton_python_backend_utils` exists only
 inside Triton's stub process, so it is imported in `initialize`.

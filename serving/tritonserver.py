@@ -1,7 +1,8 @@
 """Starting and stopping a real Triton Inference Server on loopback.
 
 The `nvidia-pytriton` wheel carries a real `tritonserver` binary with the Python backend
-(ENV.md). This module finds it, assembles a backend folder with the stub for the running
+(and only that backend: a config naming `onnxruntime` or `pytorch` will not load). This
+module finds it, assembles a backend folder with the stub for the running
 Python (in a temporary folder: the installed wheel is never modified), starts the server
 bound to 127.0.0.1 from the current environment (so its Python models import this
 environment's genserve, torch and onnxruntime), waits until it is ready, and stops it by pid.

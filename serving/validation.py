@@ -3,7 +3,7 @@
 Each function takes a request message and the model's spec, and returns plain values (numpy
 arrays, dataclasses) or raises `InvalidArgument` naming the field and what was expected, or
 `ResourceExhausted` for counts over the server's limits. Protobuf types stop here and in
-service.py (STYLE.md, habit 2).
+service.py.
 """
 
 from __future__ import annotations

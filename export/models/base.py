@@ -2,7 +2,7 @@
 
 A model takes and returns *pixel values*: integer tensors of shape (N, C, H, W) with values in
 [0, config.pixel_levels) (2 for binarised images, 256 for 8-bit). What each family can do is
-listed in `capabilities` (DESIGN.md, "Capabilities by family"); asking for anything else
+listed in `capabilities`; asking for anything else
 raises `UnsupportedCapability` naming the family and what it does support.
 """
 

@@ -1,6 +1,6 @@
 """Per-sample deterministic noise and the choice of a pixel value from logits.
 
-DESIGN.md, "The sampling engine": a request's seed gives each sample its own noise tensor,
+Determinism: a request's seed gives each sample its own noise tensor,
 generated independently of batch composition, so the same (model, seed, sample index) yields
 the same image alone or batched, naive or cached, in every runtime. Randomness is drawn here,
 outside any exported graph, and passed in as a tensor.

@@ -1,4 +1,4 @@
-"""DESIGN.md's import rules: clients know only the API, serving never imports export."""
+"""The import rules: clients know only the API, serving never imports export."""
 
 from __future__ import annotations
 
