@@ -230,20 +230,30 @@ def test_a_server_keeps_serving_while_other_requests_fail(connect):
     assert len(answers) == 8 and all(np.array_equal(a, answers[0]) for a in answers)
 
 
-def test_shutdown_turns_health_not_serving_and_the_grace_period_ends_what_is_left(connect):
-    api = connect()
-    check = health_pb2_grpc.HealthStub(api.channel).Check
-    stream = api.stub.SampleStream(pb.SampleRequest(model="gated_pixelcnn_mnist", num_samples=64, seed=4))
-    assert next(stream).WhichOneof("event") == "progress"  # in flight: 64 samples take far longer than the grace
-    stopping = threading.Thread(target=api.thread.stop, kwargs={"grace": 0.5})
-    stopping.start()
-    assert wait_until(lambda: check(health_pb2.HealthCheckRequest(service="vae_mnist")).status
-                      == health_pb2.HealthCheckResponse.NOT_SERVING)
-    with pytest.raises(grpc.RpcError) as caught:
-        list(stream)  # the grace period ran out: the stream is ended, not left hanging
-    assert caught.value.code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE)
-    stopping.join(30)
-    assert not stopping.is_alive()
+def test_shutdown_turns_health_not_serving_and_the_grace_period_ends_what_is_left():
+    api = Connected(server_config())
+    stopping = threading.Thread(target=api.thread.stop, kwargs={"grace": 3.0})
+    # A stopping server refuses new RPCs, health checks included: a Watch opened before sees the change.
+    watch = health_pb2_grpc.HealthStub(api.channel).Watch(health_pb2.HealthCheckRequest(service="vae_mnist"),
+                                                         timeout=60)
+    try:
+        # 512 samples: many times the 3 s grace on any CPU, so the grace period ends the stream
+        stream = api.stub.SampleStream(pb.SampleRequest(model="gated_pixelcnn_mnist", num_samples=512, seed=4))
+        assert next(stream).WhichOneof("event") == "progress"
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        stopping.start()
+        assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING  # pushed as the shutdown begins
+        with pytest.raises(grpc.RpcError) as caught:
+            list(stream)  # the grace period ran out: the stream is ended, not left hanging
+        assert caught.value.code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE)
+        stopping.join(60)
+        assert not stopping.is_alive()
+    finally:
+        if stopping.is_alive():
+            stopping.join(60)
+        elif api.thread.server is not None:  # stopped before the stop thread started
+            api.thread.stop(0)
+        api.channel.close()
 
 
 def test_the_torchscript_backend_serves_the_same_answers(connect):
