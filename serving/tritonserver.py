@@ -91,7 +91,7 @@ class TritonServer:
                 lost_a_port = "already in use" in str(error)  # in Triton's log, which the error carries
                 if not lost_a_port or attempt == attempts - 1 or self.config == wanted:
                     raise
-        raise AssertionError("unreachable")
+        raise ValueError(f"attempts must be >= 1, got {attempts}")
 
     def _start_once(self) -> TritonServer:
         server_dir = pytriton_server_dir()

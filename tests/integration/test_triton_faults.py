@@ -16,19 +16,13 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from genserve.serving.tritonserver import TritonServer, TritonServerConfig
 from genserve.v1 import generative_pb2 as pb
 from tests.integration.conftest import REPOSITORY
 from tests.integration.server_fixtures import Connected, server_config, tensor
+from tests.integration.test_faults import NOT_SERVING, SERVING, health
 from tests.integration.test_server_behaviour import wait_until
-
-SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
-
-
-def health(api: Connected, model: str) -> int:
-    return health_pb2_grpc.HealthStub(api.channel).Check(health_pb2.HealthCheckRequest(service=model)).status
 
 
 def decode_request() -> pb.DecodeRequest:
