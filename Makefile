@@ -7,7 +7,9 @@ BIN := $(VENV)/bin
 CKPT := export/checkpoints
 TRAIN := $(BIN)/genserve train --no-progress
 
-.PHONY: setup run test lint proto shipped-models cards clean
+REPOSITORY := model_repository
+
+.PHONY: setup run test lint proto shipped-models cards repository-sums clean
 
 $(BIN)/genserve: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,12 +20,18 @@ $(BIN)/genserve: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 
-setup: $(BIN)/genserve
+# The shipped Triton model repository, exported from the committed checkpoints (about 20 s) and
+# checked file by file against the committed SHA256SUMS: what git holds is the checkpoints, once.
+$(REPOSITORY)/.exported: $(BIN)/genserve $(REPOSITORY)/SHA256SUMS $(wildcard $(CKPT)/*/model.safetensors)
+	$(BIN)/genserve export shipped --repository $(REPOSITORY) --check-sums $(REPOSITORY)/SHA256SUMS
+	touch $@
+
+setup: $(BIN)/genserve $(REPOSITORY)/.exported
 
 # The main job: serve the shipped models over gRPC (embedded runtime) on 127.0.0.1:50051,
 # Prometheus metrics on :9095, until Ctrl-C.
 run: setup
-	$(BIN)/genserve serve --repository model_repository --port 50051 --metrics-port 9095
+	$(BIN)/genserve serve --repository $(REPOSITORY) --port 50051 --metrics-port 9095
 
 test: setup
 	$(BIN)/python -m pytest -q
@@ -38,18 +46,24 @@ proto: setup
 
 # Retrain the shipped checkpoints (about an hour on a 2-core CPU); each model card records
 # the command that made it. Two jobs run side by side, one thread each.
-shipped-models: setup
+shipped-models: $(BIN)/genserve
 	( OMP_NUM_THREADS=1 $(TRAIN) gated_pixelcnn --out $(CKPT)/gated_pixelcnn_mnist --epochs 30 --lr 1e-3 --lr-decay 0.9 --seed 1 ) & \
 	( OMP_NUM_THREADS=1 $(TRAIN) vae --out $(CKPT)/vae_mnist --epochs 60 --lr 1e-3 --lr-decay 0.97 --seed 1 && \
 	  OMP_NUM_THREADS=1 $(TRAIN) dcgan --out $(CKPT)/dcgan_mnist --epochs 30 --lr 2e-4 --seed 1 --set num_classes=dataset && \
 	  OMP_NUM_THREADS=1 $(TRAIN) realnvp --out $(CKPT)/realnvp_mnist --epochs 15 --lr 1e-3 --lr-decay 0.9 --seed 1 && \
 	  OMP_NUM_THREADS=1 $(TRAIN) pixelcnn --out $(CKPT)/pixelcnn_mnist --epochs 10 --lr 1e-3 --lr-decay 0.9 --seed 1 ) & \
 	wait
-	$(MAKE) cards
+	$(MAKE) cards repository-sums
 
 # Held-out figures, sample grids and model cards for every shipped checkpoint.
-cards: setup
+cards: $(BIN)/genserve
 	for c in $(CKPT)/*/; do $(BIN)/genserve evaluate $$c --card || exit 1; done
+
+# After retraining a shipped model: re-export the repository and record its new checksums.
+repository-sums: $(BIN)/genserve
+	find $(REPOSITORY) -mindepth 1 -maxdepth 1 -type d -exec rm -rf {} +
+	$(BIN)/genserve export shipped --repository $(REPOSITORY) --write-sums $(REPOSITORY)/SHA256SUMS
+	touch $(REPOSITORY)/.exported
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -18,27 +18,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from genserve.serving.artifacts import FP32, INT64, UINT8, TensorSpec
+
 from .models import DCGAN, VAE, GenerativeModel, RealNVP
 from .models.autoregressive import AutoregressiveModel
 from .models.vae import bounds_from_log_weights
-
-TRITON_DTYPES = {torch.uint8: "UINT8", torch.int64: "INT64", torch.float32: "FP32"}
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """One named input or output; `shape` excludes the batch axis, -1 marks a free axis."""
-
-    name: str
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-
-    @property
-    def triton_dtype(self) -> str:
-        return TRITON_DTYPES[self.dtype]
-
-    def to_dict(self) -> dict:
-        return {"name": self.name, "dtype": self.triton_dtype, "shape": list(self.shape)}
 
 
 @dataclass(frozen=True)
@@ -62,11 +46,11 @@ class EntryPoint:
 
 def _image_spec(model: GenerativeModel, name: str = "images") -> TensorSpec:
     c = model.config
-    return TensorSpec(name, torch.uint8, (c.channels, c.image_size, c.image_size))
+    return TensorSpec(name, UINT8, (c.channels, c.image_size, c.image_size))
 
 
 def _label_specs(model: GenerativeModel) -> tuple[TensorSpec, ...]:
-    return (TensorSpec("labels", torch.int64, (1,)),) if model.config.num_classes else ()
+    return (TensorSpec("labels", INT64, (1,)),) if model.config.num_classes else ()
 
 
 def _example_images(model: GenerativeModel, n: int) -> torch.Tensor:
@@ -192,7 +176,7 @@ def entry_points(model: GenerativeModel) -> list[EntryPoint]:
     model = model.eval()
     c = model.config
     image, labels = _image_spec(model), _label_specs(model)
-    f32 = torch.float32
+    f32 = FP32
 
     def images_and_labels(n):
         return (_example_images(model, n), *_example_labels(model, n))

@@ -42,7 +42,7 @@ def export_onnx(entry: EntryPoint, path: str | Path) -> Path:
 
 
 def export_torchscript(entry: EntryPoint, path: str | Path) -> str:
-    """TorchScript by tracing at batch 2; returns "traced".
+    """TorchScript by tracing at batch 2, without debug records; returns "traced".
 
     Why not `torch.jit.script`: the wrappers read Python config dataclasses (sizes, level
     counts) that the scripting compiler cannot compile, and the one family it could compile
@@ -55,4 +55,23 @@ def export_torchscript(entry: EntryPoint, path: str | Path) -> str:
         with torch.no_grad():
             traced = torch.jit.trace(entry.module, entry.example_inputs(2), check_trace=False)
         torch.jit.save(traced, str(path))
+    _drop_debug_records(Path(path))
     return "traced"
+
+
+def _drop_debug_records(path: Path) -> None:
+    """Rewrites a TorchScript archive without its `*.debug_pkl` records.
+
+    Those hold the Python stack of every traced op, with the absolute paths of the checkout
+    that exported it: without them the same export is byte-identical in any directory (the
+    repository's SHA256SUMS depend on it). TorchScript loads without them; its runtime errors
+    lose only the Python source lines.
+    """
+    reader = torch._C.PyTorchFileReader(str(path))
+    records = [(name, reader.get_record(name)) for name in reader.get_all_records()
+               if not name.endswith(".debug_pkl") and name != ".data/serialization_id"]
+    del reader
+    writer = torch._C.PyTorchFileWriter(str(path))  # writes its own serialization id, from the records' CRCs
+    for name, data in records:
+        writer.write_record(name, data, len(data))
+    writer.write_end_of_file()

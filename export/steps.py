@@ -14,10 +14,9 @@ is what lets the engine (serving/engine) batch continuously. The graphs are plai
 tensor-in, tensor-out modules, exported to ONNX and TorchScript like every entry point, so
 the architecture travels in the artifact and the engine stays family-agnostic.
 
-Graph inputs come from a fixed vocabulary the engine knows (`controls`) plus the program's own
-states; outputs are `pixel` and `next_<state>` for each state the graph updates (ONNX forbids
-an output named like an input). A state a graph does not update is left as it was: the step
-reads the row-level caches without copying them.
+The contract with the engine (control inputs, `pixel` and `next_<state>` outputs, the manifest's
+step section) is genserve.serving.artifacts.step. A state a graph does not update is left as
+it was: the step reads the row-level caches without copying them.
 """
 
 from __future__ import annotations
@@ -28,26 +27,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from genserve.serving.artifacts import FP32, INT64, NEXT, PIXEL, UINT8, GraphSignature, StepSection, TensorSpec
 from genserve.serving.kernels.sampling import choose_at_temperature, temperature_rows
 
-from .entry_points import EntryPoint, TensorSpec
+from .entry_points import EntryPoint
 from .models.autoregressive import AutoregressiveModel
 from .models.gated_pixelcnn import GatedPixelCNN, gate
 from .models.pixelcnn import PixelCNN
 
-STEP_FORMAT = "genserve-step/1"
-
 
 def controls(model: AutoregressiveModel, span: int) -> dict[str, TensorSpec]:
-    """The engine's side of the contract, by name: graphs take the inputs they need, steps output `pixel`."""
+    """The engine's side of the contract (artifacts.CONTROLS and PIXEL) with this model's shapes."""
     c = model.config
     return {
-        "positions": TensorSpec("positions", torch.int64, (1,)),  # raster index of the slot's next pixel
-        "pixels": TensorSpec("pixels", torch.uint8, (c.channels, c.image_size, c.image_size)),  # sample so far
-        "noise": TensorSpec("noise", torch.float32, (span, c.channels)),  # uniform noise of the step's pixels
-        "temperature": TensorSpec("temperature", torch.float32, (1,)),
-        "labels": TensorSpec("labels", torch.int64, (1,)),
-        "pixel": TensorSpec("pixel", torch.int64, (span, c.channels)),  # the step's chosen pixels
+        "positions": TensorSpec("positions", INT64, (1,)),  # raster index of the slot's next pixel
+        "pixels": TensorSpec("pixels", UINT8, (c.channels, c.image_size, c.image_size)),  # sample so far
+        "noise": TensorSpec("noise", FP32, (span, c.channels)),  # uniform noise of the step's pixels
+        "temperature": TensorSpec("temperature", FP32, (1,)),
+        "labels": TensorSpec("labels", INT64, (1,)),
+        PIXEL: TensorSpec(PIXEL, INT64, (span, c.channels)),  # the step's chosen pixels
     }
 
 
@@ -68,23 +66,22 @@ class StepProgram:
     length: int  # positions per sample
     span: int  # pixels per step call
 
-    def manifest_section(self) -> dict:
-        return {
-            "format": STEP_FORMAT,
-            "period": self.period,
-            "length": self.length,
-            "span": self.span,
-            "states": [s.to_dict() for s in self.states],
-            "graphs": {
-                g.name: {"inputs": [s.name for s in g.inputs], "outputs": [s.name for s in g.outputs]}
-                for g in (self.refresh, self.step)
-            },
-        }
+    def section(self) -> StepSection:
+        """The manifest's description of this program (kind "graphs": the refresh and step artifacts)."""
+        return StepSection(
+            kind="graphs",
+            states=self.states,
+            graphs={g.name: GraphSignature(tuple(s.name for s in g.inputs), tuple(s.name for s in g.outputs))
+                    for g in (self.refresh, self.step)},
+            period=self.period,
+            length=self.length,
+            span=self.span,
+        )
 
 
 def _next(*states: TensorSpec) -> tuple[TensorSpec, ...]:
     """The output that replaces each state."""
-    return tuple(TensorSpec(f"next_{s.name}", s.dtype, s.shape) for s in states)
+    return tuple(s.renamed(NEXT + s.name) for s in states)
 
 
 class StepModule(nn.Module):
@@ -234,7 +231,7 @@ def gated_program(model: GatedPixelCNN, span: int) -> StepProgram:
     c = model.config
     if c.num_layers < 2:
         raise ValueError("the cached Gated PixelCNN step needs num_layers >= 2")
-    f32, ctl = torch.float32, controls(model, span)
+    f32, ctl = FP32, controls(model, span)
     p0, p = c.first_kernel_size // 2, c.kernel_size // 2
     rest = c.num_layers - 1
     vertical = TensorSpec("vertical", f32, (rest, c.hidden_channels, p, c.image_size))
@@ -259,7 +256,7 @@ def gated_program(model: GatedPixelCNN, span: int) -> StepProgram:
                            _next(vertical, links, image_context, hidden_context), refresh_example),
         step=EntryPoint("step", GatedStep(model),
                         (ctl["positions"], ctl["noise"], ctl["temperature"], links, image_context, hidden_context),
-                        (ctl["pixel"], *_next(image_context, hidden_context)), step_example),
+                        (ctl[PIXEL], *_next(image_context, hidden_context)), step_example),
         period=c.image_size,
         length=c.image_size * c.image_size,
         span=span,
@@ -331,7 +328,7 @@ class PixelCNNStep(StepModule):
 
 def pixelcnn_program(model: PixelCNN, span: int) -> StepProgram:
     c = model.config
-    f32, ctl = torch.float32, controls(model, span)
+    f32, ctl = FP32, controls(model, span)
     p0, p = c.first_kernel_size // 2, c.kernel_size // 2
     image_rows = TensorSpec("image_rows", f32, (c.channels, p0 + 1, c.image_size + 2 * p0))
     block_rows = tuple(
@@ -350,7 +347,7 @@ def pixelcnn_program(model: PixelCNN, span: int) -> StepProgram:
         states=caches,
         refresh=EntryPoint("refresh", RollRows(), caches, _next(*caches), caches_example),
         step=EntryPoint("step", PixelCNNStep(model), (ctl["positions"], ctl["noise"], ctl["temperature"], *caches),
-                        (ctl["pixel"], *_next(*caches)), step_example),
+                        (ctl[PIXEL], *_next(*caches)), step_example),
         period=c.image_size,
         length=c.image_size * c.image_size,
         span=span,
@@ -383,7 +380,7 @@ def eager_runner(model: AutoregressiveModel, span: int | None = None):
     from genserve.serving.engine import StepSpec, TorchStepRunner
 
     program = step_program(model, span)
-    spec = StepSpec.from_section(program.manifest_section(), model.config.to_dict())
+    spec = StepSpec.from_section(program.section(), model.config.to_dict())
     return TorchStepRunner(spec, {"refresh": program.refresh.module, "step": program.step.module})
 
 

@@ -10,15 +10,9 @@ from dataclasses import dataclass, field
 
 from google.protobuf import text_format
 
-FLAVOURS = ("python", "native")  # python: pip-installable Triton (CPU); native: NVIDIA's containers
+from genserve.serving.artifacts import TensorSpec
+
 NATIVE_BACKENDS = {"onnxruntime": "model.onnx", "pytorch": "model.pt"}
-
-
-@dataclass(frozen=True)
-class TensorConfig:
-    name: str
-    data_type: str  # Triton's name without the TYPE_ prefix: FP32, UINT8, INT64
-    dims: tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -48,8 +42,8 @@ class ModelConfig:
     name: str
     backend: str
     max_batch_size: int
-    inputs: tuple[TensorConfig, ...]
-    outputs: tuple[TensorConfig, ...]
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
     dynamic_batching: DynamicBatching | None = field(default_factory=DynamicBatching)
     instance_group: InstanceGroup = field(default_factory=InstanceGroup)
     latest_versions: int = 1  # version policy: serve the newest N versions
@@ -64,12 +58,12 @@ class ModelConfig:
             )
 
 
-def _tensor(t: TensorConfig) -> str:
-    dims = ", ".join(str(d) for d in t.dims)
-    return f'  {{\n    name: "{t.name}"\n    data_type: TYPE_{t.data_type}\n    dims: [ {dims} ]\n  }}'
+def _tensor(t: TensorSpec) -> str:
+    dims = ", ".join(str(d) for d in t.shape)
+    return f'  {{\n    name: "{t.name}"\n    data_type: TYPE_{t.dtype.name}\n    dims: [ {dims} ]\n  }}'
 
 
-def _tensors(kind: str, tensors: tuple[TensorConfig, ...]) -> str:
+def _tensors(kind: str, tensors: tuple[TensorSpec, ...]) -> str:
     return f"{kind} [\n" + ",\n".join(_tensor(t) for t in tensors) + "\n]"
 
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .artifacts import Manifest
 from .limits import MAX_WORK_PER_RUN
-from .manifest import Manifest
 
 
 def onnx_session(path: str | Path):

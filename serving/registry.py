@@ -13,8 +13,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from .artifacts import MANIFEST, Manifest, load_manifest
 from .errors import InvalidArgument, NotFound
-from .manifest import MANIFEST, Manifest, load_manifest
 
 CAPABILITIES = ("sample", "encode", "decode", "score")
 

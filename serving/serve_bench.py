@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .manifest import load_manifest
+from .artifacts import load_manifest
 from .registry import ModelRegistry
 
 

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
+from .artifacts import load_manifest
 from .engine import EngineConfig, OnnxStepRunner, SamplingEngine
 from .entry_runner import OnnxEntryPoint
 from .limits import MAX_IMPORTANCE_SAMPLES
-from .manifest import load_manifest
 
 
 class RequestError(ValueError):
@@ -45,7 +45,7 @@ class _TritonModel:
         return feeds
 
     def _respond(self, outputs: dict[str, np.ndarray]):
-        tensors = [self.pb.Tensor(t.name, outputs[t.name].astype(t.numpy_dtype)) for t in self.manifest.outputs]
+        tensors = [self.pb.Tensor(t.name, outputs[t.name].astype(t.dtype.numpy)) for t in self.manifest.outputs]
         return self.pb.InferenceResponse(output_tensors=tensors)
 
     def _error(self, error: Exception):
@@ -126,7 +126,7 @@ class SamplingModel(_TritonModel):
     def setup(self) -> None:
         self.runner = OnnxStepRunner.load(self.manifest, self.version)
         self.num_classes = self.runner.spec.num_classes
-        slots = self.manifest.raw["batching"]["max_batch_size"]
+        slots = self.manifest.batching.max_batch_size
         self.engine = SamplingEngine(self.runner, EngineConfig(num_slots=slots))
 
     def check(self, feeds):

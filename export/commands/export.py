@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 from genserve.clients.verbs import Verb
 
@@ -21,13 +23,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch-size", type=int, default=64)
     parser.add_argument("--max-queue-delay-us", type=int, default=2000, help="Triton dynamic batching delay")
     parser.add_argument("--instances", type=int, default=1, help="model instances per Triton model")
+    sums = parser.add_mutually_exclusive_group()
+    sums.add_argument("--check-sums", type=Path, metavar="FILE",
+                      help="after exporting, compare every file of the repository with FILE (sha256sum format); "
+                      "exit 1 naming each difference")
+    sums.add_argument("--write-sums", type=Path, metavar="FILE",
+                      help="after exporting, record every file's sha256 in FILE (after retraining a shipped model)")
 
 
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from genserve.export.checkpoint import load_checkpoint, shipped_names
-    from genserve.export.repository import ExportOptions, export_checkpoint
+    from genserve.export.repository import ExportOptions, check_sums, export_checkpoint, write_sums
 
     options = ExportOptions(
         version=args.version, flavour=args.flavour, native_backend=args.native_backend,
@@ -38,6 +46,18 @@ def run(args: argparse.Namespace) -> int:
     for name in tqdm(names, desc="export", unit="checkpoint"):
         for folder in export_checkpoint(load_checkpoint(name), args.repository, options):
             tqdm.write(f"  {folder}")
+    repository = Path(args.repository)
+    if args.write_sums:
+        print(f"{args.write_sums}: {write_sums(repository, args.write_sums)} files")
+    if args.check_sums:
+        problems = check_sums(repository, args.check_sums)
+        for line in problems:
+            print(f"  {line}", file=sys.stderr)
+        if problems:
+            print(f"{repository} differs from {args.check_sums} in {len(problems)} files: the export is not the "
+                  "shipped one (different checkpoints, genserve or torch?)", file=sys.stderr)
+            return 1
+        print(f"{repository} matches {args.check_sums}")
     return 0
 
 
@@ -45,7 +65,8 @@ VERB = Verb(
     help="export checkpoints to ONNX + TorchScript in a Triton model repository",
     description="Write one Triton model per entry point (config.pbtxt, genserve.json manifest with "
     "sha256 of every artifact, version folder with model.onnx, model.pt and, for the python flavour, "
-    "model.py), plus an in-server sampling model per autoregressive checkpoint.",
+    "model.py), plus an in-server sampling model per autoregressive checkpoint. `make setup` runs "
+    "`genserve export shipped --check-sums model_repository/SHA256SUMS`.",
     add_arguments=add_arguments,
     run=run,
 )

@@ -30,11 +30,11 @@ def random_inputs(manifest, batch: int, rng):
     arrays = {}
     for spec in manifest.inputs:
         shape = (batch, *(3 if s == -1 else s for s in spec.shape))
-        if spec.dtype == "FP32":
+        if spec.dtype.name == "FP32":
             arrays[spec.name] = rng.standard_normal(shape).astype(np.float32)
         else:
             high = manifest.model_config.get("pixel_levels", 2) if spec.name == "images" else 1
-            arrays[spec.name] = rng.integers(0, high, shape).astype(spec.numpy_dtype)
+            arrays[spec.name] = rng.integers(0, high, shape).astype(spec.dtype.numpy)
     return arrays
 
 
@@ -45,7 +45,7 @@ def measure(client, manifest, batch: int, requests: int, warmup: int) -> dict:
     import tritonclient.grpc as grpcclient
 
     rng = np.random.default_rng(0)
-    dtypes = {spec.name: spec.dtype for spec in manifest.inputs}
+    dtypes = {spec.name: spec.dtype.name for spec in manifest.inputs}
     inputs = []
     for name, array in random_inputs(manifest, batch, rng).items():
         tensor = grpcclient.InferInput(name, list(array.shape), dtypes[name])
@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
 
     import tritonclient.grpc as grpcclient
 
-    from genserve.serving.manifest import load_manifest
+    from genserve.serving.artifacts import load_manifest
     from genserve.serving.tritonserver import TritonServer, TritonServerConfig
 
     folder = Path(args.repository) / args.model

@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..artifacts import load_manifest
 from ..entry_runner import onnx_session
 from ..kernels.sampling import choose_pixels
-from ..manifest import load_manifest
 from .program import StepRunner, load_step_runner
 from .scheduler import EngineConfig, SamplingEngine
 

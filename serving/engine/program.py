@@ -1,10 +1,10 @@
 """Step programs as the engine sees them: a spec from the manifest and a runner per runtime.
 
 A step program (written by `genserve export`, see export/steps.py) is two graphs, `refresh`
-and `step`, over named cache tensors ("states") and a fixed vocabulary of controls; a graph's
-output `next_<state>` replaces that state, `pixel` is the step's chosen pixel. The
-engine knows only this contract, never the architecture, so one engine runs every family
-that exports a step, in ONNX Runtime or TorchScript, on CPU or GPU.
+and `step`, over named cache tensors ("states") and a fixed vocabulary of controls; its
+contract is the manifest's step section (artifacts.StepSection). The engine knows only this
+contract, never the architecture, so one engine runs every family that exports a step, in
+ONNX Runtime or TorchScript, on CPU or GPU.
 """
 
 from __future__ import annotations
@@ -16,25 +16,16 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..manifest import Manifest, TensorInfo
+from ..artifacts import GraphSignature, Manifest, StepSection, TensorSpec
 
-STEP_FORMAT = "genserve-step/1"
-NEXT = "next_"  # output `next_S` replaces state S
-TORCH_DTYPES = {"UINT8": torch.uint8, "INT64": torch.int64, "FP32": torch.float32}
 RUNTIMES = ("onnx", "torchscript")
 
 
 @dataclass(frozen=True)
-class GraphSignature:
-    inputs: tuple[str, ...]
-    outputs: tuple[str, ...]
-
-
-@dataclass(frozen=True)
 class StepSpec:
-    """What the engine needs to drive a step program."""
+    """What the engine needs to drive a step program: its section and the model's image space."""
 
-    states: tuple[TensorInfo, ...]  # per-slot cache tensors (shape without the slot axis)
+    states: tuple[TensorSpec, ...]  # per-slot cache tensors (shape without the slot axis)
     graphs: Mapping[str, GraphSignature]  # "refresh" and "step"
     period: int  # refresh runs for slots whose position is a multiple of this
     length: int  # positions per sample
@@ -44,30 +35,15 @@ class StepSpec:
     num_classes: int | None
 
     @classmethod
-    def from_section(cls, section: Mapping, model_config: Mapping) -> StepSpec:
-        """From a manifest's "step" section and its "model_config"."""
-        if section.get("format") != STEP_FORMAT:
-            raise ValueError(f"not a {STEP_FORMAT} step program (format={section.get('format')!r})")
-        graphs = {
-            name: GraphSignature(tuple(g["inputs"]), tuple(g["outputs"])) for name, g in section["graphs"].items()
-        }
-        if set(graphs) != {"refresh", "step"} or "pixel" not in graphs["step"].outputs:
-            raise ValueError(f"a step program needs graphs refresh and step (with output pixel), got {graphs}")
-        states = tuple(TensorInfo.from_dict(s) for s in section["states"])
-        names = {s.name for s in states}
-        unknown = [o for g in graphs.values() for o in g.outputs if o != "pixel" and o.removeprefix(NEXT) not in names]
-        if unknown:
-            raise ValueError(f"step program outputs {unknown} are neither 'pixel' nor next_<state> of {sorted(names)}")
+    def from_section(cls, section: StepSection, model_config: Mapping) -> StepSpec:
+        """From a manifest's step section (validated when it was made) and its model_config."""
         size = model_config["image_size"]
-        period, length, span = int(section["period"]), int(section["length"]), int(section["span"])
-        if span < 1 or period % span or length % period:
-            raise ValueError(f"step program: span {span} must divide period {period}, which must divide {length}")
         return cls(
-            states=states,
-            graphs=graphs,
-            period=period,
-            length=length,
-            span=span,
+            states=section.states,
+            graphs=section.graphs,
+            period=section.period,
+            length=section.length,
+            span=section.span,
             sample_shape=(model_config["channels"], size, size),
             levels=model_config["pixel_levels"],
             num_classes=model_config.get("num_classes"),
@@ -75,9 +51,9 @@ class StepSpec:
 
     @classmethod
     def from_manifest(cls, manifest: Manifest) -> StepSpec:
-        if "step" not in manifest.raw or manifest.raw["step"].get("format") != STEP_FORMAT:
-            raise ValueError(f"{manifest.triton_name}: the manifest has no {STEP_FORMAT} step program")
-        return cls.from_section(manifest.raw["step"], manifest.model_config)
+        if manifest.step is None:
+            raise ValueError(f"{manifest.triton_name}: the manifest has no step program")
+        return cls.from_section(manifest.step, manifest.model_config)
 
 
 class StepRunner(ABC):

@@ -27,8 +27,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..artifacts import NEXT, PIXEL
 from ..kernels.sampling import noise_for
-from .program import NEXT, TORCH_DTYPES, StepRunner
+from .program import StepRunner
 
 log = logging.getLogger("genserve.engine")
 
@@ -109,7 +110,7 @@ class SamplingEngine:
         slots, device = self.config.num_slots, runner.device
         channels, height, width = self.spec.sample_shape
         self.states = {
-            s.name: torch.zeros((slots, *s.shape), dtype=TORCH_DTYPES[s.dtype], device=device)
+            s.name: torch.zeros((slots, *s.shape), dtype=s.dtype.torch, device=device)
             for s in self.spec.states
         }
         self.positions = np.zeros(slots, dtype=np.int64)
@@ -276,7 +277,7 @@ class SamplingEngine:
             self._run("refresh", slice(0, n))
         elif len(starting):
             self._run("refresh", starting)
-        pixel = self._run("step", slice(0, n))["pixel"].cpu().numpy()  # (n, span, C)
+        pixel = self._run("step", slice(0, n))[PIXEL].cpu().numpy()  # (n, span, C)
         span = self.spec.span
         taken = positions[:, None] + np.arange(span)  # (n, span)
         self.pixels[np.arange(n)[:, None], :, taken] = pixel

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..manifest import Manifest
+from ..artifacts import Manifest
 from ..registry import ModelRegistry
 
 

@@ -13,12 +13,12 @@ import logging
 
 import numpy as np
 
+from ..artifacts import ArtifactIntegrityError, Manifest
 from ..batcher import BatchPolicy, DynamicBatcher
 from ..config import BatcherConfig, RuntimeConfig
 from ..engine import EngineConfig, EngineStopped, SampleJob, SamplingEngine, load_step_runner
 from ..entry_runner import EntryPointRunner, OnnxEntryPoint, TorchScriptEntryPoint
 from ..errors import DeadlineExceeded, ResourceExhausted, Unavailable
-from ..manifest import ArtifactIntegrityError, Manifest
 from ..metrics import ServerMetrics
 from ..registry import ModelRegistry
 from .base import Progress, ProgressCallback, Runtime, SampleBatch
@@ -30,15 +30,11 @@ def batch_policy(manifest: Manifest, config: BatcherConfig) -> BatchPolicy:
     """The manifest's batching unless the server's config overrides it; disabled = every request alone."""
     if not config.enabled:
         return BatchPolicy(max_batch_size=1, max_queue_delay_s=0.0, max_queued_rows=config.max_queued_rows)
-    batching = manifest.raw["batching"]
-    size = config.max_batch_size or batching["max_batch_size"]
+    batching = manifest.batching
+    size = config.max_batch_size or batching.max_batch_size
     delay_us = config.max_queue_delay_us if config.max_queue_delay_us is not None else \
-        batching["max_queue_delay_microseconds"]
+        batching.max_queue_delay_microseconds
     return BatchPolicy(max_batch_size=size, max_queue_delay_s=delay_us / 1e6, max_queued_rows=config.max_queued_rows)
-
-
-def is_step_program(manifest: Manifest) -> bool:
-    return "step" in manifest.raw
 
 
 class EmbeddedRuntime(Runtime):
@@ -62,9 +58,9 @@ class EmbeddedRuntime(Runtime):
                 log.error("not serving %s: %s", manifest.triton_name, error)
 
     def _load(self, manifest: Manifest) -> None:
-        if is_step_program(manifest):
+        if manifest.step is not None:
             runner = load_step_runner(manifest, self.config.backend, self.config.device)
-            config = EngineConfig(num_slots=manifest.raw["batching"]["max_batch_size"], name=manifest.triton_name)
+            config = EngineConfig(num_slots=manifest.batching.max_batch_size, name=manifest.triton_name)
             engine = SamplingEngine(runner, config)
             engine.start()
             self.engines[manifest.triton_name] = engine

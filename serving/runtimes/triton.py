@@ -15,13 +15,11 @@ import time
 
 import numpy as np
 
+from ..artifacts import Manifest, dtype_of
 from ..config import RuntimeConfig
 from ..errors import DeadlineExceeded, InvalidArgument, Unavailable
-from ..manifest import Manifest
 from ..registry import ModelRegistry
 from .base import ProgressCallback, Runtime, SampleBatch
-
-TRITON_DTYPES = {np.dtype(np.uint8): "UINT8", np.dtype(np.int64): "INT64", np.dtype(np.float32): "FP32"}
 
 
 class TritonRuntime(Runtime):
@@ -80,7 +78,7 @@ class TritonRuntime(Runtime):
 
         inputs = []
         for name, array in feeds.items():
-            tensor = triton.InferInput(name, list(array.shape), TRITON_DTYPES[array.dtype])
+            tensor = triton.InferInput(name, list(array.shape), dtype_of(array).name)
             tensor.set_data_from_numpy(np.ascontiguousarray(array))
             inputs.append(tensor)
         outputs = [triton.InferRequestedOutput(t.name) for t in entry.outputs]
@@ -94,7 +92,7 @@ class TritonRuntime(Runtime):
 
     async def infer(self, entry, feeds, deadline):
         rows = len(next(iter(feeds.values())))
-        step = entry.raw["batching"]["max_batch_size"]
+        step = entry.batching.max_batch_size
         chunks = [{name: a[i : i + step] for name, a in feeds.items()} for i in range(0, rows, step)]
         results = await asyncio.gather(*(self._infer_chunk(entry, chunk, deadline) for chunk in chunks))
         return {name: np.concatenate([r[name] for r in results]) for name in results[0]}

@@ -15,7 +15,7 @@ from tritonclient.utils import InferenceServerException
 from genserve.export.checkpoint import load_checkpoint
 from genserve.export.data import fixed_held_out, load_mnist5k
 from genserve.export.entry_points import entry_points
-from genserve.serving.manifest import load_manifest
+from genserve.serving.artifacts import load_manifest
 from tests.integration.conftest import REPOSITORY
 from tests.rounding import assert_within_rounding, rounding_sigma
 from tests.unit.test_export import as_list, real_inputs

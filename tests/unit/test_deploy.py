@@ -26,7 +26,7 @@ def test_the_dockerfile_serves_the_shipped_repository_on_the_exposed_ports():
     assert (config.address, config.port, config.metrics_port, config.runtime.kind) == \
         ("0.0.0.0", 50051, 9095, "embedded")
     assert re.search(r"^EXPOSE 50051 9095$", text, re.M)
-    assert str(config.repository).startswith("/opt/genserve/") and "COPY model_repository model_repository" in text
+    assert str(config.repository).startswith("/opt/genserve/") and "--check-sums model_repository/SHA256SUMS" in text
 
 
 def test_the_kubernetes_manifest_probes_the_served_port_and_outlasts_the_grace_period():

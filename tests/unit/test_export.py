@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-import filecmp
 import json
+import shutil
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -15,11 +17,11 @@ from genserve.export.checkpoint import load_checkpoint, save_checkpoint
 from genserve.export.data import fixed_held_out, load_mnist5k
 from genserve.export.entry_points import entry_points
 from genserve.export.exporters import export_onnx, export_torchscript
-from genserve.export.repository import ExportOptions, export_checkpoint
-from genserve.export.triton_config import DynamicBatching, ModelConfig, TensorConfig, parse, render
+from genserve.export.repository import ExportOptions, check_sums, export_checkpoint
+from genserve.export.triton_config import DynamicBatching, ModelConfig, parse, render
+from genserve.serving.artifacts import FP32, UINT8, ArtifactIntegrityError, ManifestError, TensorSpec, load_manifest
 from genserve.serving.entry_runner import OnnxEntryPoint, TorchScriptEntryPoint, onnx_session
 from genserve.serving.limits import MAX_WORK_PER_RUN
-from genserve.serving.manifest import ArtifactIntegrityError, load_manifest
 from tests.conftest import SHIPPED, make_model
 from tests.rounding import assert_within_rounding, rounding_sigma
 
@@ -95,7 +97,7 @@ def test_outputs_are_deterministic_functions_of_inputs(shipped, tmp_path):
 def test_generated_config_parses_into_tritons_model_config():
     config = ModelConfig(
         name="m", backend="python", max_batch_size=8,
-        inputs=(TensorConfig("images", "UINT8", (1, 28, 28)),), outputs=(TensorConfig("logit", "FP32", (1,)),),
+        inputs=(TensorSpec("images", UINT8, (1, 28, 28)),), outputs=(TensorSpec("logit", FP32, (1,)),),
         dynamic_batching=DynamicBatching(500, (4, 8)),
     )
     parsed = parse(render(config))
@@ -200,57 +202,75 @@ def test_large_merged_batches_run_in_pieces_of_bounded_work(tmp_path):
         assert_within_rounding(pieces[spec.name], expected, sigma, spec.name)
 
 
-def torchscript_fingerprint(path: Path) -> tuple[str, dict[str, torch.Tensor]]:
-    """What a TorchScript file *means*: its code (mangling counters removed) and its tensors.
-
-    The bytes of two saves of the same traced module differ: torch writes a fresh
-    serialization id, debug source tags, and class names numbered by how many modules the
-    process traced before. The code and the weights do not.
-    """
-    import re
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        module = torch.jit.load(str(path))
-    code = re.sub(r"___torch_mangle_\d+\.", "", module.code)
-    return code, module.state_dict()
+SUMS = REPOSITORY / "SHA256SUMS"
 
 
-def test_committed_repository_equals_a_fresh_export(tmp_path):
-    from genserve.export.checkpoint import shipped_names
+def test_a_fresh_export_of_the_shipped_checkpoints_is_byte_identical_to_the_recorded_sums(tmp_path):
+    # A fresh process, as `make setup` runs it: TorchScript numbers the classes it traces per
+    # process, so only an export that starts from nothing is comparable byte for byte.
+    fresh = tmp_path / "repository"
+    done = subprocess.run(
+        [sys.executable, "-m", "genserve.clients.cli", "export", "shipped", "--repository", str(fresh),
+         "--check-sums", str(SUMS)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "matches" in done.stdout
 
-    assert REPOSITORY.is_dir(), "model_repository/ is missing: run `genserve export shipped`"
-    for name in shipped_names():
-        export_checkpoint(load_checkpoint(name), tmp_path)
 
-    def tracked(p: Path) -> bool:  # what git holds: not the README, not bytecode a Triton left behind
-        return p.is_file() and p.name != "README.md" and "__pycache__" not in p.parts
-
-    committed = sorted(p.relative_to(REPOSITORY) for p in REPOSITORY.rglob("*") if tracked(p))
-    fresh = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if tracked(p))
-    assert committed == fresh
-    drifted = []
-    for p in fresh:
-        old, new = REPOSITORY / p, tmp_path / p
-        if p.suffix == ".pt":
-            (old_code, old_state), (new_code, new_state) = torchscript_fingerprint(old), torchscript_fingerprint(new)
-            same = old_code == new_code and old_state.keys() == new_state.keys() and all(
-                torch.equal(old_state[k], new_state[k]) for k in old_state
-            )
-        elif p.name == "genserve.json":  # identical but for the sha256 of TorchScript files (see above)
-            old_m, new_m = json.loads(old.read_text()), json.loads(new.read_text())
-            for m in (old_m, new_m):
-                m["artifacts"] = {k: v for k, v in m["artifacts"].items() if not k.endswith(".pt")}
-            same = old_m == new_m
-        else:  # ONNX, config.pbtxt, model.py: byte for byte
-            same = filecmp.cmp(old, new, shallow=False)
-        if not same:
-            drifted.append(str(p))
-    assert not drifted, f"model_repository/ differs from a fresh export: {drifted}"
-    # and every committed artifact still has the sha256 its manifest records
+def test_the_generated_repository_matches_its_sums_and_every_manifest(tmp_path):
+    assert REPOSITORY.is_dir(), "model_repository/ is missing: run `make setup`"
+    assert check_sums(REPOSITORY, SUMS) == []
     for folder in REPOSITORY.glob("*/genserve.json"):
         manifest = load_manifest(folder.parent)
         for key in manifest.artifacts:
             manifest.artifact(key.split("/", 1)[1], int(key.split("/", 1)[0]))
     manifest = json.loads((REPOSITORY / "vae_mnist_decode" / "genserve.json").read_text())
     assert manifest["metrics"]["iwae-100"]["is_bound"] is True
+
+
+def test_check_sums_names_a_changed_a_missing_and_an_unlisted_file(tmp_path):
+    from genserve.export.repository import write_sums
+
+    repository = tmp_path / "repo"
+    shutil.copytree(REPOSITORY / "pixelcnn_mnist_logits", repository / "pixelcnn_mnist_logits")
+    sums = tmp_path / "SHA256SUMS"
+    assert write_sums(repository, sums) == 5 and check_sums(repository, sums) == []
+    config = repository / "pixelcnn_mnist_logits" / "config.pbtxt"
+    config.write_bytes(config.read_bytes() + b" ")
+    (repository / "pixelcnn_mnist_logits" / "1" / "model.py").unlink()
+    (repository / "stray.txt").write_text("x")
+    problems = check_sums(repository, sums)
+    assert sorted(p.split(":")[0] for p in problems) == [
+        "pixelcnn_mnist_logits/1/model.py", "pixelcnn_mnist_logits/config.pbtxt", "stray.txt"]
+    assert any("missing" in p for p in problems) and any("not in SHA256SUMS" in p for p in problems)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda m: m.update(format="genserve-manifest/1"), r"format: expected 'genserve-manifest/2'.*re-export"),
+        (lambda m: m["batching"].pop("max_batch_size"), r"batching\.max_batch_size: is missing"),
+        (lambda m: m["inputs"][0].update(dtype="FP16"), r"inputs\[0\]\.dtype: unknown dtype 'FP16'"),
+        (lambda m: m["inputs"][1].update(shape=[0]), r"inputs\[1\]\.shape: must list sizes >= 1 or -1"),
+        (lambda m: m["step"].update(kind="fused"), r"step\.kind: must be one of \('graphs',\)"),
+        (lambda m: m["step"].update(span=5), r"step\.span: 5 must divide period 28"),
+        (lambda m: m["step"]["graphs"]["step"]["outputs"].append("x"), r"step\.graphs: outputs \['x'\]"),
+        (lambda m: m.update(flavour=3), r"flavour: must be str, got 3"),
+    ],
+)
+def test_a_broken_manifest_is_refused_naming_the_file_and_the_field(tmp_path, change, message):
+    folder = tmp_path / "gated_pixelcnn_mnist_sample"
+    folder.mkdir()
+    record = json.loads((REPOSITORY / folder.name / "genserve.json").read_text())
+    change(record)
+    (folder / "genserve.json").write_text(json.dumps(record))
+    with pytest.raises(ManifestError, match=message) as caught:
+        load_manifest(folder)
+    assert str(caught.value).startswith(str(folder / "genserve.json"))
+
+
+def test_a_manifest_reads_back_as_it_was_written():
+    text = (REPOSITORY / "gated_pixelcnn_mnist_sample" / "genserve.json").read_text()
+    manifest = load_manifest(REPOSITORY / "gated_pixelcnn_mnist_sample")
+    assert json.dumps(manifest.to_dict(), indent=2, sort_keys=True) + "\n" == text

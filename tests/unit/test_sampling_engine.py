@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import numpy as np
@@ -9,8 +10,8 @@ import pytest
 import torch
 
 from genserve.export.steps import eager_runner, step_program
-from genserve.serving.engine import EngineConfig, SamplingEngine, StepSpec, load_step_runner
-from genserve.serving.manifest import load_manifest
+from genserve.serving.artifacts import GraphSignature, load_manifest
+from genserve.serving.engine import EngineConfig, SamplingEngine, load_step_runner
 from tests.conftest import make_model
 from tests.rounding import assert_within_rounding, rounding_sigma
 from tests.unit.test_export import REPOSITORY
@@ -198,12 +199,12 @@ def test_an_unconditional_model_refuses_labels():
 
 def test_a_step_section_with_unknown_outputs_or_spans_is_refused():
     model = tiny("gated")
-    section = step_program(model).manifest_section()
-    bad_output = {**section, "graphs": {**section["graphs"], "step": {"inputs": [], "outputs": ["pixel", "x"]}}}
+    section = step_program(model).section()
+    bad_graphs = {**section.graphs, "step": GraphSignature((), ("pixel", "x"))}
     with pytest.raises(ValueError, match="neither 'pixel' nor next_"):
-        StepSpec.from_section(bad_output, model.config.to_dict())
-    with pytest.raises(ValueError, match="span 4 must divide period 6"):
-        StepSpec.from_section({**section, "span": 4}, model.config.to_dict())
+        dataclasses.replace(section, graphs=bad_graphs)
+    with pytest.raises(ValueError, match="span: 4 must divide period 6"):
+        dataclasses.replace(section, span=4)
     with pytest.raises(ValueError, match="span must divide the image width"):
         step_program(model, span=4)
 
