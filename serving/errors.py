@@ -20,8 +20,8 @@ class RequestError(Exception):
         self.message = message
 
 
-class InvalidArgument(RequestError):
-    """A malformed field: the message names the field and what was expected."""
+class InvalidArgument(RequestError, ValueError):
+    """A malformed field: the message names the field and what was expected (a ValueError to non-gRPC callers)."""
 
     def __init__(self, field: str, expected: str) -> None:
         super().__init__(f"{field}: {expected}")

@@ -15,11 +15,9 @@ import numpy as np
 from .artifacts import load_manifest
 from .engine import EngineConfig, OnnxStepRunner, SamplingEngine
 from .entry_runner import OnnxEntryPoint
+from .errors import InvalidArgument
 from .limits import MAX_IMPORTANCE_SAMPLES
-
-
-class RequestError(ValueError):
-    """A client mistake in one request: reported in that request's response only."""
+from .sampling_args import check_sampling
 
 
 class _TritonModel:
@@ -40,7 +38,7 @@ class _TritonModel:
         for spec in self.manifest.inputs:
             tensor = self.pb.get_input_tensor_by_name(request, spec.name)
             if tensor is None:
-                raise RequestError(f"input '{spec.name}' is required")
+                raise InvalidArgument(spec.name, "input is required")
             feeds[spec.name] = tensor.as_numpy()
         return feeds
 
@@ -91,27 +89,12 @@ class OnnxEntryPointModel(_TritonModel):
         for spec in self.manifest.inputs:
             for axis, (size, declared) in enumerate(zip(feeds[spec.name].shape[1:], spec.shape), start=1):
                 if declared == -1 and size > MAX_IMPORTANCE_SAMPLES:
-                    raise RequestError(f"'{spec.name}' has {size} entries on axis {axis}, over the limit of "
-                                       f"{MAX_IMPORTANCE_SAMPLES}")
+                    raise InvalidArgument(spec.name, f"has {size} entries on axis {axis}, over the limit of "
+                                          f"{MAX_IMPORTANCE_SAMPLES}")
         return feeds
 
     def compute(self, feeds):
         return self.runner.run_merged(feeds)
-
-
-def check_sampling_controls(feeds: dict[str, np.ndarray], num_classes: int | None) -> dict[str, np.ndarray]:
-    """Validates one sampling request's rows: seeds/indices >= 0, finite temperature >= 0, labels in range."""
-    for name in ("seed", "index"):
-        if np.any(feeds[name] < 0):
-            raise RequestError(f"'{name}' must be >= 0, got {int(feeds[name].min())}")
-    t = feeds["temperature"]
-    if not np.all(np.isfinite(t)) or np.any(t < 0):
-        raise RequestError(f"'temperature' must be finite and >= 0, got {t.ravel().tolist()}")
-    if num_classes is not None:
-        labels = feeds["labels"]
-        if np.any(labels < 0) or np.any(labels >= num_classes):
-            raise RequestError(f"'labels' must lie in [0, {num_classes}), got {labels.ravel().tolist()}")
-    return feeds
 
 
 class SamplingModel(_TritonModel):
@@ -130,7 +113,9 @@ class SamplingModel(_TritonModel):
         self.engine = SamplingEngine(self.runner, EngineConfig(num_slots=slots))
 
     def check(self, feeds):
-        return check_sampling_controls(feeds, self.num_classes)
+        check_sampling(feeds["seed"], feeds["index"], feeds["temperature"], feeds.get("labels"), self.num_classes,
+                       index_field="index")
+        return feeds
 
     def compute(self, feeds):
         jobs = []

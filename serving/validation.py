@@ -18,9 +18,8 @@ from .errors import InvalidArgument, ResourceExhausted
 from .families import SampleParams
 from .limits import MAX_IMPORTANCE_SAMPLES
 from .registry import ModelSpec
+from .sampling_args import MAX_SEED, check_labels, check_sampling
 from .tensors import to_numpy
-
-MAX_SEED = 2**63  # seeds and sample indices travel as Triton INT64
 
 
 def check_count(field: str, count: int, limit: int) -> None:
@@ -45,10 +44,7 @@ def labels_for(spec: ModelSpec, labels, count: int, field: str = "labels", defau
         raise InvalidArgument(field, f"model '{spec.name}' is conditional: give one label for all rows or {count}")
     if len(labels) not in (1, count):
         raise InvalidArgument(field, f"give 1 label or {count} (one per row), got {len(labels)}")
-    bad = [v for v in labels if not 0 <= v < spec.num_classes]
-    if bad:
-        raise InvalidArgument(field, f"labels must lie in [0, {spec.num_classes}), got {bad[:8]}")
-    return np.broadcast_to(np.asarray(labels, dtype=np.int64), (count,)).copy()
+    return check_labels(labels * count if len(labels) == 1 else labels, count, spec.num_classes, field)
 
 
 def images_from(tensor: pb.Tensor, spec: ModelSpec, limit: int, field: str = "images") -> np.ndarray:
@@ -72,14 +68,10 @@ def latents_from(tensor: pb.Tensor, spec: ModelSpec, limit: int, field: str = "l
 def sample_params(request: pb.SampleRequest, spec: ModelSpec, limit: int) -> SampleParams:
     check_count("num_samples", request.num_samples, limit)
     seed = request.seed if request.HasField("seed") else secrets.randbelow(MAX_SEED)
-    if seed >= MAX_SEED:
-        raise InvalidArgument("seed", f"must be < 2**63, got {seed}")
-    if request.start_index + request.num_samples > MAX_SEED:
-        raise InvalidArgument("start_index", f"start_index + num_samples must be <= 2**63, got {request.start_index}")
     temperature = request.temperature if request.HasField("temperature") else 1.0
-    if not np.isfinite(temperature) or temperature < 0:
-        raise InvalidArgument("temperature", f"must be finite and >= 0, got {temperature}")
     labels = labels_for(spec, request.labels, request.num_samples, default_cycle=True)
+    indices = range(request.start_index, request.start_index + request.num_samples)
+    check_sampling(seed, indices, temperature, labels, spec.num_classes, index_field="start_index")
     return SampleParams(request.num_samples, seed, request.start_index, float(temperature), labels)
 
 

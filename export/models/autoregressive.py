@@ -47,9 +47,7 @@ class AutoregressiveModel(GenerativeModel):
         The serving engine's cached sampler must reproduce these images exactly from the same
         noise; this loop is the ground truth it is tested against.
         """
-        if n < 1:
-            raise ValueError(f"n must be >= 1, got {n}")
-        labels = self.check_labels(labels, n)
+        labels = self.check_sample_args(n, seed, temperature, labels)
         c = self.config
         shape = (c.channels, c.image_size, c.image_size)
         noise = uniform_noise(seed, range(n), shape)  # (N, C, H, W)

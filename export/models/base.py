@@ -17,6 +17,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from genserve.serving.sampling_args import check_labels, check_sampling
+
 SAMPLE, ENCODE, DECODE, SCORE = "sample", "encode", "decode", "score"
 
 
@@ -164,22 +166,22 @@ class GenerativeModel(nn.Module):
 
     def check_labels(self, labels: torch.Tensor | None, n: int) -> torch.Tensor | None:
         """Validates class labels: required (N,) in range for conditional models, else None."""
-        classes = self.config.num_classes
-        if classes is None:
-            if labels is not None:
-                raise ValueError(f"this {self.family} model is unconditional; labels must be omitted")
-            return None
-        if labels is None:
-            raise ValueError(f"this {self.family} model is conditional on {classes} classes; labels are required")
-        labels = torch.as_tensor(labels)
-        if labels.shape != (n,) or labels.is_floating_point():
-            raise ValueError(
-                f"labels must be an integer tensor of shape ({n},), got {labels.dtype} {tuple(labels.shape)}"
-            )
-        labels = labels.long()
-        if n and (int(labels.min()) < 0 or int(labels.max()) >= classes):
-            raise ValueError(f"labels must lie in [0, {classes}), got [{int(labels.min())}, {int(labels.max())}]")
-        return labels
+        if labels is not None:
+            labels = torch.as_tensor(labels)
+            if labels.shape != (n,) or labels.is_floating_point():
+                raise ValueError(
+                    f"labels must be an integer tensor of shape ({n},), got {labels.dtype} {tuple(labels.shape)}"
+                )
+        checked = check_labels(None if labels is None else labels.cpu().numpy(), n, self.config.num_classes)
+        return None if checked is None else torch.from_numpy(checked).to(labels.device)
+
+    def check_sample_args(self, n: int, seed: int, temperature: float, labels: torch.Tensor | None
+                          ) -> torch.Tensor | None:
+        """`sample`'s arguments, checked as every sampling path checks them; returns the labels."""
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        check_sampling(seed, range(n), temperature, None, None)
+        return self.check_labels(labels, n)
 
     def _unsupported(self, what: str) -> UnsupportedCapability:
         return UnsupportedCapability(

@@ -131,10 +131,7 @@ class DCGAN(GenerativeModel):
     @torch.inference_mode()
     def sample(self, n: int, seed: int, temperature: float = 1.0, labels: torch.Tensor | None = None) -> torch.Tensor:
         """z ~ N(0, temperature^2 I) per sample (the truncation-free 'temperature' of GANs), then G(z)."""
-        if n < 1:
-            raise ValueError(f"n must be >= 1, got {n}")
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        self.check_sample_args(n, seed, temperature, labels)
         return self.decode(gaussian_noise(seed, range(n), (self.config.latent_dim,)) * temperature, labels)
 
     def discriminate(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:

@@ -207,10 +207,7 @@ class RealNVP(GenerativeModel):
     @torch.inference_mode()
     def sample(self, n: int, seed: int, temperature: float = 1.0, labels: torch.Tensor | None = None) -> torch.Tensor:
         """z ~ N(0, temperature^2 I) per sample, then the inverse flow."""
-        if n < 1:
-            raise ValueError(f"n must be >= 1, got {n}")
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        self.check_sample_args(n, seed, temperature, labels)
         c = self.config
         z = gaussian_noise(seed, range(n), (c.channels, c.image_size, c.image_size)) * temperature
         return self.decode(z, labels)

@@ -110,9 +110,7 @@ class VAE(GenerativeModel):
     @torch.inference_mode()
     def sample(self, n: int, seed: int, temperature: float = 1.0, labels: torch.Tensor | None = None) -> torch.Tensor:
         """z ~ N(0, I), then each pixel ~ Bernoulli(p) by inverse CDF on per-sample noise."""
-        if n < 1:
-            raise ValueError(f"n must be >= 1, got {n}")
-        self.check_labels(labels, n)
+        self.check_sample_args(n, seed, temperature, labels)
         c = self.config
         z = gaussian_noise(seed, range(n), (c.latent_dim,))
         pixel_noise = uniform_noise(seed, range(n), (c.channels, c.image_size, c.image_size), stream=1)

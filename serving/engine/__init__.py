@@ -1,14 +1,26 @@
-"""The sampling engine: cached step programs run slot by slot with continuous batching."""
+"""The sampling engine: cached step programs run slot by slot with continuous batching.
 
+core.py (SamplingEngine: requests, the thread, schedule → execute → update), scheduler.py
+(admission policy → StepPlan), runner.py (slot state, inputs, the step program's calls),
+jobs.py (SampleJob, JobStatus), program.py (StepSpec and a StepRunner per runtime).
+"""
+
+from .core import EngineConfig, EngineStopped, SamplingEngine
+from .jobs import JobStatus, SampleJob
 from .program import OnnxStepRunner, StepRunner, StepSpec, TorchStepRunner, load_step_runner
-from .scheduler import EngineConfig, EngineStopped, SampleJob, SamplingEngine
+from .scheduler import ContinuousScheduler, Scheduler, StaticScheduler, StepPlan
 
 __all__ = [
+    "ContinuousScheduler",
     "EngineConfig",
     "EngineStopped",
+    "JobStatus",
     "OnnxStepRunner",
     "SampleJob",
     "SamplingEngine",
+    "Scheduler",
+    "StaticScheduler",
+    "StepPlan",
     "StepRunner",
     "StepSpec",
     "TorchStepRunner",

@@ -16,7 +16,7 @@ import numpy as np
 from ..artifacts import ArtifactIntegrityError, Manifest
 from ..batcher import BatchPolicy, DynamicBatcher
 from ..config import BatcherConfig, RuntimeConfig
-from ..engine import EngineConfig, EngineStopped, SampleJob, SamplingEngine, load_step_runner
+from ..engine import EngineConfig, EngineStopped, JobStatus, SampleJob, SamplingEngine, load_step_runner
 from ..entry_runner import EntryPointRunner, OnnxEntryPoint, TorchScriptEntryPoint
 from ..errors import DeadlineExceeded, ResourceExhausted, Unavailable
 from ..metrics import ServerMetrics
@@ -132,12 +132,12 @@ class EmbeddedRuntime(Runtime):
         except asyncio.CancelledError:
             job.cancel()  # the engine frees its slots at the next step boundary
             raise
-        if job.error == "deadline exceeded":
+        if job.status is JobStatus.DEADLINE_EXCEEDED:
             raise DeadlineExceeded(f"deadline exceeded after {int(job.rows_done.min())} of "
                                    f"{job.images.shape[2]} rows; the samples were dropped")
         if engine.died is not None:
             raise self._unavailable(sampler.triton_name)
-        if job.error is not None:
+        if job.status is not JobStatus.FINISHED:
             raise RuntimeError(job.error)
         return job.images
 

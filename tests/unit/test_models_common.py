@@ -89,7 +89,7 @@ def test_labels_are_validated():
     x = torch.zeros(2, 1, 4, 4, dtype=torch.long)
     with pytest.raises(ValueError, match="conditional on 3 classes; labels are required"):
         conditional.log_prob(x)
-    with pytest.raises(ValueError, match="labels must lie in \\[0, 3\\), got \\[0, 3\\]"):
+    with pytest.raises(ValueError, match="labels must lie in \\[0, 3\\), got \\[3\\]"):
         conditional.log_prob(x, torch.tensor([0, 3]))
     with pytest.raises(ValueError, match="shape \\(2,\\)"):
         conditional.log_prob(x, torch.tensor([0]))
@@ -101,8 +101,10 @@ def test_sample_count_and_temperature_are_validated():
     model = make_model("pixelcnn")
     with pytest.raises(ValueError, match="n must be >= 1, got 0"):
         model.sample(0, seed=1)
-    with pytest.raises(ValueError, match="temperature must be >= 0"):
+    with pytest.raises(ValueError, match="temperature: must be finite and >= 0, got -1.0"):
         model.sample(1, seed=1, temperature=-1.0)
+    with pytest.raises(ValueError, match="seed: must be >= 0, got -2"):
+        model.sample(1, seed=-2)
 
 
 def test_unknown_family_is_named():

@@ -11,7 +11,15 @@ import torch
 
 from genserve.export.steps import eager_runner, step_program
 from genserve.serving.artifacts import GraphSignature, load_manifest
-from genserve.serving.engine import EngineConfig, SamplingEngine, load_step_runner
+from genserve.serving.engine import (
+    ContinuousScheduler,
+    EngineConfig,
+    JobStatus,
+    SampleJob,
+    SamplingEngine,
+    StaticScheduler,
+    load_step_runner,
+)
 from tests.conftest import make_model
 from tests.rounding import assert_within_rounding, rounding_sigma
 from tests.unit.test_export import REPOSITORY
@@ -221,3 +229,33 @@ def test_the_committed_step_artifacts_reproduce_naive_sampling_of_the_shipped_mo
     runner = load_step_runner(load_manifest(REPOSITORY / "gated_pixelcnn_mnist_sample"), runtime)
     engine = SamplingEngine(runner, EngineConfig(num_slots=2))
     assert np.array_equal(engine.generate(21, 2), shipped_naive_samples)
+
+
+def _job(count: int) -> SampleJob:
+    return SampleJob(seed=0, indices=tuple(range(count)), temperature=1.0, labels=None,
+                     images=np.zeros((count, 1, 2, 2), np.uint8), rows_done=np.zeros(count, np.int64))
+
+
+def test_schedulers_fill_free_slots_in_arrival_order_and_static_waits_for_an_empty_engine():
+    first, second = _job(3), _job(2)
+    plan = ContinuousScheduler().plan([first, second], active=1, num_slots=6)
+    assert [(a.job, a.samples) for a in plan.admit] == [(first, range(0, 3)), (second, range(0, 2))]
+    plan = ContinuousScheduler().plan([first, second], active=2, num_slots=6)
+    assert [(a.job, a.samples) for a in plan.admit] == [(first, range(0, 3)), (second, range(0, 1))]
+    assert plan.admitted == 4
+    assert StaticScheduler().plan([first, second], active=1, num_slots=6).admit == ()
+    assert StaticScheduler().plan([first, second], active=0, num_slots=4).admitted == 4
+
+
+def test_a_job_ends_with_the_status_of_how_it_ended():
+    model = tiny("gated")
+    engine = make_engine(model, num_slots=1)
+    kept, doomed, late = engine.submit(1, 1), engine.submit(2, 1), engine.submit(3, 1, deadline=time.monotonic() - 1)
+    assert kept.status is JobStatus.WAITING
+    doomed.cancel()
+    engine.step()
+    assert kept.status is JobStatus.RUNNING
+    engine.run_until_idle()
+    assert (kept.status, doomed.status, late.status) == (
+        JobStatus.FINISHED, JobStatus.CANCELLED, JobStatus.DEADLINE_EXCEEDED)
+    assert all(job.done.is_set() for job in (kept, doomed, late))

@@ -1,0 +1,266 @@
+"""Step-level continuous batching over a fixed set of sample slots.
+
+The engine owns `num_slots` slots; each active slot is one sample in progress. One engine
+step, in the shape schedule → execute → update:
+  1. retire slots whose job was cancelled or ran past its deadline;
+  2. schedule: the scheduler (scheduler.py) plans which waiting samples take free slots;
+  3. execute: the slot runner (runner.py) calls the step program once on every active slot
+     (one call advances every slot by the program's span: a whole row for the exported programs);
+  4. update: copy completed rows to their jobs, retire finished samples, end finished jobs.
+
+A sample's noise depends only on (seed, sample index) (kernels.sampling.noise_for), so the
+images do not depend on what else shares the batch, or when the sample joined it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..sampling_args import check_sampling
+from .jobs import JobStatus, SampleJob
+from .program import StepRunner
+from .runner import SlotRunner
+from .scheduler import SCHEDULERS, StepPlan
+
+log = logging.getLogger("genserve.engine")
+
+
+class EngineStopped(RuntimeError):
+    """The engine's thread has died: nothing submitted to it will run."""
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    num_slots: int = 64
+    batching: str = "continuous"  # or "static": admit only into an empty engine (the baseline)
+    name: str = "sampler"  # the model it samples, for log lines
+
+    def __post_init__(self) -> None:
+        if self.num_slots < 1:
+            raise ValueError(f"num_slots must be >= 1, got {self.num_slots}")
+        if self.batching not in SCHEDULERS:
+            raise ValueError(f"batching must be one of {tuple(SCHEDULERS)}, got {self.batching!r}")
+
+
+class SamplingEngine:
+    """Runs a step program for many sample slots at once; see the module docstring."""
+
+    def __init__(self, runner: StepRunner, config: EngineConfig | None = None) -> None:
+        self.runner, self.spec = runner, runner.spec  # the step program, in its runtime
+        self.config = config or EngineConfig()
+        self.scheduler = SCHEDULERS[self.config.batching]()
+        self.slots = SlotRunner(runner, self.config.num_slots)
+        self.steps_run = 0
+        self._waiting: deque[SampleJob] = deque()
+        self._wake = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._look_for_drops = False  # a job was cancelled, or one has a deadline
+        self.died: str | None = None  # why the engine thread died, once it has
+
+    @property
+    def active(self) -> int:
+        """Slots holding a sample in progress."""
+        return self.slots.active
+
+    # ---- requests ---------------------------------------------------------------------------
+    def submit(
+        self,
+        seed: int,
+        count: int | None = None,
+        temperature: float = 1.0,
+        labels: Sequence[int] | None = None,
+        indices: Sequence[int] | None = None,
+        deadline: float | None = None,
+        on_progress: Callable[[SampleJob], None] | None = None,
+        on_done: Callable[[SampleJob], None] | None = None,
+    ) -> SampleJob:
+        """Queues samples `indices` (default 0..count-1) of `seed`; returns the job to wait on.
+
+        Args:
+            seed: the request's seed; sample k's noise is keyed by (seed, indices[k]).
+            count: how many samples (when `indices` is not given).
+            temperature: >= 0; 0 takes the most likely value of every pixel.
+            labels: one class label per sample, for a conditional model.
+            indices: explicit sample indices (e.g. to regenerate sample 17 of a seed alone).
+            deadline: a `time.monotonic()` time after which the job is dropped.
+            on_progress: called from the engine thread whenever samples of the job finish rows.
+            on_done: called from the engine thread when the job ends (finished, cancelled or expired).
+
+        Raises:
+            ValueError: bad counts; InvalidArgument (a ValueError) naming a bad seed, index, temperature or label.
+            EngineStopped: the engine's thread has died.
+        """
+        indices = tuple(range(count)) if indices is None else tuple(int(i) for i in indices)
+        if not indices or (count is not None and count != len(indices)):
+            raise ValueError(f"count must be >= 1 and match indices, got count={count}, {len(indices)} indices")
+        check_sampling(seed, indices, temperature, labels, self.spec.num_classes)
+        job = SampleJob(
+            seed=seed, indices=indices, temperature=float(temperature),
+            labels=None if labels is None or not self.spec.num_classes else tuple(int(v) for v in labels),
+            images=np.zeros((len(indices), *self.spec.sample_shape), dtype=np.uint8),
+            rows_done=np.zeros(len(indices), dtype=np.int64), deadline=deadline, on_progress=on_progress,
+            on_done=on_done,
+        )
+        job._notify = self._note_drop
+        with self._wake:
+            if self.died is not None:
+                raise EngineStopped(f"the sampling engine has stopped ({self.died})")
+            self._waiting.append(job)
+            self._look_for_drops |= deadline is not None
+            self._wake.notify()
+        return job
+
+    def generate(self, seed: int, count: int, temperature: float = 1.0,
+                 labels: Sequence[int] | None = None) -> np.ndarray:
+        """Samples synchronously (no background thread may be running): (count, C, H, W) uint8."""
+        if self._thread is not None:
+            raise RuntimeError("generate() drives the engine itself; use submit() while the engine thread runs")
+        job = self.submit(seed, count, temperature, labels)
+        self.run_until_idle()
+        return job.images
+
+    @property
+    def queued_samples(self) -> int:
+        """Samples submitted but not yet in a slot."""
+        with self._wake:
+            return sum(len(job.unadmitted) for job in self._waiting)
+
+    def _note_drop(self) -> None:
+        with self._wake:
+            self._look_for_drops = True
+            self._wake.notify()
+
+    # ---- the thread -------------------------------------------------------------------------
+    def run_until_idle(self) -> None:
+        while self.step():
+            pass
+
+    def start(self) -> None:
+        """Runs the engine in a background thread until `stop()`."""
+        if self._thread is None:
+            self._stopping = False
+            self._thread = threading.Thread(target=self._loop, name="genserve-sampling-engine", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    @property
+    def alive(self) -> bool:
+        """Whether submitted samples will run: the thread is running (or was never started) and never died."""
+        return self.died is None and (self._thread is None or self._thread.is_alive())
+
+    def _loop(self) -> None:
+        try:
+            self._serve()
+        except BaseException as error:  # noqa: BLE001 - the thread is ending: no caller may wait forever
+            with self._wake:
+                self.died = f"{type(error).__name__}: {error}"
+            log.error("the sampling engine of %s died (%s); its requests fail UNAVAILABLE", self.config.name, self.died)
+            self._fail_all(f"the sampling engine has stopped ({self.died})")
+
+    def _serve(self) -> None:
+        while True:
+            with self._wake:
+                while not self._stopping and not self._waiting and self.active == 0:
+                    self._wake.wait()
+                if self._stopping:
+                    return
+            try:
+                self.step()
+            except Exception as error:  # noqa: BLE001 - a failed step must not hang every waiting caller
+                self._fail_all(f"sampling engine error: {type(error).__name__}: {error}")
+
+    def _fail_all(self, error: str) -> None:
+        """Ends every job in the engine as FAILED and frees all slots (the thread keeps serving)."""
+        for slot in range(self.active - 1, -1, -1):
+            job, _ = self.slots.slot_jobs[slot]
+            self.slots.release(slot)
+            job.end(JobStatus.FAILED, error)
+        with self._wake:
+            while self._waiting:
+                self._waiting.popleft().end(JobStatus.FAILED, error)
+
+    # ---- one step ---------------------------------------------------------------------------
+    def step(self) -> bool:
+        """One engine step (module docstring); False when there was nothing to do."""
+        if self._look_for_drops:
+            self._retire_dropped()
+        self._admit(self._schedule())
+        if self.active == 0:
+            return False
+        ended_rows = self.slots.execute()
+        self.steps_run += 1
+        if len(ended_rows):
+            self._finish_rows(ended_rows)
+        return True
+
+    def _schedule(self) -> StepPlan:
+        with self._wake:
+            now = time.monotonic()
+            while self._waiting and (why := self._waiting[0].dropped(now)) is not None:
+                self._waiting.popleft().end(why)
+            live = [job for job in self._waiting if job.dropped(now) is None]
+            return self.scheduler.plan(live, self.active, self.config.num_slots)
+
+    def _admit(self, plan: StepPlan) -> None:
+        for admission in plan.admit:
+            job = admission.job
+            self.slots.occupy(job, admission.samples)
+            job._admitted += len(admission.samples)
+            if not job.unadmitted:
+                job.status = JobStatus.RUNNING
+                with self._wake:
+                    self._waiting.remove(job)
+
+    def _finish_rows(self, slots: np.ndarray) -> None:
+        """Copies each slot's just-completed row to its job; retires finished samples."""
+        height = self.spec.sample_shape[1]
+        finished, progressed = [], {}
+        for slot in slots.tolist():
+            job, k, row, pixels = self.slots.completed_row(slot)
+            job.images[k, :, row] = pixels
+            job.rows_done[k] = row + 1
+            progressed[id(job)] = job
+            if row + 1 == height:
+                finished.append(slot)
+        for job in progressed.values():
+            if job.on_progress is not None:
+                job.on_progress(job)
+        for slot in sorted(finished, reverse=True):
+            job, _ = self.slots.slot_jobs[slot]
+            self.slots.release(slot)
+            job._finished += 1
+            if job._finished == job.count:
+                job.end(JobStatus.FINISHED)
+
+    def _retire_dropped(self) -> None:
+        self._look_for_drops = False
+        now = time.monotonic()
+        for slot in range(self.active - 1, -1, -1):
+            job, _ = self.slots.slot_jobs[slot]
+            self._look_for_drops |= job.deadline is not None
+            why = job.dropped(now)
+            if why is not None:
+                self.slots.release(slot)
+                job.end(why)
+        with self._wake:
+            for job in list(self._waiting):
+                why = job.dropped(now)
+                if why is not None:
+                    self._waiting.remove(job)
+                    job.end(why)
+            self._look_for_drops |= any(job.deadline is not None for job in self._waiting)

@@ -1,0 +1,121 @@
+"""The engine's slots: per-sample state, input building and the step program's calls.
+
+Cache states live in torch tensors on the step runner's device; the per-slot bookkeeping
+touched every step (positions, noise, pixels) lives in host numpy arrays, where a batch-1
+step costs microseconds of Python rather than a dozen tensor dispatches. Active slots are
+kept packed at the front of every per-slot array (a released slot takes the last active
+slot's row), so graphs run on plain leading slices, never on idle slots.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..artifacts import NEXT, PIXEL
+from ..kernels.sampling import noise_for
+from .jobs import SampleJob
+from .program import StepRunner
+
+
+class SlotRunner:
+    def __init__(self, runner: StepRunner, num_slots: int) -> None:
+        self.runner, self.spec = runner, runner.spec
+        channels, height, width = self.spec.sample_shape
+        self.states = {
+            s.name: torch.zeros((num_slots, *s.shape), dtype=s.dtype.torch, device=runner.device)
+            for s in self.spec.states
+        }
+        self.positions = np.zeros(num_slots, dtype=np.int64)
+        self.temperature = np.zeros((num_slots, 1), dtype=np.float32)
+        self.labels = np.zeros((num_slots, 1), dtype=np.int64)
+        self.noise = np.zeros((num_slots, self.spec.length, channels), dtype=np.float32)  # per position: (C,)
+        self.pixels = np.zeros((num_slots, channels, height * width), dtype=np.uint8)
+        self.slot_jobs: list[tuple[SampleJob, int] | None] = [None] * num_slots  # (job, k): sample k of job
+        self.active = 0
+
+    def occupy(self, job: SampleJob, ks: range) -> None:
+        """Puts samples `ks` of `job` into the next free slots, with fresh (zero) caches."""
+        first, last = self.active, self.active + len(ks)
+        for state in self.states.values():
+            state[first:last].zero_()
+        self.positions[first:last] = 0
+        self.pixels[first:last] = 0
+        self.temperature[first:last] = job.temperature
+        if job.labels is not None:
+            self.labels[first:last, 0] = [job.labels[k] for k in ks]
+        channels, height, width = self.spec.sample_shape
+        noise = noise_for([(job.seed, job.indices[k]) for k in ks], (channels, height * width))  # (n, C, H*W)
+        self.noise[first:last] = noise.transpose(1, 2).numpy()
+        for slot, k in zip(range(first, last), ks):
+            self.slot_jobs[slot] = (job, k)
+        self.active = last
+
+    def release(self, slot: int) -> None:
+        """Frees `slot`, moving the last active slot into its place to keep active slots packed."""
+        last = self.active - 1
+        if slot != last:
+            for array in (*self.states.values(), self.positions, self.temperature, self.labels, self.noise,
+                          self.pixels):
+                array[slot] = array[last]
+            self.slot_jobs[slot] = self.slot_jobs[last]
+        self.slot_jobs[last] = None
+        self.active = last
+
+    def execute(self) -> np.ndarray:
+        """One call of the program on every active slot; returns the slots that just completed a row.
+
+        `refresh` runs on the slots starting a row, then `step` on all; each slot's pixels are
+        written and its position advances by the program's span.
+        """
+        n = self.active
+        positions = self.positions[:n]
+        starting = np.flatnonzero(positions % self.spec.period == 0)
+        if len(starting) == n:
+            self._run("refresh", slice(0, n))
+        elif len(starting):
+            self._run("refresh", starting)
+        pixel = self._run("step", slice(0, n))[PIXEL].cpu().numpy()  # (n, span, C)
+        taken = positions[:, None] + np.arange(self.spec.span)  # (n, span)
+        self.pixels[np.arange(n)[:, None], :, taken] = pixel
+        positions += self.spec.span
+        return np.flatnonzero(positions % self.spec.sample_shape[2] == 0)
+
+    def completed_row(self, slot: int) -> tuple[SampleJob, int, int, np.ndarray]:
+        """(job, k, row, pixels (C, W)) of the row `slot` just completed."""
+        job, k = self.slot_jobs[slot]
+        width = self.spec.sample_shape[2]
+        position = int(self.positions[slot])
+        row = position // width - 1
+        return job, k, row, self.pixels[slot, :, row * width : position]
+
+    def _run(self, graph: str, slots: slice | np.ndarray) -> dict[str, torch.Tensor]:
+        """Runs `graph` on `slots` (a leading slice, or indices) and stores the states it returns."""
+        signature, device = self.spec.graphs[graph], self.runner.device
+        channels, height, width = self.spec.sample_shape
+        rows = slots if isinstance(slots, slice) else torch.from_numpy(slots).to(device)
+        feeds = {}
+        for name in signature.inputs:
+            if name in self.states:
+                feeds[name] = self.states[name][rows]
+                continue
+            if name == "noise":  # the noise of the step's pixels, (n, span, C)
+                picked = self.noise[slots]
+                taken = self.positions[slots, None] + np.arange(self.spec.span)
+                value = picked[np.arange(len(picked))[:, None], taken]
+            elif name == "positions":
+                value = self.positions[slots, None]
+            elif name == "pixels":
+                value = self.pixels[slots].reshape(-1, channels, height, width)
+            else:  # temperature, labels
+                value = getattr(self, name)[slots]
+            feeds[name] = torch.from_numpy(np.ascontiguousarray(value)).to(device)
+        outputs = self.runner.run(graph, feeds)
+        for name in signature.outputs:
+            if name.startswith(NEXT):
+                state = self.states[name[len(NEXT):]]
+                if isinstance(slots, slice):
+                    state[slots].copy_(outputs[name])
+                else:
+                    state.index_copy_(0, rows, outputs[name].to(device))
+        return outputs
