@@ -1,1 +1,4 @@
-"""`genserve` verbs that need only artifacts: triton (and, later, serve)."""
+"""`genserve` verbs that need only artifacts, never model code.
+
+serve, triton, bench-serve, bench-sampler, triton-bench.
+"""

@@ -1,1 +1,0 @@
-"""GPU tests: skipped where no CUDA device is present (the sampling engine milestone adds them)."""
