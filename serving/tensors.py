@@ -10,16 +10,14 @@ import numpy as np
 
 from genserve.v1 import generative_pb2 as pb
 
+from .artifacts import FP32, INT64, UINT8
 from .errors import InvalidArgument
 
-# Little-endian on the wire whatever the host's byte order.
-WIRE_DTYPES = {
-    pb.DATA_TYPE_UINT8: np.dtype("u1"),
-    pb.DATA_TYPE_INT64: np.dtype("<i8"),
-    pb.DATA_TYPE_FLOAT32: np.dtype("<f4"),
-}
-DTYPE_NAMES = {pb.DATA_TYPE_UINT8: "uint8", pb.DATA_TYPE_INT64: "int64", pb.DATA_TYPE_FLOAT32: "float32"}
-_CODES = {np.dtype(v).newbyteorder("="): k for k, v in WIRE_DTYPES.items()}
+# The wire's code for each genserve dtype; little-endian on the wire whatever the host's byte order.
+WIRE_CODES = {pb.DATA_TYPE_UINT8: UINT8, pb.DATA_TYPE_INT64: INT64, pb.DATA_TYPE_FLOAT32: FP32}
+WIRE_DTYPES = {code: d.numpy.newbyteorder("<") for code, d in WIRE_CODES.items()}
+DTYPE_NAMES = {code: d.numpy.name for code, d in WIRE_CODES.items()}
+_CODES = {d.numpy: code for code, d in WIRE_CODES.items()}
 
 
 def to_numpy(tensor: pb.Tensor, field: str, dtype: int, shape: Sequence[int | None]) -> np.ndarray:
