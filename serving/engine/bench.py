@@ -25,8 +25,8 @@ import torch
 from ..artifacts import load_manifest
 from ..entry_runner import onnx_session
 from ..kernels.sampling import choose_pixels
+from .core import EngineConfig, SamplingEngine
 from .program import StepRunner, load_step_runner
-from .scheduler import EngineConfig, SamplingEngine
 
 
 @dataclass(frozen=True)
