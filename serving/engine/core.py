@@ -209,12 +209,11 @@ class SamplingEngine:
         return True
 
     def _schedule(self) -> StepPlan:
+        """Admissions for this step; dropped jobs already left the queue in `_retire_dropped`."""
+        if self.active == self.config.num_slots:  # nothing can join: skip the queue (hot path)
+            return StepPlan()
         with self._wake:
-            now = time.monotonic()
-            while self._waiting and (why := self._waiting[0].dropped(now)) is not None:
-                self._waiting.popleft().end(why)
-            live = [job for job in self._waiting if job.dropped(now) is None]
-            return self.scheduler.plan(live, self.active, self.config.num_slots)
+            return self.scheduler.plan(self._waiting, self.active, self.config.num_slots)
 
     def _admit(self, plan: StepPlan) -> None:
         for admission in plan.admit:
