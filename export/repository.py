@@ -20,7 +20,7 @@ at setup and checked against its committed SHA256SUMS rather than committed itse
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from genserve.serving.artifacts import (
@@ -39,6 +39,7 @@ from genserve.serving.artifacts import (
 from .checkpoint import Checkpoint
 from .entry_points import EntryPoint, entry_points
 from .exporters import export_onnx, export_torchscript
+from .fused import write_fused_weights
 from .models.autoregressive import AutoregressiveModel
 from .steps import step_program
 from .triton_config import NATIVE_BACKENDS, DynamicBatching, ModelConfig, render
@@ -139,8 +140,9 @@ SAMPLER_CONTROLS = (
 def export_sampler(checkpoint: Checkpoint, repository: Path, options: ExportOptions) -> Path:
     """The in-server sampling model of an autoregressive checkpoint (always the Python backend).
 
-    Its artifacts are the cached step program (export/steps.py) as ONNX and TorchScript; the
-    Python model runs them with the sampling engine. One batch row is one sample: (seed, index)
+    Its artifacts are the cached step program (export/steps.py) as ONNX and TorchScript, and
+    for families with fused operators their packed weights (export/fused.py); the Python model
+    runs them with the sampling engine. One batch row is one sample: (seed, index)
     keys its noise, so Triton's dynamic batcher may merge requests freely and every sample
     stays the one its seed names.
     """
@@ -154,13 +156,18 @@ def export_sampler(checkpoint: Checkpoint, repository: Path, options: ExportOpti
         artifacts.append(export_onnx(graph, version_dir / f"{graph.name}.onnx"))
         artifacts.append(version_dir / f"{graph.name}.pt")
         export_torchscript(graph, artifacts[-1])
+    section = program.section()
+    fused = write_fused_weights(checkpoint.model, version_dir)
+    if fused is not None:  # the operators where they are built, the graphs above where not
+        section = replace(section, kind="fused", fused=fused[0])
+        artifacts.append(fused[1])
     (version_dir / "model.py").write_text(PYTHON_MODEL.format(cls="SamplingModel"))
     c = checkpoint.model.config
     labels = (TensorSpec("labels", INT64, (1,)),) if c.num_classes else ()
     images = TensorSpec("images", UINT8, (c.channels, c.image_size, c.image_size))
     inputs, outputs = (*SAMPLER_CONTROLS, *labels), (images,)
     (folder / "config.pbtxt").write_text(render(_model_config(name, inputs, outputs, options, "python")))
-    manifest = _manifest(checkpoint, name, "sample", options, inputs, outputs, step=program.section())
+    manifest = _manifest(checkpoint, name, "sample", options, inputs, outputs, step=section)
     write_manifest(folder, manifest, options.version, artifacts)
     return folder
 

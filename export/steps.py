@@ -387,13 +387,17 @@ def eager_runner(model: AutoregressiveModel, span: int | None = None):
 def cached_sample(
     model: AutoregressiveModel, n: int, seed: int, temperature: float = 1.0, labels: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """`model.sample` through the sampling engine on the eager step program: same images, fast.
+    """`model.sample` through the sampling engine (fused operators where built, else the eager step program).
 
     Returns:
         (n, C, H, W) int64 pixel values, equal to `model.sample(n, seed, temperature, labels)`.
     """
     from genserve.serving.engine import EngineConfig, SamplingEngine
+    from genserve.serving.fused import load_ops
 
-    engine = SamplingEngine(eager_runner(model), EngineConfig(num_slots=min(n, 64)))
+    from .fused import fused_runner
+
+    runner = fused_runner(model) if isinstance(model, GatedPixelCNN) and load_ops() else eager_runner(model)
+    engine = SamplingEngine(runner, EngineConfig(num_slots=min(n, 64)))
     label_list = None if labels is None else [int(v) for v in labels]
     return torch.from_numpy(engine.generate(seed, n, temperature, label_list)).long()

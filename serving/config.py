@@ -38,6 +38,7 @@ class RuntimeConfig:
     kind: str = "embedded"
     backend: str = "onnx"  # embedded: ONNX Runtime (CUDA EP when present) or TorchScript
     device: str = "cpu"  # embedded TorchScript and sampling steps: "cpu" or "cuda"
+    fused: bool = True  # embedded sampling: the fused operators where built for the device
     triton_url: str | None = None  # HOST:PORT of Triton's gRPC endpoint
     max_waiting_samples: int = 4096  # sampling queue bound (embedded engine)
 

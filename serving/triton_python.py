@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from .artifacts import load_manifest
-from .engine import EngineConfig, OnnxStepRunner, SamplingEngine
+from .engine import EngineConfig, SamplingEngine, load_step_runner
 from .entry_runner import OnnxEntryPoint
 from .errors import InvalidArgument
 from .limits import MAX_IMPORTANCE_SAMPLES
@@ -101,13 +101,14 @@ class SamplingModel(_TritonModel):
     """Runs the sampling engine inside Triton: rows of (seed, index, temperature[, label]) in, images out.
 
     Every row is one sample keyed by (seed, index); all rows of all requests in a batch run in
-    one engine (the cached step program in ONNX Runtime), so concurrent requests share every
-    step. The engine is driven to completion per batch: Triton's Python backend answers a
-    batch at once (no decoupled streaming here), so joins happen at batch boundaries.
+    one engine (the fused operators where built, else the step graphs in ONNX Runtime), so
+    concurrent requests share every step. The engine is driven to completion per batch: Triton's
+    Python backend answers a batch at once (no decoupled streaming here), so joins happen at
+    batch boundaries.
     """
 
     def setup(self) -> None:
-        self.runner = OnnxStepRunner.load(self.manifest, self.version)
+        self.runner = load_step_runner(self.manifest, "onnx", "cpu", self.version)
         self.num_classes = self.runner.spec.num_classes
         slots = self.manifest.batching.max_batch_size
         self.engine = SamplingEngine(self.runner, EngineConfig(num_slots=slots))

@@ -7,8 +7,10 @@ states; they output `pixel` and `next_<state>` for each state they update (ONNX 
 output named like an input).
 
 `kind` says how the program is run: "graphs" is a `refresh` and a `step` graph exported as
-ONNX and TorchScript, run by the runtime the server chose. Other kinds (fused operators)
-add to STEP_KINDS; an engine that does not know a kind refuses the manifest.
+ONNX and TorchScript, run by the runtime the server chose. "fused" adds a pair of fused
+operators (`torch.ops.genserve.*`, serving/fused) over the same states and the weights file
+they read; where the operators are not built for the device, the graphs run instead. An
+engine that does not know a kind refuses the manifest.
 """
 
 from __future__ import annotations
@@ -26,13 +28,24 @@ PIXEL = "pixel"  # the step's chosen pixels, (n, span, C) int64
 # (n, C, H, W); uniform noise of the step's pixels (n, span, C); temperature (n, 1); labels (n, 1).
 CONTROLS = ("positions", "pixels", "noise", "temperature", "labels")
 GRAPH_NAMES = ("refresh", "step")
-STEP_KINDS = ("graphs",)
+STEP_KINDS = ("graphs", "fused")
 
 
 @dataclass(frozen=True)
 class GraphSignature:
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class FusedSection:
+    """Which fused operator family runs the program and the artifact holding its packed weights."""
+
+    op: str  # a key of serving.fused.weights.FUSED_OPS, e.g. "gated_pixelcnn"
+    weights: str  # file name in the version folder, listed (with its sha256) in the manifest's artifacts
+
+    def to_dict(self) -> dict[str, str]:
+        return {"op": self.op, "weights": self.weights}
 
 
 @dataclass(frozen=True)
@@ -45,11 +58,15 @@ class StepSection:
     period: int  # refresh runs for slots whose position is a multiple of this
     length: int  # positions per sample
     span: int  # positions one step call advances
+    fused: FusedSection | None = None  # kind "fused" only
 
     def __post_init__(self) -> None:
         """Raises ValueError, "field: problem", where the section breaks the contract."""
         if self.kind not in STEP_KINDS:
             raise ValueError(f"kind: must be one of {STEP_KINDS}, got {self.kind!r}")
+        if (self.kind == "fused") != (self.fused is not None):
+            raise ValueError(f"fused: kind {self.kind!r} {'needs' if self.kind == 'fused' else 'takes no'} "
+                             "fused section (op and weights)")
         if set(self.graphs) != set(GRAPH_NAMES) or PIXEL not in self.graphs["step"].outputs:
             raise ValueError(f"graphs: a step program needs graphs {GRAPH_NAMES} (step with output {PIXEL!r}), "
                              f"got {dict(self.graphs)}")
@@ -65,7 +82,7 @@ class StepSection:
             raise ValueError(f"span: {self.span} must divide period {self.period}, which must divide {self.length}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        record = {
             "kind": self.kind,
             "period": self.period,
             "length": self.length,
@@ -73,6 +90,9 @@ class StepSection:
             "states": [s.to_dict() for s in self.states],
             "graphs": {name: {"inputs": list(g.inputs), "outputs": list(g.outputs)} for name, g in self.graphs.items()},
         }
+        if self.fused is not None:
+            record["fused"] = self.fused.to_dict()
+        return record
 
     @classmethod
     def read(cls, fields: Fields) -> StepSection:
@@ -80,6 +100,10 @@ class StepSection:
         for name, value in fields.get("graphs", dict).items():
             graph = Fields(fields.path, value, f"{fields.where}.graphs.{name}")
             graphs[name] = GraphSignature(tuple(graph.get("inputs", list)), tuple(graph.get("outputs", list)))
+        fused = None
+        if "fused" in fields.data:
+            op = fields.child("fused")
+            fused = FusedSection(op.get("op", str), op.get("weights", str))
         try:
             return cls(
                 kind=fields.get("kind", str),
@@ -88,6 +112,7 @@ class StepSection:
                 period=fields.get("period", int),
                 length=fields.get("length", int),
                 span=fields.get("span", int),
+                fused=fused,
             )
         except ValueError as error:
             if type(error) is not ValueError:  # already a ManifestError naming its field

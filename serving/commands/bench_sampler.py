@@ -1,4 +1,4 @@
-"""`genserve bench-sampler`: naive vs cached sampling, continuous vs static batching, side by side.
+"""`genserve bench-sampler`: naive vs step graphs vs fused operators, continuous vs static batching, side by side.
 
 See genserve.serving.engine.bench for what is measured and how. Prints a table; `--json
 PATH` also writes the figures as JSON (`-` for stdout instead of the table).
@@ -23,6 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-request-size", type=int, default=4, help="requests ask for 1..this many samples")
     parser.add_argument("--load", type=float, default=0.5, help="arrival rate / static-batch capacity, in (0, 1]")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-fused", dest="fused", action="store_false",
+                        help="leave the fused operators out (timing and batching on the step graphs)")
     parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON ('-': stdout only)")
 
 
@@ -44,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
         model=args.model, repository=args.repository, runtime=args.runtime, device=args.device,
         batches=tuple(args.batch or (1, 16, 64)), naive_steps=args.naive_steps, slots=args.slots,
         requests=args.requests, max_request_size=args.max_request_size, load=args.load, seed=args.seed,
+        fused=args.fused,
     )
     to_stdout = args.json == "-"
     report = run_benchmark(config, progress=lambda line: print(line, file=sys.stderr, flush=True))
@@ -58,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 VERB = Verb(
-    help="benchmark the sampling engine: naive vs cached, continuous vs static batching",
+    help="benchmark the sampling engine: naive vs step graphs vs fused operators, continuous vs static batching",
     add_arguments=add_arguments,
     run=run,
     description=__doc__,

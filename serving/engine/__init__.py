@@ -2,18 +2,20 @@
 
 core.py (SamplingEngine: requests, the thread, schedule → execute → update), scheduler.py
 (admission policy → StepPlan), runner.py (slot state, inputs, the step program's calls),
-jobs.py (SampleJob, JobStatus), program.py (StepSpec and a StepRunner per runtime).
+jobs.py (SampleJob, JobStatus), program.py (StepSpec and a StepRunner per runtime: ONNX Runtime,
+TorchScript, or the fused operators of serving/fused).
 """
 
 from .core import EngineConfig, EngineStopped, SamplingEngine
 from .jobs import JobStatus, SampleJob
-from .program import OnnxStepRunner, StepRunner, StepSpec, TorchStepRunner, load_step_runner
+from .program import FusedStepRunner, OnnxStepRunner, StepRunner, StepSpec, TorchStepRunner, load_step_runner
 from .scheduler import ContinuousScheduler, Scheduler, StaticScheduler, StepPlan
 
 __all__ = [
     "ContinuousScheduler",
     "EngineConfig",
     "EngineStopped",
+    "FusedStepRunner",
     "JobStatus",
     "OnnxStepRunner",
     "SampleJob",

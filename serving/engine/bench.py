@@ -1,15 +1,17 @@
-"""The sampler benchmark: naive vs cached sampling, and continuous vs static batching.
+"""The sampler benchmark: naive vs cached vs fused sampling, and continuous vs static batching.
 
 Everything is measured side by side in one run on the same artifacts and runtime, because
 these machines are noisy: ratios taken minutes apart mean little.
 - naive: the exported full-network `logits` graph, one pass per pixel over the whole image
   (what `model.sample` does), timed over a prefix of `naive_steps` pixels and scaled to the
-  whole image (each naive pass costs the same wherever it is in the image);
-- cached: the exported step program in the sampling engine, whole images;
+  whole image (each naive pass costs the same wherever it is in the image). One pass (naive
+  ÷ pixels) is the yardstick: cached sampling does the arithmetic of about one full pass;
+- step: the exported step graphs in the sampling engine, whole images;
+- fused: the fused operators (serving/fused) in the same engine, where built for the device;
 - batching: requests of 1..max_request_size samples arriving as a Poisson process at a fixed
   rate (the same arrival schedule for both modes), served by an engine that admits at every
-  step (continuous) or only into an empty engine (static); per-request latency percentiles
-  and throughput.
+  step (continuous) or only into an empty engine (static), on the fused operators where they
+  run (else the step graphs); per-request latency percentiles and throughput.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from ..artifacts import load_manifest
 from ..entry_runner import onnx_session
 from ..kernels.sampling import choose_pixels
 from .core import EngineConfig, SamplingEngine
-from .program import StepRunner, load_step_runner
+from .program import StepRunner, fused_unavailable, load_step_runner
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,7 @@ class BenchConfig:
     max_request_size: int = 4
     load: float = 0.5  # arrival rate as a fraction of the measured static-batch capacity
     seed: int = 0
+    fused: bool = True  # also time the fused operators, and batch on them, where they run
 
     def __post_init__(self) -> None:
         bad = {k: v for k, v in (("naive_steps", self.naive_steps), ("slots", self.slots),
@@ -56,9 +59,15 @@ class BenchConfig:
 @dataclass
 class SpeedupRow:
     batch: int
+    full_pass_ms_per_image: float  # one full-network pass: naive ÷ pixels
     naive_ms_per_image: float  # scaled from naive_steps passes
-    cached_ms_per_image: float
-    speedup: float
+    step_ms_per_image: float  # the exported step graphs in the engine
+    step_speedup: float  # naive ÷ step
+    step_passes: float  # step ÷ one full pass
+    fused_ms_per_image: float | None = None  # None where the fused operators do not run
+    fused_vs_step: float | None = None  # step ÷ fused
+    fused_passes: float | None = None  # fused ÷ one full pass
+    fused_images_per_s: float | None = None
 
 
 @dataclass
@@ -78,6 +87,7 @@ class BenchReport:
     speedup: list[SpeedupRow] = field(default_factory=list)
     capacity_images_per_s: float = 0.0
     arrival_rate_requests_per_s: float = 0.0
+    batching_runner: str = ""  # "fused operators" or "step graphs"
     batching: list[BatchingRow] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -172,25 +182,36 @@ def run_benchmark(config: BenchConfig, progress=print) -> BenchReport:
     sampler = repository / f"{config.model}_sample"
     if not (sampler / "genserve.json").exists():
         raise FileNotFoundError(f"{sampler}: no sampling model there; export {config.model} into {repository} first")
-    runner = load_step_runner(load_manifest(sampler), config.runtime, config.device)
+    manifest = load_manifest(sampler)
+    graphs = load_step_runner(manifest, config.runtime, config.device, fused=False)
+    why_not_fused = fused_unavailable(manifest, config.device) if config.fused else "not asked for (--no-fused)"
+    fused = None if why_not_fused else load_step_runner(manifest, config.runtime, config.device)
+    runner = fused or graphs  # what the batching comparison runs on
     naive = NaiveSampler(repository / f"{config.model}_logits", config.runtime, config.device)
     report = BenchReport(config=asdict(config), machine={
-        "cpu_threads": torch.get_num_threads(), "platform": platform.platform(),
-        "device": torch.cuda.get_device_name() if runner.device.type == "cuda" else "cpu",
+        "cpu_threads": torch.get_num_threads(), "platform": platform.platform(), "cpu": platform.processor(),
+        "device": torch.cuda.get_device_name() if graphs.device.type == "cuda" else "cpu",
+        "fused": why_not_fused or "fused operators timed",
     })
-    length = runner.spec.length
+    length = graphs.spec.length
     steps = min(config.naive_steps, length)
     for batch in config.batches:
-        progress(f"naive vs cached at batch {batch} ...")
-        noise = torch.rand(batch, *runner.spec.sample_shape, generator=torch.Generator().manual_seed(batch))
+        progress(f"naive vs step vs fused at batch {batch} ...")
+        noise = torch.rand(batch, *graphs.spec.sample_shape, generator=torch.Generator().manual_seed(batch))
         naive.time_passes(noise, 1)  # warm-up
         naive_ms = naive.time_passes(noise, steps) * (length / steps) / batch * 1e3
-        cached_ms = time_cached(runner, batch, config.seed) / batch * 1e3
-        report.speedup.append(
-            SpeedupRow(batch, round(naive_ms, 1), round(cached_ms, 2), round(naive_ms / cached_ms, 1))
-        )
+        pass_ms = naive_ms / length
+        step_ms = time_cached(graphs, batch, config.seed) / batch * 1e3
+        row = SpeedupRow(batch, round(pass_ms, 3), round(naive_ms, 1), round(step_ms, 2),
+                         round(naive_ms / step_ms, 1), round(step_ms / pass_ms, 2))
+        if fused is not None:
+            fused_ms = time_cached(fused, batch, config.seed) / batch * 1e3
+            row.fused_ms_per_image, row.fused_vs_step = round(fused_ms, 2), round(step_ms / fused_ms, 1)
+            row.fused_passes, row.fused_images_per_s = round(fused_ms / pass_ms, 2), round(1e3 / fused_ms, 1)
+        report.speedup.append(row)
 
-    progress(f"static batch of {config.slots}: capacity ...")
+    report.batching_runner = "fused operators" if fused is not None else "step graphs"
+    progress(f"static batch of {config.slots} on the {report.batching_runner}: capacity ...")
     report.capacity_images_per_s = round(config.slots / time_cached(runner, config.slots, config.seed), 2)
     rng = random.Random(config.seed)
     mean_size = (1 + config.max_request_size) / 2
@@ -208,21 +229,29 @@ def run_benchmark(config: BenchConfig, progress=print) -> BenchReport:
 
 def format_report(report: BenchReport) -> str:
     c = report.config
+    m = report.machine
     lines = [
-        f"model {c['model']} · runtime {c['runtime']} on {report.machine['device']} "
-        f"({report.machine['cpu_threads']} CPU threads)",
+        f"model {c['model']} · runtime {c['runtime']} on {m['device']} ({m.get('cpu') or 'cpu'}, "
+        f"{m['cpu_threads']} CPU threads) · fused: {m['fused']}",
         f"naive = full-network pass per pixel, timed over the first {c['naive_steps']} pixels and scaled "
-        "to the whole image; cached = the exported step program in the engine, whole images",
+        "to the whole image; pass = one full pass (naive ÷ pixels); step = the exported step graphs in "
+        "the engine; fused = the fused operators in the engine; whole images, ms per image",
         "",
-        f"{'batch':>5}  {'naive ms/image':>14}  {'cached ms/image':>15}  {'speedup':>8}",
+        f"{'batch':>5}  {'pass':>7}  {'naive':>9}  {'step':>8}  {'naive/step':>10}  {'step/pass':>9}  "
+        f"{'fused':>7}  {'step/fused':>10}  {'fused/pass':>10}  {'images/s':>8}",
     ]
-    lines += [f"{r.batch:>5}  {r.naive_ms_per_image:>14.1f}  {r.cached_ms_per_image:>15.2f}  {r.speedup:>7.1f}x"
-              for r in report.speedup]
+    for r in report.speedup:
+        line = (f"{r.batch:>5}  {r.full_pass_ms_per_image:>7.2f}  {r.naive_ms_per_image:>9.1f}  "
+                f"{r.step_ms_per_image:>8.2f}  {r.step_speedup:>9.1f}x  {r.step_passes:>8.2f}x")
+        if r.fused_ms_per_image is not None:
+            line += (f"  {r.fused_ms_per_image:>7.2f}  {r.fused_vs_step:>9.1f}x  {r.fused_passes:>9.2f}x  "
+                     f"{r.fused_images_per_s:>8.1f}")
+        lines.append(line)
     lines += [
         "",
         f"Poisson arrivals: {c['requests']} requests of 1..{c['max_request_size']} samples at "
         f"{report.arrival_rate_requests_per_s} requests/s ({c['load']:.0%} of the static capacity "
-        f"{report.capacity_images_per_s} images/s), {c['slots']} slots",
+        f"{report.capacity_images_per_s} images/s), {c['slots']} slots, on the {report.batching_runner}",
         f"{'batching':>10}  {'p50 ms':>9}  {'p99 ms':>9}  {'mean ms':>9}  {'images/s':>8}",
     ]
     lines += [f"{r.batching:>10}  {r.p50_ms:>9.1f}  {r.p99_ms:>9.1f}  {r.mean_ms:>9.1f}  {r.images_per_s:>8.2f}"

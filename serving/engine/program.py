@@ -9,6 +9,7 @@ ONNX Runtime or TorchScript, on CPU or GPU.
 
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -16,9 +17,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..artifacts import GraphSignature, Manifest, StepSection, TensorSpec
+from ..artifacts import ArtifactIntegrityError, GraphSignature, Manifest, StepSection, TensorSpec
+from ..fused import load_ops
+from ..fused.weights import FUSED_OPS, FusedOp
 
 RUNTIMES = ("onnx", "torchscript")
+log = logging.getLogger("genserve.engine")
 
 
 @dataclass(frozen=True)
@@ -109,11 +113,71 @@ class OnnxStepRunner(StepRunner):
         return {name: torch.from_numpy(out) for name, out in zip(signature.outputs, outputs)}
 
 
+class FusedStepRunner(StepRunner):
+    """A family's fused operators (torch.ops.genserve.*) over the program's states, weights packed at export."""
+
+    def __init__(self, spec: StepSpec, op: FusedOp, weights: list[torch.Tensor], device: str | torch.device = "cpu"):
+        self.spec, self.op, self.weights, self.device = spec, op, weights, torch.device(device)
+        namespace = torch.ops.genserve
+        self.refresh, self.step = getattr(namespace, op.refresh), getattr(namespace, op.step)
+
+    @classmethod
+    def load(cls, manifest: Manifest, version: int | None = None, device: str = "cpu") -> FusedStepRunner:
+        from safetensors.torch import load_file
+
+        spec, section = StepSpec.from_manifest(manifest), manifest.step
+        op = FUSED_OPS[section.fused.op]
+        tensors = load_file(str(manifest.artifact(section.fused.weights, version)), device=str(device))
+        missing = [name for name in op.weights if name not in tensors]
+        if missing:
+            raise ArtifactIntegrityError(f"{manifest.triton_name}: {section.fused.weights} lacks weights {missing}")
+        return cls(spec, op, [tensors[name] for name in op.weights], device)
+
+    def run(self, graph, feeds):
+        if graph == "refresh":
+            function, inputs, outputs = self.refresh, self.op.refresh_inputs, self.op.refresh_outputs
+        else:
+            function, inputs, outputs = self.step, self.op.step_inputs, self.op.step_outputs
+        with torch.inference_mode():
+            results = function(*(feeds.get(name) for name in inputs), self.weights)
+        return dict(zip(outputs, results))
+
+
+def fused_unavailable(manifest: Manifest, device: str) -> str | None:
+    """Why the manifest's fused operators cannot run on `device` in this process; None if they can."""
+    section = manifest.step
+    if section is None or section.fused is None:
+        return "the model was exported without fused operators"
+    if section.fused.op not in FUSED_OPS:
+        return f"this genserve has no fused operator family {section.fused.op!r}"
+    status = load_ops()
+    if not status:
+        return status.reason
+    step = f"genserve::{FUSED_OPS[section.fused.op].step}"
+    key = "CUDA" if torch.device(device).type == "cuda" else "CPU"
+    if not torch._C._dispatch_has_kernel_for_dispatch_key(step, key):
+        return f"{step} has no {key} implementation in this build"
+    return None
+
+
 def load_step_runner(manifest: Manifest, runtime: str = "onnx", device: str = "cpu",
-                     version: int | None = None) -> StepRunner:
-    """The step program of a `<model>_sample` manifest in `runtime` (onnx or torchscript)."""
+                     version: int | None = None, fused: bool = True) -> StepRunner:
+    """The step program of a `<model>_sample` manifest: its fused operators where they run, else `runtime`.
+
+    Args:
+        runtime: onnx or torchscript, for the exported graphs.
+        fused: use the fused operators of a "fused" program when they are built for `device`;
+            False always runs the graphs. One log line says which runs and why.
+    """
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
+    if fused and manifest.step is not None and manifest.step.kind == "fused":
+        reason = fused_unavailable(manifest, device)
+        if reason is None:
+            log.info("%s: sampling with the fused %s operators on %s", manifest.triton_name,
+                     manifest.step.fused.op, device)
+            return FusedStepRunner.load(manifest, version, device)
+        log.info("%s: sampling with the exported %s step graphs: %s", manifest.triton_name, runtime, reason)
     if runtime == "onnx":
         return OnnxStepRunner.load(manifest, version)
-    if runtime == "torchscript":
-        return TorchStepRunner.load(manifest, version, device)
-    raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
+    return TorchStepRunner.load(manifest, version, device)

@@ -1,0 +1,81 @@
+"""The weights of a fused sampling operator, in the layout the operator reads (serving/fused/csrc).
+
+Every dense layer is stored (in, out), so the operator's inner loop runs along contiguous
+outputs; convolution kernels are flattened in the order of the windows the operator builds
+(rows, then columns, then channels). The tensors are written, in this order, to
+`fused.safetensors` beside the step graphs, and the manifest records its sha256.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from genserve.serving.artifacts import FusedSection
+from genserve.serving.fused.weights import GATED_WEIGHTS, WEIGHTS_FILE
+
+from .models.autoregressive import AutoregressiveModel
+from .models.gated_pixelcnn import GatedPixelCNN
+
+
+def _dense(conv: nn.Conv2d) -> torch.Tensor:
+    """A 1x1 convolution as an (in, out) matrix."""
+    return conv.weight.flatten(1).t()
+
+
+def _window(conv: nn.Conv2d) -> torch.Tensor:
+    """An (out, in, kh, kw) kernel as ((row, column, channel), out), matching a window flattened that way."""
+    return conv.weight.permute(2, 3, 1, 0).reshape(-1, conv.out_channels)
+
+
+@torch.no_grad()
+def gated_weights(model: GatedPixelCNN) -> dict[str, torch.Tensor]:
+    layers, c = model.layers, model.config
+    rest = layers[1:]
+    packed = {
+        "v0_w": _window(layers[0].vertical),
+        "v0_b": layers[0].vertical.bias,
+        "v_w": torch.stack([_window(layer.vertical) for layer in rest]),
+        "v_b": torch.stack([layer.vertical.bias for layer in rest]),
+        "link_w": torch.stack([_dense(layer.vertical_to_horizontal) for layer in layers]),
+        "link_b": torch.stack([layer.vertical_to_horizontal.bias for layer in layers]),
+        "h_b": torch.stack([layer.horizontal.bias for layer in layers]),
+        "class_bias": (torch.stack([layer.class_bias.weight for layer in layers]) if c.num_classes
+                       else torch.zeros(0)),
+        "h0_w": _window(layers[0].horizontal),
+        "h_w": torch.stack([_window(layer.horizontal) for layer in rest]),
+        "hout_w": torch.stack([_dense(layer.horizontal_out) for layer in layers[:-1]]),
+        "hout_b": torch.stack([layer.horizontal_out.bias for layer in layers[:-1]]),
+        "skip_w": torch.cat([_dense(layer.skip) for layer in layers]),
+        "skip_b": sum(layer.skip.bias for layer in layers),
+        "oh_w": _dense(model.output_hidden),
+        "oh_b": model.output_hidden.bias,
+        "lg_w": _dense(model.output_logits),
+        "lg_b": model.output_logits.bias,
+    }
+    assert tuple(packed) == GATED_WEIGHTS
+    return {name: t.detach().float().contiguous().clone() for name, t in packed.items()}
+
+
+def write_fused_weights(model: AutoregressiveModel, folder: Path) -> tuple[FusedSection, Path] | None:
+    """Writes `folder/fused.safetensors` for a family with fused operators; None for the others."""
+    if not isinstance(model, GatedPixelCNN):
+        return None
+    path = folder / WEIGHTS_FILE
+    save_file(gated_weights(model), str(path))
+    return FusedSection("gated_pixelcnn", WEIGHTS_FILE), path
+
+
+def fused_runner(model: GatedPixelCNN, span: int | None = None):
+    """The engine's runner over the fused operators with weights packed from `model` (before export)."""
+    from genserve.serving.engine import FusedStepRunner, StepSpec
+    from genserve.serving.fused.weights import FUSED_OPS
+
+    from .steps import step_program
+
+    program = step_program(model, span)
+    spec = StepSpec.from_section(program.section(), model.config.to_dict())
+    return FusedStepRunner(spec, FUSED_OPS["gated_pixelcnn"], list(gated_weights(model).values()))

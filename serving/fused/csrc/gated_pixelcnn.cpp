@@ -1,0 +1,274 @@
+// Fused cached sampling for Gated PixelCNN (van den Oord et al. 2016) on the CPU.
+//
+// The same two-phase program as the exported step graphs (export/steps.py), on the same state
+// tensors, so the engine can run either and a test can compare them call by call:
+// - gated_refresh, at a row start: every layer's vertical stack for the whole row and its link
+//   into the horizontal stack (a GEMM over (slot, column) rows), empty left contexts;
+// - gated_step: `span` pixels per slot, each through every layer's horizontal stack, the skip
+//   and output layers and the inverse-CDF choice, with no dispatch between layers.
+// Weights arrive packed by `genserve export` (export/fused.py), every dense layer as (in, out).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "kernels.h"
+
+namespace genserve {
+namespace {
+
+using at::Tensor;
+
+constexpr int64_t kBlock = 32;  // (slot, column) rows per refresh block
+
+// The packed weights, in the order export/fused.py writes them.
+struct GatedWeights {
+  const float *v0_w, *v0_b, *v_w, *v_b, *link_w, *link_b, *h_b, *class_bias, *h0_w, *h_w, *hout_w, *hout_b,
+      *skip_w, *skip_b, *oh_w, *oh_b, *lg_w, *lg_b;
+  int64_t layers, channels, p0, p, classes, output_channels, levels;
+
+  explicit GatedWeights(at::TensorList w) {
+    TORCH_CHECK(w.size() == 18, "gated weights: expected 18 tensors, got ", w.size());
+    for (const Tensor& t : w)
+      TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.device().is_cpu(),
+                  "gated weights must be contiguous float32 CPU tensors");
+    const float** fields[] = {&v0_w, &v0_b, &v_w, &v_b, &link_w, &link_b, &h_b, &class_bias, &h0_w,
+                              &h_w,  &hout_w, &hout_b, &skip_w, &skip_b, &oh_w, &oh_b, &lg_w, &lg_b};
+    for (size_t i = 0; i < w.size(); ++i) *fields[i] = w[i].data_ptr<float>();
+    layers = w[4].size(0);
+    channels = w[10].size(1);
+    p0 = w[8].size(0) - 1;
+    p = w[9].size(1) / channels - 1;
+    classes = w[7].dim() == 3 ? w[7].size(1) : 0;
+    output_channels = w[14].size(1);
+    levels = w[16].size(1);
+    TORCH_CHECK(levels >= 2 && levels <= 256, "gated weights: 2..256 pixel levels, got ", levels);
+  }
+  float scale(int64_t level) const { return static_cast<float>(level) * static_cast<float>(2.0 / (levels - 1)) - 1.f; }
+};
+
+void check_cpu(const Tensor& t, at::ScalarType type, int64_t dim, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == type && t.dim() == dim && t.is_contiguous(), name,
+              ": expected a contiguous CPU tensor of ", dim, " dims and type ", type, ", got ", t.sizes(), " ",
+              t.scalar_type());
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> gated_refresh(const Tensor& pixels, const Tensor& positions,
+                                                         const std::optional<Tensor>& labels, const Tensor& vertical,
+                                                         at::TensorList weights) {
+  const GatedWeights w(weights);
+  check_cpu(pixels, at::kByte, 4, "pixels");
+  check_cpu(positions, at::kLong, 2, "positions");
+  check_cpu(vertical, at::kFloat, 5, "vertical");
+  const int64_t n = pixels.size(0), height = pixels.size(2), width = pixels.size(3);
+  const int64_t C = w.channels, C2 = 2 * C, L = w.layers, p0 = w.p0, p = w.p, k0 = 2 * p0 + 1, k = 2 * p + 1;
+  TORCH_CHECK(pixels.size(1) == 1, "pixels: single-channel images only");
+  TORCH_CHECK(vertical.size(0) == n && vertical.size(1) == L - 1 && vertical.size(2) == C && vertical.size(3) == p &&
+                  vertical.size(4) == width,
+              "vertical: shape ", vertical.sizes(), " does not match the weights");
+  const int64_t* label = nullptr;
+  if (w.classes) {
+    TORCH_CHECK(labels.has_value(), "labels: a conditional model needs labels");
+    check_cpu(*labels, at::kLong, 2, "labels");
+    label = labels->data_ptr<int64_t>();
+    for (int64_t s = 0; s < n; ++s)
+      TORCH_CHECK(label[s] >= 0 && label[s] < w.classes, "labels: ", label[s], " outside [0, ", w.classes, ")");
+  }
+  auto options = vertical.options();
+  Tensor vertical_out = at::empty_like(vertical);
+  Tensor links = at::empty({n, L, C2, width}, options);
+  Tensor image_context = at::zeros({n, p0 + 1}, options);
+  Tensor hidden_context = at::zeros({n, L - 1, p * C}, options);
+  if (n == 0) return {vertical_out, links, image_context, hidden_context};
+
+  const uint8_t* pix = pixels.data_ptr<uint8_t>();
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  const float* vin = vertical.data_ptr<float>();
+  float* vout_state = vertical_out.data_ptr<float>();
+  float* link_out = links.data_ptr<float>();
+
+  const int64_t rows = n * width;  // one per (slot, column)
+  const int64_t window_cols = std::max((p0 + 1) * k0, (p + 1) * k * C);
+  const int64_t padded = width + 2 * p;
+  std::vector<float> col(rows * window_cols), pre(rows * C2), link(rows * C2), v_out(rows * C);
+  std::vector<float> window(n * (p + 1) * padded * C, 0.f);  // per slot: rows i-p..i, padded columns, channels last
+
+  for (int64_t l = 0; l < L; ++l) {
+    const int64_t in = l == 0 ? (p0 + 1) * k0 : (p + 1) * k * C;
+    if (l > 0) {  // the layer's input rows: its cache (rows i-p..i-1) and the previous layer's output (row i)
+      at::parallel_for(0, n, 1, [&](int64_t s0, int64_t s1) {
+        for (int64_t s = s0; s < s1; ++s) {
+          float* win = window.data() + s * (p + 1) * padded * C;
+          const float* cache = vin + ((s * (L - 1) + l - 1) * C) * p * width;  // (C, p, W)
+          float* next = vout_state + ((s * (L - 1) + l - 1) * C) * p * width;
+          for (int64_t c = 0; c < C; ++c)
+            for (int64_t r = 0; r < p; ++r)
+              for (int64_t j = 0; j < width; ++j) win[(r * padded + j + p) * C + c] = cache[(c * p + r) * width + j];
+          for (int64_t j = 0; j < width; ++j)
+            std::memcpy(win + (p * padded + j + p) * C, v_out.data() + (s * width + j) * C, C * sizeof(float));
+          for (int64_t c = 0; c < C; ++c)  // the cache moves up one row: rows i-p+1..i
+            for (int64_t r = 0; r < p; ++r)
+              for (int64_t j = 0; j < width; ++j) next[(c * p + r) * width + j] = win[((r + 1) * padded + j + p) * C + c];
+        }
+      });
+    }
+    const float* wv = l == 0 ? w.v0_w : w.v_w + (l - 1) * in * C2;
+    const float* bv = l == 0 ? w.v0_b : w.v_b + (l - 1) * C2;
+    at::parallel_for(0, rows, kBlock, [&](int64_t begin, int64_t end) {
+      for (int64_t r0 = begin; r0 < end; r0 += kBlock) {  // blocks small enough to stay in cache
+        const int64_t r1 = std::min(end, r0 + kBlock), m = r1 - r0;
+        for (int64_t r = r0; r < r1; ++r) {  // im2col: the vertical kernel's window of column j
+          const int64_t s = r / width, j = r % width, i = pos[s] / width;
+          float* dst = col.data() + r * window_cols;
+          if (l == 0) {  // image rows i-1-p0..i-1, zero outside the image
+            for (int64_t rr = 0; rr <= p0; ++rr)
+              for (int64_t cc = 0; cc < k0; ++cc) {
+                const int64_t ii = i - 1 - p0 + rr, jj = j - p0 + cc;
+                dst[rr * k0 + cc] =
+                    ii >= 0 && jj >= 0 && jj < width ? w.scale(pix[(s * height + ii) * width + jj]) : 0.f;
+              }
+          } else {
+            const float* win = window.data() + s * (p + 1) * padded * C;
+            for (int64_t rr = 0; rr <= p; ++rr)
+              std::memcpy(dst + rr * k * C, win + (rr * padded + j) * C, k * C * sizeof(float));
+          }
+        }
+        float* v = pre.data() + r0 * C2;
+        float* h = link.data() + r0 * C2;
+        dense(col.data() + r0 * window_cols, window_cols, wv, in, C2, bv, v, C2, m);
+        const float* hb = w.h_b + l * C2;
+        for (int64_t r = r0; r < r1; ++r) {
+          const int64_t s = r / width, j = r % width;
+          if (l == 0 && pos[s] < width) std::fill_n(pre.data() + r * C2, C2, 0.f);  // shift down: row 0 is zero
+          const bool horizontal_bias = l > 0 || j > 0;  // the first layer's shift right: column 0 has no bias
+          for (int64_t o = 0; o < C2; ++o) link[r * C2 + o] = horizontal_bias ? hb[o] : 0.f;
+        }
+        dense(v, C2, w.link_w + l * C2 * C2, C2, C2, w.link_b + l * C2, h, C2, m, true);
+        for (int64_t r = r0; r < r1; ++r) {
+          const int64_t s = r / width, j = r % width;
+          if (label) {  // the class biases: the vertical gate's after the link, the horizontal one's in it
+            const float* cb = w.class_bias + (l * w.classes + label[s]) * 2 * C2;
+            for (int64_t o = 0; o < C2; ++o) pre[r * C2 + o] += cb[o], link[r * C2 + o] += cb[C2 + o];
+          }
+          float* out = link_out + (s * L + l) * C2 * width;
+          for (int64_t o = 0; o < C2; ++o) out[o * width + j] = link[r * C2 + o];
+        }
+        if (l < L - 1) gate_rows(v, C2, v_out.data() + r0 * C, C, C, m);
+      }
+    });
+  }
+  return {vertical_out, links, image_context, hidden_context};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> gated_step(const Tensor& positions, const Tensor& noise,
+                                                      const Tensor& temperature, const Tensor& links,
+                                                      const Tensor& image_context, const Tensor& hidden_context,
+                                                      const std::optional<Tensor>& teacher, at::TensorList weights) {
+  const GatedWeights w(weights);
+  check_cpu(positions, at::kLong, 2, "positions");
+  check_cpu(noise, at::kFloat, 3, "noise");
+  check_cpu(temperature, at::kFloat, 2, "temperature");
+  check_cpu(links, at::kFloat, 4, "links");
+  check_cpu(image_context, at::kFloat, 2, "image_context");
+  check_cpu(hidden_context, at::kFloat, 3, "hidden_context");
+  const int64_t n = positions.size(0), span = noise.size(1), width = links.size(3);
+  const int64_t C = w.channels, C2 = 2 * C, L = w.layers, p0 = w.p0, p = w.p, O = w.output_channels;
+  const int64_t levels = w.levels, hidden = (p + 1) * C;
+  TORCH_CHECK(noise.size(2) == 1, "noise: single-channel images only");
+  TORCH_CHECK(links.size(1) == L && links.size(2) == C2, "links: shape ", links.sizes(), " does not match the weights");
+  TORCH_CHECK(image_context.size(1) == p0 + 1 && hidden_context.size(1) == L - 1 && hidden_context.size(2) == p * C,
+              "contexts: shapes ", image_context.sizes(), " and ", hidden_context.sizes(), " do not match the weights");
+  const int64_t* forced = nullptr;
+  if (teacher.has_value()) {
+    check_cpu(*teacher, at::kLong, 3, "teacher");
+    forced = teacher->data_ptr<int64_t>();
+  }
+  Tensor pixel = at::empty({n, span, 1}, positions.options());
+  Tensor image_out = image_context.clone();
+  Tensor hidden_out = at::empty_like(hidden_context);
+  Tensor logits_out = at::empty({forced ? n : 0, span, levels}, links.options());
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  const float* eps = noise.data_ptr<float>();
+  const float* temp = temperature.data_ptr<float>();
+  const float* link = links.data_ptr<float>();
+  const float* hidden_in = hidden_context.data_ptr<float>();
+  float* context = image_out.data_ptr<float>();
+  float* hidden_state = hidden_out.data_ptr<float>();
+  int64_t* chosen = pixel.data_ptr<int64_t>();
+  float* logits_record = logits_out.data_ptr<float>();
+
+  // Slots are independent: blocks of slots run on the intra-op threads, each block layer by layer.
+  at::parallel_for(0, n, 8, [&](int64_t b0, int64_t b1) {
+    const int64_t m = b1 - b0;
+    std::vector<float> windows((L - 1) * m * hidden), pre(m * C2), gated(m * L * C), h_out(m * C), skips(m * C),
+        out_hidden(m * O), logits(m * levels);
+    for (int64_t l = 0; l < L - 1; ++l)  // layer l+1's window: layer l's last p outputs, then its current one
+      for (int64_t s = 0; s < m; ++s)
+        std::memcpy(windows.data() + (l * m + s) * hidden, hidden_in + ((b0 + s) * (L - 1) + l) * p * C,
+                    p * C * sizeof(float));
+    float* ctx = context + b0 * (p0 + 1);
+    auto gather_links = [&](int64_t l, int64_t offset) {  // the link of column j of layer l, per slot
+      for (int64_t s = 0; s < m; ++s) {
+        const int64_t j = pos[b0 + s] % width + offset;
+        const float* src = link + ((b0 + s) * L + l) * C2 * width + j;
+        for (int64_t o = 0; o < C2; ++o) pre[s * C2 + o] = src[o * width];
+      }
+    };
+    for (int64_t t = 0; t < span; ++t) {
+      gather_links(0, t);
+      dense(ctx, p0 + 1, w.h0_w, p0 + 1, C2, nullptr, pre.data(), C2, m, true);
+      gate_rows(pre.data(), C2, gated.data(), L * C, C, m);
+      dense(gated.data(), L * C, w.hout_w, C, C, w.hout_b, h_out.data(), C, m);
+      for (int64_t l = 1; l < L; ++l) {
+        float* win = windows.data() + (l - 1) * m * hidden;
+        for (int64_t s = 0; s < m; ++s) std::memcpy(win + s * hidden + p * C, h_out.data() + s * C, C * sizeof(float));
+        gather_links(l, t);
+        dense(win, hidden, w.h_w + (l - 1) * hidden * C2, hidden, C2, nullptr, pre.data(), C2, m, true);
+        for (int64_t s = 0; s < m; ++s)  // drop the oldest column
+          std::memmove(win + s * hidden, win + s * hidden + C, p * C * sizeof(float));
+        gate_rows(pre.data(), C2, gated.data() + l * C, L * C, C, m);
+        if (l < L - 1)  // residual: h_out += horizontal_out(gated); the last layer's feeds nothing
+          dense(gated.data() + l * C, L * C, w.hout_w + l * C * C, C, C, w.hout_b + l * C, h_out.data(), C, m, true);
+      }
+      dense(gated.data(), L * C, w.skip_w, L * C, C, w.skip_b, skips.data(), C, m);
+      relu_rows(skips.data(), C, C, m);
+      dense(skips.data(), C, w.oh_w, C, O, w.oh_b, out_hidden.data(), O, m);
+      relu_rows(out_hidden.data(), O, O, m);
+      dense(out_hidden.data(), O, w.lg_w, O, levels, w.lg_b, logits.data(), levels, m);
+      for (int64_t s = 0; s < m; ++s) {
+        const int64_t slot = b0 + s;
+        const float* row = logits.data() + s * levels;
+        const int64_t value = forced ? forced[slot * span + t]
+                                     : choose_level(row, 1, levels, eps[slot * span + t], temp[slot]);
+        if (forced) std::memcpy(logits_record + (slot * span + t) * levels, row, levels * sizeof(float));
+        chosen[slot * span + t] = value;
+        float* c = ctx + s * (p0 + 1);
+        std::memmove(c, c + 1, p0 * sizeof(float));
+        c[p0] = w.scale(value);
+      }
+    }
+    for (int64_t l = 0; l < L - 1; ++l)
+      for (int64_t s = 0; s < m; ++s)
+        std::memcpy(hidden_state + ((b0 + s) * (L - 1) + l) * p * C, windows.data() + (l * m + s) * hidden,
+                    p * C * sizeof(float));
+  });
+  return {pixel, image_out, hidden_out, logits_out};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(genserve, m) {
+  m.def("gated_refresh(Tensor pixels, Tensor positions, Tensor? labels, Tensor vertical, Tensor[] weights)"
+        " -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("gated_step(Tensor positions, Tensor noise, Tensor temperature, Tensor links, Tensor image_context,"
+        " Tensor hidden_context, Tensor? teacher, Tensor[] weights) -> (Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(genserve, CPU, m) {
+  m.impl("gated_refresh", &gated_refresh);
+  m.impl("gated_step", &gated_step);
+}
+
+}  // namespace genserve

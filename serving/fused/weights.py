@@ -1,0 +1,43 @@
+"""What each fused operator family reads and returns: the contract between export and the operators.
+
+The refresh and step operators take the same named inputs and give the same named outputs as
+the family's exported `refresh` and `step` graphs (a name missing from a call's feeds is passed
+as None), then the packed weights, in the order named here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+WEIGHTS_FILE = "fused.safetensors"
+
+GATED_WEIGHTS = (
+    "v0_w", "v0_b", "v_w", "v_b", "link_w", "link_b", "h_b", "class_bias", "h0_w", "h_w", "hout_w", "hout_b",
+    "skip_w", "skip_b", "oh_w", "oh_b", "lg_w", "lg_b",
+)
+
+
+@dataclass(frozen=True)
+class FusedOp:
+    """One family's operator pair under torch.ops.genserve."""
+
+    refresh: str
+    refresh_inputs: tuple[str, ...]
+    refresh_outputs: tuple[str, ...]
+    step: str
+    step_inputs: tuple[str, ...]  # "teacher" (forced pixels) is for tests; the engine leaves it None
+    step_outputs: tuple[str, ...]  # "logits" comes back only when a teacher is given
+    weights: tuple[str, ...]
+
+
+FUSED_OPS = {
+    "gated_pixelcnn": FusedOp(
+        refresh="gated_refresh",
+        refresh_inputs=("pixels", "positions", "labels", "vertical"),
+        refresh_outputs=("next_vertical", "next_links", "next_image_context", "next_hidden_context"),
+        step="gated_step",
+        step_inputs=("positions", "noise", "temperature", "links", "image_context", "hidden_context", "teacher"),
+        step_outputs=("pixel", "next_image_context", "next_hidden_context", "logits"),
+        weights=GATED_WEIGHTS,
+    ),
+}
