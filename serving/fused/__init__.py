@@ -11,6 +11,7 @@ back to the exported graphs with the reason stated.
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,8 +21,10 @@ SOURCE_DIR = Path(__file__).parent / "csrc"
 BUILD_DIR = Path(__file__).parent / "_build"
 LIBRARY_NAME = "genserve_ops"
 SOURCES = ("gated_pixelcnn.cpp",)
-# Tuned for the machine that builds (setup builds on the machine that serves); IEEE semantics kept.
-CFLAGS = ("-O3", "-march=native", "-std=c++17", "-fopenmp")
+# Tuned for the machine that builds (setup builds on the machine that serves); an image built on one
+# machine and run on others names a portable target instead (GENSERVE_OPS_ARCH=x86-64-v3: AVX2 + FMA).
+# IEEE semantics kept: no -ffast-math.
+CFLAGS = ("-O3", f"-march={os.environ.get('GENSERVE_OPS_ARCH', 'native')}", "-std=c++17", "-fopenmp")
 
 
 @dataclass(frozen=True)

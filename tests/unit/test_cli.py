@@ -51,15 +51,24 @@ def test_sampling_a_pixelcnn_uses_the_cached_engine_and_draws_the_naive_images(t
 
 def test_bench_sampler_prints_a_table_and_writes_json(tmp_path):
     out = tmp_path / "bench.json"
-    result = genserve("bench-sampler", "pixelcnn_mnist", "--batch", "2", "--naive-steps", "2", "--slots", "2",
+    result = genserve("bench-sampler", "gated_pixelcnn_mnist", "--batch", "2", "--naive-steps", "2", "--slots", "2",
                       "--requests", "3", "--max-request-size", "2", "--json", str(out))
     assert result.returncode == 0, result.stderr
     report = json.loads(out.read_text())
     (row,) = report["speedup"]
-    assert row["batch"] == 2 and row["naive_ms_per_image"] > 0 and row["cached_ms_per_image"] > 0
+    assert row["batch"] == 2 and row["naive_ms_per_image"] > 0 and row["step_ms_per_image"] > 0
+    assert row["fused_ms_per_image"] > 0 and report["machine"]["fused"] == "fused operators timed"
+    assert report["batching_runner"] == "fused operators"
     assert [r["batching"] for r in report["batching"]] == ["static", "continuous"]
     assert all(r["requests"] == 3 and r["p99_ms"] >= r["p50_ms"] > 0 for r in report["batching"])
-    assert "speedup" in result.stdout and "continuous vs static" in result.stdout
+    assert "step/fused" in result.stdout and "continuous vs static" in result.stdout
+    # PixelCNN has no fused operators: the table says so and batching runs on the step graphs.
+    result = genserve("bench-sampler", "pixelcnn_mnist", "--batch", "2", "--naive-steps", "2", "--slots", "2",
+                      "--requests", "2", "--max-request-size", "1", "--json", "-")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["speedup"][0]["fused_ms_per_image"] is None and report["batching_runner"] == "step graphs"
+    assert report["machine"]["fused"] == "the model was exported without fused operators"
     bad = genserve("bench-sampler", "--runtime", "onnx", "--device", "cuda")
     assert bad.returncode == 2 and "needs --runtime torchscript" in bad.stderr
 

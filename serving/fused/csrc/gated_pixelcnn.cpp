@@ -21,7 +21,8 @@ namespace {
 
 using at::Tensor;
 
-constexpr int64_t kBlock = 32;  // (slot, column) rows per refresh block
+constexpr int64_t kBlock = 32;  // (slot, column) rows per refresh block: its window columns stay in L2
+constexpr int64_t kGrain = 8;  // fewest rows worth a thread (a batch-1 row of 28 columns splits in two)
 
 // The packed weights, in the order export/fused.py writes them.
 struct GatedWeights {
@@ -116,7 +117,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gated_refresh(const Tensor& pixels, c
     }
     const float* wv = l == 0 ? w.v0_w : w.v_w + (l - 1) * in * C2;
     const float* bv = l == 0 ? w.v0_b : w.v_b + (l - 1) * C2;
-    at::parallel_for(0, rows, kBlock, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, rows, kGrain, [&](int64_t begin, int64_t end) {
       for (int64_t r0 = begin; r0 < end; r0 += kBlock) {  // blocks small enough to stay in cache
         const int64_t r1 = std::min(end, r0 + kBlock), m = r1 - r0;
         for (int64_t r = r0; r < r1; ++r) {  // im2col: the vertical kernel's window of column j
