@@ -21,8 +21,8 @@ namespace {
 
 using at::Tensor;
 
-constexpr int64_t kBlock = 32;  // (slot, column) rows per refresh block: its window columns stay in L2
-constexpr int64_t kGrain = 8;  // fewest rows worth a thread (a batch-1 row of 28 columns splits in two)
+constexpr int64_t kBlock = 14;  // (slot, column) rows per refresh block: half a 28-pixel row, in L1/L2
+constexpr int64_t kGrain = 14;  // fewest rows worth a thread (a batch-1 row splits in two)
 
 // The packed weights, in the order export/fused.py writes them.
 struct GatedWeights {
@@ -96,69 +96,73 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gated_refresh(const Tensor& pixels, c
   std::vector<float> col(rows * window_cols), pre(rows * C2), link(rows * C2), v_out(rows * C);
   std::vector<float> window(n * (p + 1) * padded * C, 0.f);  // per slot: rows i-p..i, padded columns, channels last
 
+  // One parallel region for all layers, its threads meeting at each loop's barrier: a region per
+  // layer would wake the pool 2L times per call, which at batch 1 costs more than the arithmetic.
+  const int64_t blocks = (rows + kBlock - 1) / kBlock;
+  const int threads = at::in_parallel_region() ? 1 : static_cast<int>(std::min<int64_t>(at::get_num_threads(),
+                                                                                        (rows + kGrain - 1) / kGrain));
+#pragma omp parallel num_threads(threads)
   for (int64_t l = 0; l < L; ++l) {
     const int64_t in = l == 0 ? (p0 + 1) * k0 : (p + 1) * k * C;
     if (l > 0) {  // the layer's input rows: its cache (rows i-p..i-1) and the previous layer's output (row i)
-      at::parallel_for(0, n, 1, [&](int64_t s0, int64_t s1) {
-        for (int64_t s = s0; s < s1; ++s) {
-          float* win = window.data() + s * (p + 1) * padded * C;
-          const float* cache = vin + ((s * (L - 1) + l - 1) * C) * p * width;  // (C, p, W)
-          float* next = vout_state + ((s * (L - 1) + l - 1) * C) * p * width;
-          for (int64_t c = 0; c < C; ++c)
-            for (int64_t r = 0; r < p; ++r)
-              for (int64_t j = 0; j < width; ++j) win[(r * padded + j + p) * C + c] = cache[(c * p + r) * width + j];
-          for (int64_t j = 0; j < width; ++j)
-            std::memcpy(win + (p * padded + j + p) * C, v_out.data() + (s * width + j) * C, C * sizeof(float));
-          for (int64_t c = 0; c < C; ++c)  // the cache moves up one row: rows i-p+1..i
-            for (int64_t r = 0; r < p; ++r)
-              for (int64_t j = 0; j < width; ++j) next[(c * p + r) * width + j] = win[((r + 1) * padded + j + p) * C + c];
-        }
-      });
+#pragma omp for schedule(static)
+      for (int64_t s = 0; s < n; ++s) {
+        float* win = window.data() + s * (p + 1) * padded * C;
+        const float* cache = vin + ((s * (L - 1) + l - 1) * C) * p * width;  // (C, p, W)
+        float* next = vout_state + ((s * (L - 1) + l - 1) * C) * p * width;
+        for (int64_t c = 0; c < C; ++c)
+          for (int64_t r = 0; r < p; ++r)
+            for (int64_t j = 0; j < width; ++j) win[(r * padded + j + p) * C + c] = cache[(c * p + r) * width + j];
+        for (int64_t j = 0; j < width; ++j)
+          std::memcpy(win + (p * padded + j + p) * C, v_out.data() + (s * width + j) * C, C * sizeof(float));
+        for (int64_t c = 0; c < C; ++c)  // the cache moves up one row: rows i-p+1..i
+          for (int64_t r = 0; r < p; ++r)
+            for (int64_t j = 0; j < width; ++j) next[(c * p + r) * width + j] = win[((r + 1) * padded + j + p) * C + c];
+      }
     }
     const float* wv = l == 0 ? w.v0_w : w.v_w + (l - 1) * in * C2;
     const float* bv = l == 0 ? w.v0_b : w.v_b + (l - 1) * C2;
-    at::parallel_for(0, rows, kGrain, [&](int64_t begin, int64_t end) {
-      for (int64_t r0 = begin; r0 < end; r0 += kBlock) {  // blocks small enough to stay in cache
-        const int64_t r1 = std::min(end, r0 + kBlock), m = r1 - r0;
-        for (int64_t r = r0; r < r1; ++r) {  // im2col: the vertical kernel's window of column j
-          const int64_t s = r / width, j = r % width, i = pos[s] / width;
-          float* dst = col.data() + r * window_cols;
-          if (l == 0) {  // image rows i-1-p0..i-1, zero outside the image
-            for (int64_t rr = 0; rr <= p0; ++rr)
-              for (int64_t cc = 0; cc < k0; ++cc) {
-                const int64_t ii = i - 1 - p0 + rr, jj = j - p0 + cc;
-                dst[rr * k0 + cc] =
-                    ii >= 0 && jj >= 0 && jj < width ? w.scale(pix[(s * height + ii) * width + jj]) : 0.f;
-              }
-          } else {
-            const float* win = window.data() + s * (p + 1) * padded * C;
-            for (int64_t rr = 0; rr <= p; ++rr)
-              std::memcpy(dst + rr * k * C, win + (rr * padded + j) * C, k * C * sizeof(float));
-          }
+#pragma omp for schedule(static)
+    for (int64_t block = 0; block < blocks; ++block) {  // blocks small enough to stay in cache
+      const int64_t r0 = block * kBlock, r1 = std::min(rows, r0 + kBlock), m = r1 - r0;
+      for (int64_t r = r0; r < r1; ++r) {  // im2col: the vertical kernel's window of column j
+        const int64_t s = r / width, j = r % width, i = pos[s] / width;
+        float* dst = col.data() + r * window_cols;
+        if (l == 0) {  // image rows i-1-p0..i-1, zero outside the image
+          for (int64_t rr = 0; rr <= p0; ++rr)
+            for (int64_t cc = 0; cc < k0; ++cc) {
+              const int64_t ii = i - 1 - p0 + rr, jj = j - p0 + cc;
+              dst[rr * k0 + cc] =
+                  ii >= 0 && jj >= 0 && jj < width ? w.scale(pix[(s * height + ii) * width + jj]) : 0.f;
+            }
+        } else {
+          const float* win = window.data() + s * (p + 1) * padded * C;
+          for (int64_t rr = 0; rr <= p; ++rr)
+            std::memcpy(dst + rr * k * C, win + (rr * padded + j) * C, k * C * sizeof(float));
         }
-        float* v = pre.data() + r0 * C2;
-        float* h = link.data() + r0 * C2;
-        dense(col.data() + r0 * window_cols, window_cols, wv, in, C2, bv, v, C2, m);
-        const float* hb = w.h_b + l * C2;
-        for (int64_t r = r0; r < r1; ++r) {
-          const int64_t s = r / width, j = r % width;
-          if (l == 0 && pos[s] < width) std::fill_n(pre.data() + r * C2, C2, 0.f);  // shift down: row 0 is zero
-          const bool horizontal_bias = l > 0 || j > 0;  // the first layer's shift right: column 0 has no bias
-          for (int64_t o = 0; o < C2; ++o) link[r * C2 + o] = horizontal_bias ? hb[o] : 0.f;
-        }
-        dense(v, C2, w.link_w + l * C2 * C2, C2, C2, w.link_b + l * C2, h, C2, m, true);
-        for (int64_t r = r0; r < r1; ++r) {
-          const int64_t s = r / width, j = r % width;
-          if (label) {  // the class biases: the vertical gate's after the link, the horizontal one's in it
-            const float* cb = w.class_bias + (l * w.classes + label[s]) * 2 * C2;
-            for (int64_t o = 0; o < C2; ++o) pre[r * C2 + o] += cb[o], link[r * C2 + o] += cb[C2 + o];
-          }
-          float* out = link_out + (s * L + l) * C2 * width;
-          for (int64_t o = 0; o < C2; ++o) out[o * width + j] = link[r * C2 + o];
-        }
-        if (l < L - 1) gate_rows(v, C2, v_out.data() + r0 * C, C, C, m);
       }
-    });
+      float* v = pre.data() + r0 * C2;
+      float* h = link.data() + r0 * C2;
+      dense(col.data() + r0 * window_cols, window_cols, wv, in, C2, bv, v, C2, m);
+      const float* hb = w.h_b + l * C2;
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t s = r / width, j = r % width;
+        if (l == 0 && pos[s] < width) std::fill_n(pre.data() + r * C2, C2, 0.f);  // shift down: row 0 is zero
+        const bool horizontal_bias = l > 0 || j > 0;  // the first layer's shift right: column 0 has no bias
+        for (int64_t o = 0; o < C2; ++o) link[r * C2 + o] = horizontal_bias ? hb[o] : 0.f;
+      }
+      dense(v, C2, w.link_w + l * C2 * C2, C2, C2, w.link_b + l * C2, h, C2, m, true);
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t s = r / width, j = r % width;
+        if (label) {  // the class biases: the vertical gate's after the link, the horizontal one's in it
+          const float* cb = w.class_bias + (l * w.classes + label[s]) * 2 * C2;
+          for (int64_t o = 0; o < C2; ++o) pre[r * C2 + o] += cb[o], link[r * C2 + o] += cb[C2 + o];
+        }
+        float* out = link_out + (s * L + l) * C2 * width;
+        for (int64_t o = 0; o < C2; ++o) out[o * width + j] = link[r * C2 + o];
+      }
+      if (l < L - 1) gate_rows(v, C2, v_out.data() + r0 * C, C, C, m);
+    }
   }
   return {vertical_out, links, image_context, hidden_context};
 }
