@@ -15,10 +15,12 @@ from safetensors.torch import save_file
 from torch import nn
 
 from genserve.serving.artifacts import FusedSection
-from genserve.serving.fused.weights import GATED_WEIGHTS, WEIGHTS_FILE
+from genserve.serving.fused.weights import FUSED_OPS, GATED_WEIGHTS, PIXELCNN_WEIGHTS, WEIGHTS_FILE
 
 from .models.autoregressive import AutoregressiveModel
 from .models.gated_pixelcnn import GatedPixelCNN
+from .models.pixelcnn import PixelCNN
+from .steps import masked_rows, step_program
 
 
 def _dense(conv: nn.Conv2d) -> torch.Tensor:
@@ -57,25 +59,63 @@ def gated_weights(model: GatedPixelCNN) -> dict[str, torch.Tensor]:
         "lg_b": model.output_logits.bias,
     }
     assert tuple(packed) == GATED_WEIGHTS
+    return _contiguous(packed)
+
+
+@torch.no_grad()
+def pixelcnn_weights(model: PixelCNN) -> dict[str, torch.Tensor]:
+    blocks, h = model.blocks, model.config.hidden_channels
+
+    def stacked(tensors: list[torch.Tensor], *empty: int) -> torch.Tensor:  # no residual blocks: (0, ...)
+        return torch.stack(tensors) if tensors else torch.zeros(0, *empty)
+
+    window = h * (model.config.kernel_size // 2 + 1) * model.config.kernel_size
+    packed = {
+        "in_w": masked_rows(model.input_conv).t(),
+        "in_b": model.input_conv.bias,
+        "reduce_w": stacked([_dense(b.reduce) for b in blocks], 2 * h, h),
+        "reduce_b": stacked([b.reduce.bias for b in blocks], h),
+        "masked_w": stacked([masked_rows(b.masked).t() for b in blocks], window, h),
+        "masked_b": stacked([b.masked.bias for b in blocks], h),
+        "expand_w": stacked([_dense(b.expand) for b in blocks], h, 2 * h),
+        "expand_b": stacked([b.expand.bias for b in blocks], 2 * h),
+        "oh_w": _dense(model.output_hidden),
+        "oh_b": model.output_hidden.bias,
+        "lg_w": _dense(model.output_logits),
+        "lg_b": model.output_logits.bias,
+    }
+    assert tuple(packed) == PIXELCNN_WEIGHTS
+    return _contiguous(packed)
+
+
+def _contiguous(packed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {name: t.detach().float().contiguous().clone() for name, t in packed.items()}
+
+
+def packed_weights(model: AutoregressiveModel) -> tuple[str, dict[str, torch.Tensor]] | None:
+    """(operator family, weights) of a model with fused operators; None for the others."""
+    if isinstance(model, GatedPixelCNN):
+        return "gated_pixelcnn", gated_weights(model)
+    if isinstance(model, PixelCNN):
+        return "pixelcnn", pixelcnn_weights(model)
+    return None
 
 
 def write_fused_weights(model: AutoregressiveModel, folder: Path) -> tuple[FusedSection, Path] | None:
     """Writes `folder/fused.safetensors` for a family with fused operators; None for the others."""
-    if not isinstance(model, GatedPixelCNN):
+    packed = packed_weights(model)
+    if packed is None:
         return None
     path = folder / WEIGHTS_FILE
-    save_file(gated_weights(model), str(path))
-    return FusedSection("gated_pixelcnn", WEIGHTS_FILE), path
+    save_file(packed[1], str(path))
+    return FusedSection(packed[0], WEIGHTS_FILE), path
 
 
-def fused_runner(model: GatedPixelCNN, span: int | None = None):
+def fused_runner(model: AutoregressiveModel, span: int | None = None):
     """The engine's runner over the fused operators with weights packed from `model` (before export)."""
     from genserve.serving.engine import FusedStepRunner, StepSpec
-    from genserve.serving.fused.weights import FUSED_OPS
 
-    from .steps import step_program
-
+    op, weights = packed_weights(model)
     program = step_program(model, span)
     spec = StepSpec.from_section(program.section(), model.config.to_dict())
-    return FusedStepRunner(spec, FUSED_OPS["gated_pixelcnn"], list(gated_weights(model).values()))
+    return FusedStepRunner(spec, FUSED_OPS[op], list(weights.values()))

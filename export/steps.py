@@ -264,7 +264,7 @@ def gated_program(model: GatedPixelCNN, span: int) -> StepProgram:
 
 
 # ---- PixelCNN -------------------------------------------------------------------------------
-def _masked_rows(conv: nn.Conv2d) -> torch.Tensor:
+def masked_rows(conv: nn.Conv2d) -> torch.Tensor:
     """A masked k x k kernel's rows 0..k//2 (all rows below the centre are masked), flattened.
 
     Returns (out, in * (k//2 + 1) * k), matching a flattened (in, k//2 + 1, k) window.
@@ -305,13 +305,13 @@ class PixelCNNStep(StepModule):
         width = c.image_size
         k0 = model.input_conv.kernel_size[0]
         window = image_rows.gather(3, self.columns(positions, width, k0, image_rows))  # (n, C, p0+1, k0)
-        x = F.linear(window.flatten(1), _masked_rows(model.input_conv), model.input_conv.bias)  # (n, 2h)
+        x = F.linear(window.flatten(1), masked_rows(model.input_conv), model.input_conv.bias)  # (n, 2h)
         for b, block in enumerate(model.blocks):
             k = block.masked.kernel_size[0]
             a = F.relu(F.linear(F.relu(x), block.reduce.weight.flatten(1), block.reduce.bias))  # (n, h)
             block_rows[b] = rows = self.write_current(block_rows[b], positions, width, k // 2, a)
             window = rows.gather(3, self.columns(positions, width, k, rows))  # (n, h, p+1, k)
-            m = F.linear(window.flatten(1), _masked_rows(block.masked), block.masked.bias)
+            m = F.linear(window.flatten(1), masked_rows(block.masked), block.masked.bias)
             x = x + F.linear(F.relu(m), block.expand.weight.flatten(1), block.expand.bias)
         hidden = F.relu(F.linear(F.relu(x), model.output_hidden.weight.flatten(1), model.output_hidden.bias))
         logits = F.linear(hidden, model.output_logits.weight.flatten(1), model.output_logits.bias)
@@ -395,9 +395,9 @@ def cached_sample(
     from genserve.serving.engine import EngineConfig, SamplingEngine
     from genserve.serving.fused import load_ops
 
-    from .fused import fused_runner
+    from .fused import fused_runner, packed_weights
 
-    runner = fused_runner(model) if isinstance(model, GatedPixelCNN) and load_ops() else eager_runner(model)
+    runner = fused_runner(model) if load_ops() and packed_weights(model) else eager_runner(model)
     engine = SamplingEngine(runner, EngineConfig(num_slots=min(n, 64)))
     label_list = None if labels is None else [int(v) for v in labels]
     return torch.from_numpy(engine.generate(seed, n, temperature, label_list)).long()

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..artifacts import ArtifactIntegrityError, GraphSignature, Manifest, StepSection, TensorSpec
+from ..artifacts import NEXT, ArtifactIntegrityError, GraphSignature, Manifest, StepSection, TensorSpec
 from ..fused import load_ops
 from ..fused.weights import FUSED_OPS, FusedOp
 
@@ -118,6 +118,9 @@ class FusedStepRunner(StepRunner):
 
     def __init__(self, spec: StepSpec, op: FusedOp, weights: list[torch.Tensor], device: str | torch.device = "cpu"):
         self.spec, self.op, self.weights, self.device = spec, op, weights, torch.device(device)
+        status = load_ops()
+        if not status:
+            raise RuntimeError(f"the fused operators are not available: {status.reason}")
         namespace = torch.ops.genserve
         self.refresh, self.step = getattr(namespace, op.refresh), getattr(namespace, op.step)
 
@@ -138,9 +141,17 @@ class FusedStepRunner(StepRunner):
             function, inputs, outputs = self.refresh, self.op.refresh_inputs, self.op.refresh_outputs
         else:
             function, inputs, outputs = self.step, self.op.step_inputs, self.op.step_outputs
+        arguments = [[feeds[s] for s in self._states(name)] if name.endswith("*") else feeds.get(name)
+                     for name in inputs]
         with torch.inference_mode():
-            results = function(*(feeds.get(name) for name in inputs), self.weights)
-        return dict(zip(outputs, results))
+            results = function(*arguments, self.weights)
+        names = [n for name in outputs
+                 for n in ([NEXT + s for s in self._states(name.removeprefix(NEXT))] if name.endswith("*") else [name])]
+        return dict(zip(names, results))
+
+    def _states(self, pattern: str) -> list[str]:
+        """The program's states named `prefix*`, in order."""
+        return [s.name for s in self.spec.states if s.name.startswith(pattern[:-1])]
 
 
 def fused_unavailable(manifest: Manifest, device: str) -> str | None:

@@ -2,7 +2,8 @@
 
 The refresh and step operators take the same named inputs and give the same named outputs as
 the family's exported `refresh` and `step` graphs (a name missing from a call's feeds is passed
-as None), then the packed weights, in the order named here.
+as None), then the packed weights, in the order named here. A name ending in `*` stands for
+every state with that prefix, in the program's order: one list argument, or that many outputs.
 """
 
 from __future__ import annotations
@@ -14,6 +15,12 @@ WEIGHTS_FILE = "fused.safetensors"
 GATED_WEIGHTS = (
     "v0_w", "v0_b", "v_w", "v_b", "link_w", "link_b", "h_b", "class_bias", "h0_w", "h_w", "hout_w", "hout_b",
     "skip_w", "skip_b", "oh_w", "oh_b", "lg_w", "lg_b",
+)
+
+
+PIXELCNN_WEIGHTS = (
+    "in_w", "in_b", "reduce_w", "reduce_b", "masked_w", "masked_b", "expand_w", "expand_b", "oh_w", "oh_b", "lg_w",
+    "lg_b",
 )
 
 
@@ -39,5 +46,14 @@ FUSED_OPS = {
         step_inputs=("positions", "noise", "temperature", "links", "image_context", "hidden_context", "teacher"),
         step_outputs=("pixel", "next_image_context", "next_hidden_context", "logits"),
         weights=GATED_WEIGHTS,
+    ),
+    "pixelcnn": FusedOp(
+        refresh="pixelcnn_refresh",
+        refresh_inputs=("image_rows", "block*"),
+        refresh_outputs=("next_image_rows", "next_block*"),
+        step="pixelcnn_step",
+        step_inputs=("positions", "noise", "temperature", "image_rows", "block*", "teacher"),
+        step_outputs=("pixel", "next_image_rows", "next_block*", "logits"),
+        weights=PIXELCNN_WEIGHTS,
     ),
 }

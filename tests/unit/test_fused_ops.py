@@ -30,19 +30,19 @@ from genserve.serving.engine import program as engine_program
 from genserve.serving.engine.program import fused_unavailable
 from tests.rounding import assert_within_rounding, rounding_sigma
 from tests.unit.test_export import REPOSITORY
-from tests.unit.test_sampling_engine import labels_for, naive, tiny
+from tests.unit.test_sampling_engine import MODELS, labels_for, naive, tiny
 
-GATED = ("gated", "gated_conditional_3_levels")
 SAMPLER = REPOSITORY / "gated_pixelcnn_mnist_sample"
 
 
 def test_the_operator_library_is_built_and_loads():
     status = fused.load_ops()
     assert status, status.reason  # `make setup` builds it; a failure here means setup did not
-    assert hasattr(torch.ops.genserve, "gated_step") and hasattr(torch.ops.genserve, "gated_refresh")
+    for op in ("gated_refresh", "gated_step", "pixelcnn_refresh", "pixelcnn_step"):
+        assert hasattr(torch.ops.genserve, op), op
 
 
-@pytest.mark.parametrize("name", GATED)
+@pytest.mark.parametrize("name", sorted(MODELS))
 @pytest.mark.parametrize("span", [1, 6])
 def test_teacher_forced_fused_logits_equal_the_full_network(name, span):
     # The exactness claim: fed a given image, the fused step's logits at every pixel equal the
@@ -75,10 +75,11 @@ def test_teacher_forced_fused_logits_equal_the_full_network(name, span):
     assert np.array_equal(job.images, image.numpy())
 
 
-@pytest.mark.parametrize("name", GATED)
+@pytest.mark.parametrize("name", sorted(MODELS))
 @pytest.mark.parametrize("span", [1, 2, 6])
 def test_fused_sampling_equals_naive_sampling_on_many_seeds(name, span):
     # Exact equality of images, for the reason test_sampling_engine gives for the step graphs.
+    # (The pixelcnn models cover an image row cache with 3 levels and kernel 5, and plain 3x3.)
     model = tiny(name)
     n = 6
     labels = labels_for(model, n)
@@ -89,35 +90,24 @@ def test_fused_sampling_equals_naive_sampling_on_many_seeds(name, span):
     assert np.array_equal(engine.generate(3, n, 0.5, labels), naive(model, n, 3, 0.5, labels))
 
 
-def test_each_fused_call_matches_the_step_graph_it_replaces():
-    # Call by call on the same states (slots at different rows, random caches): what the engine
-    # may swap between. Tolerance: the rounding of the eager graph module itself.
-    model = tiny("gated_conditional_3_levels")
-    c, n = model.config, 5
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("graph", ["refresh", "step"])
+def test_each_fused_call_matches_the_step_graph_it_replaces(name, graph):
+    # Call by call on the same inputs (the exporter's examples: slots at different rows, random
+    # caches): what the engine may swap between. Tolerance: the rounding of the eager graph itself.
+    model = tiny(name)
     program = step_program(model)
-    weights = list(gated_weights(model).values())
-    generator = torch.Generator().manual_seed(0)
-    pixels = torch.randint(0, c.pixel_levels, (n, 1, c.image_size, c.image_size), dtype=torch.uint8,
-                           generator=generator)
-    positions = torch.tensor([[0], [6], [12], [30], [18]])
-    labels = torch.tensor([[0], [1], [2], [3], [1]])
-    vertical = torch.randn(n, *program.states[0].shape, generator=generator)
-    refresh_inputs = (pixels, positions, labels, vertical)
-    want = program.refresh.module(*refresh_inputs)
-    got = torch.ops.genserve.gated_refresh(*refresh_inputs, weights)
-    sigmas = rounding_sigma(program.refresh.module, refresh_inputs)
-    for name, g, w, s in zip(("vertical", "links", "image_context", "hidden_context"), got, want, sigmas):
-        assert_within_rounding(g.numpy(), w.detach().numpy(), s, f"refresh {name}")
-    noise = torch.rand(n, c.image_size, 1, generator=generator)
-    temperature = torch.tensor([[1.0], [0.5], [0.0], [2.0], [1.0]])
-    step_inputs = (positions, noise, temperature, want[1].detach(), torch.randn(n, *program.states[2].shape),
-                   torch.randn(n, *program.states[3].shape))
-    want_step = program.step.module(*step_inputs)
-    got_step = torch.ops.genserve.gated_step(*step_inputs, None, weights)
-    assert torch.equal(got_step[0], want_step[0])  # the chosen pixels (exact, as for the images)
-    sigmas = rounding_sigma(program.step.module, step_inputs)
-    for name, g, w, s in zip(("image_context", "hidden_context"), got_step[1:3], want_step[1:], sigmas[1:]):
-        assert_within_rounding(g.numpy(), w.detach().numpy(), s, f"step {name}")
+    entry = getattr(program, graph)
+    inputs = entry.example(5)
+    want = entry.module(*inputs)
+    want = want if isinstance(want, tuple) else (want,)
+    got = fused_runner(model).run(graph, dict(zip((s.name for s in entry.inputs), inputs)))
+    sigmas = rounding_sigma(entry.module, inputs)
+    for spec, value, sigma in zip(entry.outputs, want, sigmas):
+        if spec.name == "pixel":  # the chosen pixels: exact, as for the images
+            assert torch.equal(got["pixel"], value)
+        else:
+            assert_within_rounding(got[spec.name].numpy(), value.detach().numpy(), sigma, f"{name} {spec.name}")
 
 
 def test_the_shipped_sampler_runs_fused_and_reproduces_naive_sampling(shipped):
@@ -142,7 +132,9 @@ def test_fused_can_be_declined_and_has_no_cuda_kernel_yet():
     assert isinstance(load_step_runner(manifest, "onnx", fused=False), OnnxStepRunner)
     assert fused_unavailable(manifest, "cuda") == "genserve::gated_step has no CUDA implementation in this build"
     pixelcnn = load_manifest(REPOSITORY / "pixelcnn_mnist_sample")
-    assert pixelcnn.step.kind == "graphs" and isinstance(load_step_runner(pixelcnn), OnnxStepRunner)
+    assert pixelcnn.step.fused.op == "pixelcnn" and isinstance(load_step_runner(pixelcnn), FusedStepRunner)
+    vae = load_manifest(REPOSITORY / "vae_mnist_decode")
+    assert fused_unavailable(vae, "cpu") == "the model was exported without fused operators"
 
 
 @pytest.mark.parametrize("state, reason", [

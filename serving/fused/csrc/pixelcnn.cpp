@@ -1,0 +1,159 @@
+// Fused cached sampling for PixelCNN (van den Oord et al. 2016, masked convolutions) on the CPU.
+//
+// The same program as the exported step graphs (export/steps.py), on the same row caches:
+// - pixelcnn_refresh, at a row start: every cache moves up one row, the new row empty;
+// - pixelcnn_step: `span` pixels per slot, each through the masked input layer, every residual
+//   block (its masked layer read from the block's row cache) and the output layers, then the
+//   inverse-CDF choice, with no dispatch between layers.
+// Weights arrive packed by `genserve export` (export/fused.py): dense layers (in, out), masked
+// kernels cut to their rows above and at the centre and flattened (channel, row, column).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "kernels.h"
+
+namespace genserve {
+namespace {
+
+using at::Tensor;
+
+struct PixelCNNWeights {
+  const float *in_w, *in_b, *reduce_w, *reduce_b, *masked_w, *masked_b, *expand_w, *expand_b, *oh_w, *oh_b, *lg_w,
+      *lg_b;
+  int64_t blocks, hidden, output_channels, levels;
+
+  explicit PixelCNNWeights(at::TensorList w) {
+    TORCH_CHECK(w.size() == 12, "pixelcnn weights: expected 12 tensors, got ", w.size());
+    for (const Tensor& t : w)
+      TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.device().is_cpu(),
+                  "pixelcnn weights must be contiguous float32 CPU tensors");
+    const float** fields[] = {&in_w, &in_b, &reduce_w, &reduce_b, &masked_w, &masked_b,
+                              &expand_w, &expand_b, &oh_w, &oh_b, &lg_w, &lg_b};
+    for (size_t i = 0; i < w.size(); ++i) *fields[i] = w[i].data_ptr<float>();
+    blocks = w[2].size(0);
+    hidden = w[1].size(0) / 2;
+    output_channels = w[8].size(1);
+    levels = w[10].size(1);
+    TORCH_CHECK(levels >= 2 && levels <= 256, "pixelcnn weights: 2..256 pixel levels, got ", levels);
+  }
+  float scale(int64_t level) const { return static_cast<float>(level) * static_cast<float>(2.0 / (levels - 1)) - 1.f; }
+};
+
+std::vector<Tensor> pixelcnn_refresh(const Tensor& image_rows, at::TensorList block_rows, at::TensorList weights) {
+  std::vector<Tensor> out;
+  out.reserve(block_rows.size() + 1);
+  for (size_t c = 0; c <= block_rows.size(); ++c) {
+    const Tensor& rows = c == 0 ? image_rows : block_rows[c - 1];
+    TORCH_CHECK(rows.dim() == 4 && rows.device().is_cpu(), "row caches: expected (n, C, R, W) CPU tensors");
+    out.push_back(at::cat({rows.slice(2, 1), at::zeros_like(rows.slice(2, 0, 1))}, 2));
+  }
+  return out;
+}
+
+// Copies the (C, R, k) window at padded columns j..j+k-1 of a (C, R, Wp) row cache, (channel, row, column) order.
+inline void gather_window(const float* rows, int64_t channels, int64_t R, int64_t padded, int64_t j, int64_t k,
+                          float* dst) {
+  for (int64_t c = 0; c < channels; ++c)
+    for (int64_t r = 0; r < R; ++r) std::memcpy(dst + (c * R + r) * k, rows + (c * R + r) * padded + j, k * sizeof(float));
+}
+
+std::vector<Tensor> pixelcnn_step(const Tensor& positions, const Tensor& noise, const Tensor& temperature,
+                                  const Tensor& image_rows, at::TensorList block_rows,
+                                  const std::optional<Tensor>& teacher, at::TensorList weights) {
+  const PixelCNNWeights w(weights);
+  TORCH_CHECK(positions.scalar_type() == at::kLong && positions.dim() == 2 && positions.is_contiguous(),
+              "positions: expected (n, 1) int64");
+  TORCH_CHECK(noise.scalar_type() == at::kFloat && noise.dim() == 3 && noise.size(2) == 1 && noise.is_contiguous(),
+              "noise: expected (n, span, 1) float32 (single-channel images only)");
+  TORCH_CHECK(temperature.scalar_type() == at::kFloat && temperature.is_contiguous(), "temperature: expected float32");
+  TORCH_CHECK(image_rows.scalar_type() == at::kFloat && image_rows.dim() == 4 && image_rows.size(1) == 1,
+              "image_rows: expected (n, 1, p0+1, W+2p0) float32");
+  TORCH_CHECK(static_cast<int64_t>(block_rows.size()) == w.blocks, "block_rows: ", block_rows.size(),
+              " caches for ", w.blocks, " blocks");
+  const int64_t n = positions.size(0), span = noise.size(1), h = w.hidden, h2 = 2 * h, O = w.output_channels;
+  const int64_t levels = w.levels, R0 = image_rows.size(2), p0 = R0 - 1, k0 = 2 * p0 + 1;
+  const int64_t padded0 = image_rows.size(3), width = padded0 - 2 * p0;
+  const int64_t R = w.blocks ? block_rows[0].size(2) : 1, p = R - 1, k = 2 * p + 1, padded = width + 2 * p;
+  for (const Tensor& rows : block_rows)
+    TORCH_CHECK(rows.scalar_type() == at::kFloat && rows.dim() == 4 && rows.size(1) == h && rows.size(2) == R &&
+                    rows.size(3) == padded,
+                "block rows: shape ", rows.sizes(), " does not match the weights");
+  const int64_t* forced = nullptr;
+  if (teacher.has_value()) {
+    TORCH_CHECK(teacher->scalar_type() == at::kLong && teacher->is_contiguous(), "teacher: expected int64");
+    forced = teacher->data_ptr<int64_t>();
+  }
+  std::vector<Tensor> out;
+  out.push_back(at::empty({n, span, 1}, positions.options()));
+  out.push_back(image_rows.contiguous().clone());
+  for (const Tensor& rows : block_rows) out.push_back(rows.contiguous().clone());
+  out.push_back(at::empty({forced ? n : 0, span, levels}, image_rows.options()));
+  int64_t* chosen = out[0].data_ptr<int64_t>();
+  float* image = out[1].data_ptr<float>();
+  std::vector<float*> caches;
+  for (int64_t b = 0; b < w.blocks; ++b) caches.push_back(out[2 + b].data_ptr<float>());
+  float* logits_record = out.back().data_ptr<float>();
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  const float* eps = noise.data_ptr<float>();
+  const float* temp = temperature.data_ptr<float>();
+  const int64_t in0 = R0 * k0, window = h * R * k;
+
+  at::parallel_for(0, n, 8, [&](int64_t b0, int64_t b1) {
+    const int64_t m = b1 - b0;
+    std::vector<float> x(m * h2), act(m * h2), reduced(m * h), win(m * std::max(in0, window)), masked(m * h),
+        out_hidden(m * O), logits(m * levels);
+    for (int64_t t = 0; t < span; ++t) {
+      for (int64_t s = 0; s < m; ++s)
+        gather_window(image + (b0 + s) * R0 * padded0, 1, R0, padded0, pos[b0 + s] % width + t, k0,
+                      win.data() + s * in0);
+      dense(win.data(), in0, w.in_w, in0, h2, w.in_b, x.data(), h2, m);
+      for (int64_t b = 0; b < w.blocks; ++b) {
+        std::memcpy(act.data(), x.data(), m * h2 * sizeof(float));
+        relu_rows(act.data(), h2, h2, m);
+        dense(act.data(), h2, w.reduce_w + b * h2 * h, h2, h, w.reduce_b + b * h, reduced.data(), h, m);
+        relu_rows(reduced.data(), h, h, m);
+        for (int64_t s = 0; s < m; ++s) {  // the block's input at this pixel joins its row cache, then its window
+          float* rows = caches[b] + (b0 + s) * h * R * padded;
+          const int64_t j = pos[b0 + s] % width + t;
+          for (int64_t c = 0; c < h; ++c) rows[(c * R + p) * padded + j + p] = reduced[s * h + c];
+          gather_window(rows, h, R, padded, j, k, win.data() + s * window);
+        }
+        dense(win.data(), window, w.masked_w + b * window * h, window, h, w.masked_b + b * h, masked.data(), h, m);
+        relu_rows(masked.data(), h, h, m);
+        dense(masked.data(), h, w.expand_w + b * h * h2, h, h2, w.expand_b + b * h2, x.data(), h2, m, true);
+      }
+      relu_rows(x.data(), h2, h2, m);
+      dense(x.data(), h2, w.oh_w, h2, O, w.oh_b, out_hidden.data(), O, m);
+      relu_rows(out_hidden.data(), O, O, m);
+      dense(out_hidden.data(), O, w.lg_w, O, levels, w.lg_b, logits.data(), levels, m);
+      for (int64_t s = 0; s < m; ++s) {
+        const int64_t slot = b0 + s;
+        const float* row = logits.data() + s * levels;
+        const int64_t value = forced ? forced[slot * span + t]
+                                     : choose_level(row, 1, levels, eps[slot * span + t], temp[slot]);
+        if (forced) std::memcpy(logits_record + (slot * span + t) * levels, row, levels * sizeof(float));
+        chosen[slot * span + t] = value;
+        image[(slot * R0 + p0) * padded0 + pos[slot] % width + t + p0] = w.scale(value);
+      }
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(genserve, m) {
+  m.def("pixelcnn_refresh(Tensor image_rows, Tensor[] block_rows, Tensor[] weights) -> Tensor[]");
+  m.def("pixelcnn_step(Tensor positions, Tensor noise, Tensor temperature, Tensor image_rows, Tensor[] block_rows,"
+        " Tensor? teacher, Tensor[] weights) -> Tensor[]");
+}
+
+TORCH_LIBRARY_IMPL(genserve, CPU, m) {
+  m.impl("pixelcnn_refresh", &pixelcnn_refresh);
+  m.impl("pixelcnn_step", &pixelcnn_step);
+}
+
+}  // namespace genserve
