@@ -131,6 +131,19 @@ class NaiveSampler:
         return time.perf_counter() - start
 
 
+def _cpu_name() -> str:
+    """The CPU's model name (Linux), else what platform knows."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -189,7 +202,7 @@ def run_benchmark(config: BenchConfig, progress=print) -> BenchReport:
     runner = fused or graphs  # what the batching comparison runs on
     naive = NaiveSampler(repository / f"{config.model}_logits", config.runtime, config.device)
     report = BenchReport(config=asdict(config), machine={
-        "cpu_threads": torch.get_num_threads(), "platform": platform.platform(), "cpu": platform.processor(),
+        "cpu_threads": torch.get_num_threads(), "platform": platform.platform(), "cpu": _cpu_name(),
         "device": torch.cuda.get_device_name() if graphs.device.type == "cuda" else "cpu",
         "fused": why_not_fused or "fused operators timed",
     })
@@ -231,7 +244,7 @@ def format_report(report: BenchReport) -> str:
     c = report.config
     m = report.machine
     lines = [
-        f"model {c['model']} · runtime {c['runtime']} on {m['device']} ({m.get('cpu') or 'cpu'}, "
+        f"model {c['model']} · runtime {c['runtime']} on {m['device']} ({m['cpu']}, "
         f"{m['cpu_threads']} CPU threads) · fused: {m['fused']}",
         f"naive = full-network pass per pixel, timed over the first {c['naive_steps']} pixels and scaled "
         "to the whole image; pass = one full pass (naive ÷ pixels); step = the exported step graphs in "
