@@ -65,10 +65,16 @@ class StepRunner(ABC):
 
     spec: StepSpec
     device: torch.device
+    row_inputs: tuple[str, ...] = ()  # the controls `run_row` takes; empty: no `run_row`
 
     @abstractmethod
     def run(self, graph: str, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Feeds the graph's named inputs; returns its named outputs (on `device`)."""
+
+    def run_row(self, feeds: Mapping[str, torch.Tensor], states: list[torch.Tensor]) -> torch.Tensor:
+        """Refresh then step in one call, for slots that all start a row: `states` (the program's
+        states in order, leading slices of the engine's own) are updated in place; returns `pixel`."""
+        raise NotImplementedError(f"{type(self).__name__} has no row call")
 
 
 class TorchStepRunner(StepRunner):
@@ -123,6 +129,7 @@ class FusedStepRunner(StepRunner):
             raise RuntimeError(f"the fused operators are not available: {status.reason}")
         namespace = torch.ops.genserve
         self.refresh, self.step = getattr(namespace, op.refresh), getattr(namespace, op.step)
+        self.row, self.row_inputs = getattr(namespace, op.row), op.row_inputs
 
     @classmethod
     def load(cls, manifest: Manifest, version: int | None = None, device: str = "cpu") -> FusedStepRunner:
@@ -148,6 +155,10 @@ class FusedStepRunner(StepRunner):
         names = [n for name in outputs
                  for n in ([NEXT + s for s in self._states(name.removeprefix(NEXT))] if name.endswith("*") else [name])]
         return dict(zip(names, results))
+
+    def run_row(self, feeds, states):
+        with torch.inference_mode():
+            return self.row(*(feeds.get(name) for name in self.row_inputs), states, self.weights)
 
     def _states(self, pattern: str) -> list[str]:
         """The program's states named `prefix*`, in order."""

@@ -65,17 +65,23 @@ class SlotRunner:
     def execute(self) -> np.ndarray:
         """One call of the program on every active slot; returns the slots that just completed a row.
 
-        `refresh` runs on the slots starting a row, then `step` on all; each slot's pixels are
+        `refresh` runs on the slots starting a row, then `step` on all (one in-place `run_row` call
+        instead where the runner has one and every slot starts a row); each slot's pixels are
         written and its position advances by the program's span.
         """
         n = self.active
         positions = self.positions[:n]
         starting = np.flatnonzero(positions % self.spec.period == 0)
-        if len(starting) == n:
-            self._run("refresh", slice(0, n))
-        elif len(starting):
-            self._run("refresh", starting)
-        pixel = self._run("step", slice(0, n))[PIXEL].cpu().numpy()  # (n, span, C)
+        if len(starting) == n and self.runner.row_inputs:  # one in-place call: refresh, then step
+            feeds = self._feeds(self.runner.row_inputs, slice(0, n))
+            pixel = self.runner.run_row(feeds, [self.states[s.name][:n] for s in self.spec.states])
+        else:
+            if len(starting) == n:
+                self._run("refresh", slice(0, n))
+            elif len(starting):
+                self._run("refresh", starting)
+            pixel = self._run("step", slice(0, n))[PIXEL]
+        pixel = pixel.cpu().numpy()  # (n, span, C)
         taken = positions[:, None] + np.arange(self.spec.span)  # (n, span)
         self.pixels[np.arange(n)[:, None], :, taken] = pixel
         positions += self.spec.span
@@ -92,12 +98,26 @@ class SlotRunner:
     def _run(self, graph: str, slots: slice | np.ndarray) -> dict[str, torch.Tensor]:
         """Runs `graph` on `slots` (a leading slice, or indices) and stores the states it returns."""
         signature, device = self.spec.graphs[graph], self.runner.device
-        channels, height, width = self.spec.sample_shape
         rows = slots if isinstance(slots, slice) else torch.from_numpy(slots).to(device)
+        feeds = self._feeds(signature.inputs, slots, rows)
+        outputs = self.runner.run(graph, feeds)
+        for name in signature.outputs:
+            if name.startswith(NEXT):
+                state = self.states[name[len(NEXT):]]
+                if isinstance(slots, slice):
+                    state[slots].copy_(outputs[name])
+                else:
+                    state.index_copy_(0, rows, outputs[name].to(device))
+        return outputs
+
+    def _feeds(self, names, slots: slice | np.ndarray, rows=None) -> dict[str, torch.Tensor]:
+        """The named inputs (states, or controls built from the slot bookkeeping) of `slots`."""
+        channels, height, width = self.spec.sample_shape
+        device = self.runner.device
         feeds = {}
-        for name in signature.inputs:
+        for name in names:
             if name in self.states:
-                feeds[name] = self.states[name][rows]
+                feeds[name] = self.states[name][slots if rows is None else rows]
                 continue
             if name == "noise":  # the noise of the step's pixels, (n, span, C)
                 picked = self.noise[slots]
@@ -110,12 +130,4 @@ class SlotRunner:
             else:  # temperature, labels
                 value = getattr(self, name)[slots]
             feeds[name] = torch.from_numpy(np.ascontiguousarray(value)).to(device)
-        outputs = self.runner.run(graph, feeds)
-        for name in signature.outputs:
-            if name.startswith(NEXT):
-                state = self.states[name[len(NEXT):]]
-                if isinstance(slots, slice):
-                    state[slots].copy_(outputs[name])
-                else:
-                    state.index_copy_(0, rows, outputs[name].to(device))
-        return outputs
+        return feeds

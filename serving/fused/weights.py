@@ -34,6 +34,8 @@ class FusedOp:
     step: str
     step_inputs: tuple[str, ...]  # "teacher" (forced pixels) is for tests; the engine leaves it None
     step_outputs: tuple[str, ...]  # "logits" comes back only when a teacher is given
+    row: str  # refresh then step in one call, the states updated in place (every slot at a row start)
+    row_inputs: tuple[str, ...]  # controls, then the list of states in the program's order
     weights: tuple[str, ...]
 
 
@@ -45,6 +47,8 @@ FUSED_OPS = {
         step="gated_step",
         step_inputs=("positions", "noise", "temperature", "links", "image_context", "hidden_context", "teacher"),
         step_outputs=("pixel", "next_image_context", "next_hidden_context", "logits"),
+        row="gated_row",
+        row_inputs=("pixels", "positions", "labels", "noise", "temperature"),
         weights=GATED_WEIGHTS,
     ),
     "pixelcnn": FusedOp(
@@ -54,6 +58,8 @@ FUSED_OPS = {
         step="pixelcnn_step",
         step_inputs=("positions", "noise", "temperature", "image_rows", "block*", "teacher"),
         step_outputs=("pixel", "next_image_rows", "next_block*", "logits"),
+        row="pixelcnn_row",
+        row_inputs=("positions", "noise", "temperature"),
         weights=PIXELCNN_WEIGHTS,
     ),
 }

@@ -66,6 +66,7 @@ def test_teacher_forced_fused_logits_equal_the_full_network(name, span):
         return outputs
 
     runner.run = teacher_forced
+    runner.row_inputs = ()  # every call through `run`, where the teacher is fed
     engine = SamplingEngine(runner, EngineConfig(num_slots=n))
     job = engine.submit(0, n, labels=labels)
     engine.run_until_idle()
@@ -108,6 +109,34 @@ def test_each_fused_call_matches_the_step_graph_it_replaces(name, graph):
             assert torch.equal(got["pixel"], value)
         else:
             assert_within_rounding(got[spec.name].numpy(), value.detach().numpy(), sigma, f"{name} {spec.name}")
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_the_in_place_row_call_equals_refresh_then_step(name):
+    # The engine's one-call path for slots that all start a row must leave exactly the states and
+    # pixels the two calls give (the same kernels, so bit for bit).
+    model = tiny(name)
+    program, runner = step_program(model), fused_runner(model)
+    n, c = 4, model.config
+    generator = torch.Generator().manual_seed(1)
+    states = {s.name: torch.randn(n, *s.shape, generator=generator) for s in program.states}
+    controls = {
+        "pixels": torch.randint(0, c.pixel_levels, (n, 1, c.image_size, c.image_size), dtype=torch.uint8,
+                                generator=generator),
+        "positions": torch.tensor([[0], [6], [12], [30]]),
+        "labels": torch.tensor([[k % (c.num_classes or 1)] for k in range(n)]),
+        "noise": torch.rand(n, c.image_size, 1, generator=generator),
+        "temperature": torch.tensor([[1.0], [0.5], [0.0], [2.0]]),
+    }
+    refreshed = runner.run("refresh", {**controls, **states})
+    after_refresh = {**states, **{k.removeprefix("next_"): v for k, v in refreshed.items()}}
+    stepped = runner.run("step", {**controls, **after_refresh})
+    want = {**after_refresh, **{k.removeprefix("next_"): v for k, v in stepped.items() if k != "pixel"}}
+    in_place = {name: value.clone() for name, value in states.items()}
+    pixel = runner.run_row(controls, [in_place[s.name] for s in program.states])
+    assert torch.equal(pixel, stepped["pixel"])
+    for s in program.states:
+        assert torch.equal(in_place[s.name], want[s.name]), s.name
 
 
 def test_the_shipped_sampler_runs_fused_and_reproduces_naive_sampling(shipped):

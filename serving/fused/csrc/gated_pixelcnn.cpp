@@ -56,10 +56,10 @@ void check_cpu(const Tensor& t, at::ScalarType type, int64_t dim, const char* na
               t.scalar_type());
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> gated_refresh(const Tensor& pixels, const Tensor& positions,
-                                                         const std::optional<Tensor>& labels, const Tensor& vertical,
-                                                         at::TensorList weights) {
-  const GatedWeights w(weights);
+// The refresh into given outputs: `vertical_out` may be `vertical` itself (each slot's cache is read
+// before it is written); `links` is overwritten whole.
+void refresh_into(const GatedWeights& w, const Tensor& pixels, const Tensor& positions,
+                  const std::optional<Tensor>& labels, const Tensor& vertical, Tensor& vertical_out, Tensor& links) {
   check_cpu(pixels, at::kByte, 4, "pixels");
   check_cpu(positions, at::kLong, 2, "positions");
   check_cpu(vertical, at::kFloat, 5, "vertical");
@@ -77,12 +77,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gated_refresh(const Tensor& pixels, c
     for (int64_t s = 0; s < n; ++s)
       TORCH_CHECK(label[s] >= 0 && label[s] < w.classes, "labels: ", label[s], " outside [0, ", w.classes, ")");
   }
-  auto options = vertical.options();
-  Tensor vertical_out = at::empty_like(vertical);
-  Tensor links = at::empty({n, L, C2, width}, options);
-  Tensor image_context = at::zeros({n, p0 + 1}, options);
-  Tensor hidden_context = at::zeros({n, L - 1, p * C}, options);
-  if (n == 0) return {vertical_out, links, image_context, hidden_context};
+  TORCH_CHECK(links.sizes() == at::IntArrayRef({n, L, C2, width}) && links.is_contiguous() &&
+                  vertical_out.sizes() == vertical.sizes() && vertical_out.is_contiguous(),
+              "links, vertical: outputs of the wrong shape");
+  if (n == 0) return;
 
   const uint8_t* pix = pixels.data_ptr<uint8_t>();
   const int64_t* pos = positions.data_ptr<int64_t>();
@@ -164,14 +162,27 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gated_refresh(const Tensor& pixels, c
       if (l < L - 1) gate_rows(v, C2, v_out.data() + r0 * C, C, C, m);
     }
   }
-  return {vertical_out, links, image_context, hidden_context};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> gated_step(const Tensor& positions, const Tensor& noise,
-                                                      const Tensor& temperature, const Tensor& links,
-                                                      const Tensor& image_context, const Tensor& hidden_context,
-                                                      const std::optional<Tensor>& teacher, at::TensorList weights) {
+std::tuple<Tensor, Tensor, Tensor, Tensor> gated_refresh(const Tensor& pixels, const Tensor& positions,
+                                                         const std::optional<Tensor>& labels, const Tensor& vertical,
+                                                         at::TensorList weights) {
   const GatedWeights w(weights);
+  check_cpu(vertical, at::kFloat, 5, "vertical");
+  const int64_t n = vertical.size(0), width = vertical.size(4), L = w.layers, C = w.channels;
+  Tensor vertical_out = at::empty_like(vertical);
+  Tensor links = at::empty({n, L, 2 * C, width}, vertical.options());
+  refresh_into(w, pixels, positions, labels, vertical, vertical_out, links);
+  return {vertical_out, links, at::zeros({n, w.p0 + 1}, vertical.options()),
+          at::zeros({n, L - 1, w.p * C}, vertical.options())};
+}
+
+// The step into given outputs: `image_out` holds the image context on entry and is advanced in
+// place; `hidden_out` may be `hidden_context` itself (each slot block reads it before writing).
+void step_into(const GatedWeights& w, const Tensor& positions, const Tensor& noise, const Tensor& temperature,
+               const Tensor& links, Tensor& image_out, const Tensor& hidden_context, Tensor& hidden_out,
+               const std::optional<Tensor>& teacher, Tensor& pixel, Tensor& logits_out) {
+  const Tensor& image_context = image_out;
   check_cpu(positions, at::kLong, 2, "positions");
   check_cpu(noise, at::kFloat, 3, "noise");
   check_cpu(temperature, at::kFloat, 2, "temperature");
@@ -190,10 +201,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gated_step(const Tensor& positions, c
     check_cpu(*teacher, at::kLong, 3, "teacher");
     forced = teacher->data_ptr<int64_t>();
   }
-  Tensor pixel = at::empty({n, span, 1}, positions.options());
-  Tensor image_out = image_context.clone();
-  Tensor hidden_out = at::empty_like(hidden_context);
-  Tensor logits_out = at::empty({forced ? n : 0, span, levels}, links.options());
+  TORCH_CHECK(pixel.sizes() == at::IntArrayRef({n, span, 1}) && hidden_out.sizes() == hidden_context.sizes() &&
+                  hidden_out.is_contiguous() && logits_out.numel() == (forced ? n * span * levels : 0),
+              "pixel, hidden_context, logits: outputs of the wrong shape");
   const int64_t* pos = positions.data_ptr<int64_t>();
   const float* eps = noise.data_ptr<float>();
   const float* temp = temperature.data_ptr<float>();
@@ -259,7 +269,37 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gated_step(const Tensor& positions, c
         std::memcpy(hidden_state + ((b0 + s) * (L - 1) + l) * p * C, windows.data() + (l * m + s) * hidden,
                     p * C * sizeof(float));
   });
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> gated_step(const Tensor& positions, const Tensor& noise,
+                                                      const Tensor& temperature, const Tensor& links,
+                                                      const Tensor& image_context, const Tensor& hidden_context,
+                                                      const std::optional<Tensor>& teacher, at::TensorList weights) {
+  const GatedWeights w(weights);
+  const int64_t n = positions.size(0), span = noise.size(1);
+  Tensor pixel = at::empty({n, span, 1}, positions.options());
+  Tensor image_out = image_context.clone();
+  Tensor hidden_out = at::empty_like(hidden_context);
+  Tensor logits_out = at::empty({teacher.has_value() ? n : 0, span, w.levels}, links.options());
+  step_into(w, positions, noise, temperature, links, image_out, hidden_context, hidden_out, teacher, pixel, logits_out);
   return {pixel, image_out, hidden_out, logits_out};
+}
+
+// A whole row for slots that all start one: the refresh and the step in one call, the states
+// (vertical, links, image_context, hidden_context) updated in place. Returns the pixels.
+Tensor gated_row(const Tensor& pixels, const Tensor& positions, const std::optional<Tensor>& labels,
+                 const Tensor& noise, const Tensor& temperature, at::TensorList states, at::TensorList weights) {
+  const GatedWeights w(weights);
+  TORCH_CHECK(states.size() == 4, "states: expected vertical, links, image_context, hidden_context");
+  Tensor vertical = states[0], links = states[1], image_context = states[2], hidden_context = states[3];
+  refresh_into(w, pixels, positions, labels, vertical, vertical, links);
+  image_context.zero_();
+  hidden_context.zero_();
+  Tensor pixel = at::empty({positions.size(0), noise.size(1), 1}, positions.options());
+  Tensor no_logits = at::empty({0}, links.options());
+  step_into(w, positions, noise, temperature, links, image_context, hidden_context, hidden_context, std::nullopt,
+            pixel, no_logits);
+  return pixel;
 }
 
 }  // namespace
@@ -269,11 +309,14 @@ TORCH_LIBRARY_FRAGMENT(genserve, m) {
         " -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("gated_step(Tensor positions, Tensor noise, Tensor temperature, Tensor links, Tensor image_context,"
         " Tensor hidden_context, Tensor? teacher, Tensor[] weights) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("gated_row(Tensor pixels, Tensor positions, Tensor? labels, Tensor noise, Tensor temperature,"
+        " Tensor(a!)[] states, Tensor[] weights) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(genserve, CPU, m) {
   m.impl("gated_refresh", &gated_refresh);
   m.impl("gated_step", &gated_step);
+  m.impl("gated_row", &gated_row);
 }
 
 }  // namespace genserve

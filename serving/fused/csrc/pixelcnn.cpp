@@ -60,16 +60,17 @@ inline void gather_window(const float* rows, int64_t channels, int64_t R, int64_
     for (int64_t r = 0; r < R; ++r) std::memcpy(dst + (c * R + r) * k, rows + (c * R + r) * padded + j, k * sizeof(float));
 }
 
-std::vector<Tensor> pixelcnn_step(const Tensor& positions, const Tensor& noise, const Tensor& temperature,
-                                  const Tensor& image_rows, at::TensorList block_rows,
-                                  const std::optional<Tensor>& teacher, at::TensorList weights) {
-  const PixelCNNWeights w(weights);
+// The step on caches updated in place (contiguous float32): pixels into `pixel`, logits (teacher only).
+void step_into(const PixelCNNWeights& w, const Tensor& positions, const Tensor& noise, const Tensor& temperature,
+               Tensor& image_rows, at::TensorList block_rows, const std::optional<Tensor>& teacher, Tensor& pixel,
+               Tensor& logits_out) {
   TORCH_CHECK(positions.scalar_type() == at::kLong && positions.dim() == 2 && positions.is_contiguous(),
               "positions: expected (n, 1) int64");
   TORCH_CHECK(noise.scalar_type() == at::kFloat && noise.dim() == 3 && noise.size(2) == 1 && noise.is_contiguous(),
               "noise: expected (n, span, 1) float32 (single-channel images only)");
   TORCH_CHECK(temperature.scalar_type() == at::kFloat && temperature.is_contiguous(), "temperature: expected float32");
-  TORCH_CHECK(image_rows.scalar_type() == at::kFloat && image_rows.dim() == 4 && image_rows.size(1) == 1,
+  TORCH_CHECK(image_rows.scalar_type() == at::kFloat && image_rows.dim() == 4 && image_rows.size(1) == 1 &&
+                  image_rows.is_contiguous(),
               "image_rows: expected (n, 1, p0+1, W+2p0) float32");
   TORCH_CHECK(static_cast<int64_t>(block_rows.size()) == w.blocks, "block_rows: ", block_rows.size(),
               " caches for ", w.blocks, " blocks");
@@ -79,23 +80,20 @@ std::vector<Tensor> pixelcnn_step(const Tensor& positions, const Tensor& noise, 
   const int64_t R = w.blocks ? block_rows[0].size(2) : 1, p = R - 1, k = 2 * p + 1, padded = width + 2 * p;
   for (const Tensor& rows : block_rows)
     TORCH_CHECK(rows.scalar_type() == at::kFloat && rows.dim() == 4 && rows.size(1) == h && rows.size(2) == R &&
-                    rows.size(3) == padded,
+                    rows.size(3) == padded && rows.is_contiguous(),
                 "block rows: shape ", rows.sizes(), " does not match the weights");
   const int64_t* forced = nullptr;
   if (teacher.has_value()) {
     TORCH_CHECK(teacher->scalar_type() == at::kLong && teacher->is_contiguous(), "teacher: expected int64");
     forced = teacher->data_ptr<int64_t>();
   }
-  std::vector<Tensor> out;
-  out.push_back(at::empty({n, span, 1}, positions.options()));
-  out.push_back(image_rows.contiguous().clone());
-  for (const Tensor& rows : block_rows) out.push_back(rows.contiguous().clone());
-  out.push_back(at::empty({forced ? n : 0, span, levels}, image_rows.options()));
-  int64_t* chosen = out[0].data_ptr<int64_t>();
-  float* image = out[1].data_ptr<float>();
+  TORCH_CHECK(pixel.sizes() == at::IntArrayRef({n, span, 1}) && logits_out.numel() == (forced ? n * span * levels : 0),
+              "pixel, logits: outputs of the wrong shape");
+  int64_t* chosen = pixel.data_ptr<int64_t>();
+  float* image = image_rows.data_ptr<float>();
   std::vector<float*> caches;
-  for (int64_t b = 0; b < w.blocks; ++b) caches.push_back(out[2 + b].data_ptr<float>());
-  float* logits_record = out.back().data_ptr<float>();
+  for (int64_t b = 0; b < w.blocks; ++b) caches.push_back(block_rows[b].data_ptr<float>());
+  float* logits_record = logits_out.data_ptr<float>();
   const int64_t* pos = positions.data_ptr<int64_t>();
   const float* eps = noise.data_ptr<float>();
   const float* temp = temperature.data_ptr<float>();
@@ -140,7 +138,40 @@ std::vector<Tensor> pixelcnn_step(const Tensor& positions, const Tensor& noise, 
       }
     }
   });
+}
+
+std::vector<Tensor> pixelcnn_step(const Tensor& positions, const Tensor& noise, const Tensor& temperature,
+                                  const Tensor& image_rows, at::TensorList block_rows,
+                                  const std::optional<Tensor>& teacher, at::TensorList weights) {
+  const PixelCNNWeights w(weights);
+  const int64_t n = positions.size(0), span = noise.size(1);
+  std::vector<Tensor> out;  // pixel, the caches (copies, then written), logits
+  out.push_back(at::empty({n, span, 1}, positions.options()));
+  out.push_back(image_rows.contiguous().clone());
+  for (const Tensor& rows : block_rows) out.push_back(rows.contiguous().clone());
+  out.push_back(at::empty({teacher.has_value() ? n : 0, span, w.levels}, image_rows.options()));
+  step_into(w, positions, noise, temperature, out[1], at::TensorList(out).slice(2, block_rows.size()), teacher,
+            out[0], out.back());
   return out;
+}
+
+// A whole row for slots that all start one: the caches roll up a row and the step runs, in place
+// on `states` (image_rows, then each block's rows). Returns the pixels.
+Tensor pixelcnn_row(const Tensor& positions, const Tensor& noise, const Tensor& temperature, at::TensorList states,
+                    at::TensorList weights) {
+  const PixelCNNWeights w(weights);
+  TORCH_CHECK(static_cast<int64_t>(states.size()) == w.blocks + 1, "states: image_rows and one cache per block");
+  for (const Tensor& rows : states) {
+    TORCH_CHECK(rows.dim() == 4 && rows.is_contiguous(), "row caches: expected contiguous (n, C, R, W) tensors");
+    const int64_t R = rows.size(2);
+    rows.slice(2, 0, R - 1).copy_(rows.slice(2, 1, R).clone());
+    rows.select(2, R - 1).zero_();
+  }
+  Tensor image_rows = states[0];
+  Tensor pixel = at::empty({positions.size(0), noise.size(1), 1}, positions.options());
+  Tensor no_logits = at::empty({0}, image_rows.options());
+  step_into(w, positions, noise, temperature, image_rows, states.slice(1), std::nullopt, pixel, no_logits);
+  return pixel;
 }
 
 }  // namespace
@@ -149,11 +180,14 @@ TORCH_LIBRARY_FRAGMENT(genserve, m) {
   m.def("pixelcnn_refresh(Tensor image_rows, Tensor[] block_rows, Tensor[] weights) -> Tensor[]");
   m.def("pixelcnn_step(Tensor positions, Tensor noise, Tensor temperature, Tensor image_rows, Tensor[] block_rows,"
         " Tensor? teacher, Tensor[] weights) -> Tensor[]");
+  m.def("pixelcnn_row(Tensor positions, Tensor noise, Tensor temperature, Tensor(a!)[] states, Tensor[] weights)"
+        " -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(genserve, CPU, m) {
   m.impl("pixelcnn_refresh", &pixelcnn_refresh);
   m.impl("pixelcnn_step", &pixelcnn_step);
+  m.impl("pixelcnn_row", &pixelcnn_row);
 }
 
 }  // namespace genserve
