@@ -2,8 +2,9 @@
 
 Every dense layer is stored (in, out), so the operator's inner loop runs along contiguous
 outputs; convolution kernels are flattened in the order of the windows the operator builds
-(rows, then columns, then channels). The tensors are written, in this order, to
-`fused.safetensors` beside the step graphs, and the manifest records its sha256.
+(Gated PixelCNN: rows, columns, channels; PixelCNN's masked kernels, cut to the rows they see:
+channels, rows, columns). The tensors are written, in the order serving.fused.weights names,
+to `fused.safetensors` beside the step graphs, and the manifest records its sha256.
 """
 
 from __future__ import annotations
