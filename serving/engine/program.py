@@ -128,8 +128,19 @@ class FusedStepRunner(StepRunner):
         if not status:
             raise RuntimeError(f"the fused operators are not available: {status.reason}")
         namespace = torch.ops.genserve
-        self.refresh, self.step = getattr(namespace, op.refresh), getattr(namespace, op.step)
         self.row, self.row_inputs = getattr(namespace, op.row), op.row_inputs
+        # Per graph: the operator, its arguments (a state-list pattern expanded to its names) and
+        # its outputs' names, worked out once here rather than on every call.
+        self.calls = {
+            graph: (getattr(namespace, function),
+                    [self._states(name) if name.endswith("*") else name for name in inputs],
+                    [n for name in outputs for n in
+                     ([NEXT + s for s in self._states(name.removeprefix(NEXT))] if name.endswith("*") else [name])])
+            for graph, function, inputs, outputs in (
+                ("refresh", op.refresh, op.refresh_inputs, op.refresh_outputs),
+                ("step", op.step, op.step_inputs, op.step_outputs),
+            )
+        }
 
     @classmethod
     def load(cls, manifest: Manifest, version: int | None = None, device: str = "cpu") -> FusedStepRunner:
@@ -144,17 +155,11 @@ class FusedStepRunner(StepRunner):
         return cls(spec, op, [tensors[name] for name in op.weights], device)
 
     def run(self, graph, feeds):
-        if graph == "refresh":
-            function, inputs, outputs = self.refresh, self.op.refresh_inputs, self.op.refresh_outputs
-        else:
-            function, inputs, outputs = self.step, self.op.step_inputs, self.op.step_outputs
-        arguments = [[feeds[s] for s in self._states(name)] if name.endswith("*") else feeds.get(name)
-                     for name in inputs]
+        function, inputs, outputs = self.calls[graph]
+        arguments = [[feeds[s] for s in name] if isinstance(name, list) else feeds.get(name) for name in inputs]
         with torch.inference_mode():
             results = function(*arguments, self.weights)
-        names = [n for name in outputs
-                 for n in ([NEXT + s for s in self._states(name.removeprefix(NEXT))] if name.endswith("*") else [name])]
-        return dict(zip(names, results))
+        return dict(zip(outputs, results))
 
     def run_row(self, feeds, states):
         with torch.inference_mode():

@@ -47,7 +47,7 @@ struct GatedWeights {
     levels = w[16].size(1);
     TORCH_CHECK(levels >= 2 && levels <= 256, "gated weights: 2..256 pixel levels, got ", levels);
   }
-  float scale(int64_t level) const { return static_cast<float>(level) * static_cast<float>(2.0 / (levels - 1)) - 1.f; }
+  float scale(int64_t level) const { return level_value(level, levels); }
 };
 
 void check_cpu(const Tensor& t, at::ScalarType type, int64_t dim, const char* name) {
@@ -254,11 +254,8 @@ void step_into(const GatedWeights& w, const Tensor& positions, const Tensor& noi
       dense(out_hidden.data(), O, w.lg_w, O, levels, w.lg_b, logits.data(), levels, m);
       for (int64_t s = 0; s < m; ++s) {
         const int64_t slot = b0 + s;
-        const float* row = logits.data() + s * levels;
-        const int64_t value = forced ? forced[slot * span + t]
-                                     : choose_level(row, 1, levels, eps[slot * span + t], temp[slot]);
-        if (forced) std::memcpy(logits_record + (slot * span + t) * levels, row, levels * sizeof(float));
-        chosen[slot * span + t] = value;
+        const int64_t value = chosen[slot * span + t] = pick_level(
+            logits.data() + s * levels, levels, slot * span + t, forced, eps, temp[slot], logits_record);
         float* c = ctx + s * (p0 + 1);
         std::memmove(c, c + 1, p0 * sizeof(float));
         c[p0] = w.scale(value);

@@ -164,16 +164,16 @@ inline void relu_rows(float* x, int64_t ld, int64_t width, int64_t rows) {
 
 // The pixel value by inverse CDF of softmax(logits / temperature) at `noise`, as the exported
 // graphs choose it: the count of CDF entries (all but the last) below the noise; temperature 0
-// takes the first argmax. logits are `levels` values `stride` apart.
-inline int64_t choose_level(const float* logits, int64_t stride, int64_t levels, float noise, float temperature) {
+// takes the first argmax.
+inline int64_t choose_level(const float* logits, int64_t levels, float noise, float temperature) {
   int64_t best = 0;
   for (int64_t v = 1; v < levels; ++v)
-    if (logits[v * stride] > logits[best * stride]) best = v;
+    if (logits[v] > logits[best]) best = v;
   if (temperature == 0.f) return best;
-  const float top = logits[best * stride] / temperature;
+  const float top = logits[best] / temperature;
   float probs[256];
   float total = 0.f;
-  for (int64_t v = 0; v < levels; ++v) total += probs[v] = std::exp(logits[v * stride] / temperature - top);
+  for (int64_t v = 0; v < levels; ++v) total += probs[v] = std::exp(logits[v] / temperature - top);
   int64_t chosen = 0;
   float cdf = 0.f;
   for (int64_t v = 0; v + 1 < levels; ++v) {
@@ -181,6 +181,20 @@ inline int64_t choose_level(const float* logits, int64_t stride, int64_t levels,
     chosen += cdf < noise;
   }
   return chosen;
+}
+
+// A step's pixel `index` (slot * span + t): the teacher's where one is given (its logits then
+// recorded), else chosen from the logits.
+inline int64_t pick_level(const float* logits, int64_t levels, int64_t index, const int64_t* teacher,
+                          const float* noise, float temperature, float* record) {
+  if (!teacher) return choose_level(logits, levels, noise[index], temperature);
+  std::memcpy(record + index * levels, logits, levels * sizeof(float));
+  return teacher[index];
+}
+
+// A pixel level as the network's input: levels 0..L-1 → [-1, 1], rounded as the graphs round it.
+inline float level_value(int64_t level, int64_t levels) {
+  return static_cast<float>(level) * static_cast<float>(2.0 / (levels - 1)) - 1.f;
 }
 
 }  // namespace genserve
