@@ -11,7 +11,8 @@ Layout (Triton's), for checkpoint `vae_mnist` exported as version 1:
                         genserve.serving.triton_python, importable and tested without Triton
 Autoregressive checkpoints also get `<name>_sample`: a Python-backend model that runs the
 sampling engine inside Triton over the checkpoint's cached step program (refresh.onnx,
-step.onnx, and the same as .pt), one request → finished images.
+step.onnx, and the same as .pt): a decoupled model that streams each request's progress
+(images so far and `rows_done`) and ends with the finished images.
 
 An export is deterministic: the same checkpoints exported by `genserve export shipped` in a
 fresh process give the same bytes in any directory, so the shipped repository is generated
@@ -35,6 +36,7 @@ from genserve.serving.artifacts import (
     sha256,
     write_manifest,
 )
+from genserve.serving.sampler_rows import PROGRESS_OUTPUT
 
 from .checkpoint import Checkpoint
 from .entry_points import EntryPoint, entry_points
@@ -77,9 +79,11 @@ def _triton_tensors(specs: tuple[TensorSpec, ...], pytorch_names: bool) -> tuple
     return tuple(s.renamed(f"{s.name}__{i}") if pytorch_names else s for i, s in enumerate(specs))
 
 
-def _model_config(name: str, inputs, outputs, options: ExportOptions, backend: str) -> ModelConfig:
+def _model_config(name: str, inputs, outputs, options: ExportOptions, backend: str,
+                  decoupled: bool = False) -> ModelConfig:
     native = backend != "python"
     return ModelConfig(
+        decoupled=decoupled,
         name=name,
         backend=backend,
         max_batch_size=options.max_batch_size,
@@ -165,8 +169,9 @@ def export_sampler(checkpoint: Checkpoint, repository: Path, options: ExportOpti
     c = checkpoint.model.config
     labels = (TensorSpec("labels", INT64, (1,)),) if c.num_classes else ()
     images = TensorSpec("images", UINT8, (c.channels, c.image_size, c.image_size))
-    inputs, outputs = (*SAMPLER_CONTROLS, *labels), (images,)
-    (folder / "config.pbtxt").write_text(render(_model_config(name, inputs, outputs, options, "python")))
+    inputs, outputs = (*SAMPLER_CONTROLS, *labels), (images, TensorSpec(PROGRESS_OUTPUT, INT64, (1,)))
+    config = _model_config(name, inputs, outputs, options, "python", decoupled=True)
+    (folder / "config.pbtxt").write_text(render(config))
     manifest = _manifest(checkpoint, name, "sample", options, inputs, outputs, step=section)
     write_manifest(folder, manifest, options.version, artifacts)
     return folder

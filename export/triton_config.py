@@ -49,6 +49,7 @@ class ModelConfig:
     latest_versions: int = 1  # version policy: serve the newest N versions
     default_model_filename: str | None = None
     parameters: tuple[tuple[str, str], ...] = ()
+    decoupled: bool = False  # responses go through a sender: any number per request (the streaming sampler)
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 0 or self.latest_versions < 1:
@@ -93,6 +94,7 @@ def render(config: ModelConfig) -> str:
         f'backend: "{config.backend}"',
         f"max_batch_size: {config.max_batch_size}",
         _version_policy(config.latest_versions),
+        *(["model_transaction_policy { decoupled: true }"] if config.decoupled else []),
         _tensors("input", config.inputs),
         _tensors("output", config.outputs),
         _instance_group(config.instance_group),

@@ -1,4 +1,4 @@
-"""The genserve gRPC server: the Generative service, health, reflection, metrics, shutdown.
+"""The genserve gRPC server: the Generative service, KServe v2 beside it, health, reflection, metrics, shutdown.
 
 `GenserveServer` wires the parts: registry (manifests) → runtime (embedded or triton) →
 service (handlers), on a grpc.aio server with a max message size, the standard health service
@@ -18,11 +18,14 @@ import threading
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from tritonclient.grpc import service_pb2 as v2
 
 from genserve.v1 import generative_pb2 as pb
 
+from . import kserve
 from .auth import BearerTokenInterceptor
 from .config import ServerConfig
+from .kserve import KServeService
 from .metrics import ServerMetrics
 from .registry import ModelRegistry
 from .runtimes.base import Runtime
@@ -73,8 +76,10 @@ class GenserveServer:
         service = GenerativeService(self.registry, self.runtime, self.metrics, self.config.max_samples_per_request,
                                     self.config.max_importance_work)
         add_to_server(service, self._grpc)
+        add_to_server(KServeService(self.registry, self.runtime, self.metrics), self._grpc, v2, kserve.SERVICE)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
-        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, kserve.SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc)
         self.port = self._listen(f"{self.config.address}:{self.config.port}")
         if self.port == 0:
             raise OSError(f"cannot listen on {self.config.address}:{self.config.port}")

@@ -43,31 +43,38 @@ def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
     return None if remaining is None else time.monotonic() + remaining
 
 
-class _Call:
+class RpcCall:
     """Metrics and error mapping around one RPC; used by the two decorators below."""
 
-    def __init__(self, service: GenerativeService, method: str, request) -> None:
-        self.metrics, self.method = service.metrics, method
-        name = getattr(request, "model", "")
-        self.model = name if name in service.registry.models else ("" if not name else "unknown")
+    def __init__(self, metrics: ServerMetrics, method: str, model: str) -> None:
+        """`model`: the metrics label, a served model's name (or "unknown", or "" for no model)."""
+        self.metrics, self.method, self.model = metrics, method, model
         self.start = time.perf_counter()
         self.code = grpc.StatusCode.OK  # until something says otherwise
         self.metrics.in_flight.labels(method).inc()
 
-    async def fail(self, error: BaseException, context: grpc.aio.ServicerContext) -> None:
-        """Ends the RPC with `error`'s status (aborting raises); INTERNAL hides details from the client."""
+    def failed(self, error: BaseException) -> str:
+        """Records `error`'s status; returns the message for the client (INTERNAL hides the details)."""
         self.code = status_of(error)
         if self.code == grpc.StatusCode.INTERNAL:
             log.exception("%s failed", self.method, exc_info=error)
-            message = "internal error; the server logged the details"
-        else:
-            message = str(error)
+            return "internal error; the server logged the details"
+        return str(error)
+
+    async def fail(self, error: BaseException, context: grpc.aio.ServicerContext) -> None:
+        """Ends the RPC with `error`'s status (aborting raises)."""
+        message = self.failed(error)
         await context.abort(self.code, message)
 
     def end(self) -> None:
         self.metrics.in_flight.labels(self.method).dec()
         self.metrics.requests.labels(self.model, self.method, self.code.name).inc()
         self.metrics.latency.labels(self.model, self.method).observe(time.perf_counter() - self.start)
+
+
+def model_label(registry: ModelRegistry, name: str) -> str:
+    """The metrics label of a requested model name: bounded to served names, so clients cannot grow it."""
+    return name if name in registry.models else ("" if not name else "unknown")
 
 
 class Unparsable:
@@ -98,7 +105,7 @@ def parsed(request):
 def unary(method):
     @functools.wraps(method)
     async def handler(self: GenerativeService, request, context):
-        call = _Call(self, method.__name__, request)
+        call = RpcCall(self.metrics, method.__name__, model_label(self.registry, getattr(request, "model", "")))
         try:
             return await method(self, parsed(request), context)
         except asyncio.CancelledError:
@@ -115,7 +122,7 @@ def unary(method):
 def streaming(method):
     @functools.wraps(method)
     async def handler(self: GenerativeService, request, context):
-        call = _Call(self, method.__name__, request)
+        call = RpcCall(self.metrics, method.__name__, model_label(self.registry, getattr(request, "model", "")))
         try:
             async for message in method(self, parsed(request), context):
                 yield message
@@ -247,17 +254,24 @@ class GenerativeService(pb_grpc.GenerativeServicer):
         )
 
 
-def add_to_server(service: GenerativeService, server: grpc.aio.Server) -> None:
-    """Registers the Generative RPCs, as the generated `add_GenerativeServicer_to_server` does,
-    but with deserializers that turn unparsable bytes into INVALID_ARGUMENT (see `tolerant_parser`)."""
-    descriptor = pb.DESCRIPTOR.services_by_name["Generative"]
+def add_to_server(service, server: grpc.aio.Server, messages=pb, name: str = "Generative") -> None:
+    """Registers service `name` of the proto module `messages` (default genserve.v1.Generative), as the
+    generated `add_..._to_server` does but with deserializers that turn unparsable bytes into
+    INVALID_ARGUMENT (see `tolerant_parser`)."""
+    descriptor = messages.DESCRIPTOR.services_by_name[name]
+    makers = {
+        (False, False): grpc.unary_unary_rpc_method_handler, (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler, (True, True): grpc.stream_stream_rpc_method_handler,
+    }
     handlers = {}
     for method in descriptor.methods:
-        make = grpc.unary_stream_rpc_method_handler if method.server_streaming else grpc.unary_unary_rpc_method_handler
+        if not hasattr(service, method.name):
+            continue  # left out: gRPC answers UNIMPLEMENTED
+        make = makers[method.client_streaming, method.server_streaming]
         handlers[method.name] = make(
             getattr(service, method.name),
-            request_deserializer=tolerant_parser(getattr(pb, method.input_type.name)),
-            response_serializer=getattr(pb, method.output_type.name).SerializeToString,
+            request_deserializer=tolerant_parser(getattr(messages, method.input_type.name)),
+            response_serializer=getattr(messages, method.output_type.name).SerializeToString,
         )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(descriptor.full_name, handlers),))
     server.add_registered_method_handlers(descriptor.full_name, handlers)

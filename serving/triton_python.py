@@ -1,23 +1,25 @@
 """The logic of genserve's Triton Python-backend models (the generated model.py imports these).
 
-Thin by design: `initialize` reads the manifest once (verifying artifact hashes), `execute`
-answers every request with exactly one response, and a bad request gets its own error
-response without failing the others in its batch. `triton_python_backend_utils` exists only
+Thin by design: `initialize` reads the manifest once (verifying artifact hashes); entry points
+answer every request with exactly one response, the sampler streams (decoupled), and a bad
+request gets its own error response without failing the others in its batch. `triton_python_backend_utils` exists only
 inside Triton's stub process, so it is imported in `initialize`.
 """
 
 from __future__ import annotations
 
+import functools
+import threading
 from pathlib import Path
 
 import numpy as np
 
 from .artifacts import load_manifest
-from .engine import EngineConfig, SamplingEngine, load_step_runner
+from .engine import EngineConfig, JobStatus, SamplingEngine, load_step_runner
 from .entry_runner import OnnxEntryPoint
 from .errors import InvalidArgument
-from .limits import MAX_IMPORTANCE_SAMPLES
-from .sampling_args import check_sampling
+from .limits import check_free_axes
+from .sampler_rows import RequestProgress, check_sampler_feeds, sample_batches
 
 
 class _TritonModel:
@@ -84,13 +86,7 @@ class OnnxEntryPointModel(_TritonModel):
         self.runner = OnnxEntryPoint.load(self.manifest, self.version)
 
     def check(self, feeds):
-        # Triton bounds the rows (max_batch_size) but not a free axis: a client calling this model
-        # directly could otherwise ask for any number of importance samples.
-        for spec in self.manifest.inputs:
-            for axis, (size, declared) in enumerate(zip(feeds[spec.name].shape[1:], spec.shape), start=1):
-                if declared == -1 and size > MAX_IMPORTANCE_SAMPLES:
-                    raise InvalidArgument(spec.name, f"has {size} entries on axis {axis}, over the limit of "
-                                          f"{MAX_IMPORTANCE_SAMPLES}")
+        check_free_axes(self.manifest.inputs, feeds)
         return feeds
 
     def compute(self, feeds):
@@ -98,33 +94,104 @@ class OnnxEntryPointModel(_TritonModel):
 
 
 class SamplingModel(_TritonModel):
-    """Runs the sampling engine inside Triton: rows of (seed, index, temperature[, label]) in, images out.
+    """Runs genserve's sampling engine inside Triton, as a decoupled model.
 
-    Every row is one sample keyed by (seed, index); all rows of all requests in a batch run in
-    one engine (the fused operators where built, else the step graphs in ONNX Runtime), so
-    concurrent requests share every step. The engine is driven to completion per batch: Triton's
-    Python backend answers a batch at once (no decoupled streaming here), so joins happen at
-    batch boundaries.
+    Rows of (seed, index, temperature[, label]) in; one engine (the fused operators where built, else
+    the step graphs in ONNX Runtime) runs on its own thread across requests, so a request that
+    arrives while others are sampling joins them at the next step (continuous batching, as in
+    genserve's embedded runtime). `execute` only submits: each request's responses stream from the
+    engine thread, one each time all its samples have one more row done (`sampler_rows`), the last
+    one flagged final. `request.is_cancelled()` is asked every step, so a cancelled request (the
+    client cancelled its stream) leaves the engine and frees its slots at once. The engine's runs,
+    finished samples and busy slots are custom metrics on Triton's /metrics.
     """
 
     def setup(self) -> None:
-        self.runner = load_step_runner(self.manifest, "onnx", "cpu", self.version)
-        self.num_classes = self.runner.spec.num_classes
+        runner = load_step_runner(self.manifest, "onnx", "cpu", self.version)
+        self.num_classes, self.sample_shape = runner.spec.num_classes, runner.spec.sample_shape
         slots = self.manifest.batching.max_batch_size
-        self.engine = SamplingEngine(self.runner, EngineConfig(num_slots=slots))
+        self.engine = SamplingEngine(runner, EngineConfig(num_slots=slots, name=self.manifest.triton_name))
+        self.metrics = EngineMetrics(self.pb, self.manifest.triton_name)
+        self.engine.start()
 
     def check(self, feeds):
-        check_sampling(feeds["seed"], feeds["index"], feeds["temperature"], feeds.get("labels"), self.num_classes,
-                       index_field="index")
+        check_sampler_feeds(feeds, self.num_classes)
         return feeds
 
-    def compute(self, feeds):
+    def execute(self, requests: list) -> None:
+        for request in requests:
+            sender = request.get_response_sender()
+            try:
+                feeds = self.check(self._inputs(request))
+            except Exception as error:  # noqa: BLE001 - a bad request is answered alone
+                sender.send(self._error(error), flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                continue
+            self._submit(request, sender, feeds)
+        return None  # decoupled: the responses go through each request's sender
+
+    def _submit(self, request, sender, feeds: dict[str, np.ndarray]) -> None:
+        final = self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+        batches = sample_batches(feeds)
+        progress = RequestProgress(len(feeds["seed"]), self.sample_shape)
+        lock = threading.Lock()  # callbacks run on the engine thread, submissions on this one
+        state = {"running": len(batches), "ended": False}
         jobs = []
-        for f in feeds:
-            jobs.append([
-                self.engine.submit(int(seed), indices=[int(index)], temperature=float(t),
-                                   labels=None if self.num_classes is None else [int(f["labels"][row, 0])])
-                for row, (seed, index, t) in enumerate(zip(f["seed"][:, 0], f["index"][:, 0], f["temperature"][:, 0]))
-            ])
-        self.engine.run_until_idle()
-        return [{"images": np.concatenate([job.images for job in request])} for request in jobs]
+
+        def progressed(positions, job) -> None:
+            with lock:
+                if progress.update(positions, job.rows_done, job.images) and not progress.complete:
+                    sender.send(self._respond(progress.outputs()))
+
+        def ended(job) -> None:
+            with lock:
+                if state["ended"]:
+                    return
+                self.metrics.update(self.engine)
+                if job.status is JobStatus.FINISHED:
+                    state["running"] -= 1
+                    if state["running"] == 0:
+                        state["ended"] = True
+                        sender.send(self._respond(progress.outputs()), flags=final)
+                    return
+                state["ended"] = True
+                for other in jobs:
+                    other.cancel()
+                if job.status is JobStatus.CANCELLED:
+                    sender.send(flags=final)  # nobody reads it: the caller has gone
+                else:
+                    sender.send(self._error(RuntimeError(job.error)), flags=final)
+
+        for positions, batch in batches:
+            jobs.append(self.engine.submit(
+                batch.seed, temperature=batch.temperature, labels=batch.labels, indices=batch.indices,
+                on_progress=functools.partial(progressed, positions), on_done=ended, cancelled=request.is_cancelled,
+            ))
+
+    def finalize(self) -> None:
+        self.engine.stop()
+
+
+class EngineMetrics:
+    """The engine's figures as Triton custom metrics (Triton's /metrics, beside nv_inference_*)."""
+
+    def __init__(self, pb_utils, model: str) -> None:
+        labels = {"model": model}
+        self._families = []  # Triton drops a family's metrics once the family object is garbage
+
+        def metric(name: str, help_text: str, kind):
+            self._families.append(pb_utils.MetricFamily(name=name, description=help_text, kind=kind))
+            return self._families[-1].Metric(labels=labels)
+
+        counter, gauge = pb_utils.MetricFamily.COUNTER, pb_utils.MetricFamily.GAUGE
+        self.runs = metric("genserve_engine_runs_total", "Engine runs: an idle engine admitting samples starts "
+                           "one; samples that join a running engine do not.", counter)
+        self.samples = metric("genserve_engine_samples_total", "Samples the engine finished.", counter)
+        self.active = metric("genserve_engine_active_slots", "Engine slots holding a sample in progress.", gauge)
+        self._runs = self._samples = 0
+
+    def update(self, engine: SamplingEngine) -> None:
+        """Called from the engine thread when a job ends."""
+        self.runs.increment(engine.runs - self._runs)
+        self.samples.increment(engine.samples_finished - self._samples)
+        self._runs, self._samples = engine.runs, engine.samples_finished
+        self.active.set(engine.active)

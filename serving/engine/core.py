@@ -58,6 +58,8 @@ class SamplingEngine:
         self.scheduler = SCHEDULERS[self.config.batching]()
         self.slots = SlotRunner(runner, self.config.num_slots)
         self.steps_run = 0
+        self.samples_finished = 0
+        self.runs = 0  # busy periods: an idle engine that admits samples starts a run; joiners share it
         self._waiting: deque[SampleJob] = deque()
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -81,6 +83,7 @@ class SamplingEngine:
         deadline: float | None = None,
         on_progress: Callable[[SampleJob], None] | None = None,
         on_done: Callable[[SampleJob], None] | None = None,
+        cancelled: Callable[[], bool] | None = None,
     ) -> SampleJob:
         """Queues samples `indices` (default 0..count-1) of `seed`; returns the job to wait on.
 
@@ -93,6 +96,8 @@ class SamplingEngine:
             deadline: a `time.monotonic()` time after which the job is dropped.
             on_progress: called from the engine thread whenever samples of the job finish rows.
             on_done: called from the engine thread when the job ends (finished, cancelled or expired).
+            cancelled: asked from the engine thread before every step; True cancels the job (e.g. Triton's
+                `request.is_cancelled`, for a caller whose cancellation arrives somewhere else).
 
         Raises:
             ValueError: bad counts; InvalidArgument (a ValueError) naming a bad seed, index, temperature or label.
@@ -107,14 +112,14 @@ class SamplingEngine:
             labels=None if labels is None or not self.spec.num_classes else tuple(int(v) for v in labels),
             images=np.zeros((len(indices), *self.spec.sample_shape), dtype=np.uint8),
             rows_done=np.zeros(len(indices), dtype=np.int64), deadline=deadline, on_progress=on_progress,
-            on_done=on_done,
+            on_done=on_done, cancelled=cancelled,
         )
         job._notify = self._note_drop
         with self._wake:
             if self.died is not None:
                 raise EngineStopped(f"the sampling engine has stopped ({self.died})")
             self._waiting.append(job)
-            self._look_for_drops |= deadline is not None
+            self._look_for_drops |= job.watched
             self._wake.notify()
         return job
 
@@ -199,9 +204,11 @@ class SamplingEngine:
         """One engine step (module docstring); False when there was nothing to do."""
         if self._look_for_drops:
             self._retire_dropped()
+        idle = self.active == 0
         self._admit(self._schedule())
         if self.active == 0:
             return False
+        self.runs += idle
         ended_rows = self.slots.execute()
         self.steps_run += 1
         if len(ended_rows):
@@ -243,23 +250,28 @@ class SamplingEngine:
             job, _ = self.slots.slot_jobs[slot]
             self.slots.release(slot)
             job._finished += 1
+            self.samples_finished += 1
             if job._finished == job.count:
                 job.end(JobStatus.FINISHED)
 
     def _retire_dropped(self) -> None:
+        """Ends jobs cancelled (by `cancel` or their predicate) or past their deadline; frees their slots."""
         self._look_for_drops = False
         now = time.monotonic()
+        dropped: dict[SampleJob, JobStatus] = {}
         for slot in range(self.active - 1, -1, -1):
             job, _ = self.slots.slot_jobs[slot]
-            self._look_for_drops |= job.deadline is not None
-            why = job.dropped(now)
+            self._look_for_drops |= job.watched
+            why = dropped[job] if job in dropped else job.dropped(now)
             if why is not None:
                 self.slots.release(slot)
-                job.end(why)
+                dropped[job] = why
+        for job, why in dropped.items():  # once every slot is free: on_done sees the engine as it is
+            job.end(why)
         with self._wake:
             for job in list(self._waiting):
                 why = job.dropped(now)
                 if why is not None:
                     self._waiting.remove(job)
                     job.end(why)
-            self._look_for_drops |= any(job.deadline is not None for job in self._waiting)
+            self._look_for_drops |= any(job.watched for job in self._waiting)

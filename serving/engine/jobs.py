@@ -37,6 +37,7 @@ class SampleJob:
     deadline: float | None = None  # time.monotonic() after which the job is dropped
     on_progress: Callable[[SampleJob], None] | None = None  # engine thread: after a step that finished rows
     on_done: Callable[[SampleJob], None] | None = None  # engine thread: once the job ends, however it ends
+    cancelled: Callable[[], bool] | None = None  # asked at every step; True drops the job (a caller gone elsewhere)
     status: JobStatus = JobStatus.WAITING
     error: str | None = None  # why it did not finish: the status's text, or the failure
     done: threading.Event = field(default_factory=threading.Event)
@@ -69,9 +70,14 @@ class SampleJob:
     def latency(self) -> float | None:
         return None if self.finished_at is None else self.finished_at - self.submitted_at
 
+    @property
+    def watched(self) -> bool:
+        """Whether the engine must look at this job every step (a deadline, or a cancellation predicate)."""
+        return self.deadline is not None or self.cancelled is not None
+
     def dropped(self, now: float) -> JobStatus | None:
         """CANCELLED or DEADLINE_EXCEEDED when the job should leave the engine now, else None."""
-        if self._cancel:
+        if self._cancel or (self.cancelled is not None and self.cancelled()):
             return JobStatus.CANCELLED
         if self.deadline is not None and now > self.deadline:
             return JobStatus.DEADLINE_EXCEEDED

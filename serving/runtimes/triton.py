@@ -3,9 +3,10 @@
 Each entry point is the Triton model of the same name (the repository genserve exported, served
 by Triton), called over gRPC with `tritonclient.grpc.aio`. Requests larger than a model's
 `max_batch_size` are split into chunks sent concurrently (Triton's own dynamic batcher merges
-requests). Autoregressive sampling calls the `<model>_sample` Python model, which runs the same
-sampling engine inside Triton; it answers once, so SampleStream sends no progress here, and a
-cancelled request stops waiting but Triton finishes the batch it has started.
+requests). Autoregressive sampling streams from the `<model>_sample` Python model (decoupled),
+which runs the same sampling engine inside Triton across requests: its progress responses become
+SampleStream's progress, and cancelling the call cancels the stream, which frees the samples'
+engine slots inside Triton at the next step.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from ..artifacts import Manifest, dtype_of
 from ..config import RuntimeConfig
 from ..errors import DeadlineExceeded, InvalidArgument, Unavailable
 from ..registry import ModelRegistry
-from .base import ProgressCallback, Runtime, SampleBatch
+from ..sampler_rows import PROGRESS_OUTPUT
+from .base import Progress, ProgressCallback, Runtime, SampleBatch
 
 
 class TritonRuntime(Runtime):
@@ -54,6 +56,19 @@ class TritonRuntime(Runtime):
         states = {(m.name, m.state) for m in index.models}
         self._ready = {name for name in self._names if (name, "READY") in states}
 
+    def _translated(self, error) -> Exception:
+        """genserve's exception for a tritonclient one."""
+        status = str(error.status() or "")
+        if "DEADLINE_EXCEEDED" in status:
+            return DeadlineExceeded("deadline exceeded waiting for Triton")
+        if "UNAVAILABLE" in status:
+            return Unavailable(f"Triton at {self.config.triton_url} is unavailable: {error.message()}")
+        if "NOT_FOUND" in status or "unknown model" in error.message():  # unloaded in Triton meanwhile
+            return Unavailable(f"Triton at {self.config.triton_url} does not serve it now: {error.message()}")
+        if "INVALID_ARGUMENT" in status:
+            return InvalidArgument("request", f"Triton refused it: {error.message()}")
+        return RuntimeError(f"Triton: {status} {error.message()}")
+
     async def _call(self, awaitable):
         """Awaits a tritonclient call, translating its exceptions to genserve's."""
         from tritonclient.utils import InferenceServerException
@@ -61,19 +76,19 @@ class TritonRuntime(Runtime):
         try:
             return await awaitable
         except InferenceServerException as error:
-            status = str(error.status() or "")
-            if "DEADLINE_EXCEEDED" in status:
-                raise DeadlineExceeded("deadline exceeded waiting for Triton") from error
-            if "UNAVAILABLE" in status:
-                raise Unavailable(f"Triton at {self.config.triton_url} is unavailable: {error.message()}") from error
-            if "NOT_FOUND" in status or "unknown model" in error.message():  # unloaded in Triton meanwhile
-                raise Unavailable(f"Triton at {self.config.triton_url} does not serve it now: {error.message()}"
-                                  ) from error
-            if "INVALID_ARGUMENT" in status:
-                raise InvalidArgument("request", f"Triton refused it: {error.message()}") from error
-            raise RuntimeError(f"Triton: {status} {error.message()}") from error
+            raise self._translated(error) from error
 
-    async def _infer_chunk(self, entry: Manifest, feeds: dict[str, np.ndarray], deadline: float | None):
+    @staticmethod
+    def _timeout(deadline: float | None) -> float | None:
+        if deadline is None:
+            return None
+        timeout = deadline - time.monotonic()
+        if timeout <= 0:
+            raise DeadlineExceeded("deadline exceeded before the request reached Triton")
+        return timeout
+
+    @staticmethod
+    def _inputs(feeds: dict[str, np.ndarray]) -> list:
         import tritonclient.grpc.aio as triton
 
         inputs = []
@@ -81,13 +96,14 @@ class TritonRuntime(Runtime):
             tensor = triton.InferInput(name, list(array.shape), dtype_of(array).name)
             tensor.set_data_from_numpy(np.ascontiguousarray(array))
             inputs.append(tensor)
+        return inputs
+
+    async def _infer_chunk(self, entry: Manifest, feeds: dict[str, np.ndarray], deadline: float | None):
+        import tritonclient.grpc.aio as triton
+
         outputs = [triton.InferRequestedOutput(t.name) for t in entry.outputs]
-        timeout = None
-        if deadline is not None:
-            timeout = deadline - time.monotonic()
-            if timeout <= 0:
-                raise DeadlineExceeded("deadline exceeded before the request reached Triton")
-        result = await self._call(self.client.infer(entry.triton_name, inputs, outputs=outputs, client_timeout=timeout))
+        result = await self._call(self.client.infer(entry.triton_name, self._inputs(feeds), outputs=outputs,
+                                                    client_timeout=self._timeout(deadline)))
         return {t.name: result.as_numpy(t.name) for t in entry.outputs}
 
     async def infer(self, entry, feeds, deadline):
@@ -99,6 +115,9 @@ class TritonRuntime(Runtime):
 
     async def sample_sequential(self, sampler: Manifest, batch: SampleBatch, deadline: float | None,
                                 on_progress: ProgressCallback | None) -> np.ndarray:
+        import grpc
+        from tritonclient.utils import InferenceServerException
+
         n = len(batch.indices)
         feeds = {
             "seed": np.full((n, 1), batch.seed, dtype=np.int64),
@@ -107,7 +126,40 @@ class TritonRuntime(Runtime):
         }
         if batch.labels is not None:
             feeds["labels"] = np.asarray(batch.labels, dtype=np.int64).reshape(n, 1)
-        return (await self.infer(sampler, feeds, deadline))["images"]
+        step = sampler.batching.max_batch_size  # one stream request per chunk Triton accepts
+        chunks = {str(k): slice(start, start + step) for k, start in enumerate(range(0, n, step))}
+        images = np.zeros((n, *sampler.outputs[0].shape), dtype=np.uint8)
+        rows_done = np.zeros(n, dtype=np.int64)
+        answered = asyncio.Event()
+
+        async def requests():
+            for key, rows in chunks.items():
+                chunk = {name: a[rows] for name, a in feeds.items()}
+                yield {"model_name": sampler.triton_name, "inputs": self._inputs(chunk), "request_id": key}
+            await answered.wait()  # the stream stays open until every final response is in
+
+        stream = self.client.stream_infer(requests(), stream_timeout=self._timeout(deadline))
+        waiting = set(chunks)
+        try:
+            async for result, error in stream:
+                if error is not None:
+                    raise self._translated(error)
+                response = result.get_response()
+                rows = chunks[response.id]
+                images[rows] = result.as_numpy("images")
+                rows_done[rows] = result.as_numpy(PROGRESS_OUTPUT)[:, 0]
+                if response.parameters["triton_final_response"].bool_param:
+                    waiting.discard(response.id)
+                if not waiting:
+                    return images
+                if on_progress is not None:
+                    on_progress(Progress(rows_done.copy(), images.copy()))
+        except grpc.aio.AioRpcError as error:
+            raise self._translated(InferenceServerException(error.details(), str(error.code()))) from error
+        finally:
+            answered.set()
+            stream.cancel()  # a caller that went away (or an error) cancels the samples inside Triton
+        raise Unavailable(f"Triton at {self.config.triton_url} ended the stream before the samples were done")
 
     def ready(self, entry: Manifest) -> bool:
         return entry.triton_name in self._ready
