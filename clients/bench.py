@@ -183,7 +183,8 @@ class GenserveTarget:
 class TritonTarget:
     """The same model's entry point on a Triton server, over KServe v2 (tritonclient.grpc.aio).
 
-    Inputs come from the Triton model's metadata: pixel values 0/1 (valid at any pixel depth),
+    A decoupled model (the streaming samplers) is called over ModelStreamInfer and timed to its
+    final response. Inputs come from the Triton model's metadata: pixel values 0/1 (valid at any pixel depth),
     seeds and indices counting up, temperature 1, uniform `noise`, standard normal otherwise;
     free axes other than the batch get extent 1.
     """
@@ -220,7 +221,29 @@ class TritonTarget:
             tensor = self.triton.InferInput(spec["name"], shape, spec["datatype"])
             tensor.set_data_from_numpy(value)
             inputs.append(tensor)
+        config_ = await self.client.get_model_config(name)
+        if config_.config.model_transaction_policy.decoupled:  # a streaming sampler: one stream per call
+            return lambda: self._stream_once(name, inputs)
         return lambda: self.client.infer(name, inputs)
+
+    async def _stream_once(self, name: str, inputs: list) -> None:
+        """One request on its own stream, read to its final response (the latency a caller sees)."""
+        answered = asyncio.Event()
+
+        async def requests():
+            yield {"model_name": name, "inputs": inputs}
+            await answered.wait()
+
+        stream = self.client.stream_infer(requests())
+        try:
+            async for result, error in stream:
+                if error is not None:
+                    raise error
+                if result.get_response().parameters["triton_final_response"].bool_param:
+                    return
+        finally:
+            answered.set()
+            stream.cancel()
 
     async def close(self) -> None:
         await self.client.close()

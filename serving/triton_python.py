@@ -19,6 +19,7 @@ from .engine import EngineConfig, JobStatus, SamplingEngine, load_step_runner
 from .entry_runner import OnnxEntryPoint
 from .errors import InvalidArgument
 from .limits import check_free_axes
+from .metrics import ENGINE_ACTIVE, ENGINE_RUNS, ENGINE_SAMPLES
 from .sampler_rows import RequestProgress, check_sampler_feeds, sample_batches
 
 
@@ -137,29 +138,37 @@ class SamplingModel(_TritonModel):
         state = {"running": len(batches), "ended": False}
         jobs = []
 
+        def send(response=None, flags: int = 0) -> None:
+            try:
+                sender.send(response, flags=flags)
+            except Exception:  # noqa: BLE001 - Triton closed the request (its caller cancelled): stop its samples
+                state["ended"] = True
+                for job in jobs:
+                    job.cancel()
+
         def progressed(positions, job) -> None:
             with lock:
                 if progress.update(positions, job.rows_done, job.images) and not progress.complete:
-                    sender.send(self._respond(progress.outputs()))
+                    send(self._respond(progress.outputs()))
 
         def ended(job) -> None:
             with lock:
+                self.metrics.update(self.engine)
                 if state["ended"]:
                     return
-                self.metrics.update(self.engine)
                 if job.status is JobStatus.FINISHED:
                     state["running"] -= 1
                     if state["running"] == 0:
                         state["ended"] = True
-                        sender.send(self._respond(progress.outputs()), flags=final)
+                        send(self._respond(progress.outputs()), final)
                     return
                 state["ended"] = True
                 for other in jobs:
                     other.cancel()
                 if job.status is JobStatus.CANCELLED:
-                    sender.send(flags=final)  # nobody reads it: the caller has gone
+                    send(flags=final)  # nobody reads it: the caller has gone
                 else:
-                    sender.send(self._error(RuntimeError(job.error)), flags=final)
+                    send(self._error(RuntimeError(job.error)), final)
 
         for positions, batch in batches:
             jobs.append(self.engine.submit(
@@ -183,10 +192,9 @@ class EngineMetrics:
             return self._families[-1].Metric(labels=labels)
 
         counter, gauge = pb_utils.MetricFamily.COUNTER, pb_utils.MetricFamily.GAUGE
-        self.runs = metric("genserve_engine_runs_total", "Engine runs: an idle engine admitting samples starts "
-                           "one; samples that join a running engine do not.", counter)
-        self.samples = metric("genserve_engine_samples_total", "Samples the engine finished.", counter)
-        self.active = metric("genserve_engine_active_slots", "Engine slots holding a sample in progress.", gauge)
+        self.runs = metric(f"{ENGINE_RUNS[0]}_total", ENGINE_RUNS[1], counter)
+        self.samples = metric(f"{ENGINE_SAMPLES[0]}_total", ENGINE_SAMPLES[1], counter)
+        self.active = metric(*ENGINE_ACTIVE, gauge)
         self._runs = self._samples = 0
 
     def update(self, engine: SamplingEngine) -> None:

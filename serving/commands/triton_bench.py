@@ -2,7 +2,8 @@
 
 Sequential requests over tritonclient gRPC against a real tritonserver (started here over
 --repository unless --url names a running one), after a warm-up, for each batch size in the
-same run, so the figures are comparable on a noisy machine. Inputs are random tensors of the
+same run, so the figures are comparable on a noisy machine. A sampler (decoupled) is called
+over the stream API and timed to its final response. Inputs are random tensors of the
 shapes and dtypes the model's manifest declares.
 """
 
@@ -38,6 +39,25 @@ def random_inputs(manifest, batch: int, rng):
     return arrays
 
 
+def streamed_call(client, name: str, inputs: list):
+    """A call to a decoupled model (a sampler) on the client's stream, returning at its final response."""
+    import queue
+
+    answers: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: answers.put((result, error)))
+
+    def call() -> None:
+        client.async_stream_infer(name, inputs)
+        while True:
+            result, error = answers.get(timeout=600)
+            if error is not None:
+                raise error
+            if result.get_response().parameters["triton_final_response"].bool_param:
+                return
+
+    return call
+
+
 def measure(client, manifest, batch: int, requests: int, warmup: int) -> dict:
     import time
 
@@ -51,13 +71,15 @@ def measure(client, manifest, batch: int, requests: int, warmup: int) -> dict:
         tensor = grpcclient.InferInput(name, list(array.shape), dtypes[name])
         tensor.set_data_from_numpy(array)
         inputs.append(tensor)
+    call = streamed_call(client, manifest.triton_name, inputs) if manifest.step is not None else \
+        (lambda: client.infer(manifest.triton_name, inputs))
     for _ in range(warmup):
-        client.infer(manifest.triton_name, inputs)
+        call()
     latencies = []
     start = time.perf_counter()
     for _ in range(requests):
         t = time.perf_counter()
-        client.infer(manifest.triton_name, inputs)
+        call()
         latencies.append(time.perf_counter() - t)
     elapsed = time.perf_counter() - start
     ms = np.array(latencies) * 1e3

@@ -191,9 +191,11 @@ class SamplingEngine:
 
     def _fail_all(self, error: str) -> None:
         """Ends every job in the engine as FAILED and frees all slots (the thread keeps serving)."""
+        running = {}
         for slot in range(self.active - 1, -1, -1):
-            job, _ = self.slots.slot_jobs[slot]
+            running[self.slots.slot_jobs[slot][0]] = None
             self.slots.release(slot)
+        for job in running:  # once every slot is free
             job.end(JobStatus.FAILED, error)
         with self._wake:
             while self._waiting:
@@ -258,16 +260,17 @@ class SamplingEngine:
         """Ends jobs cancelled (by `cancel` or their predicate) or past their deadline; frees their slots."""
         self._look_for_drops = False
         now = time.monotonic()
-        dropped: dict[SampleJob, JobStatus] = {}
+        verdicts: dict[SampleJob, JobStatus | None] = {}  # asked once per job: a predicate may flip meanwhile
         for slot in range(self.active - 1, -1, -1):
             job, _ = self.slots.slot_jobs[slot]
             self._look_for_drops |= job.watched
-            why = dropped[job] if job in dropped else job.dropped(now)
-            if why is not None:
+            if job not in verdicts:
+                verdicts[job] = job.dropped(now)
+            if verdicts[job] is not None:
                 self.slots.release(slot)
-                dropped[job] = why
-        for job, why in dropped.items():  # once every slot is free: on_done sees the engine as it is
-            job.end(why)
+        for job, why in verdicts.items():  # once every slot is free: on_done sees the engine as it is
+            if why is not None:
+                job.end(why)
         with self._wake:
             for job in list(self._waiting):
                 why = job.dropped(now)

@@ -64,6 +64,8 @@ class EmbeddedRuntime(Runtime):
             engine = SamplingEngine(runner, config)
             engine.start()
             self.engines[manifest.triton_name] = engine
+            if self.metrics is not None:
+                self.metrics.engines.engines[manifest.triton_name] = engine
         else:
             runner = self._entry_runner(manifest)
             self.batchers[manifest.triton_name] = DynamicBatcher(

@@ -150,10 +150,10 @@ class TritonRuntime(Runtime):
                 rows_done[rows] = result.as_numpy(PROGRESS_OUTPUT)[:, 0]
                 if response.parameters["triton_final_response"].bool_param:
                     waiting.discard(response.id)
-                if not waiting:
-                    return images
                 if on_progress is not None:
                     on_progress(Progress(rows_done.copy(), images.copy()))
+                if not waiting:
+                    return images
         except grpc.aio.AioRpcError as error:
             raise self._translated(InferenceServerException(error.details(), str(error.code()))) from error
         finally:

@@ -12,9 +12,15 @@ REPOSITORY = Path(__file__).resolve().parents[2] / "model_repository"
 
 
 @pytest.fixture(scope="session")
-def triton(tmp_path_factory):
-    """The committed model_repository/ served by a real tritonserver; yields its gRPC URL."""
+def triton_server(tmp_path_factory):
+    """The committed model_repository/ served by a real tritonserver (its config names the ports)."""
     config = TritonServerConfig(REPOSITORY, 0, 0, 0, startup_timeout_s=300)  # 0: ports chosen at start
     server = TritonServer(config, log_path=tmp_path_factory.mktemp("triton") / "tritonserver.log").start()
-    yield server.config.grpc_url
+    yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def triton(triton_server):
+    """That server's gRPC URL."""
+    return triton_server.config.grpc_url

@@ -1,10 +1,17 @@
-"""Every exported model, called through a real Triton over gRPC, against eager PyTorch."""
+"""Every exported model over KServe v2 (tritonclient), against eager PyTorch, on two servers.
+
+The same test code runs against a real tritonserver serving the repository and against genserve's
+KServe v2 front end (embedded runtime): a client written for Triton must get the same answers
+from both. The samplers are decoupled on both: ModelStreamInfer streams progress, then images.
+"""
 
 from __future__ import annotations
 
 import queue
+import re
 import time
-from functools import partial
+import urllib.request
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -17,6 +24,7 @@ from genserve.export.data import fixed_held_out, load_mnist5k
 from genserve.export.entry_points import entry_points
 from genserve.serving.artifacts import load_manifest
 from tests.integration.conftest import REPOSITORY
+from tests.integration.server_fixtures import Connected, server_config
 from tests.rounding import assert_within_rounding, rounding_sigma
 from tests.unit.test_export import as_list, real_inputs
 
@@ -29,10 +37,33 @@ def infer_input(name: str, array: np.ndarray) -> grpcclient.InferInput:
     return tensor
 
 
-@pytest.fixture(scope="module")
-def client(triton):
-    with grpcclient.InferenceServerClient(triton) as c:
-        yield c
+@dataclass
+class V2Server:
+    """A server speaking KServe v2: its tritonclient, and its Prometheus endpoint."""
+
+    kind: str
+    client: grpcclient.InferenceServerClient
+    metrics_url: str
+
+
+@pytest.fixture(scope="module", params=["triton", "genserve"])
+def server(request):
+    """The same tests, unchanged, against a real tritonserver and against genserve (embedded runtime)."""
+    if request.param == "triton":
+        triton = request.getfixturevalue("triton_server")
+        url, metrics_port, api = triton.config.grpc_url, triton.config.metrics_port, None
+    else:
+        api = Connected(server_config())
+        url, metrics_port = api.thread.address, api.server.metrics_port
+    with grpcclient.InferenceServerClient(url) as c:
+        yield V2Server(request.param, c, f"http://127.0.0.1:{metrics_port}/metrics")
+    if api is not None:
+        api.close()
+
+
+@pytest.fixture
+def client(server):
+    return server.client
 
 
 def entry_point_models() -> list[str]:
@@ -81,53 +112,147 @@ def sampler_inputs(seed: int, indices: list[int], temperature: float = 1.0, labe
     return inputs
 
 
-def execution_counts(client, model: str) -> tuple[int, int]:
-    """(model executions, batch rows inferred) from Triton's own statistics."""
-    (stats,) = client.get_inference_statistics(model).model_stats
-    return stats.execution_count, stats.inference_count
+class Stream:
+    """One ModelStreamInfer stream of a client; responses arrive in order on `answers`."""
+
+    def __init__(self, client) -> None:
+        self.client, self.answers = client, queue.Queue()
+        client.start_stream(callback=lambda result, error: self.answers.put((result, error)))
+
+    def send(self, model: str, inputs, request_id: str = "") -> None:
+        self.client.async_stream_infer(model, inputs, request_id=request_id)
+
+    def next(self):
+        result, error = self.answers.get(timeout=600)
+        if error is not None:
+            raise error
+        return result
+
+    def until_final(self, ids: set[str]) -> dict[str, list]:
+        """Every response per request id, until each of `ids` has had its final one."""
+        responses: dict[str, list] = {key: [] for key in ids}
+        waiting = set(ids)
+        while waiting:
+            result = self.next()
+            response = result.get_response()
+            responses[response.id].append(result)
+            if response.parameters["triton_final_response"].bool_param:
+                waiting.discard(response.id)
+        return responses
+
+    def close(self, cancel: bool = False) -> None:
+        self.client.stop_stream(cancel_requests=cancel)
 
 
-def test_concurrent_sampling_requests_share_the_loop_and_match_eager_sampling(client):
-    # Three requests in flight at once: Triton's dynamic batcher hands them to one execute(),
-    # which runs a single sampling loop over all four rows (sample 2 of seed 13 alone). Each
-    # sample must still be the one its (seed, index) names: pixel values are chosen by inverse
-    # CDF on per-sample noise, so runtimes agree unless a noise value lands within float error
-    # (~1e-6) of a CDF edge.
+def sample_stream(client, model: str, inputs) -> list:
+    """One sampler request on its own stream: its responses, the final one last."""
+    stream = Stream(client)
+    try:
+        stream.send(model, inputs, "only")
+        return stream.until_final({"only"})["only"]
+    finally:
+        stream.close()
+
+
+def engine_metric(server: V2Server, name: str, model: str) -> float:
+    """One of the sampling engine's metrics, scraped from the server's /metrics as Prometheus would."""
+    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+    found = re.search(rf'^{name}{{model="{model}"}} (\S+)$', text, re.MULTILINE)
+    assert found, f"{name} for {model} not on {server.metrics_url}"
+    return float(found.group(1))
+
+
+def assert_streamed_rows(responses: list, final: np.ndarray) -> None:
+    """Progress responses: rows done rise to 28, done rows already final, the rest zeros; the last is final."""
+    flags = [r.get_response().parameters["triton_final_response"].bool_param for r in responses]
+    assert flags == [False] * (len(responses) - 1) + [True]
+    done = [int(r.as_numpy("rows_done").min()) for r in responses]
+    assert len(responses) >= 2 and done == sorted(set(done)) and done[-1] == 28, done
+    for r in responses:
+        partial, rows = r.as_numpy("images"), r.as_numpy("rows_done")[:, 0]
+        for k, row in enumerate(rows):
+            assert np.array_equal(partial[k, :, :row], final[k, :, :row]) and not partial[k, :, row:].any()
+
+
+SAMPLER = "gated_pixelcnn_mnist_sample"
+
+
+def test_concurrent_sampling_requests_share_the_engine_and_match_eager_sampling(server):
+    # Three requests on one stream at once share one engine run. Each sample must still be the one
+    # its (seed, index) names: pixel values are chosen by inverse CDF on per-sample noise, so runtimes
+    # agree unless a noise value lands within float error (~1e-6) of a CDF edge.
     model = load_checkpoint("gated_pixelcnn_mnist").model
-    requests = [(11, [0, 1]), (12, [0]), (13, [2])]
-    before = execution_counts(client, "gated_pixelcnn_mnist_sample")
-    results: queue.Queue = queue.Queue()
-    for k, (seed, indices) in enumerate(requests):
-        client.async_infer(
-            "gated_pixelcnn_mnist_sample", sampler_inputs(seed, indices),
-            partial(lambda k, result, error: results.put((k, result, error)), k),
-        )
-    answers = {}
-    for _ in requests:
-        k, result, error = results.get(timeout=600)
-        assert error is None, error
-        answers[k] = result.as_numpy("images")
-    # Triton records an execution's statistics after it has sent the responses: read them once all
-    # 4 rows are counted (bounded; a missing row fails below).
-    give_up = time.monotonic() + 30
-    while True:
-        executions, rows = (a - b for a, b in zip(execution_counts(client, "gated_pixelcnn_mnist_sample"), before))
-        if rows >= 4 or time.monotonic() > give_up:
-            break
-        time.sleep(0.05)
-    # 4 rows in fewer executions than requests: at most the first ran alone, the rest shared a loop.
-    assert rows == 4 and executions < len(requests), (executions, rows)
-    for k, (seed, indices) in enumerate(requests):
+    requests = {"a": (11, [0, 1]), "b": (12, [0]), "c": (13, [2])}
+    runs = engine_metric(server, "genserve_engine_runs_total", SAMPLER)
+    stream = Stream(server.client)
+    try:
+        for key, (seed, indices) in requests.items():
+            stream.send(SAMPLER, sampler_inputs(seed, indices), key)
+        responses = stream.until_final(set(requests))
+    finally:
+        stream.close()
+    assert engine_metric(server, "genserve_engine_runs_total", SAMPLER) - runs < len(requests)
+    for key, (seed, indices) in requests.items():
+        final = responses[key][-1].as_numpy("images")
         eager = model.sample(max(indices) + 1, seed)[indices].numpy().astype(np.uint8)
-        assert np.array_equal(answers[k], eager), f"request {k} (seed {seed})"
+        assert np.array_equal(final, eager), f"request {key} (seed {seed})"
+        assert_streamed_rows(responses[key], final)
+
+
+def test_a_late_request_joins_the_running_engine(server):
+    # B is sent once A's first rows are back: it joins A's engine run between steps (one run for
+    # both) instead of waiting for A to end, and its images are still its own seed's.
+    model = load_checkpoint("gated_pixelcnn_mnist").model
+    runs = engine_metric(server, "genserve_engine_runs_total", SAMPLER)
+    stream = Stream(server.client)
+    try:
+        stream.send(SAMPLER, sampler_inputs(21, list(range(48))), "a")
+        first = stream.next()
+        assert first.get_response().id == "a" and first.as_numpy("rows_done").max() < 28
+        stream.send(SAMPLER, sampler_inputs(22, [0, 1]), "b")
+        responses = stream.until_final({"a", "b"})
+    finally:
+        stream.close()
+    assert engine_metric(server, "genserve_engine_runs_total", SAMPLER) - runs == 1
+    assert responses["a"][-1].as_numpy("images").shape == (48, 1, 28, 28)
+    assert np.array_equal(responses["b"][-1].as_numpy("images"), model.sample(2, 22).numpy().astype(np.uint8))
+
+
+def test_cancelling_the_stream_frees_the_samples_slots(server):
+    finished = engine_metric(server, "genserve_engine_samples_total", SAMPLER)
+    stream = Stream(server.client)
+    stream.send(SAMPLER, sampler_inputs(31, list(range(64))), "doomed")
+    assert stream.next().as_numpy("rows_done").max() < 28  # running: 64 slots busy
+    stream.close(cancel=True)
+    give_up = time.monotonic() + 30  # bounded: the engine drops the samples at its next step
+    while engine_metric(server, "genserve_engine_active_slots", SAMPLER) > 0 and time.monotonic() < give_up:
+        time.sleep(0.05)
+    assert engine_metric(server, "genserve_engine_active_slots", SAMPLER) == 0
+    assert engine_metric(server, "genserve_engine_samples_total", SAMPLER) == finished  # none ran to the end
+    assert sample_stream(server.client, SAMPLER, sampler_inputs(32, [0]))[-1].as_numpy("images").shape == \
+        (1, 1, 28, 28)  # and the sampler serves the next caller
 
 
 def test_temperature_zero_sampling_is_the_argmax_image(client):
     model = load_checkpoint("pixelcnn_mnist").model
-    result = client.infer("pixelcnn_mnist_sample", sampler_inputs(5, [0], temperature=0.0))
+    result = sample_stream(client, "pixelcnn_mnist_sample", sampler_inputs(5, [0], temperature=0.0))[-1]
     images = torch.from_numpy(result.as_numpy("images").copy()).long()
     with torch.no_grad():
         assert torch.equal(model.logits(images).argmax(dim=1), images)
+
+
+def test_metadata_and_config_describe_the_repository_models(client):
+    metadata = client.get_model_metadata(SAMPLER)
+    assert (metadata.name, list(metadata.versions), metadata.platform) == (SAMPLER, ["1"], "python")
+    assert [(t.name, t.datatype, list(t.shape)) for t in metadata.outputs] == [
+        ("images", "UINT8", [-1, 1, 28, 28]), ("rows_done", "INT64", [-1, 1])]
+    config = client.get_model_config("vae_mnist_score").config
+    assert (config.max_batch_size, config.backend, config.model_transaction_policy.decoupled) == (64, "python", False)
+    assert [i.name for i in config.input] == ["images", "eps"]
+    assert client.get_model_config(SAMPLER).config.model_transaction_policy.decoupled
+    with pytest.raises(InferenceServerException, match="Request for unknown model: 'nope' is not found"):
+        client.get_model_metadata("nope")
+    assert not client.is_model_ready("nope") and client.is_server_ready()
 
 
 def test_bad_requests_get_errors_and_the_server_keeps_serving(client):
@@ -136,12 +261,14 @@ def test_bad_requests_get_errors_and_the_server_keeps_serving(client):
         client.infer("vae_mnist_decode", [infer_input("z", np.zeros((2, 15), np.float32))])
     with pytest.raises(InferenceServerException, match="(?i)data-type|datatype|dtype"):
         client.infer("vae_mnist_decode", [infer_input("z", z.astype(np.int64))])
-    with pytest.raises(InferenceServerException, match="(?i)unknown model|not found"):
+    with pytest.raises(InferenceServerException, match="Request for unknown model: 'no_such_model' is not found"):
         client.infer("no_such_model", [infer_input("z", z)])
     with pytest.raises(InferenceServerException, match="temperature: must be finite and >= 0"):
-        client.infer("pixelcnn_mnist_sample", sampler_inputs(1, [0], temperature=-1.0))
+        sample_stream(client, "pixelcnn_mnist_sample", sampler_inputs(1, [0], temperature=-1.0))
     with pytest.raises(InferenceServerException, match="seed: must be >= 0"):
-        client.infer("pixelcnn_mnist_sample", sampler_inputs(-3, [0]))
+        sample_stream(client, "pixelcnn_mnist_sample", sampler_inputs(-3, [0]))
+    with pytest.raises(InferenceServerException, match="ModelInfer RPC doesn't support models with decoupled"):
+        client.infer("pixelcnn_mnist_sample", sampler_inputs(1, [0]))
     # A free axis is bounded too: Triton checks rows against max_batch_size, the model checks K.
     images = np.zeros((2, 1, 28, 28), np.uint8)
     eps = np.zeros((2, 1001, 16), np.float32)

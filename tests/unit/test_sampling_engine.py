@@ -143,6 +143,30 @@ def test_cancelling_frees_the_slots_within_one_step_and_spares_the_others():
     assert kept.error is None and np.array_equal(kept.images, naive(model, 2, 4))
 
 
+def test_a_cancellation_predicate_frees_every_slot_of_its_job_at_once_and_counts_runs():
+    # The predicate (Triton's request.is_cancelled) is asked once per job per step: here it turns
+    # True between two asks, as a cancellation arriving mid-step does; no slot may outlive its job.
+    model = tiny("pixelcnn")
+    engine = make_engine(model, span=1, num_slots=6)
+    asks = []
+    seen_active = []
+    doomed = engine.submit(3, 4, cancelled=lambda: asks.append(1) or len(asks) > 3,
+                           on_done=lambda job: seen_active.append(engine.active))
+    kept = engine.submit(4, 2)
+    for _ in range(3):
+        engine.step()
+    assert engine.active == 6 and len(asks) == 3  # one ask per step, not per slot
+    engine.step()
+    assert engine.active == 2 and doomed.error == "cancelled" and seen_active == [2]
+    late = engine.submit(5, 1)  # joins the running engine: the same run
+    engine.run_until_idle()
+    assert engine.runs == 1 and engine.samples_finished == 3
+    assert np.array_equal(kept.images, naive(model, 2, 4)) and np.array_equal(late.images, naive(model, 1, 5))
+    engine.submit(6, 1)  # an idle engine admitting samples starts a second run
+    engine.run_until_idle()
+    assert engine.runs == 2
+
+
 def test_a_job_past_its_deadline_is_dropped():
     model = tiny("pixelcnn")
     engine = make_engine(model, num_slots=2)
