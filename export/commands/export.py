@@ -23,6 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch-size", type=int, default=64)
     parser.add_argument("--max-queue-delay-us", type=int, default=2000, help="Triton dynamic batching delay")
     parser.add_argument("--instances", type=int, default=1, help="model instances per Triton model")
+    parser.add_argument("--instance-kind", choices=("KIND_CPU", "KIND_GPU", "KIND_AUTO"), default="KIND_CPU",
+                        help="where Triton runs the entry points (KIND_GPU in NVIDIA's GPU containers); the "
+                        "samplers' engine always runs on the CPU")
     sums = parser.add_mutually_exclusive_group()
     sums.add_argument("--check-sums", type=Path, metavar="FILE",
                       help="after exporting, compare every file of the repository with FILE (sha256sum format); "
@@ -40,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     options = ExportOptions(
         version=args.version, flavour=args.flavour, native_backend=args.native_backend,
         max_batch_size=args.max_batch_size, max_queue_delay_microseconds=args.max_queue_delay_us,
-        instance_count=args.instances,
+        instance_count=args.instances, instance_kind=args.instance_kind,
     )
     names = [n for c in args.checkpoints for n in (shipped_names() if c == "shipped" else [c])]
     for name in tqdm(names, desc="export", unit="checkpoint"):
