@@ -44,7 +44,8 @@ def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
 
 
 class RpcCall:
-    """Metrics and error mapping around one RPC; used by the two decorators below."""
+    """Metrics and error mapping around one RPC; used by the two decorators below (whose services give
+    `metrics` and `metrics_label(request)`) and per request of a stream."""
 
     def __init__(self, metrics: ServerMetrics, method: str, model: str) -> None:
         """`model`: the metrics label, a served model's name (or "unknown", or "" for no model)."""
@@ -105,7 +106,7 @@ def parsed(request):
 def unary(method):
     @functools.wraps(method)
     async def handler(self: GenerativeService, request, context):
-        call = RpcCall(self.metrics, method.__name__, model_label(self.registry, getattr(request, "model", "")))
+        call = RpcCall(self.metrics, method.__name__, self.metrics_label(request))
         try:
             return await method(self, parsed(request), context)
         except asyncio.CancelledError:
@@ -122,7 +123,7 @@ def unary(method):
 def streaming(method):
     @functools.wraps(method)
     async def handler(self: GenerativeService, request, context):
-        call = RpcCall(self.metrics, method.__name__, model_label(self.registry, getattr(request, "model", "")))
+        call = RpcCall(self.metrics, method.__name__, self.metrics_label(request))
         try:
             async for message in method(self, parsed(request), context):
                 yield message
@@ -145,6 +146,9 @@ class GenerativeService(pb_grpc.GenerativeServicer):
         self.families: dict[str, Family] = {
             name: FAMILIES[spec.family](spec, runtime) for name, spec in registry.models.items()
         }
+
+    def metrics_label(self, request) -> str:
+        return model_label(self.registry, getattr(request, "model", ""))
 
     def _family(self, name: str, capability: str) -> Family:
         spec = self.registry.get(name)

@@ -120,24 +120,16 @@ class KServeService:
             check_free_axes(entry.inputs, feeds)
         return feeds
 
+    @unary
     async def ModelInfer(self, request, context):
-        call = RpcCall(self.metrics, "ModelInfer", self._label(request))
-        try:
-            request = parsed(request)
-            entry = self._entry(request.model_name, request.model_version)
-            if entry.step is not None:
-                raise Unimplemented("ModelInfer RPC doesn't support models with decoupled transaction policy")
-            outputs = await self.runtime.infer(entry, self._checked(entry, request), deadline_of(context))
-            return infer_response(request, entry, outputs)
-        except asyncio.CancelledError:
-            call.code = grpc.StatusCode.CANCELLED
-            raise
-        except Exception as error:  # noqa: BLE001 - mapped to a status, never a crash
-            await call.fail(error, context)
-        finally:
-            call.end()
+        entry = self._entry(request.model_name, request.model_version)
+        if entry.step is not None:
+            raise Unimplemented("ModelInfer RPC doesn't support models with decoupled transaction policy")
+        outputs = await self.runtime.infer(entry, self._checked(entry, request), deadline_of(context))
+        return infer_response(request, entry, outputs)
 
-    def _label(self, request) -> str:
+    def metrics_label(self, request) -> str:
+        """The served model's name for an entry point's request (bounded, as genserve.v1's labels are)."""
         name = getattr(request, "model_name", "")
         return model_label(self.registry, self.entries[name].model if name in self.entries else name)
 
@@ -167,7 +159,7 @@ class KServeService:
                 task.cancel()
 
     async def _stream_one(self, request, send) -> None:
-        call = RpcCall(self.metrics, "ModelStreamInfer", self._label(request))
+        call = RpcCall(self.metrics, "ModelStreamInfer", self.metrics_label(request))
         try:
             request = parsed(request)
             entry = self._entry(request.model_name, request.model_version)
