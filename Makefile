@@ -63,7 +63,7 @@ shipped-models: $(BIN)/genserve
 
 # Held-out figures, sample grids and model cards for every shipped checkpoint.
 cards: $(BIN)/genserve
-	for c in $(CKPT)/*/; do $(BIN)/genserve evaluate $$c --card || exit 1; done
+	for c in $(CKPT)/*/; do $(BIN)/genserve evaluate $$c --card --fid || exit 1; done
 
 # After retraining a shipped model: re-export the repository and record its new checksums.
 repository-sums: $(BIN)/genserve

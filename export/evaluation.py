@@ -19,6 +19,8 @@ from tqdm import tqdm
 from .checkpoint import Checkpoint, save_checkpoint
 from .data import fixed_held_out, load_dataset
 from .images import save_samples
+from .quality.classifier import RECORD_FILE, SHIPPED_CLASSIFIER
+from .steps import sample_images
 
 # What the papers report on binarised MNIST (60k training images) or dequantised MNIST.
 LITERATURE = {
@@ -74,7 +76,7 @@ def evaluate(
 def write_samples(checkpoint: Checkpoint, path: Path, n: int = 64, seed: int = 0) -> Path:
     model = checkpoint.model
     labels = _sample_labels(checkpoint, n)
-    return save_samples(model.sample(n, seed, labels=labels), model.config.pixel_levels, path, labels)
+    return save_samples(sample_images(model, n, seed, labels=labels), model.config.pixel_levels, path, labels)
 
 
 def model_card(checkpoint: Checkpoint, metrics: dict[str, Any]) -> str:
@@ -121,6 +123,15 @@ def model_card(checkpoint: Checkpoint, metrics: dict[str, Any]) -> str:
     if rows:
         lines += ["| method | NLL (nats) | bits/dim | bound |", "|---|---|---|---|", *rows, ""]
     lines += other
+    if "fid" in metrics:
+        fid = metrics["fid"]
+        lines += [
+            "",
+            f"Sample quality: FID {fid['fid']} between the digit classifier's features on {fid['reference']} "
+            f"and on {fid['samples']} samples (seed {fid['seed']}); real training images score "
+            f"{_fid_floor(model.config.pixel_levels)} (the classifier's card). Command: "
+            f"`genserve evaluate {checkpoint.name} --card --fid`.",
+        ]
     lines += [
         f"Literature: {LITERATURE.get(model.family, 'n/a')}. Trained on 4,500 images rather than 60,000, "
         "so figures are not directly comparable.",
@@ -130,6 +141,11 @@ def model_card(checkpoint: Checkpoint, metrics: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _fid_floor(levels: int) -> str:
+    reference = json.loads((SHIPPED_CLASSIFIER / RECORD_FILE).read_text())["figures"]["reference_fid"]
+    return str(reference["train_vs_held_out_" + ("binarised" if levels == 2 else "8bit")])
 
 
 def write_card(checkpoint: Checkpoint, metrics: dict[str, Any]) -> None:

@@ -32,6 +32,7 @@ from genserve.serving.kernels.sampling import choose_at_temperature, temperature
 
 from .entry_points import EntryPoint
 from .models.autoregressive import AutoregressiveModel
+from .models.base import GenerativeModel
 from .models.gated_pixelcnn import GatedPixelCNN, gate
 from .models.pixelcnn import PixelCNN
 
@@ -401,3 +402,12 @@ def cached_sample(
     engine = SamplingEngine(runner, EngineConfig(num_slots=min(n, 64)))
     label_list = None if labels is None else [int(v) for v in labels]
     return torch.from_numpy(engine.generate(seed, n, temperature, label_list)).long()
+
+
+def sample_images(
+    model: GenerativeModel, n: int, seed: int, temperature: float = 1.0, labels: torch.Tensor | None = None
+) -> torch.Tensor:
+    """`model.sample`, through the sampling engine for autoregressive models (same images, far faster)."""
+    if isinstance(model, AutoregressiveModel):
+        return cached_sample(model, n, seed, temperature, labels)
+    return model.sample(n, seed, temperature, labels)

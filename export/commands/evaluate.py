@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from genserve.clients.verbs import Verb
+from genserve.clients.verbs import CommandError, Verb
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -15,6 +15,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--samples", default="samples.png", help="where to write a grid of samples ('' to skip)")
     parser.add_argument("--num-samples", type=int, default=64, help="how many samples the grid shows")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    parser.add_argument(
+        "--fid", action="store_true",
+        help="also the Fréchet distance between the digit classifier's features on the held-out images "
+        "and on --fid-samples seeded samples (28x28 digit models)",
+    )
+    parser.add_argument("--fid-samples", type=int, default=1000, help="samples FID draws (seed: --seed)")
     parser.add_argument(
         "--card", action="store_true",
         help="store the figures in the checkpoint and write MODEL_CARD.md and samples.png beside it",
@@ -26,9 +32,15 @@ def run(args: argparse.Namespace) -> int:
 
     from genserve.export.checkpoint import load_checkpoint
     from genserve.export.evaluation import evaluate, write_card, write_samples
+    from genserve.export.quality.fid import FIDConfig, sample_fid
 
     checkpoint = load_checkpoint(args.checkpoint)
     metrics = evaluate(checkpoint, data=args.data, seed=args.seed)
+    if args.fid:
+        try:
+            metrics["fid"] = sample_fid(checkpoint, FIDConfig(samples=args.fid_samples, seed=args.seed), args.data)
+        except ValueError as error:
+            raise CommandError(str(error)) from None
     if args.json:
         print(json.dumps(metrics, indent=2))
     else:
@@ -38,8 +50,12 @@ def run(args: argparse.Namespace) -> int:
                 kind = "bound" if figures["is_bound"] else "exact"
                 nats, bpd = figures["nll_nats"], figures["bits_per_dim"]
                 print(f"  {method:>14}: {nats:8.2f} nats  {bpd:.4f} bits/dim  ({kind})")
-            elif isinstance(figures, dict):
+            elif isinstance(figures, dict) and "mean_logit" in figures:
                 print(f"  {method:>14}: mean logit {figures['mean_logit']:.3f} ({figures['note']})")
+        if "fid" in metrics:
+            fid = metrics["fid"]
+            print(f"  {'FID':>14}: {fid['fid']:.2f} ({fid['samples']} samples, seed {fid['seed']}, "
+                  f"against {fid['reference']})")
     if args.card:
         write_card(checkpoint, metrics)
         print(f"wrote {checkpoint.path / 'MODEL_CARD.md'} and samples.png")
@@ -52,7 +68,7 @@ VERB = Verb(
     help="held-out NLL (nats, bits/dim) of a checkpoint, and a sample grid",
     description="Score the held-out split of the checkpoint's dataset: exact NLL for PixelCNNs, "
     "ELBO and IWAE-K bounds for the VAE, dequantised NLL for the flow, and the (non-likelihood) "
-    "discriminator logit for the DCGAN.",
+    "discriminator logit for the DCGAN; with --fid, the sample-quality figure.",
     add_arguments=add_arguments,
     run=run,
 )

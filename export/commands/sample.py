@@ -22,13 +22,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import time
+    from functools import partial
 
     import torch
 
     from genserve.export.checkpoint import load_checkpoint
     from genserve.export.images import save_samples
-    from genserve.export.models.autoregressive import AutoregressiveModel
-    from genserve.export.steps import cached_sample
+    from genserve.export.steps import sample_images
 
     if args.num < 1:
         raise CommandError(f"-n must be >= 1, got {args.num}")
@@ -45,10 +45,8 @@ def run(args: argparse.Namespace) -> int:
     elif args.label is not None:
         raise CommandError(f"{args.model} is unconditional; drop --label")
     start = time.perf_counter()
-    if isinstance(model, AutoregressiveModel) and not args.naive:
-        pixels = cached_sample(model, args.num, seed, args.temperature, labels)
-    else:
-        pixels = model.sample(args.num, seed, args.temperature, labels)
+    sample = model.sample if args.naive else partial(sample_images, model)
+    pixels = sample(args.num, seed, args.temperature, labels)
     elapsed = time.perf_counter() - start
     path = save_samples(pixels, model.config.pixel_levels, args.output, labels)
     print(f"{args.num} samples of {args.model} (seed {seed}, temperature {args.temperature}) "

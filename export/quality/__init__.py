@@ -1,0 +1,1 @@
+"""Sample quality: a small digit classifier and the Fréchet distance between its features."""
