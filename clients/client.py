@@ -132,6 +132,7 @@ class Encoding:
     latents: np.ndarray
     log_var: np.ndarray | None = None  # VAE
     log_det: np.ndarray | None = None  # flows
+    log_density: np.ndarray | None = None  # VAEs with a flow posterior: log q(latents | image)
 
 
 @dataclass(frozen=True)
@@ -143,7 +144,7 @@ class Decoding:
 
 @dataclass(frozen=True)
 class Score:
-    method: str  # "exact", "elbo", "iwae-K", "dequantised", "discriminator"
+    method: str  # "exact", "elbo", "iwae-K", "dequantised", "discriminator", "reconstruction", "latent_discriminator"
     kind: str  # "exact", "lower bound" or "not a likelihood"
     values: np.ndarray  # (N,) log p(x) in nats (or the bound; or the method's own figure)
     bits_per_dim: np.ndarray | None  # (N,), None when not a likelihood
@@ -164,8 +165,10 @@ def _stream_event(message: pb.SampleStreamResponse) -> Progress | Samples:
 
 
 def _encoding(r: pb.EncodeResponse) -> Encoding:
-    return Encoding(from_tensor(r.latents), from_tensor(r.log_var) if r.HasField("log_var") else None,
-                    from_tensor(r.log_det) if r.HasField("log_det") else None)
+    def optional(name: str) -> np.ndarray | None:
+        return from_tensor(getattr(r, name)) if r.HasField(name) else None
+
+    return Encoding(from_tensor(r.latents), optional("log_var"), optional("log_det"), optional("log_density"))
 
 
 def _decode_request(model, latents, labels, png) -> pb.DecodeRequest:

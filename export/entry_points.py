@@ -20,7 +20,8 @@ from torch import nn
 
 from genserve.serving.artifacts import FP32, INT64, UINT8, TensorSpec
 
-from .models import DCGAN, VAE, GenerativeModel, RealNVP
+from .models import AAE, DCGAN, IAFVAE, VAE, VAEGAN, GenerativeModel, RealNVP
+from .models.autoencoder import ConvAutoencoder
 from .models.autoregressive import AutoregressiveModel
 from .models.vae import bounds_from_log_weights
 
@@ -80,19 +81,54 @@ class VAEEncode(nn.Module):
 
     def __init__(self, model: VAE) -> None:
         super().__init__()
-        self.encoder = model.encoder
+        self.encoder = model.encoder  # the encoder alone: a traced module keeps every submodule it holds
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mean, log_var = self.encoder(images.float()).chunk(2, dim=1)
         return mean, log_var
 
 
+class IAFVAEEncode(nn.Module):
+    """images → the flowed code of the posterior's mode, z_T at eps = 0 (N, D), and log q(z_T | x) (N, 1)."""
+
+    def __init__(self, model: IAFVAE) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z, log_q = self.model.posterior(images, torch.zeros(()))
+        return z, log_q.unsqueeze(1)
+
+
+class AAEEncode(nn.Module):
+    """images → the code z = E(x) (N, D)."""
+
+    def __init__(self, model: AAE) -> None:
+        super().__init__()
+        self.encoder = model.encoder
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.encoder(images.float())
+
+
+class AAEScore(nn.Module):
+    """images → log p(x | E(x)) (N, 1) nats and the latent discriminator's logit D(E(x)) (N, 1); neither is log p(x)."""
+
+    def __init__(self, model: AAE) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        reconstruction, logit = self.model.code_scores(images)
+        return reconstruction.unsqueeze(1), logit.unsqueeze(1)
+
+
 class VAEDecode(nn.Module):
     """z (N, D) → Bernoulli probabilities (N, C, H, W)."""
 
-    def __init__(self, model: VAE) -> None:
+    def __init__(self, model: ConvAutoencoder) -> None:
         super().__init__()
-        self.model = model
+        self.encoder = model.encoder  # the encoder alone: a traced module keeps every submodule it holds
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.model.decoder_logits(z))
@@ -103,12 +139,23 @@ class VAEScore(nn.Module):
 
     def __init__(self, model: VAE) -> None:
         super().__init__()
-        self.model = model
+        self.encoder = model.encoder  # the encoder alone: a traced module keeps every submodule it holds
 
     def forward(self, images: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         log_w = self.model.importance_log_weights(images, eps.transpose(0, 1))  # (K, N)
         elbo, iwae = bounds_from_log_weights(log_w)
         return elbo.unsqueeze(1), iwae.unsqueeze(1)
+
+
+class VAEGANDiscriminate(nn.Module):
+    """images → the pixel discriminator's logit (N, 1). Not a likelihood."""
+
+    def __init__(self, model: VAEGAN) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.discriminate(images).unsqueeze(1)
 
 
 class DCGANGenerate(nn.Module):
@@ -186,18 +233,36 @@ def entry_points(model: GenerativeModel) -> list[EntryPoint]:
         return [EntryPoint("logits", ARLogits(model), (image, *labels), (logits,), images_and_labels)]
     if isinstance(model, VAE):
         d = c.latent_dim
-        mean, log_var = TensorSpec("mean", f32, (d,)), TensorSpec("log_var", f32, (d,))
         z = TensorSpec("z", f32, (d,))
         eps = TensorSpec("eps", f32, (-1, d))
         probs = TensorSpec("probs", f32, image.shape)
         per_image = (TensorSpec("elbo", f32, (1,)), TensorSpec("iwae", f32, (1,)))
-        return [
-            EntryPoint("encode", VAEEncode(model), (image,), (mean, log_var), lambda n: (_example_images(model, n),)),
+        if isinstance(model, IAFVAE):
+            encoder, codes = IAFVAEEncode(model), (z, TensorSpec("log_density", f32, (1,)))
+        else:
+            encoder, codes = VAEEncode(model), (TensorSpec("mean", f32, (d,)), TensorSpec("log_var", f32, (d,)))
+        vae_entries = [
+            EntryPoint("encode", encoder, (image,), codes, lambda n: (_example_images(model, n),)),
             EntryPoint("decode", VAEDecode(model), (z,), (probs,), lambda n: (torch.randn(n, d),)),
             EntryPoint(
                 "score", VAEScore(model), (image, eps), per_image,
                 lambda n: (_example_images(model, n), torch.randn(n, 3, d)),
             ),
+        ]
+        if isinstance(model, VAEGAN):
+            vae_entries.append(EntryPoint(
+                "discriminate", VAEGANDiscriminate(model), (image,), (TensorSpec("logit", f32, (1,)),),
+                lambda n: (_example_images(model, n),),
+            ))
+        return vae_entries
+    if isinstance(model, AAE):
+        z = TensorSpec("z", f32, (c.latent_dim,))
+        per_image = (TensorSpec("reconstruction", f32, (1,)), TensorSpec("latent_logit", f32, (1,)))
+        return [
+            EntryPoint("encode", AAEEncode(model), (image,), (z,), lambda n: (_example_images(model, n),)),
+            EntryPoint("decode", VAEDecode(model), (z,), (TensorSpec("probs", f32, image.shape),),
+                       lambda n: (torch.randn(n, c.latent_dim),)),
+            EntryPoint("score", AAEScore(model), (image,), per_image, lambda n: (_example_images(model, n),)),
         ]
     if isinstance(model, DCGAN):
         z = TensorSpec("z", f32, (c.latent_dim,))

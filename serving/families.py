@@ -40,6 +40,7 @@ class Encoded:
     latents: np.ndarray  # (N, *latent_shape) float32
     log_var: np.ndarray | None = None  # VAE
     log_det: np.ndarray | None = None  # flows, (N,)
+    log_density: np.ndarray | None = None  # VAEs with a flow posterior: log q(z | x), (N,)
 
 
 @dataclass(frozen=True)
@@ -138,6 +139,38 @@ class VAE(Family):
         ]
 
 
+class IAFVAE(VAE):
+    """The VAE's Sample, Decode and Score; Encode gives the flowed code of the posterior's mode and log q of it."""
+
+    async def encode(self, images, deadline):
+        out = await self._run("encode", deadline, images=images)
+        return Encoded(out["z"], log_density=out["log_density"][:, 0])
+
+
+class VAEGAN(VAE):
+    """The VAE's capabilities; Score adds the pixel discriminator's logit, not a likelihood."""
+
+    async def score(self, images, labels, seed, importance_samples, deadline):
+        bounds = await super().score(images, labels, seed, importance_samples, deadline)
+        logit = (await self._run("discriminate", deadline, images=images))["logit"]
+        return [*bounds, ScoreSet("discriminator", NOT_A_LIKELIHOOD, logit[:, 0].astype(np.float64))]
+
+
+class AAE(VAE):
+    """The VAE's Sample and Decode; Encode gives the deterministic code; Score gives log p(x | E(x)) and
+    the latent discriminator's logit, neither a likelihood."""
+
+    async def encode(self, images, deadline):
+        return Encoded((await self._run("encode", deadline, images=images))["z"])
+
+    async def score(self, images, labels, seed, importance_samples, deadline):
+        out = await self._run("score", deadline, images=images)
+        return [
+            ScoreSet("reconstruction", NOT_A_LIKELIHOOD, out["reconstruction"][:, 0].astype(np.float64)),
+            ScoreSet("latent_discriminator", NOT_A_LIKELIHOOD, out["latent_logit"][:, 0].astype(np.float64)),
+        ]
+
+
 class DCGAN(Family):
     """G(z) for z ~ N(0, T² I); Decode is G on given z; Score is D(x), not a likelihood."""
 
@@ -178,6 +211,9 @@ FAMILIES: dict[str, type[Family]] = {
     "pixelcnn": Autoregressive,
     "gated_pixelcnn": Autoregressive,
     "vae": VAE,
+    "iaf_vae": IAFVAE,
+    "vae_gan": VAEGAN,
+    "aae": AAE,
     "dcgan": DCGAN,
     "realnvp": Flow,
 }

@@ -57,6 +57,11 @@ class ModelSpec:
     def metrics(self) -> dict[str, Any]:
         return next(iter(self.entry_points.values())).metrics
 
+    @property
+    def takes_importance_samples(self) -> bool:
+        """True for bounds computed from K posterior draws (VAEs): their score graph takes eps."""
+        return "score" in self.entry_points and any(t.name == "eps" for t in self.entry("score").inputs)
+
     def entry(self, name: str) -> Manifest:
         return self.entry_points[name]
 

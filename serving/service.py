@@ -226,6 +226,7 @@ class GenerativeService(pb_grpc.GenerativeServicer):
             model=family.spec.name, latents=from_numpy(encoded.latents),
             log_var=None if encoded.log_var is None else from_numpy(encoded.log_var),
             log_det=None if encoded.log_det is None else from_numpy(encoded.log_det),
+            log_density=None if encoded.log_density is None else from_numpy(encoded.log_density),
         )
 
     @unary

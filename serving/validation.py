@@ -83,7 +83,7 @@ def score_options(request: pb.ScoreRequest, spec: ModelSpec, rows: int, max_work
     if not request.HasField("importance_samples"):
         return seed, None
     k = request.importance_samples
-    if spec.family != "vae":
+    if not spec.takes_importance_samples:
         raise InvalidArgument("importance_samples", f"only VAE bounds take K; model '{spec.name}' is {spec.family}")
     if not 1 <= k <= MAX_IMPORTANCE_SAMPLES:
         raise InvalidArgument("importance_samples", f"must lie in [1, {MAX_IMPORTANCE_SAMPLES}], got {k}")

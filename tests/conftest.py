@@ -14,10 +14,16 @@ TINY = {
     "gated_pixelcnn": dict(image_size=4, hidden_channels=8, num_layers=3, kernel_size=3, first_kernel_size=3,
                            output_channels=8),
     "vae": dict(image_size=8, hidden_channels=4, hidden_units=16, latent_dim=3, score_samples=8),
+    "iaf_vae": dict(image_size=8, hidden_channels=4, hidden_units=16, latent_dim=3, score_samples=8, flow_steps=2,
+                    flow_hidden=8, context_dim=4),
+    "vae_gan": dict(image_size=8, hidden_channels=4, hidden_units=16, latent_dim=3, score_samples=8,
+                    discriminator_channels=4),
+    "aae": dict(image_size=8, hidden_channels=4, hidden_units=16, latent_dim=3, discriminator_units=8),
     "dcgan": dict(image_size=8, latent_dim=4, generator_channels=4, discriminator_channels=4),
     "realnvp": dict(image_size=4, hidden_channels=4, num_checkerboard=2, num_channelwise=2),
 }
-SHIPPED = ("pixelcnn_mnist", "gated_pixelcnn_mnist", "vae_mnist", "dcgan_mnist", "realnvp_mnist")
+SHIPPED = ("pixelcnn_mnist", "gated_pixelcnn_mnist", "vae_mnist", "iaf_vae_mnist", "aae_mnist", "dcgan_mnist",
+           "realnvp_mnist")
 
 
 def make_model(family: str, seed: int = 0, **overrides):

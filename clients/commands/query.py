@@ -129,9 +129,10 @@ def run_score(args: argparse.Namespace) -> int:
 
 # ---- encode / decode ---------------------------------------------------------------------------
 def add_encode_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="a served model with the encode capability (vae, realnvp)")
+    parser.add_argument("model", help="a served model with the encode capability (vae, iaf_vae, realnvp)")
     parser.add_argument("images", nargs="+", help="PNG files and/or NPZ files ('images')")
-    parser.add_argument("-o", "--output", default="latents.npz", help="NPZ of 'latents' (+ 'log_var' or 'log_det')")
+    parser.add_argument("-o", "--output", default="latents.npz",
+                        help="NPZ of 'latents' (+ 'log_var', 'log_det' or 'log_density')")
     add_server_arguments(parser)
 
 
@@ -146,7 +147,7 @@ def run_encode(args: argparse.Namespace) -> int:
     with connect(args) as client:
         images = read_images(args.images, client.model(args.model).pixel_levels)
         encoding = client.encode(args.model, images)
-    extra = {k: v for k, v in (("log_var", encoding.log_var), ("log_det", encoding.log_det)) if v is not None}
+    extra = {k: getattr(encoding, k) for k in ("log_var", "log_det", "log_density") if getattr(encoding, k) is not None}
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     np.savez(args.output, latents=encoding.latents, **extra)
     print(f"{len(images)} images → latents {encoding.latents.shape} → {args.output}")
@@ -154,7 +155,7 @@ def run_encode(args: argparse.Namespace) -> int:
 
 
 def add_decode_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="a served model with the decode capability (vae, dcgan, realnvp)")
+    parser.add_argument("model", help="a served model with the decode capability (vae, iaf_vae, dcgan, realnvp)")
     parser.add_argument("latents", help="an NPZ with 'latents' (what genserve encode writes)")
     parser.add_argument("--label", type=int, action="append", help="class label(s) for a conditional model")
     parser.add_argument("-o", "--output", default="decoded.png", help="a .png grid or a .npz")

@@ -50,8 +50,8 @@ def run(args: argparse.Namespace) -> int:
                 kind = "bound" if figures["is_bound"] else "exact"
                 nats, bpd = figures["nll_nats"], figures["bits_per_dim"]
                 print(f"  {method:>14}: {nats:8.2f} nats  {bpd:.4f} bits/dim  ({kind})")
-            elif isinstance(figures, dict) and "mean_logit" in figures:
-                print(f"  {method:>14}: mean logit {figures['mean_logit']:.3f} ({figures['note']})")
+            elif isinstance(figures, dict) and "note" in figures:
+                print(f"  {method:>14}: mean {figures['mean']:.3f} {figures['unit']} ({figures['note']})")
         if "fid" in metrics:
             fid = metrics["fid"]
             print(f"  {'FID':>14}: {fid['fid']:.2f} ({fid['samples']} samples, seed {fid['seed']}, "

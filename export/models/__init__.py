@@ -4,15 +4,18 @@ from __future__ import annotations
 
 from typing import Any
 
+from .aae import AAE, AAEConfig
 from .base import GenerativeModel, ImageConfig, Score, UnsupportedCapability
 from .dcgan import DCGAN, DCGANConfig
 from .gated_pixelcnn import GatedPixelCNN, GatedPixelCNNConfig
+from .iaf_vae import IAFVAE, IAFVAEConfig
 from .pixelcnn import PixelCNN, PixelCNNConfig
 from .realnvp import RealNVP, RealNVPConfig
 from .vae import VAE, VAEConfig
+from .vae_gan import VAEGAN, VAEGANConfig
 
 FAMILIES: dict[str, type[GenerativeModel]] = {
-    cls.family: cls for cls in (PixelCNN, GatedPixelCNN, VAE, DCGAN, RealNVP)
+    cls.family: cls for cls in (PixelCNN, GatedPixelCNN, VAE, IAFVAE, VAEGAN, AAE, DCGAN, RealNVP)
 }
 
 
@@ -37,5 +40,6 @@ __all__ = [
     "FAMILIES", "GenerativeModel", "ImageConfig", "Score", "UnsupportedCapability",
     "build_model", "model_class",
     "PixelCNN", "PixelCNNConfig", "GatedPixelCNN", "GatedPixelCNNConfig",
-    "VAE", "VAEConfig", "DCGAN", "DCGANConfig", "RealNVP", "RealNVPConfig",
+    "VAE", "VAEConfig", "IAFVAE", "IAFVAEConfig", "VAEGAN", "VAEGANConfig", "AAE", "AAEConfig",
+    "DCGAN", "DCGANConfig", "RealNVP", "RealNVPConfig",
 ]

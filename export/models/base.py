@@ -70,8 +70,9 @@ class ImageConfig:
 class Score:
     """Per-image figures from `scores()`, labelled with what they are.
 
-    values: (N,) log p(x) in nats (or a bound on it); for a discriminator, its logit.
-    method: "exact", "elbo", "iwae-K" or "discriminator".
+    values: (N,) log p(x) in nats (or a bound on it); for a discriminator, its logit; for a
+        reconstruction, log p(x | code) in nats.
+    method: "exact", "elbo", "iwae-K", "dequantised", "reconstruction" or "...discriminator".
     is_likelihood: False for figures that are not log-likelihoods at all.
     is_bound: True where values is a lower bound on log p(x).
     """
@@ -80,6 +81,7 @@ class Score:
     method: str
     is_likelihood: bool = True
     is_bound: bool = False
+    unit: str = "nats"  # of values: "logit" for discriminators
 
     def bits_per_dim(self, dims: int) -> torch.Tensor:
         """Negative log-likelihood in bits per dimension: -log p(x) / (ln 2 * C*H*W)."""

@@ -141,7 +141,7 @@ class DCGAN(GenerativeModel):
         return self.discriminator(self.to_unit_range(x), labels)
 
     def scores(self, x, labels=None, seed: int = 0) -> list[Score]:
-        return [Score(self.discriminate(x, labels), method="discriminator", is_likelihood=False)]
+        return [Score(self.discriminate(x, labels), method="discriminator", is_likelihood=False, unit="logit")]
 
     # ---- adversarial training -----------------------------------------------------------
     def configure_optimizers(self, learning_rate: float) -> list[torch.optim.Optimizer]:

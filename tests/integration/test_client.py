@@ -63,6 +63,8 @@ def test_encode_decode_and_score_round_trip(client):
     encoding = client.encode("realnvp_mnist", x)
     assert encoding.latents.shape == (3, 1, 28, 28) and encoding.log_det.shape == (3,) and encoding.log_var is None
     np.testing.assert_array_equal(client.decode("realnvp_mnist", encoding.latents).images, x)
+    iaf = client.encode("iaf_vae_mnist", (x > 127).astype(np.uint8))
+    assert iaf.latents.shape == (3, 16) and iaf.log_density.shape == (3,) and iaf.log_var is None
     vae = client.encode("vae_mnist", (x > 127).astype(np.uint8))
     decoded = client.decode("vae_mnist", vae.latents)
     assert decoded.probabilities.shape == (3, 1, 28, 28)

@@ -56,6 +56,9 @@ def test_list_models_names_every_model_with_its_family_capabilities(api):
     assert {n: (m.family, [C.Name(c) for c in m.capabilities]) for n, m in models.items()} == {
         "dcgan_mnist": ("dcgan", ["CAPABILITY_SAMPLE", "CAPABILITY_DECODE", "CAPABILITY_SCORE"]),
         "gated_pixelcnn_mnist": ("gated_pixelcnn", ["CAPABILITY_SAMPLE", "CAPABILITY_SCORE"]),
+        "aae_mnist": ("aae", ["CAPABILITY_SAMPLE", "CAPABILITY_ENCODE", "CAPABILITY_DECODE", "CAPABILITY_SCORE"]),
+        "iaf_vae_mnist": ("iaf_vae", ["CAPABILITY_SAMPLE", "CAPABILITY_ENCODE", "CAPABILITY_DECODE",
+                                      "CAPABILITY_SCORE"]),
         "pixelcnn_mnist": ("pixelcnn", ["CAPABILITY_SAMPLE", "CAPABILITY_SCORE"]),
         "realnvp_mnist": ("realnvp", ["CAPABILITY_SAMPLE", "CAPABILITY_ENCODE", "CAPABILITY_DECODE",
                                       "CAPABILITY_SCORE"]),
@@ -78,7 +81,7 @@ def test_gated_pixelcnn_samples_equal_the_naive_reference_loop(api, naive_gated_
 
 @pytest.mark.parametrize("model, temperature, labels", [
     ("pixelcnn_mnist", 0.8, []), ("vae_mnist", 1.0, []), ("vae_mnist", 0.5, []), ("dcgan_mnist", 0.7, [3, 1, 4]),
-    ("realnvp_mnist", 0.6, []),
+    ("realnvp_mnist", 0.6, []), ("iaf_vae_mnist", 0.8, []), ("aae_mnist", 1.0, []),
 ])
 def test_samples_equal_the_models_own(api, shipped, model, temperature, labels):
     response = api.stub.Sample(pb.SampleRequest(model=model, num_samples=3, seed=5, temperature=temperature,
@@ -161,6 +164,35 @@ def test_vae_encode_and_decode_equal_the_models_own(api, shipped, digits):
     np.testing.assert_array_equal(images_of(decoded), (probs > 0.5).astype(np.uint8))
 
 
+def test_iaf_vae_encode_gives_the_flowed_code_and_its_log_density(api, shipped, digits):
+    model = shipped("iaf_vae_mnist").model
+    x = digits(2)
+    response = api.stub.Encode(pb.EncodeRequest(model="iaf_vae_mnist", images=tensor(x)))
+    with torch.inference_mode():
+        z, log_q = model.encode(torch.from_numpy(x))
+    sigma_z, sigma_log_q = rounding_sigma(model.encode, [torch.from_numpy(x)])
+    assert_within_rounding(as_array(response.latents), z.numpy(), sigma_z, "latents")
+    assert_within_rounding(as_array(response.log_density), log_q.numpy(), sigma_log_q, "log_density")
+    assert not response.HasField("log_var") and not response.HasField("log_det")
+
+
+def test_aae_encode_gives_the_code_and_decode_its_pixel_probabilities(api, shipped, digits):
+    model = shipped("aae_mnist").model
+    x = digits(2)
+    response = api.stub.Encode(pb.EncodeRequest(model="aae_mnist", images=tensor(x)))
+    with torch.inference_mode():
+        z = model.encode(torch.from_numpy(x))
+    (sigma_z,) = rounding_sigma(lambda images: [model.encode(images)], [torch.from_numpy(x)])
+    assert_within_rounding(as_array(response.latents), z.numpy(), sigma_z, "latents")
+    assert not any(response.HasField(f) for f in ("log_var", "log_det", "log_density"))
+    decoded = api.stub.Decode(pb.DecodeRequest(model="aae_mnist", latents=response.latents))
+    latents = torch.from_numpy(as_array(response.latents).copy())
+    with torch.inference_mode():
+        probs = model.decode(latents).numpy()
+    (sigma_probs,) = rounding_sigma(lambda z: [model.decode(z)], [latents])
+    assert_within_rounding(as_array(decoded.probabilities), probs, sigma_probs, "probabilities")
+
+
 def test_flow_encode_decode_round_trips_real_digits(api, shipped, digits):
     model = shipped("realnvp_mnist").model
     x = digits(256)
@@ -194,7 +226,7 @@ def test_dcgan_decode_is_the_generator_on_given_latents(api, shipped):
 
 
 @pytest.mark.parametrize("model", ["pixelcnn_mnist", "gated_pixelcnn_mnist", "vae_mnist", "realnvp_mnist",
-                                   "dcgan_mnist"])
+                                   "dcgan_mnist", "iaf_vae_mnist", "aae_mnist"])
 def test_scores_equal_the_models_own_with_methods_named(api, shipped, digits, model):
     m = shipped(model).model
     x = digits(m.config.pixel_levels)
@@ -217,10 +249,11 @@ def test_scores_equal_the_models_own_with_methods_named(api, shipped, digits, mo
         assert pb.ScoreKind.Name(got.kind) == kind
 
 
-def test_vae_score_takes_the_number_of_importance_samples(api, shipped, digits):
+@pytest.mark.parametrize("name", ["vae_mnist", "iaf_vae_mnist"])
+def test_vae_score_takes_the_number_of_importance_samples(api, shipped, digits, name):
     x = digits(2)[:3]
-    response = api.stub.Score(pb.ScoreRequest(model="vae_mnist", images=tensor(x), importance_samples=7))
-    model = shipped("vae_mnist").model
+    response = api.stub.Score(pb.ScoreRequest(model=name, images=tensor(x), importance_samples=7))
+    model = shipped(name).model
     with torch.inference_mode():
         elbo, iwae = model.bounds(torch.from_numpy(x), 7, seed=0)
     (_, sigma) = rounding_sigma(lambda images: [b.values for b in model.bounds(images, 7, seed=0)],

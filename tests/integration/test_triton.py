@@ -76,7 +76,9 @@ def test_every_model_in_the_repository_is_ready(client):
     assert names == sorted(
         ["pixelcnn_mnist_logits", "pixelcnn_mnist_sample", "gated_pixelcnn_mnist_logits", "gated_pixelcnn_mnist_sample",
          "vae_mnist_encode", "vae_mnist_decode", "vae_mnist_score", "dcgan_mnist_generate", "dcgan_mnist_discriminate",
-         "realnvp_mnist_encode", "realnvp_mnist_decode", "realnvp_mnist_score"]
+         "realnvp_mnist_encode", "realnvp_mnist_decode", "realnvp_mnist_score",
+         "iaf_vae_mnist_encode", "iaf_vae_mnist_decode", "iaf_vae_mnist_score",
+         "aae_mnist_encode", "aae_mnist_decode", "aae_mnist_score"]
     )
     index = {m.name: m.state for m in client.get_model_repository_index().models}
     assert {n: index.get(n) for n in names} == {n: "READY" for n in names}

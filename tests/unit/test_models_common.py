@@ -65,6 +65,9 @@ def test_capabilities_follow_the_design_table():
         "pixelcnn": ["sample", "score"],
         "gated_pixelcnn": ["sample", "score"],
         "vae": ["decode", "encode", "sample", "score"],
+        "iaf_vae": ["decode", "encode", "sample", "score"],
+        "aae": ["decode", "encode", "sample", "score"],
+        "vae_gan": ["decode", "encode", "sample", "score"],
         "dcgan": ["decode", "sample", "score"],
         "realnvp": ["decode", "encode", "sample", "score"],
     }

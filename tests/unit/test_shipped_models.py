@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from genserve.export.checkpoint import SHIPPED_DIR
+from genserve.export.data import fixed_held_out, load_mnist5k
 from genserve.export.evaluation import evaluate
 from genserve.export.quality.fid import FIDConfig, sample_fid
 from tests.conftest import SHIPPED
@@ -38,6 +40,16 @@ def test_recorded_fid_is_reproduced(name, shipped):
     # can flip a few pixels (4 pixels of the 64-image DCGAN grid differed between two machines), which
     # moves the distance far less than 1%.
     assert measured["fid"] == pytest.approx(recorded["fid"], rel=0.01)
+
+
+def test_iaf_posterior_tightens_both_bounds_of_the_plain_vae(shipped):
+    held_out = fixed_held_out(load_mnist5k(), 2).images[:100]
+    with torch.inference_mode():
+        vae = [s.values.mean() for s in shipped("vae_mnist").model.bounds(held_out, 20, seed=0)]
+        iaf = [s.values.mean() for s in shipped("iaf_vae_mnist").model.bounds(held_out, 20, seed=0)]
+    assert iaf[0] > vae[0] and iaf[1] > vae[1]  # ELBO and IWAE-20, nats: higher is tighter
+    recorded = [shipped(name).metrics["iwae-100"]["nll_nats"] for name in ("iaf_vae_mnist", "vae_mnist")]
+    assert recorded[0] < recorded[1]
 
 
 def test_gated_pixelcnn_beats_pixelcnn_on_held_out_digits(shipped):

@@ -155,16 +155,18 @@ class EncodeRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., images: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class EncodeResponse(_message.Message):
-    __slots__ = ("model", "latents", "log_var", "log_det")
+    __slots__ = ("model", "latents", "log_var", "log_det", "log_density")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     LATENTS_FIELD_NUMBER: _ClassVar[int]
     LOG_VAR_FIELD_NUMBER: _ClassVar[int]
     LOG_DET_FIELD_NUMBER: _ClassVar[int]
+    LOG_DENSITY_FIELD_NUMBER: _ClassVar[int]
     model: str
     latents: Tensor
     log_var: Tensor
     log_det: Tensor
-    def __init__(self, model: _Optional[str] = ..., latents: _Optional[_Union[Tensor, _Mapping]] = ..., log_var: _Optional[_Union[Tensor, _Mapping]] = ..., log_det: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    log_density: Tensor
+    def __init__(self, model: _Optional[str] = ..., latents: _Optional[_Union[Tensor, _Mapping]] = ..., log_var: _Optional[_Union[Tensor, _Mapping]] = ..., log_det: _Optional[_Union[Tensor, _Mapping]] = ..., log_density: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class DecodeRequest(_message.Message):
     __slots__ = ("model", "latents", "labels", "return_png")
