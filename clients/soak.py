@@ -139,7 +139,7 @@ def traffic(models: list[pb.ModelInfo]) -> list[Kind]:
             kinds.append(Kind(f"{m} score", "Score", True, lambda r, m=m, info=info: pb.ScoreRequest(
                 model=m, images=_images(info, r.randint(1, 8), r), labels=_labels(info, 1)[:1],
                 seed=r.getrandbits(32))))
-        if info.family in ("vae", "iaf_vae"):  # the heaviest valid request: 4 images x 1000 importance samples
+        if info.family == "vae":  # the heaviest valid request: 4 images x 1000 importance samples
             kinds.append(Kind(f"{m} score K=1000", "Score", True, lambda r, m=m, info=info: pb.ScoreRequest(
                 model=m, images=_images(info, 4, r), importance_samples=1000)))
             kinds.append(Kind(f"{m} score over the K budget", "Score", False, lambda r, m=m, info=info: pb.ScoreRequest(

@@ -20,7 +20,7 @@ from torch import nn
 
 from genserve.serving.artifacts import FP32, INT64, UINT8, TensorSpec
 
-from .models import AAE, DCGAN, IAFVAE, VAE, VAEGAN, GenerativeModel, RealNVP
+from .models import AAE, DCGAN, IAFVAE, VAE, VAEGAN, FlowGAN, GenerativeModel, RealNVP
 from .models.autoencoder import ConvAutoencoder
 from .models.autoregressive import AutoregressiveModel
 from .models.vae import bounds_from_log_weights
@@ -147,10 +147,10 @@ class VAEScore(nn.Module):
         return elbo.unsqueeze(1), iwae.unsqueeze(1)
 
 
-class VAEGANDiscriminate(nn.Module):
-    """images → the pixel discriminator's logit (N, 1). Not a likelihood."""
+class PixelDiscriminate(nn.Module):
+    """images → the pixel discriminator's logit (N, 1) of a VAE/GAN or FlowGAN. Not a likelihood."""
 
-    def __init__(self, model: VAEGAN) -> None:
+    def __init__(self, model: VAEGAN | FlowGAN) -> None:
         super().__init__()
         self.model = model
 
@@ -218,6 +218,12 @@ class FlowScore(nn.Module):
 
 
 # ---- the table: family → entry points -------------------------------------------------------
+def _pixel_discriminate(model: VAEGAN | FlowGAN) -> list[EntryPoint]:
+    return [EntryPoint("discriminate", PixelDiscriminate(model), (_image_spec(model),),
+                       (TensorSpec("logit", FP32, (1,)),), lambda n: (_example_images(model, n),))]
+
+
+
 def entry_points(model: GenerativeModel) -> list[EntryPoint]:
     """Every exportable entry point of a trained model (eval mode), in a fixed order."""
     model = model.eval()
@@ -249,12 +255,7 @@ def entry_points(model: GenerativeModel) -> list[EntryPoint]:
                 lambda n: (_example_images(model, n), torch.randn(n, 3, d)),
             ),
         ]
-        if isinstance(model, VAEGAN):
-            vae_entries.append(EntryPoint(
-                "discriminate", VAEGANDiscriminate(model), (image,), (TensorSpec("logit", f32, (1,)),),
-                lambda n: (_example_images(model, n),),
-            ))
-        return vae_entries
+        return vae_entries + (_pixel_discriminate(model) if isinstance(model, VAEGAN) else [])
     if isinstance(model, AAE):
         z = TensorSpec("z", f32, (c.latent_dim,))
         per_image = (TensorSpec("reconstruction", f32, (1,)), TensorSpec("latent_logit", f32, (1,)))
@@ -283,11 +284,12 @@ def entry_points(model: GenerativeModel) -> list[EntryPoint]:
         def images_and_noise(n):
             return _example_images(model, n), torch.rand(n, *image.shape)
 
-        return [
+        flow_entries = [
             EntryPoint("encode", FlowEncode(model), (image, noise), (z, TensorSpec("log_det", f32, (1,))),
                        images_and_noise),
             EntryPoint("decode", FlowDecode(model), (z,), (image,), lambda n: (torch.randn(n, *image.shape),)),
             EntryPoint("score", FlowScore(model), (image, noise), (TensorSpec("log_prob", f32, (1,)),),
                        images_and_noise),
         ]
+        return flow_entries + (_pixel_discriminate(model) if isinstance(model, FlowGAN) else [])
     raise ValueError(f"no entry points defined for family {model.family!r}")

@@ -69,6 +69,11 @@ class Family:
     async def _run(self, entry: str, deadline: float | None, **feeds: np.ndarray) -> dict[str, np.ndarray]:
         return await self.runtime.infer(self.spec.entry(entry), feeds, deadline)
 
+    async def _discriminator(self, images: np.ndarray, labels: np.ndarray | None, deadline: float | None
+                             ) -> ScoreSet:
+        out = await self._run("discriminate", deadline, **self._with_labels({"images": images}, labels))
+        return ScoreSet("discriminator", NOT_A_LIKELIHOOD, out["logit"][:, 0].astype(np.float64))
+
     def _with_labels(self, feeds: dict[str, np.ndarray], labels: np.ndarray | None) -> dict[str, np.ndarray]:
         if self.spec.num_classes:
             feeds["labels"] = labels.reshape(-1, 1).astype(np.int64)
@@ -152,8 +157,7 @@ class VAEGAN(VAE):
 
     async def score(self, images, labels, seed, importance_samples, deadline):
         bounds = await super().score(images, labels, seed, importance_samples, deadline)
-        logit = (await self._run("discriminate", deadline, images=images))["logit"]
-        return [*bounds, ScoreSet("discriminator", NOT_A_LIKELIHOOD, logit[:, 0].astype(np.float64))]
+        return [*bounds, await self._discriminator(images, labels, deadline)]
 
 
 class AAE(VAE):
@@ -182,8 +186,7 @@ class DCGAN(Family):
         return Decoded((await self._run("generate", deadline, **self._with_labels({"z": latents}, labels)))["images"])
 
     async def score(self, images, labels, seed, importance_samples, deadline):
-        logit = (await self._run("discriminate", deadline, **self._with_labels({"images": images}, labels)))["logit"]
-        return [ScoreSet("discriminator", NOT_A_LIKELIHOOD, logit[:, 0].astype(np.float64))]
+        return [await self._discriminator(images, labels, deadline)]
 
 
 class Flow(Family):
@@ -207,6 +210,14 @@ class Flow(Family):
         return [ScoreSet("dequantised", LOWER_BOUND, log_prob[:, 0].astype(np.float64))]
 
 
+class FlowGAN(Flow):
+    """RealNVP's capabilities; Score adds the discriminator's logit, not a likelihood."""
+
+    async def score(self, images, labels, seed, importance_samples, deadline):
+        likelihood = await super().score(images, labels, seed, importance_samples, deadline)
+        return [*likelihood, await self._discriminator(images, labels, deadline)]
+
+
 FAMILIES: dict[str, type[Family]] = {
     "pixelcnn": Autoregressive,
     "gated_pixelcnn": Autoregressive,
@@ -216,4 +227,5 @@ FAMILIES: dict[str, type[Family]] = {
     "aae": AAE,
     "dcgan": DCGAN,
     "realnvp": Flow,
+    "flow_gan": FlowGAN,
 }

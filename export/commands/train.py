@@ -7,7 +7,7 @@ import json
 
 from genserve.clients.verbs import CommandError, Verb
 
-FAMILY_NAMES = ("pixelcnn", "gated_pixelcnn", "vae", "iaf_vae", "vae_gan", "aae", "dcgan", "realnvp")
+FAMILY_NAMES = ("pixelcnn", "gated_pixelcnn", "vae", "iaf_vae", "vae_gan", "aae", "dcgan", "realnvp", "flow_gan")
 
 
 def parse_overrides(pairs: list[str]) -> dict:

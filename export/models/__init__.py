@@ -7,6 +7,7 @@ from typing import Any
 from .aae import AAE, AAEConfig
 from .base import GenerativeModel, ImageConfig, Score, UnsupportedCapability
 from .dcgan import DCGAN, DCGANConfig
+from .flow_gan import FlowGAN, FlowGANConfig
 from .gated_pixelcnn import GatedPixelCNN, GatedPixelCNNConfig
 from .iaf_vae import IAFVAE, IAFVAEConfig
 from .pixelcnn import PixelCNN, PixelCNNConfig
@@ -15,7 +16,7 @@ from .vae import VAE, VAEConfig
 from .vae_gan import VAEGAN, VAEGANConfig
 
 FAMILIES: dict[str, type[GenerativeModel]] = {
-    cls.family: cls for cls in (PixelCNN, GatedPixelCNN, VAE, IAFVAE, VAEGAN, AAE, DCGAN, RealNVP)
+    cls.family: cls for cls in (PixelCNN, GatedPixelCNN, VAE, IAFVAE, VAEGAN, AAE, DCGAN, RealNVP, FlowGAN)
 }
 
 
@@ -41,5 +42,5 @@ __all__ = [
     "build_model", "model_class",
     "PixelCNN", "PixelCNNConfig", "GatedPixelCNN", "GatedPixelCNNConfig",
     "VAE", "VAEConfig", "IAFVAE", "IAFVAEConfig", "VAEGAN", "VAEGANConfig", "AAE", "AAEConfig",
-    "DCGAN", "DCGANConfig", "RealNVP", "RealNVPConfig",
+    "DCGAN", "DCGANConfig", "RealNVP", "RealNVPConfig", "FlowGAN", "FlowGANConfig",
 ]

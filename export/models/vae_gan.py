@@ -21,9 +21,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from .base import Score
+from .discriminator import PixelDiscriminator
 from .vae import VAE, VAEConfig
 
 
@@ -42,30 +42,13 @@ class VAEGANConfig(VAEConfig):
             )
 
 
-class PixelDiscriminator(nn.Module):
-    """Images as probabilities in [0, 1] (N, C, H, W) → hidden features (N, F) and a logit (N,)."""
-
-    def __init__(self, config: VAEGANConfig) -> None:
-        super().__init__()
-        d, s = config.discriminator_channels, config.image_size // 4
-        self.features = nn.Sequential(
-            nn.Conv2d(config.channels, d, 4, 2, 1), nn.LeakyReLU(0.2),
-            nn.Conv2d(d, 2 * d, 4, 2, 1), nn.LeakyReLU(0.2), nn.Flatten(),
-        )
-        self.logit = nn.Linear(2 * d * s * s, 1)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        features = self.features(x)
-        return features, self.logit(features).squeeze(-1)
-
-
 class VAEGAN(VAE):
     family = "vae_gan"
     config_class = VAEGANConfig
 
     def __init__(self, config: VAEGANConfig) -> None:
         super().__init__(config)
-        self.discriminator = PixelDiscriminator(config)
+        self.discriminator = PixelDiscriminator(config, config.discriminator_channels)
 
     def discriminate(self, x: torch.Tensor) -> torch.Tensor:
         """Unvalidated pixel values (also the exported graph) → D's logit (N,). Not a likelihood."""

@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 from genserve.v1 import generative_pb2 as pb
 from tests.integration.server_fixtures import Connected, images_of, server_config
 
-MODELS = ["pixelcnn_mnist", "gated_pixelcnn_mnist", "vae_mnist", "iaf_vae_mnist", "aae_mnist", "dcgan_mnist",
-          "realnvp_mnist"]
+MODELS = ["pixelcnn_mnist", "gated_pixelcnn_mnist", "vae_mnist", "iaf_vae_mnist", "vae_gan_mnist", "aae_mnist",
+          "dcgan_mnist", "realnvp_mnist", "flow_gan_mnist"]
 ACTIONABLE = {"OK", "INVALID_ARGUMENT", "NOT_FOUND", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED"}
 FUZZ = settings(max_examples=40, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
@@ -80,7 +80,7 @@ BROKEN = ["none", "dtype", "axis", "length", "anything"]
 def requests(method: str, broken: str) -> st.SearchStrategy:
     """Requests of one RPC; their tensors (if any) broken as `broken` says, every other field drawn freely."""
     images = optional(tensors(pb.DATA_TYPE_UINT8, [[1, 28, 28]], broken))
-    latents = optional(tensors(pb.DATA_TYPE_FLOAT32, [[16], [1, 28, 28], [64]], broken))  # VAE, RealNVP, DCGAN
+    latents = optional(tensors(pb.DATA_TYPE_FLOAT32, [[16], [8], [1, 28, 28], [64]], broken))  # VAEs, AAE, flows, DCGAN
     return {
         "GetModel": lambda: message(pb.GetModelRequest, model=models),
         "Sample": lambda: message(pb.SampleRequest, model=models, num_samples=wide(INT32, (-2, 4)),

@@ -56,6 +56,10 @@ def test_list_models_names_every_model_with_its_family_capabilities(api):
     assert {n: (m.family, [C.Name(c) for c in m.capabilities]) for n, m in models.items()} == {
         "dcgan_mnist": ("dcgan", ["CAPABILITY_SAMPLE", "CAPABILITY_DECODE", "CAPABILITY_SCORE"]),
         "gated_pixelcnn_mnist": ("gated_pixelcnn", ["CAPABILITY_SAMPLE", "CAPABILITY_SCORE"]),
+        "flow_gan_mnist": ("flow_gan", ["CAPABILITY_SAMPLE", "CAPABILITY_ENCODE", "CAPABILITY_DECODE",
+                                        "CAPABILITY_SCORE"]),
+        "vae_gan_mnist": ("vae_gan", ["CAPABILITY_SAMPLE", "CAPABILITY_ENCODE", "CAPABILITY_DECODE",
+                                      "CAPABILITY_SCORE"]),
         "aae_mnist": ("aae", ["CAPABILITY_SAMPLE", "CAPABILITY_ENCODE", "CAPABILITY_DECODE", "CAPABILITY_SCORE"]),
         "iaf_vae_mnist": ("iaf_vae", ["CAPABILITY_SAMPLE", "CAPABILITY_ENCODE", "CAPABILITY_DECODE",
                                       "CAPABILITY_SCORE"]),
@@ -82,6 +86,7 @@ def test_gated_pixelcnn_samples_equal_the_naive_reference_loop(api, naive_gated_
 @pytest.mark.parametrize("model, temperature, labels", [
     ("pixelcnn_mnist", 0.8, []), ("vae_mnist", 1.0, []), ("vae_mnist", 0.5, []), ("dcgan_mnist", 0.7, [3, 1, 4]),
     ("realnvp_mnist", 0.6, []), ("iaf_vae_mnist", 0.8, []), ("aae_mnist", 1.0, []),
+    ("vae_gan_mnist", 0.9, []), ("flow_gan_mnist", 0.7, []),
 ])
 def test_samples_equal_the_models_own(api, shipped, model, temperature, labels):
     response = api.stub.Sample(pb.SampleRequest(model=model, num_samples=3, seed=5, temperature=temperature,
@@ -193,16 +198,17 @@ def test_aae_encode_gives_the_code_and_decode_its_pixel_probabilities(api, shipp
     assert_within_rounding(as_array(decoded.probabilities), probs, sigma_probs, "probabilities")
 
 
-def test_flow_encode_decode_round_trips_real_digits(api, shipped, digits):
-    model = shipped("realnvp_mnist").model
+@pytest.mark.parametrize("name", ["realnvp_mnist", "flow_gan_mnist"])
+def test_flow_encode_decode_round_trips_real_digits(api, shipped, digits, name):
+    model = shipped(name).model
     x = digits(256)
-    response = api.stub.Encode(pb.EncodeRequest(model="realnvp_mnist", images=tensor(x)))
+    response = api.stub.Encode(pb.EncodeRequest(model=name, images=tensor(x)))
     with torch.inference_mode():
         z, log_det = model.encode(torch.from_numpy(x))
     sigma_z, sigma_log_det = rounding_sigma(model.encode, [torch.from_numpy(x)])
     assert_within_rounding(as_array(response.latents), z.numpy(), sigma_z, "latents")
     assert_within_rounding(as_array(response.log_det), log_det.numpy(), sigma_log_det, "log_det")
-    decoded = api.stub.Decode(pb.DecodeRequest(model="realnvp_mnist", latents=response.latents))
+    decoded = api.stub.Decode(pb.DecodeRequest(model=name, latents=response.latents))
     np.testing.assert_array_equal(images_of(decoded), x)  # bin centres invert exactly to the pixels
 
 
@@ -226,7 +232,8 @@ def test_dcgan_decode_is_the_generator_on_given_latents(api, shipped):
 
 
 @pytest.mark.parametrize("model", ["pixelcnn_mnist", "gated_pixelcnn_mnist", "vae_mnist", "realnvp_mnist",
-                                   "dcgan_mnist", "iaf_vae_mnist", "aae_mnist"])
+                                   "dcgan_mnist", "iaf_vae_mnist", "aae_mnist", "vae_gan_mnist",
+                                   "flow_gan_mnist"])
 def test_scores_equal_the_models_own_with_methods_named(api, shipped, digits, model):
     m = shipped(model).model
     x = digits(m.config.pixel_levels)
@@ -249,7 +256,7 @@ def test_scores_equal_the_models_own_with_methods_named(api, shipped, digits, mo
         assert pb.ScoreKind.Name(got.kind) == kind
 
 
-@pytest.mark.parametrize("name", ["vae_mnist", "iaf_vae_mnist"])
+@pytest.mark.parametrize("name", ["vae_mnist", "iaf_vae_mnist", "vae_gan_mnist"])
 def test_vae_score_takes_the_number_of_importance_samples(api, shipped, digits, name):
     x = digits(2)[:3]
     response = api.stub.Score(pb.ScoreRequest(model=name, images=tensor(x), importance_samples=7))

@@ -78,7 +78,9 @@ def test_every_model_in_the_repository_is_ready(client):
          "vae_mnist_encode", "vae_mnist_decode", "vae_mnist_score", "dcgan_mnist_generate", "dcgan_mnist_discriminate",
          "realnvp_mnist_encode", "realnvp_mnist_decode", "realnvp_mnist_score",
          "iaf_vae_mnist_encode", "iaf_vae_mnist_decode", "iaf_vae_mnist_score",
-         "aae_mnist_encode", "aae_mnist_decode", "aae_mnist_score"]
+         "aae_mnist_encode", "aae_mnist_decode", "aae_mnist_score",
+         "vae_gan_mnist_encode", "vae_gan_mnist_decode", "vae_gan_mnist_score", "vae_gan_mnist_discriminate",
+         "flow_gan_mnist_encode", "flow_gan_mnist_decode", "flow_gan_mnist_score", "flow_gan_mnist_discriminate"]
     )
     index = {m.name: m.state for m in client.get_model_repository_index().models}
     assert {n: index.get(n) for n in names} == {n: "READY" for n in names}

@@ -33,7 +33,7 @@ def tiny_config(family, out, data, **kw):
 
 
 @pytest.mark.parametrize("family", ["pixelcnn", "gated_pixelcnn", "vae", "iaf_vae", "vae_gan", "aae", "dcgan",
-                                    "realnvp"])
+                                    "realnvp", "flow_gan"])
 def test_every_family_trains_and_its_loss_falls(family, small_digits, tmp_path):
     config = tiny_config(family, tmp_path / family, small_digits, epochs=3, learning_rate=3e-3)
     model = train(config, progress=False)
