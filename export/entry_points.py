@@ -128,7 +128,7 @@ class VAEDecode(nn.Module):
 
     def __init__(self, model: ConvAutoencoder) -> None:
         super().__init__()
-        self.encoder = model.encoder  # the encoder alone: a traced module keeps every submodule it holds
+        self.model = model
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.model.decoder_logits(z))
@@ -139,7 +139,7 @@ class VAEScore(nn.Module):
 
     def __init__(self, model: VAE) -> None:
         super().__init__()
-        self.encoder = model.encoder  # the encoder alone: a traced module keeps every submodule it holds
+        self.model = model
 
     def forward(self, images: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         log_w = self.model.importance_log_weights(images, eps.transpose(0, 1))  # (K, N)
