@@ -265,7 +265,7 @@ def test_vae_score_takes_the_number_of_importance_samples(api, shipped, digits, 
         elbo, iwae = model.bounds(torch.from_numpy(x), 7, seed=0)
     (_, sigma) = rounding_sigma(lambda images: [b.values for b in model.bounds(images, 7, seed=0)],
                                 [torch.from_numpy(x)])
-    assert [s.method for s in response.scores] == ["elbo", "iwae-7"]
+    assert [s.method for s in response.scores][:2] == ["elbo", "iwae-7"]
     assert_within_rounding(response.scores[1].values, iwae.values.numpy(), sigma, "iwae-7")
 
 

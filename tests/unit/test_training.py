@@ -57,10 +57,11 @@ def test_every_family_trains_and_its_loss_falls(family, small_digits, tmp_path):
             assert model.log_prob(x, labels).mean() > untrained.log_prob(x, labels).mean()
 
 
-def test_resume_reproduces_an_uninterrupted_run(small_digits, tmp_path):
-    straight = train(tiny_config("gated_pixelcnn", tmp_path / "a", small_digits, epochs=2, lr_decay=0.5), False)
-    train(tiny_config("gated_pixelcnn", tmp_path / "b", small_digits, epochs=1, lr_decay=0.5), False)
-    resumed = train(tiny_config("gated_pixelcnn", tmp_path / "b", small_digits, epochs=2, lr_decay=0.5), False)
+@pytest.mark.parametrize("family", ["gated_pixelcnn", "aae", "flow_gan"])  # one, three and two optimizers
+def test_resume_reproduces_an_uninterrupted_run(small_digits, tmp_path, family):
+    straight = train(tiny_config(family, tmp_path / "a", small_digits, epochs=2, lr_decay=0.5), False)
+    train(tiny_config(family, tmp_path / "b", small_digits, epochs=1, lr_decay=0.5), False)
+    resumed = train(tiny_config(family, tmp_path / "b", small_digits, epochs=2, lr_decay=0.5), False)
     for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(a, b), name
 
@@ -71,7 +72,7 @@ def test_resume_refuses_another_family(small_digits, tmp_path):
         train(tiny_config("realnvp", tmp_path, small_digits, epochs=1), False)
 
 
-@pytest.mark.parametrize("family", ["gated_pixelcnn", "dcgan", "realnvp"])
+@pytest.mark.parametrize("family", ["gated_pixelcnn", "dcgan", "realnvp", "iaf_vae", "vae_gan", "aae", "flow_gan"])
 def test_checkpoint_round_trips_exactly(family, tmp_path):
     model = make_model(family)
     save_checkpoint(tmp_path, model, training={"seed": 3}, metrics={"m": 1})
