@@ -5,7 +5,7 @@ Generative Models", AAAI 2018. The generator is the flow of realnvp.py, so the e
 (dequantised) likelihood stays available however it was trained. Per batch:
 - a discriminator D (on images in [0, 1]) learns to tell dequantised real images from flow
   samples;
-- the flow minimises  NLL per dimension + adversarial_weight * (non-saturating GAN loss).
+- the flow minimises NLL per dimension + adversarial_weight * (non-saturating GAN loss).
 The paper trains the adversarial part as a WGAN with a gradient penalty; the non-saturating
 loss used here is the one the other genserve GANs use. Scores: the dequantised log-likelihood
 (a bound on the discrete one, like RealNVP's) and D's logit, labelled not a likelihood.
