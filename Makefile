@@ -57,8 +57,8 @@ shipped-models: $(BIN)/genserve
 	  OMP_NUM_THREADS=1 $(TRAIN) gated_pixelcnn --out $(CKPT)/gated_pixelcnn_mnist --epochs 30 --lr 1e-3 --lr-decay 0.9 --seed 1 && \
 	  OMP_NUM_THREADS=1 $(TRAIN) aae --out $(CKPT)/aae_mnist --epochs 60 --lr 1e-3 --lr-decay 0.97 --seed 1 && \
 	  OMP_NUM_THREADS=1 $(TRAIN) vae_gan --out $(CKPT)/vae_gan_mnist --epochs 60 --lr 1e-3 --lr-decay 0.97 --seed 1 ) & \
-	( OMP_NUM_THREADS=1 $(TRAIN) vae --out $(CKPT)/vae_mnist --epochs 60 --lr 1e-3 --lr-decay 0.97 --seed 1 && \
-	  OMP_NUM_THREADS=1 $(TRAIN) iaf_vae --out $(CKPT)/iaf_vae_mnist --epochs 60 --lr 1e-3 --lr-decay 0.97 --seed 1 && \
+	( OMP_NUM_THREADS=1 $(TRAIN) vae --out $(CKPT)/vae_mnist --epochs 150 --lr 1e-3 --lr-decay 0.985 --seed 1 --set hidden_units=256 && \
+	  OMP_NUM_THREADS=1 $(TRAIN) iaf_vae --out $(CKPT)/iaf_vae_mnist --epochs 150 --lr 1e-3 --lr-decay 0.985 --seed 1 --set hidden_units=256 && \
 	  OMP_NUM_THREADS=1 $(TRAIN) dcgan --out $(CKPT)/dcgan_mnist --epochs 30 --lr 2e-4 --seed 1 --set num_classes=dataset && \
 	  OMP_NUM_THREADS=1 $(TRAIN) realnvp --out $(CKPT)/realnvp_mnist --epochs 15 --lr 1e-3 --lr-decay 0.9 --seed 1 && \
 	  OMP_NUM_THREADS=1 $(TRAIN) flow_gan --out $(CKPT)/flow_gan_mnist --epochs 15 --lr 1e-3 --lr-decay 0.9 --seed 1 && \
