@@ -171,9 +171,10 @@ def _encoding(r: pb.EncodeResponse) -> Encoding:
     return Encoding(from_tensor(r.latents), optional("log_var"), optional("log_det"), optional("log_density"))
 
 
-def _decode_request(model, latents, labels, png) -> pb.DecodeRequest:
+def _decode_request(model, latents, labels, png, seed) -> pb.DecodeRequest:
     return pb.DecodeRequest(model=model, latents=to_tensor(latents, np.float32),
-                            labels=[] if labels is None else [int(v) for v in np.atleast_1d(labels)], return_png=png)
+                            labels=[] if labels is None else [int(v) for v in np.atleast_1d(labels)], return_png=png,
+                            seed=seed)
 
 
 def _decoding(r: pb.DecodeResponse) -> Decoding:
@@ -280,9 +281,9 @@ class Client:
                                     timeout))
 
     def decode(self, model: str, latents: np.ndarray, labels: Sequence[int] | int | None = None, png: bool = False,
-               timeout: float | None = None) -> Decoding:
-        """float32 (N, *latent_shape) latents → images."""
-        return _decoding(self._call("Decode", _decode_request(model, latents, labels, png), timeout))
+               timeout: float | None = None, seed: int = 0) -> Decoding:
+        """float32 (N, *latent_shape) latents → images; `seed` keys a PixelVAE decoder's pixel noise."""
+        return _decoding(self._call("Decode", _decode_request(model, latents, labels, png, seed), timeout))
 
     def score(self, model: str, images: np.ndarray, labels: Sequence[int] | int | None = None,
               seed: int | None = None, importance_samples: int | None = None,
@@ -360,8 +361,8 @@ class AsyncClient:
         return _encoding(await self._call("Encode", request, timeout))
 
     async def decode(self, model: str, latents: np.ndarray, labels: Sequence[int] | int | None = None,
-                     png: bool = False, timeout: float | None = None) -> Decoding:
-        return _decoding(await self._call("Decode", _decode_request(model, latents, labels, png), timeout))
+                     png: bool = False, timeout: float | None = None, seed: int = 0) -> Decoding:
+        return _decoding(await self._call("Decode", _decode_request(model, latents, labels, png, seed), timeout))
 
     async def score(self, model: str, images: np.ndarray, labels: Sequence[int] | int | None = None,
                     seed: int | None = None, importance_samples: int | None = None,

@@ -20,7 +20,7 @@ from torch import nn
 
 from genserve.serving.artifacts import FP32, INT64, UINT8, TensorSpec
 
-from .models import AAE, DCGAN, IAFVAE, VAE, VAEGAN, FlowGAN, GenerativeModel, RealNVP
+from .models import AAE, DCGAN, IAFVAE, VAE, VAEGAN, FlowGAN, GenerativeModel, PixelVAE, RealNVP
 from .models.autoencoder import ConvAutoencoder
 from .models.autoregressive import AutoregressiveModel
 from .models.vae import bounds_from_log_weights
@@ -74,6 +74,17 @@ class ARLogits(nn.Module):
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         return self.model.logits(images, None if labels is None else labels[:, 0])
+
+
+class PixelVAELogits(nn.Module):
+    """images (N, C, H, W) uint8, z (N, D) → the decoder's logits (N, L, C, H, W) of p(x_i | x_<i, z): one pass."""
+
+    def __init__(self, model: PixelVAE) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return self.model.pixel_logits(images, z)
 
 
 class VAEEncode(nn.Module):
@@ -247,15 +258,16 @@ def entry_points(model: GenerativeModel) -> list[EntryPoint]:
             encoder, codes = IAFVAEEncode(model), (z, TensorSpec("log_density", f32, (1,)))
         else:
             encoder, codes = VAEEncode(model), (TensorSpec("mean", f32, (d,)), TensorSpec("log_var", f32, (d,)))
-        vae_entries = [
-            EntryPoint("encode", encoder, (image,), codes, lambda n: (_example_images(model, n),)),
-            EntryPoint("decode", VAEDecode(model), (z,), (probs,), lambda n: (torch.randn(n, d),)),
-            EntryPoint(
-                "score", VAEScore(model), (image, eps), per_image,
-                lambda n: (_example_images(model, n), torch.randn(n, 3, d)),
-            ),
-        ]
-        return vae_entries + (_pixel_discriminate(model) if isinstance(model, VAEGAN) else [])
+        encode = EntryPoint("encode", encoder, (image,), codes, lambda n: (_example_images(model, n),))
+        score = EntryPoint("score", VAEScore(model), (image, eps), per_image,
+                           lambda n: (_example_images(model, n), torch.randn(n, 3, d)))
+        if isinstance(model, PixelVAE):  # decoding is sequential: the sampler's step program (export/steps.py)
+            logits = TensorSpec("logits", f32, (c.pixel_levels, c.channels, c.image_size, c.image_size))
+            decoder = EntryPoint("logits", PixelVAELogits(model), (image, z), (logits,),
+                                 lambda n: (_example_images(model, n), torch.randn(n, d)))
+            return [encode, score, decoder]
+        decode = EntryPoint("decode", VAEDecode(model), (z,), (probs,), lambda n: (torch.randn(n, d),))
+        return [encode, decode, score] + (_pixel_discriminate(model) if isinstance(model, VAEGAN) else [])
     if isinstance(model, AAE):
         z = TensorSpec("z", f32, (c.latent_dim,))
         per_image = (TensorSpec("reconstruction", f32, (1,)), TensorSpec("latent_logit", f32, (1,)))

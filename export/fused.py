@@ -94,7 +94,11 @@ def _contiguous(packed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def packed_weights(model: AutoregressiveModel) -> tuple[str, dict[str, torch.Tensor]] | None:
-    """(operator family, weights) of a model with fused operators; None for the others."""
+    """(operator family, weights) of a model with fused operators; None for the others.
+
+    A PixelVAE's decoder is a Gated PixelCNN but gets none: its refresh adds a per-slot conditioning
+    map to every layer, which the fused gated operators have no input for.
+    """
     if isinstance(model, GatedPixelCNN):
         return "gated_pixelcnn", gated_weights(model)
     if isinstance(model, PixelCNN):

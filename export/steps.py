@@ -34,6 +34,7 @@ from .entry_points import EntryPoint
 from .models.autoregressive import AutoregressiveModel
 from .models.base import GenerativeModel
 from .models.gated_pixelcnn import GatedPixelCNN, gate
+from .models.pixel_vae import PixelVAE, prior_latents
 from .models.pixelcnn import PixelCNN
 
 
@@ -66,14 +67,19 @@ class StepProgram:
     period: int  # refresh runs on slots whose position is a multiple of this
     length: int  # positions per sample
     span: int  # pixels per step call
+    start: EntryPoint | None = None  # runs once per slot at admission (latents → conditioning states)
+
+    @property
+    def graphs(self) -> tuple[EntryPoint, ...]:
+        return tuple(g for g in (self.start, self.refresh, self.step) if g is not None)
 
     def section(self) -> StepSection:
-        """The manifest's description of this program (kind "graphs": the refresh and step artifacts)."""
+        """The manifest's description of this program (kind "graphs": the start, refresh and step artifacts)."""
         return StepSection(
             kind="graphs",
             states=self.states,
             graphs={g.name: GraphSignature(tuple(s.name for s in g.inputs), tuple(s.name for s in g.outputs))
-                    for g in (self.refresh, self.step)},
+                    for g in self.graphs},
             period=self.period,
             length=self.length,
             span=self.span,
@@ -133,12 +139,14 @@ class GatedRefresh(StepModule):
     zero at column 0, where its shift right leaves exact zeros).
     """
 
-    def __init__(self, model: GatedPixelCNN) -> None:
+    def __init__(self, model: GatedPixelCNN, condition_channels: int | None = None) -> None:
         super().__init__(model)
         self.conditional = model.config.num_classes is not None
+        self.conditioned = condition_channels is not None  # a conditioning map state follows `vertical`
 
     def forward(self, pixels, positions, *rest):
-        labels, vertical = rest if self.conditional else (None, rest[0])
+        labels, rest = (rest[0], rest[1:]) if self.conditional else (None, rest)
+        vertical, condition = rest if self.conditioned else (rest[0], None)
         model, c = self.model, self.model.config
         n, width = pixels.shape[0], c.image_size
         first = model.layers[0]
@@ -148,6 +156,9 @@ class GatedRefresh(StepModule):
         rows = positions.reshape(-1, 1, 1, 1) // width + self.offsets[: p0 + 1].view(1, 1, -1, 1)
         below = padded.gather(2, rows.expand(n, c.channels, p0 + 1, padded.shape[3]))  # (n, C, p0+1, W+2p0)
         not_first_column = (self.offsets[:width] > 0).to(below.dtype)  # (W,)
+        if condition is not None:  # row i of the conditioning map, (n, Cc, 1, W)
+            row = (positions // width).reshape(-1, 1, 1, 1).expand(n, condition.shape[1], 1, width)
+            condition = condition.gather(2, row)
         new_vertical, links, v_out = [], [], None
         for index, layer in enumerate(model.layers):
             if index > 0:
@@ -165,6 +176,9 @@ class GatedRefresh(StepModule):
             if labels is not None:
                 v_class, h_class = layer.class_bias(labels[:, 0]).chunk(2, dim=1)  # (n, 2C) each
                 v_pre, link = v_pre + v_class[:, :, None, None], link + h_class[:, :, None]
+            if condition is not None:
+                v_cond, h_cond = layer.condition(condition).chunk(2, dim=1)  # (n, 2C, 1, W) each
+                v_pre, link = v_pre + v_cond, link + h_cond[:, :, 0]
             links.append(link)  # (n, 2C, W)
             if index < len(model.layers) - 1:  # the last layer's vertical output feeds nothing
                 v_out = gate(v_pre)  # (n, C, 1, W): the next layer's newest input row
@@ -228,7 +242,20 @@ class GatedStep(StepModule):
         return torch.stack(pixels, 1), image_context, torch.stack(hidden, 1)
 
 
-def gated_program(model: GatedPixelCNN, span: int) -> StepProgram:
+class LatentStart(nn.Module):
+    """Admission: latents (n, D) → the slot's conditioning map m(z), (n, Cc, H, W), kept for every row."""
+
+    def __init__(self, model: PixelVAE) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, latents):
+        return self.model.condition_map(latents)
+
+
+def gated_program(model: GatedPixelCNN, span: int, latent_model: PixelVAE | None = None) -> StepProgram:
+    """The Gated PixelCNN's program; with `latent_model` (whose decoder `model` is) a `start` graph maps
+    each slot's latents to a conditioning map state that every refresh reads its row of."""
     c = model.config
     if c.num_layers < 2:
         raise ValueError("the cached Gated PixelCNN step needs num_layers >= 2")
@@ -240,20 +267,29 @@ def gated_program(model: GatedPixelCNN, span: int) -> StepProgram:
     image_context = TensorSpec("image_context", f32, ((p0 + 1) * c.channels,))
     hidden_context = TensorSpec("hidden_context", f32, (rest, p * c.hidden_channels))
     labels = (ctl["labels"],) if c.num_classes else ()
+    conditioning, start = (), None
+    if latent_model is not None:
+        lc = latent_model.config
+        conditioning = (TensorSpec("condition", f32, (lc.condition_channels, c.image_size, c.image_size)),)
+        latents = TensorSpec("latents", f32, (lc.latent_dim,))
+        start = EntryPoint("start", LatentStart(latent_model), (latents,), _next(*conditioning),
+                           lambda n: (torch.randn(n, lc.latent_dim),))
 
     def refresh_example(n):
         pixels = torch.randint(0, c.pixel_levels, (n, c.channels, c.image_size, c.image_size), dtype=torch.uint8)
         positions = (torch.arange(n) % c.image_size * c.image_size).view(n, 1)
         label_values = (torch.arange(n).view(n, 1) % c.num_classes,) if c.num_classes else ()
-        return pixels, positions, *label_values, torch.randn(n, *vertical.shape)
+        condition_values = tuple(torch.randn(n, *s.shape) for s in conditioning)
+        return pixels, positions, *label_values, torch.randn(n, *vertical.shape), *condition_values
 
     def step_example(n):
         return (*_step_controls_example(n, c, span), torch.randn(n, *links.shape),
                 torch.randn(n, *image_context.shape), torch.randn(n, *hidden_context.shape))
 
     return StepProgram(
-        states=(vertical, links, image_context, hidden_context),
-        refresh=EntryPoint("refresh", GatedRefresh(model), (ctl["pixels"], ctl["positions"], *labels, vertical),
+        states=(vertical, links, image_context, hidden_context, *conditioning),
+        refresh=EntryPoint("refresh", GatedRefresh(model, latent_model and latent_model.config.condition_channels),
+                           (ctl["pixels"], ctl["positions"], *labels, vertical, *conditioning),
                            _next(vertical, links, image_context, hidden_context), refresh_example),
         step=EntryPoint("step", GatedStep(model),
                         (ctl["positions"], ctl["noise"], ctl["temperature"], links, image_context, hidden_context),
@@ -261,6 +297,7 @@ def gated_program(model: GatedPixelCNN, span: int) -> StepProgram:
         period=c.image_size,
         length=c.image_size * c.image_size,
         span=span,
+        start=start,
     )
 
 
@@ -355,8 +392,13 @@ def pixelcnn_program(model: PixelCNN, span: int) -> StepProgram:
     )
 
 
-def step_program(model: AutoregressiveModel, span: int | None = None) -> StepProgram:
-    """The cached step program of an autoregressive model (eval mode).
+def has_step_program(model: GenerativeModel) -> bool:
+    """Whether `model` samples pixel by pixel through a cached step program (and so the engine)."""
+    return isinstance(model, AutoregressiveModel | PixelVAE)
+
+
+def step_program(model: AutoregressiveModel | PixelVAE, span: int | None = None) -> StepProgram:
+    """The cached step program of an autoregressive model or decoder (eval mode).
 
     Args:
         span: pixels per step call, a divisor of the image width; default the whole width.
@@ -369,6 +411,8 @@ def step_program(model: AutoregressiveModel, span: int | None = None) -> StepPro
     span = width if span is None else span
     if span < 1 or width % span:
         raise ValueError(f"span must divide the image width {width}, got {span}")
+    if isinstance(model, PixelVAE):
+        return gated_program(model.pixelcnn, span, latent_model=model)
     if isinstance(model, GatedPixelCNN):
         return gated_program(model, span)
     if isinstance(model, PixelCNN):
@@ -376,19 +420,24 @@ def step_program(model: AutoregressiveModel, span: int | None = None) -> StepPro
     raise ValueError(f"no cached step program for family {model.family!r}")
 
 
-def eager_runner(model: AutoregressiveModel, span: int | None = None):
+def eager_runner(model: AutoregressiveModel | PixelVAE, span: int | None = None):
     """The engine's runner over the eager step modules (the very modules the exporters trace)."""
     from genserve.serving.engine import StepSpec, TorchStepRunner
 
     program = step_program(model, span)
     spec = StepSpec.from_section(program.section(), model.config.to_dict())
-    return TorchStepRunner(spec, {"refresh": program.refresh.module, "step": program.step.module})
+    return TorchStepRunner(spec, {g.name: g.module for g in program.graphs})
 
 
 def cached_sample(
-    model: AutoregressiveModel, n: int, seed: int, temperature: float = 1.0, labels: torch.Tensor | None = None
+    model: AutoregressiveModel | PixelVAE, n: int, seed: int, temperature: float = 1.0,
+    labels: torch.Tensor | None = None, latents: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`model.sample` through the sampling engine (fused operators where built, else the eager step program).
+
+    Args:
+        latents: a PixelVAE's z per sample, (n, D): `model.decode(latents, seed=seed)` instead;
+            default the prior draws `model.sample` makes.
 
     Returns:
         (n, C, H, W) int64 pixel values, equal to `model.sample(n, seed, temperature, labels)`.
@@ -401,13 +450,16 @@ def cached_sample(
     runner = fused_runner(model) if load_ops() and packed_weights(model) else eager_runner(model)
     engine = SamplingEngine(runner, EngineConfig(num_slots=min(n, 64)))
     label_list = None if labels is None else [int(v) for v in labels]
-    return torch.from_numpy(engine.generate(seed, n, temperature, label_list)).long()
+    if isinstance(model, PixelVAE) and latents is None:
+        latents = prior_latents(model, seed, range(n))
+    z = None if latents is None else latents.detach().cpu().float().numpy()
+    return torch.from_numpy(engine.generate(seed, n, temperature, label_list, latents=z)).long()
 
 
 def sample_images(
     model: GenerativeModel, n: int, seed: int, temperature: float = 1.0, labels: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """`model.sample`, through the sampling engine for autoregressive models (same images, far faster)."""
-    if isinstance(model, AutoregressiveModel):
+    """`model.sample`, through the sampling engine for autoregressive decoders (same images, far faster)."""
+    if has_step_program(model):
         return cached_sample(model, n, seed, temperature, labels)
     return model.sample(n, seed, temperature, labels)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .kernels.sampling import choose_pixels, gaussian_noise, uniform_noise
+from .kernels.sampling import LATENT_STREAM, choose_pixels, gaussian_noise, uniform_noise
 from .registry import ModelSpec
 from .runtimes.base import ProgressCallback, Runtime, SampleBatch
 
@@ -86,7 +86,9 @@ class Family:
     async def encode(self, images: np.ndarray, deadline: float | None) -> Encoded:
         raise NotImplementedError
 
-    async def decode(self, latents: np.ndarray, labels: np.ndarray | None, deadline: float | None) -> Decoded:
+    async def decode(self, latents: np.ndarray, labels: np.ndarray | None, seed: int, deadline: float | None
+                     ) -> Decoded:
+        """Images of latents (N, *latent_shape); `seed` keys the pixel noise of decoders that draw pixels."""
         raise NotImplementedError
 
     async def score(self, images: np.ndarray, labels: np.ndarray | None, seed: int, importance_samples: int | None,
@@ -129,7 +131,7 @@ class VAE(Family):
         out = await self._run("encode", deadline, images=images)
         return Encoded(out["mean"], log_var=out["log_var"])
 
-    async def decode(self, latents, labels, deadline):
+    async def decode(self, latents, labels, seed, deadline):
         probs = (await self._run("decode", deadline, z=latents))["probs"]
         return Decoded((probs > 0.5).astype(np.uint8), probabilities=probs)  # the most likely image
 
@@ -175,6 +177,22 @@ class AAE(VAE):
         ]
 
 
+class PixelVAE(VAE):
+    """The VAE's Encode and Score (bounds whose log p(x|z) is the PixelCNN decoder's); Sample and Decode run
+    the sampling engine over the decoder's step program with z per sample: prior draws, or the given latents."""
+
+    async def sample(self, p, deadline, on_progress):
+        z = gaussian_noise(p.seed, p.indices, self.spec.latent_shape, stream=LATENT_STREAM).numpy()
+        return await self._draw(p.seed, tuple(p.indices), p.temperature, z, deadline, on_progress)
+
+    async def decode(self, latents, labels, seed, deadline):
+        return Decoded(await self._draw(seed, tuple(range(len(latents))), 1.0, latents, deadline, None))
+
+    async def _draw(self, seed, indices, temperature, latents, deadline, on_progress) -> np.ndarray:
+        batch = SampleBatch(seed, indices, temperature, None, latents=np.ascontiguousarray(latents, dtype=np.float32))
+        return await self.runtime.sample_sequential(self.spec.entry("sample"), batch, deadline, on_progress)
+
+
 class DCGAN(Family):
     """G(z) for z ~ N(0, T² I); Decode is G on given z; Score is D(x), not a likelihood."""
 
@@ -182,7 +200,7 @@ class DCGAN(Family):
         z = _gaussian(p, self.spec.latent_shape) * np.float32(p.temperature)
         return (await self._run("generate", deadline, **self._with_labels({"z": z}, p.labels)))["images"]
 
-    async def decode(self, latents, labels, deadline):
+    async def decode(self, latents, labels, seed, deadline):
         return Decoded((await self._run("generate", deadline, **self._with_labels({"z": latents}, labels)))["images"])
 
     async def score(self, images, labels, seed, importance_samples, deadline):
@@ -201,7 +219,7 @@ class Flow(Family):
         out = await self._run("encode", deadline, images=images, noise=centres)
         return Encoded(out["z"], log_det=out["log_det"][:, 0])
 
-    async def decode(self, latents, labels, deadline):
+    async def decode(self, latents, labels, seed, deadline):
         return Decoded((await self._run("decode", deadline, z=latents))["images"])
 
     async def score(self, images, labels, seed, importance_samples, deadline):
@@ -225,6 +243,7 @@ FAMILIES: dict[str, type[Family]] = {
     "iaf_vae": IAFVAE,
     "vae_gan": VAEGAN,
     "aae": AAE,
+    "pixel_vae": PixelVAE,
     "dcgan": DCGAN,
     "realnvp": Flow,
     "flow_gan": FlowGAN,

@@ -1,6 +1,6 @@
 """A sampler entry point's rows as engine work, and the progress responses of one request.
 
-The `<model>_sample` entry point takes one row per sample: (seed, index, temperature[, label]).
+The `<model>_sample` entry point takes one row per sample: (seed, index, temperature[, label][, latents]).
 `sample_batches` groups a request's rows into `SampleBatch`es (rows sharing a seed and a
 temperature draw together); `RequestProgress` gathers the batches' progress back into the
 request's row order and says when a response is due: each time every row has one more image row
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .errors import InvalidArgument
 from .runtimes.base import SampleBatch
 from .sampling_args import check_sampling
 
@@ -23,6 +24,8 @@ def check_sampler_feeds(feeds: dict[str, np.ndarray], num_classes: int | None) -
     """The sampling arguments of every row, checked as every sampling path checks them (InvalidArgument)."""
     check_sampling(feeds["seed"], feeds["index"], feeds["temperature"], feeds.get("labels"), num_classes,
                    index_field="index")
+    if "latents" in feeds and not np.isfinite(feeds["latents"]).all():
+        raise InvalidArgument("latents", "must be finite")
 
 
 def sample_batches(feeds: dict[str, np.ndarray]) -> list[tuple[np.ndarray, SampleBatch]]:
@@ -30,12 +33,14 @@ def sample_batches(feeds: dict[str, np.ndarray]) -> list[tuple[np.ndarray, Sampl
     seeds, indices = feeds["seed"][:, 0].tolist(), feeds["index"][:, 0].tolist()
     temperatures = feeds["temperature"][:, 0].tolist()
     labels = feeds["labels"][:, 0].tolist() if "labels" in feeds else None
+    latents = feeds.get("latents")
     groups: dict[tuple[int, float], list[int]] = {}
     for row, key in enumerate(zip(seeds, temperatures)):
         groups.setdefault(key, []).append(row)
     return [
         (np.asarray(rows), SampleBatch(seed=seed, indices=tuple(indices[r] for r in rows), temperature=temperature,
-                                       labels=None if labels is None else tuple(labels[r] for r in rows)))
+                                       labels=None if labels is None else tuple(labels[r] for r in rows),
+                                       latents=None if latents is None else latents[rows]))
         for (seed, temperature), rows in groups.items()
     ]
 

@@ -26,7 +26,7 @@ from .metrics import ServerMetrics
 from .registry import ModelRegistry
 from .runtimes.base import Progress, Runtime
 from .tensors import from_numpy, png_bytes
-from .validation import images_from, labels_for, latents_from, sample_params, score_options
+from .validation import checked_seed, images_from, labels_for, latents_from, sample_params, score_options
 
 log = logging.getLogger("genserve.server")
 
@@ -234,7 +234,7 @@ class GenerativeService(pb_grpc.GenerativeServicer):
         family = self._family(request.model, "decode")
         latents = latents_from(request.latents, family.spec, self.max_per_request)
         labels = labels_for(family.spec, request.labels, len(latents))
-        decoded = await family.decode(latents, labels, deadline_of(context))
+        decoded = await family.decode(latents, labels, checked_seed(request.seed), deadline_of(context))
         return pb.DecodeResponse(
             model=family.spec.name, images=from_numpy(decoded.images),
             probabilities=None if decoded.probabilities is None else from_numpy(decoded.probabilities),

@@ -173,6 +173,7 @@ class SamplingModel(_TritonModel):
         for positions, batch in batches:
             jobs.append(self.engine.submit(
                 batch.seed, temperature=batch.temperature, labels=batch.labels, indices=batch.indices,
+                latents=batch.latents,
                 on_progress=functools.partial(progressed, positions), on_done=ended, cancelled=request.is_cancelled,
             ))
 

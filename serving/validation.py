@@ -75,11 +75,16 @@ def sample_params(request: pb.SampleRequest, spec: ModelSpec, limit: int) -> Sam
     return SampleParams(request.num_samples, seed, request.start_index, float(temperature), labels)
 
 
-def score_options(request: pb.ScoreRequest, spec: ModelSpec, rows: int, max_work: int) -> tuple[int, int | None]:
-    """(seed, importance_samples) of a Score request of `rows` images; rows × K is bounded by `max_work`."""
-    seed = request.seed if request.HasField("seed") else 0
+def checked_seed(seed: int) -> int:
+    """A request's explicit seed (uint64 on the wire), refused at 2**63 and above (it travels as int64)."""
     if seed >= MAX_SEED:
         raise InvalidArgument("seed", f"must be < 2**63, got {seed}")
+    return seed
+
+
+def score_options(request: pb.ScoreRequest, spec: ModelSpec, rows: int, max_work: int) -> tuple[int, int | None]:
+    """(seed, importance_samples) of a Score request of `rows` images; rows × K is bounded by `max_work`."""
+    seed = checked_seed(request.seed if request.HasField("seed") else 0)
     if not request.HasField("importance_samples"):
         return seed, None
     k = request.importance_samples

@@ -19,12 +19,15 @@ TINY = {
     "vae_gan": dict(image_size=8, hidden_channels=4, hidden_units=16, latent_dim=3, score_samples=8,
                     discriminator_channels=4),
     "aae": dict(image_size=8, hidden_channels=4, hidden_units=16, latent_dim=3, discriminator_units=8),
+    "pixel_vae": dict(image_size=8, hidden_channels=4, hidden_units=16, latent_dim=3, score_samples=8,
+                      condition_channels=3, decoder_channels=6, decoder_layers=2, kernel_size=3, first_kernel_size=3,
+                      output_channels=8),
     "dcgan": dict(image_size=8, latent_dim=4, generator_channels=4, discriminator_channels=4),
     "realnvp": dict(image_size=4, hidden_channels=4, num_checkerboard=2, num_channelwise=2),
     "flow_gan": dict(image_size=4, hidden_channels=4, num_checkerboard=2, num_channelwise=2, discriminator_channels=4),
 }
 SHIPPED = ("pixelcnn_mnist", "gated_pixelcnn_mnist", "vae_mnist", "iaf_vae_mnist", "vae_gan_mnist", "aae_mnist",
-           "dcgan_mnist", "realnvp_mnist", "flow_gan_mnist")
+           "dcgan_mnist", "realnvp_mnist", "flow_gan_mnist", "pixel_vae_mnist")
 
 
 def make_model(family: str, seed: int = 0, **overrides):

@@ -155,9 +155,11 @@ def run_encode(args: argparse.Namespace) -> int:
 
 
 def add_decode_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="a served model with the decode capability (vae, iaf_vae, dcgan, realnvp)")
+    parser.add_argument("model", help="a served model with the decode capability (vae, iaf_vae, pixel_vae, dcgan, "
+                        "realnvp, ...)")
     parser.add_argument("latents", help="an NPZ with 'latents' (what genserve encode writes)")
     parser.add_argument("--label", type=int, action="append", help="class label(s) for a conditional model")
+    parser.add_argument("--seed", type=int, default=0, help="pixel noise of a PixelVAE's decoder (others ignore it)")
     parser.add_argument("-o", "--output", default="decoded.png", help="a .png grid or a .npz")
     add_server_arguments(parser)
 
@@ -174,7 +176,7 @@ def run_decode(args: argparse.Namespace) -> int:
         latents = data["latents"]
     with connect(args) as client:
         levels = client.model(args.model).pixel_levels
-        decoded = client.decode(args.model, latents, labels=args.label)
+        decoded = client.decode(args.model, latents, labels=args.label, seed=args.seed)
     path = write_images(args.output, decoded.images, levels, probabilities=decoded.probabilities)
     print(f"{len(latents)} latents → images {decoded.images.shape} → {path}")
     return 0

@@ -7,7 +7,9 @@ import json
 
 from genserve.clients.verbs import CommandError, Verb
 
-FAMILY_NAMES = ("pixelcnn", "gated_pixelcnn", "vae", "iaf_vae", "vae_gan", "aae", "dcgan", "realnvp", "flow_gan")
+FAMILY_NAMES = (
+    "pixelcnn", "gated_pixelcnn", "vae", "iaf_vae", "vae_gan", "aae", "pixel_vae", "dcgan", "realnvp", "flow_gan",
+)
 
 
 def parse_overrides(pairs: list[str]) -> dict:

@@ -10,13 +10,16 @@ from .dcgan import DCGAN, DCGANConfig
 from .flow_gan import FlowGAN, FlowGANConfig
 from .gated_pixelcnn import GatedPixelCNN, GatedPixelCNNConfig
 from .iaf_vae import IAFVAE, IAFVAEConfig
+from .pixel_vae import PixelVAE, PixelVAEConfig
 from .pixelcnn import PixelCNN, PixelCNNConfig
 from .realnvp import RealNVP, RealNVPConfig
 from .vae import VAE, VAEConfig
 from .vae_gan import VAEGAN, VAEGANConfig
 
 FAMILIES: dict[str, type[GenerativeModel]] = {
-    cls.family: cls for cls in (PixelCNN, GatedPixelCNN, VAE, IAFVAE, VAEGAN, AAE, DCGAN, RealNVP, FlowGAN)
+    cls.family: cls for cls in (
+        PixelCNN, GatedPixelCNN, VAE, IAFVAE, VAEGAN, AAE, PixelVAE, DCGAN, RealNVP, FlowGAN
+    )
 }
 
 
@@ -42,5 +45,6 @@ __all__ = [
     "build_model", "model_class",
     "PixelCNN", "PixelCNNConfig", "GatedPixelCNN", "GatedPixelCNNConfig",
     "VAE", "VAEConfig", "IAFVAE", "IAFVAEConfig", "VAEGAN", "VAEGANConfig", "AAE", "AAEConfig",
+    "PixelVAE", "PixelVAEConfig",
     "DCGAN", "DCGANConfig", "RealNVP", "RealNVPConfig", "FlowGAN", "FlowGANConfig",
 ]

@@ -54,7 +54,8 @@ class AutoencoderConfig(ImageConfig):
 class ConvAutoencoder(GenerativeModel):
     """Encoder and Bernoulli decoder; subclasses say what the encoder's outputs mean."""
 
-    def __init__(self, config: AutoencoderConfig, encoder_outputs: int) -> None:
+    def __init__(self, config: AutoencoderConfig, encoder_outputs: int, decoder_outputs: int | None = None) -> None:
+        """decoder_outputs: channels of the decoder's output map; default the image's (Bernoulli logits)."""
         super().__init__(config)
         c, s = config.hidden_channels, config.image_size // 4
         self._bottleneck = (2 * c, s, s)
@@ -71,16 +72,20 @@ class ConvAutoencoder(GenerativeModel):
         )
         self.decoder_conv = nn.Sequential(
             nn.ConvTranspose2d(2 * c, c, 4, 2, 1), nn.ReLU(),
-            nn.ConvTranspose2d(c, config.channels, 4, 2, 1),
+            nn.ConvTranspose2d(c, decoder_outputs or config.channels, 4, 2, 1),
         )
 
     def encoder_outputs(self, x: torch.Tensor) -> torch.Tensor:
         """Pixel values (N, C, H, W) (not validated here: also the exported graphs) → (N, outputs)."""
         return self.encoder(x.to(self.encoder[0].weight.dtype))
 
+    def decoder_maps(self, z: torch.Tensor) -> torch.Tensor:
+        """Latents (N, D) → the decoder's output map (N, decoder_outputs, H, W)."""
+        return self.decoder_conv(self.decoder_dense(z).view(-1, *self._bottleneck))
+
     def decoder_logits(self, z: torch.Tensor) -> torch.Tensor:
         """Latents (N, D) → Bernoulli logits (N, C, H, W)."""
-        return self.decoder_conv(self.decoder_dense(z).view(-1, *self._bottleneck))
+        return self.decoder_maps(z)
 
     def decode(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """Latents (N, D) → pixel probabilities p(x_ij = 1 | z), (N, C, H, W) float."""

@@ -69,7 +69,8 @@ def gate(x: torch.Tensor) -> torch.Tensor:
 
 
 class GatedLayer(nn.Module):
-    def __init__(self, in_channels: int, channels: int, kernel_size: int, first: bool, num_classes: int | None) -> None:
+    def __init__(self, in_channels: int, channels: int, kernel_size: int, first: bool, num_classes: int | None,
+                 condition_channels: int | None = None) -> None:
         super().__init__()
         self.first = first
         self.kernel_size = kernel_size
@@ -81,9 +82,11 @@ class GatedLayer(nn.Module):
         self.skip = nn.Conv2d(channels, channels, 1)
         # Per-class biases of both stacks' gates (the paper's V^T h with h one-hot).
         self.class_bias = nn.Embedding(num_classes, 4 * channels) if num_classes else None
+        # Per-position biases from a conditioning feature map (the paper's V * s with s spatial; PixelVAE's z).
+        self.condition = nn.Conv2d(condition_channels, 4 * channels, 1) if condition_channels else None
 
     def forward(
-        self, v: torch.Tensor, h: torch.Tensor, labels: torch.Tensor | None
+        self, v: torch.Tensor, h: torch.Tensor, labels: torch.Tensor | None, condition: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         k = self.kernel_size
         v_pre = self.vertical(F.pad(v, (k // 2, k // 2, k // 2, 0)))  # (N, 2C, H, W): input rows i-k//2..i
@@ -94,6 +97,9 @@ class GatedLayer(nn.Module):
         h_pre = h_pre + self.vertical_to_horizontal(v_pre)
         if self.class_bias is not None:
             v_bias, h_bias = self.class_bias(labels)[:, :, None, None].chunk(2, dim=1)
+            v_pre, h_pre = v_pre + v_bias, h_pre + h_bias
+        if self.condition is not None:
+            v_bias, h_bias = self.condition(condition).chunk(2, dim=1)
             v_pre, h_pre = v_pre + v_bias, h_pre + h_bias
         v_out = gate(v_pre)
         h_gated = gate(h_pre)
@@ -107,7 +113,9 @@ class GatedPixelCNN(AutoregressiveModel):
     family = "gated_pixelcnn"
     config_class = GatedPixelCNNConfig
 
-    def __init__(self, config: GatedPixelCNNConfig) -> None:
+    def __init__(self, config: GatedPixelCNNConfig, condition_channels: int | None = None) -> None:
+        """condition_channels: the channels of a conditioning feature map (N, Cc, H, W) every layer
+        adds to its gates (`logits(..., condition=)`); None for the family's own models."""
         super().__init__(config)
         c = config.hidden_channels
         self.layers = nn.ModuleList(
@@ -117,18 +125,20 @@ class GatedPixelCNN(AutoregressiveModel):
                 config.first_kernel_size if i == 0 else config.kernel_size,
                 first=i == 0,
                 num_classes=config.num_classes,
+                condition_channels=condition_channels,
             )
             for i in range(config.num_layers)
         )
         self.output_hidden = nn.Conv2d(c, config.output_channels, 1)
         self.output_logits = nn.Conv2d(config.output_channels, config.channels * config.pixel_levels, 1)
 
-    def logits(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def logits(self, x: torch.Tensor, labels: torch.Tensor | None = None,
+               condition: torch.Tensor | None = None) -> torch.Tensor:
         n, c, height, width = x.shape
         v = h = self.scale_input(x)  # (N, C, H, W)
         skips = 0
         for layer in self.layers:
-            v, h, skip = layer(v, h, labels)
+            v, h, skip = layer(v, h, labels, condition)
             skips = skips + skip
         out = self.output_logits(F.relu(self.output_hidden(F.relu(skips))))  # (N, C*L, H, W)
         return out.view(n, self.config.pixel_levels, c, height, width)

@@ -56,8 +56,9 @@ class VAE(ConvAutoencoder):
     config_class = VAEConfig
     capabilities = frozenset({SAMPLE, ENCODE, DECODE, SCORE})
 
-    def __init__(self, config: VAEConfig, encoder_outputs: int | None = None) -> None:
-        super().__init__(config, encoder_outputs or 2 * config.latent_dim)
+    def __init__(self, config: VAEConfig, encoder_outputs: int | None = None, decoder_outputs: int | None = None
+                 ) -> None:
+        super().__init__(config, encoder_outputs or 2 * config.latent_dim, decoder_outputs)
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Pixel values (N, C, H, W) → posterior mean and log-variance, each (N, D)."""
@@ -82,11 +83,15 @@ class VAE(ConvAutoencoder):
             (K, N) log-weights in nats.
         """
         z, log_q = self.posterior(x, eps)  # (K, N, D), (K, N)
-        k, n, d = z.shape
-        logits = self.decoder_logits(z.reshape(k * n, d)).view(k, n, *x.shape[1:])
-        log_px_given_z = bernoulli_log_likelihood(logits, x)  # (K, N): x broadcasts over K
+        log_px_given_z = self.reconstruction_log_likelihood(z, x)
         log_prior = gaussian_log_density(z, torch.zeros_like(z), torch.zeros_like(z))
         return log_px_given_z + log_prior - log_q
+
+    def reconstruction_log_likelihood(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """log p(x | z_k) in nats: z (K, N, D), x (N, C, H, W) → (K, N)."""
+        k, n, d = z.shape
+        logits = self.decoder_logits(z.reshape(k * n, d)).view(k, n, *x.shape[1:])
+        return bernoulli_log_likelihood(logits, x)  # x broadcasts over K
 
     def bounds(self, x: torch.Tensor, num_samples: int, seed: int = 0) -> tuple[Score, Score]:
         """The ELBO and IWAE-K bounds from the same K samples per image (see module doc)."""

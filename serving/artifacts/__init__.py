@@ -19,11 +19,11 @@ from .manifest import (
     write_manifest,
 )
 from .specs import TensorSpec
-from .step import CONTROLS, GRAPH_NAMES, NEXT, PIXEL, STEP_KINDS, FusedSection, GraphSignature, StepSection
+from .step import CONTROLS, GRAPH_NAMES, NEXT, PIXEL, START, STEP_KINDS, FusedSection, GraphSignature, StepSection
 
 __all__ = [
     "CONTROLS", "DTYPES", "FLAVOURS", "FP32", "GRAPH_NAMES", "INT64", "MANIFEST", "MANIFEST_FORMAT", "NEXT", "PIXEL",
-    "STEP_KINDS", "UINT8", "ArtifactIntegrityError", "Batching", "DType", "FusedSection", "GraphSignature", "Manifest",
-    "ManifestError", "StepSection", "TensorSpec", "Training", "dtype_named", "dtype_of", "load_manifest", "sha256",
-    "write_manifest",
+    "START", "STEP_KINDS", "UINT8", "ArtifactIntegrityError", "Batching", "DType", "FusedSection", "GraphSignature",
+    "Manifest", "ManifestError", "StepSection", "TensorSpec", "Training", "dtype_named", "dtype_of", "load_manifest",
+    "sha256", "write_manifest",
 ]

@@ -101,6 +101,7 @@ class NaiveSampler:
         manifest = load_manifest(folder)
         self.levels = manifest.model_config["pixel_levels"]
         self.num_classes = manifest.model_config.get("num_classes")
+        self.latent_dim = manifest.model_config["latent_dim"] if any(s.name == "z" for s in manifest.inputs) else None
         self.device = torch.device(device)
         if runtime == "onnx":
             session = onnx_session(manifest.artifact("model.onnx"))
@@ -120,6 +121,8 @@ class NaiveSampler:
         feeds = {"images": x}
         if self.num_classes:
             feeds["labels"] = (torch.arange(n, device=self.device) % self.num_classes).view(n, 1)
+        if self.latent_dim:  # a PixelVAE's decoder: z, drawn as Sample draws it (N(0, I))
+            feeds["z"] = torch.randn(n, self.latent_dim, generator=torch.Generator().manual_seed(n)).to(self.device)
         noise = noise.to(self.device)
         _sync(self.device)
         start = time.perf_counter()
@@ -149,18 +152,20 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def _labels(runner: StepRunner, n: int) -> list[int] | None:
-    classes = runner.spec.num_classes
-    return [k % classes for k in range(n)] if classes else None
+def _conditions(runner: StepRunner, seed: int, n: int) -> dict:
+    """The labels and latents `n` samples of the runner's program need (none for most)."""
+    classes, dim = runner.spec.num_classes, runner.spec.latent_dim
+    latents = torch.randn(n, dim, generator=torch.Generator().manual_seed(seed)).numpy() if dim else None
+    return {"labels": [k % classes for k in range(n)] if classes else None, "latents": latents}
 
 
 def time_cached(runner: StepRunner, batch: int, seed: int) -> float:
     """Seconds to sample `batch` whole images with `batch` engine slots."""
     engine = SamplingEngine(runner, EngineConfig(num_slots=batch))
-    engine.generate(seed, batch, labels=_labels(runner, batch))  # warm-up (allocations, graph optimisation)
+    engine.generate(seed, batch, **_conditions(runner, seed, batch))  # warm-up (allocations, graph optimisation)
     _sync(runner.device)
     start = time.perf_counter()
-    engine.generate(seed + 1, batch, labels=_labels(runner, batch))
+    engine.generate(seed + 1, batch, **_conditions(runner, seed + 1, batch))
     _sync(runner.device)
     return time.perf_counter() - start
 
@@ -176,7 +181,7 @@ def serve_poisson(runner: StepRunner, batching: str, slots: int, arrivals: list[
             delay = start + offset - time.monotonic()
             if delay > 0:
                 time.sleep(delay)
-            jobs.append(engine.submit(k, size, labels=_labels(runner, size)))
+            jobs.append(engine.submit(k, size, **_conditions(runner, k, size)))
         for job in jobs:
             job.wait()
     finally:

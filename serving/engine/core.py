@@ -80,6 +80,7 @@ class SamplingEngine:
         temperature: float = 1.0,
         labels: Sequence[int] | None = None,
         indices: Sequence[int] | None = None,
+        latents: np.ndarray | None = None,
         deadline: float | None = None,
         on_progress: Callable[[SampleJob], None] | None = None,
         on_done: Callable[[SampleJob], None] | None = None,
@@ -93,6 +94,8 @@ class SamplingEngine:
             temperature: >= 0; 0 takes the most likely value of every pixel.
             labels: one class label per sample, for a conditional model.
             indices: explicit sample indices (e.g. to regenerate sample 17 of a seed alone).
+            latents: (count, D) float32, each sample's z: required by programs that take latents
+                (a PixelVAE's decoder), refused by the others.
             deadline: a `time.monotonic()` time after which the job is dropped.
             on_progress: called from the engine thread whenever samples of the job finish rows.
             on_done: called from the engine thread when the job ends (finished, cancelled or expired).
@@ -110,6 +113,7 @@ class SamplingEngine:
         job = SampleJob(
             seed=seed, indices=indices, temperature=float(temperature),
             labels=None if labels is None or not self.spec.num_classes else tuple(int(v) for v in labels),
+            latents=self._checked_latents(latents, len(indices)),
             images=np.zeros((len(indices), *self.spec.sample_shape), dtype=np.uint8),
             rows_done=np.zeros(len(indices), dtype=np.int64), deadline=deadline, on_progress=on_progress,
             on_done=on_done, cancelled=cancelled,
@@ -123,12 +127,25 @@ class SamplingEngine:
             self._wake.notify()
         return job
 
+    def _checked_latents(self, latents: np.ndarray | None, count: int) -> np.ndarray | None:
+        dim = self.spec.latent_dim
+        if dim is None:
+            if latents is not None:
+                raise ValueError("latents: this model's sampler takes no latents")
+            return None
+        if latents is None:
+            raise ValueError(f"latents: this model's sampler needs latents of shape ({count}, {dim})")
+        latents = np.asarray(latents, dtype=np.float32)
+        if latents.shape != (count, dim) or not np.isfinite(latents).all():
+            raise ValueError(f"latents: expected finite values of shape ({count}, {dim}), got {latents.shape}")
+        return latents
+
     def generate(self, seed: int, count: int, temperature: float = 1.0,
-                 labels: Sequence[int] | None = None) -> np.ndarray:
+                 labels: Sequence[int] | None = None, latents: np.ndarray | None = None) -> np.ndarray:
         """Samples synchronously (no background thread may be running): (count, C, H, W) uint8."""
         if self._thread is not None:
             raise RuntimeError("generate() drives the engine itself; use submit() while the engine thread runs")
-        job = self.submit(seed, count, temperature, labels)
+        job = self.submit(seed, count, temperature, labels, latents=latents)
         self.run_until_idle()
         return job.images
 

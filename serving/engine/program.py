@@ -37,11 +37,13 @@ class StepSpec:
     sample_shape: tuple[int, int, int]  # (C, H, W)
     levels: int
     num_classes: int | None
+    latent_dim: int | None = None  # D of the `latents` every sample must bring (None: the program takes none)
 
     @classmethod
     def from_section(cls, section: StepSection, model_config: Mapping) -> StepSpec:
         """From a manifest's step section (validated when it was made) and its model_config."""
         size = model_config["image_size"]
+        takes_latents = any("latents" in g.inputs for g in section.graphs.values())
         return cls(
             states=section.states,
             graphs=section.graphs,
@@ -51,6 +53,7 @@ class StepSpec:
             sample_shape=(model_config["channels"], size, size),
             levels=model_config["pixel_levels"],
             num_classes=model_config.get("num_classes"),
+            latent_dim=model_config["latent_dim"] if takes_latents else None,
         )
 
     @classmethod

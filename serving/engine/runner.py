@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..artifacts import NEXT, PIXEL
+from ..artifacts import NEXT, PIXEL, START
 from ..kernels.sampling import noise_for
 from .jobs import SampleJob
 from .program import StepRunner
@@ -29,6 +29,7 @@ class SlotRunner:
         self.positions = np.zeros(num_slots, dtype=np.int64)
         self.temperature = np.zeros((num_slots, 1), dtype=np.float32)
         self.labels = np.zeros((num_slots, 1), dtype=np.int64)
+        self.latents = np.zeros((num_slots, self.spec.latent_dim or 0), dtype=np.float32)
         self.noise = np.zeros((num_slots, self.spec.length, channels), dtype=np.float32)  # per position: (C,)
         self.pixels = np.zeros((num_slots, channels, height * width), dtype=np.uint8)
         self.slot_jobs: list[tuple[SampleJob, int] | None] = [None] * num_slots  # (job, k): sample k of job
@@ -44,19 +45,23 @@ class SlotRunner:
         self.temperature[first:last] = job.temperature
         if job.labels is not None:
             self.labels[first:last, 0] = [job.labels[k] for k in ks]
+        if job.latents is not None:
+            self.latents[first:last] = job.latents[ks.start:ks.stop]
         channels, height, width = self.spec.sample_shape
         noise = noise_for([(job.seed, job.indices[k]) for k in ks], (channels, height * width))  # (n, C, H*W)
         self.noise[first:last] = noise.transpose(1, 2).numpy()
         for slot, k in zip(range(first, last), ks):
             self.slot_jobs[slot] = (job, k)
         self.active = last
+        if START in self.spec.graphs:  # the samples' own states, from their latents
+            self._run(START, slice(first, last))
 
     def release(self, slot: int) -> None:
         """Frees `slot`, moving the last active slot into its place to keep active slots packed."""
         last = self.active - 1
         if slot != last:
-            for array in (*self.states.values(), self.positions, self.temperature, self.labels, self.noise,
-                          self.pixels):
+            for array in (*self.states.values(), self.positions, self.temperature, self.labels, self.latents,
+                          self.noise, self.pixels):
                 array[slot] = array[last]
             self.slot_jobs[slot] = self.slot_jobs[last]
         self.slot_jobs[last] = None
@@ -127,7 +132,7 @@ class SlotRunner:
                 value = self.positions[slots, None]
             elif name == "pixels":
                 value = self.pixels[slots].reshape(-1, channels, height, width)
-            else:  # temperature, labels
+            else:  # temperature, labels, latents
                 value = getattr(self, name)[slots]
             feeds[name] = torch.from_numpy(np.ascontiguousarray(value)).to(device)
         return feeds

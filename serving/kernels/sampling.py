@@ -13,6 +13,8 @@ from collections.abc import Callable, Sequence
 import torch
 
 _MASK64 = (1 << 64) - 1
+# The stream of z for a model whose pixels are drawn by the engine (which takes stream 0): a PixelVAE.
+LATENT_STREAM = 1
 
 
 def sample_stream_seed(seed: int, index: int, stream: int = 0) -> int:

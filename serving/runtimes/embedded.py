@@ -124,6 +124,7 @@ class EmbeddedRuntime(Runtime):
         try:
             job = engine.submit(
                 batch.seed, temperature=batch.temperature, labels=batch.labels, indices=batch.indices,
+                latents=batch.latents,
                 deadline=deadline, on_progress=progressed if on_progress is not None else None,
                 on_done=lambda job: loop.call_soon_threadsafe(resolve, job),
             )

@@ -126,6 +126,8 @@ class TritonRuntime(Runtime):
         }
         if batch.labels is not None:
             feeds["labels"] = np.asarray(batch.labels, dtype=np.int64).reshape(n, 1)
+        if batch.latents is not None:
+            feeds["latents"] = np.asarray(batch.latents, dtype=np.float32)
         step = sampler.batching.max_batch_size  # one stream request per chunk Triton accepts
         chunks = {str(k): slice(start, start + step) for k, start in enumerate(range(0, n, step))}
         images = np.zeros((n, *sampler.outputs[0].shape), dtype=np.uint8)

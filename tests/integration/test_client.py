@@ -73,6 +73,10 @@ def test_encode_decode_and_score_round_trip(client):
     assert [(s.method, s.kind) for s in scores] == [("elbo", "lower bound"), ("iwae-5", "lower bound")]
     np.testing.assert_allclose(scores[1].bits_per_dim, -scores[1].values / (np.log(2) * 784))
     assert client.score("dcgan_mnist", x, labels=0)[0].bits_per_dim is None
+    pixel_vae = client.encode("pixel_vae_mnist", (x > 127).astype(np.uint8))
+    drawn = client.decode("pixel_vae_mnist", pixel_vae.latents, seed=4)  # pixel by pixel, keyed by the seed
+    assert drawn.probabilities is None and drawn.images.shape == (3, 1, 28, 28)
+    np.testing.assert_array_equal(client.decode("pixel_vae_mnist", pixel_vae.latents, seed=4).images, drawn.images)
 
 
 def test_async_client_gives_the_same_answers(server, client):

@@ -35,7 +35,7 @@ def test_models_lists_every_served_model(server):
     result = genserve("models", "--server", server)
     assert result.returncode == 0, result.stderr
     for name in ("aae_mnist", "dcgan_mnist", "flow_gan_mnist", "gated_pixelcnn_mnist", "iaf_vae_mnist",
-                 "pixelcnn_mnist", "realnvp_mnist", "vae_gan_mnist", "vae_mnist"):
+                 "pixel_vae_mnist", "pixelcnn_mnist", "realnvp_mnist", "vae_gan_mnist", "vae_mnist"):
         assert name in result.stdout
     listed = json.loads(genserve("models", "--server", server, "--json").stdout)
     assert {m["name"]: m["capabilities"] for m in listed}["vae_mnist"] == ["sample", "encode", "decode", "score"]
@@ -88,6 +88,21 @@ def test_encode_then_decode_round_trips_a_flow(server, tmp_path):
     result = genserve("decode", "realnvp_mnist", str(latents), "-o", str(out), "--server", server)
     assert result.returncode == 0, result.stderr
     np.testing.assert_array_equal(np.load(out)["images"], images)
+
+
+def test_decode_passes_the_seed_of_a_pixel_vae_decoder(server, tmp_path):
+    latents = tmp_path / "z.npz"
+    np.savez(latents, latents=np.zeros((2, 16), np.float32))
+    for seed, out in (("5", "a.npz"), ("5", "b.npz"), ("6", "c.npz")):
+        result = genserve("decode", "pixel_vae_mnist", str(latents), "--seed", seed, "-o", str(tmp_path / out),
+                          "--server", server)
+        assert result.returncode == 0, result.stderr
+    with Client(server) as client:
+        expected = client.decode("pixel_vae_mnist", np.zeros((2, 16), np.float32), seed=5).images
+    drawn = {name: np.load(tmp_path / name)["images"] for name in ("a.npz", "b.npz", "c.npz")}
+    np.testing.assert_array_equal(drawn["a.npz"], expected)
+    np.testing.assert_array_equal(drawn["b.npz"], expected)
+    assert not np.array_equal(drawn["c.npz"], expected)
 
 
 def test_server_side_failures_are_one_line_errors(server, tmp_path):

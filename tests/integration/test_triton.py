@@ -22,6 +22,7 @@ from tritonclient.utils import InferenceServerException
 from genserve.export.checkpoint import load_checkpoint
 from genserve.export.data import fixed_held_out, load_mnist5k
 from genserve.export.entry_points import entry_points
+from genserve.export.models.pixel_vae import prior_latents
 from genserve.serving.artifacts import load_manifest
 from tests.integration.conftest import REPOSITORY
 from tests.integration.server_fixtures import Connected, server_config
@@ -80,7 +81,8 @@ def test_every_model_in_the_repository_is_ready(client):
          "iaf_vae_mnist_encode", "iaf_vae_mnist_decode", "iaf_vae_mnist_score",
          "aae_mnist_encode", "aae_mnist_decode", "aae_mnist_score",
          "vae_gan_mnist_encode", "vae_gan_mnist_decode", "vae_gan_mnist_score", "vae_gan_mnist_discriminate",
-         "flow_gan_mnist_encode", "flow_gan_mnist_decode", "flow_gan_mnist_score", "flow_gan_mnist_discriminate"]
+         "flow_gan_mnist_encode", "flow_gan_mnist_decode", "flow_gan_mnist_score", "flow_gan_mnist_discriminate",
+         "pixel_vae_mnist_encode", "pixel_vae_mnist_score", "pixel_vae_mnist_logits", "pixel_vae_mnist_sample"]
     )
     index = {m.name: m.state for m in client.get_model_repository_index().models}
     assert {n: index.get(n) for n in names} == {n: "READY" for n in names}
@@ -104,7 +106,8 @@ def test_triton_matches_eager_pytorch(triton_name, client):
             assert_within_rounding(got, expected, sigma, f"{triton_name}.{spec.name}")
 
 
-def sampler_inputs(seed: int, indices: list[int], temperature: float = 1.0, labels: list[int] | None = None):
+def sampler_inputs(seed: int, indices: list[int], temperature: float = 1.0, labels: list[int] | None = None,
+                   latents: np.ndarray | None = None):
     n = len(indices)
     inputs = [
         infer_input("seed", np.full((n, 1), seed, np.int64)),
@@ -113,6 +116,8 @@ def sampler_inputs(seed: int, indices: list[int], temperature: float = 1.0, labe
     ]
     if labels is not None:
         inputs.append(infer_input("labels", np.array(labels, np.int64).reshape(n, 1)))
+    if latents is not None:
+        inputs.append(infer_input("latents", latents.astype(np.float32)))
     return inputs
 
 
@@ -235,6 +240,21 @@ def test_cancelling_the_stream_frees_the_samples_slots(server):
     assert engine_metric(server, "genserve_engine_samples_total", SAMPLER) == finished  # none ran to the end
     assert sample_stream(server.client, SAMPLER, sampler_inputs(32, [0]))[-1].as_numpy("images").shape == \
         (1, 1, 28, 28)  # and the sampler serves the next caller
+
+
+def test_the_pixel_vae_sampler_draws_from_the_latents_each_sample_brings(client):
+    # One request, two kinds of rows: z from the prior (what Sample sends) and z from the encoder (Decode);
+    # each sample's image is the model's naive decode of its own z with its (seed, index) noise.
+    model = load_checkpoint("pixel_vae_mnist").model
+    with torch.no_grad():
+        z = torch.cat([prior_latents(model, 4, [0, 1]), model.encode(torch.ones(1, 1, 28, 28, dtype=torch.long))[0]])
+    final = sample_stream(client, "pixel_vae_mnist_sample", sampler_inputs(4, [0, 1, 2], latents=z.numpy()))[-1]
+    expected = model.decode(z, seed=4).numpy().astype(np.uint8)
+    assert np.array_equal(final.as_numpy("images"), expected)
+    assert np.array_equal(final.as_numpy("images")[:2], model.sample(2, 4).numpy().astype(np.uint8))
+    with pytest.raises(InferenceServerException, match="latents"):  # NaN z: refused, naming the input
+        sample_stream(client, "pixel_vae_mnist_sample", sampler_inputs(4, [0], latents=np.full((1, 16), np.nan)))
+    assert client.is_model_ready("pixel_vae_mnist_sample")
 
 
 def test_temperature_zero_sampling_is_the_argmax_image(client):

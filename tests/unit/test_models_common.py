@@ -68,6 +68,7 @@ def test_capabilities_follow_the_design_table():
         "iaf_vae": ["decode", "encode", "sample", "score"],
         "aae": ["decode", "encode", "sample", "score"],
         "vae_gan": ["decode", "encode", "sample", "score"],
+        "pixel_vae": ["decode", "encode", "sample", "score"],
         "flow_gan": ["decode", "encode", "sample", "score"],
         "dcgan": ["decode", "sample", "score"],
         "realnvp": ["decode", "encode", "sample", "score"],

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from genserve.export.models.pixel_vae import PixelVAE, prior_latents
 from genserve.export.steps import eager_runner, step_program
 from genserve.serving.artifacts import GraphSignature, load_manifest
 from genserve.serving.engine import (
@@ -32,6 +33,7 @@ MODELS = {
     ),
     "pixelcnn": ("pixelcnn", dict(image_size=6)),
     "pixelcnn_3_levels": ("pixelcnn", dict(image_size=6, pixel_levels=3, first_kernel_size=5, kernel_size=5)),
+    "pixel_vae": ("pixel_vae", dict(decoder_layers=3, first_kernel_size=5)),  # the decoder, z per slot
 }
 
 
@@ -49,12 +51,28 @@ def labels_for(model, n):
     return [k % model.config.num_classes for k in range(n)] if model.config.num_classes else None
 
 
+def latents_for(model, seed, n):
+    """The prior draws a PixelVAE's `sample` makes (what its Sample feeds the engine); None for the others."""
+    return prior_latents(model, seed, range(n)).numpy() if isinstance(model, PixelVAE) else None
+
+
+def generate(engine, model, seed, n, temperature=1.0, labels=None):
+    return engine.generate(seed, n, temperature, labels, latents=latents_for(model, seed, n))
+
+
 def naive(model, n, seed, temperature=1.0, labels=None):
     return model.sample(n, seed, temperature, None if labels is None else torch.tensor(labels)).numpy()
 
 
+def full_logits(model, seed):
+    """The full network's logits function of pixel values and labels (z of `seed`'s samples for a PixelVAE)."""
+    if isinstance(model, PixelVAE):
+        return lambda image, labels: model.pixel_logits(image, prior_latents(model, seed, range(image.shape[0])))
+    return model.logits
+
+
 @pytest.mark.parametrize("name", sorted(MODELS))
-@pytest.mark.parametrize("span", [1, 6])
+@pytest.mark.parametrize("span", [1, None])
 def test_teacher_forced_step_logits_equal_the_full_network(name, span):
     # The exactness claim itself: fed a given image pixel by pixel, the cached step's logits at
     # every position equal the full network's logits at that position (float rounding only).
@@ -62,7 +80,8 @@ def test_teacher_forced_step_logits_equal_the_full_network(name, span):
     n, c = 3, model.config
     labels = labels_for(model, n)
     image = torch.from_numpy(naive(model, n, seed=4, labels=labels))  # (n, C, H, W)
-    full = model.logits(image, None if labels is None else torch.tensor(labels)).detach()  # (n, L, C, H, W)
+    logits = full_logits(model, seed=0)
+    full = logits(image, None if labels is None else torch.tensor(labels)).detach()  # (n, L, C, H, W)
     engine = make_engine(model, span, num_slots=n)
     recorded = []
 
@@ -72,29 +91,65 @@ def test_teacher_forced_step_logits_equal_the_full_network(name, span):
         return image[:, :, position // c.image_size, position % c.image_size].long()
 
     engine.runner.graphs["step"].choose = forced
-    job = engine.submit(0, n, labels=labels)
+    job = engine.submit(0, n, labels=labels, latents=latents_for(model, 0, n))
     engine.run_until_idle()
     steps = torch.stack(recorded, -1).view(n, c.pixel_levels, c.channels, c.image_size, c.image_size)
     # The same function computed another way: within the rounding of the full network.
-    (sigma,) = rounding_sigma(model.logits, [image, None if labels is None else torch.tensor(labels)])
+    (sigma,) = rounding_sigma(logits, [image, None if labels is None else torch.tensor(labels)])
     assert_within_rounding(steps.numpy(), full.numpy(), sigma, f"{name} step logits")
     assert np.array_equal(job.images, image.numpy())  # and the engine put every forced pixel in place
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
-@pytest.mark.parametrize("span", [1, 2, 6])
+@pytest.mark.parametrize("span", [1, 2, None])
 def test_cached_sampling_equals_naive_sampling_on_many_seeds(name, span):
     # Exact equality: both paths choose pixels by inverse CDF from the same per-sample noise and
     # their logits agree to ~1e-7, so an image could differ only if a noise value fell within
-    # float error of a CDF edge (probability ~1e-7 per pixel); over these 360 images it did not.
+    # float error of a CDF edge (probability ~1e-7 per pixel); over these 450 images it did not.
     model = tiny(name)
     n = 6
     labels = labels_for(model, n)
     engine = make_engine(model, span, num_slots=4)  # fewer slots than samples: requests are split
     for seed in range(10):
-        assert np.array_equal(engine.generate(seed, n, labels=labels), naive(model, n, seed, labels=labels)), seed
-    assert np.array_equal(engine.generate(3, n, 0.0, labels), naive(model, n, 3, 0.0, labels))  # argmax image
-    assert np.array_equal(engine.generate(3, n, 0.5, labels), naive(model, n, 3, 0.5, labels))
+        assert np.array_equal(generate(engine, model, seed, n, labels=labels), naive(model, n, seed, labels=labels))
+    assert np.array_equal(generate(engine, model, 3, n, 0.0, labels), naive(model, n, 3, 0.0, labels))  # argmax
+    assert np.array_equal(generate(engine, model, 3, n, 0.5, labels), naive(model, n, 3, 0.5, labels))
+
+
+def test_a_pixel_vae_decodes_given_latents_and_joins_a_running_batch_exactly():
+    # Decode: the engine from given z, against the model's naive decode of the same z; samples of
+    # another job join midway (their conditioning maps made at admission must not touch the others').
+    model = tiny("pixel_vae")
+    with torch.no_grad():  # a conditioning strong enough that z visibly changes the images
+        for layer in model.pixelcnn.layers:
+            layer.condition.weight.mul_(30.0)
+    z = torch.randn(3, model.config.latent_dim)
+    engine = make_engine(model, span=2, num_slots=5)
+    decoded = engine.submit(11, 3, latents=z.numpy())
+    for _ in range(5):
+        engine.step()
+    sampled = engine.submit(4, 4, latents=latents_for(model, 4, 4))
+    engine.run_until_idle()
+    assert np.array_equal(decoded.images, model.decode(z, seed=11).numpy())
+    assert np.array_equal(sampled.images, naive(model, 4, 4))
+    assert not np.array_equal(decoded.images, model.decode(-z, seed=11).numpy())  # and z reaches the pixels
+
+
+@pytest.mark.parametrize(
+    "latents, message",
+    [(None, r"needs latents of shape \(2, 3\)"), (np.zeros((2, 4), np.float32), "latents: expected"),
+     (np.full((2, 3), np.nan, np.float32), "latents: expected finite")],
+)
+def test_a_pixel_vae_engine_refuses_missing_or_malformed_latents(latents, message):
+    engine = make_engine(tiny("pixel_vae"), num_slots=2)
+    with pytest.raises(ValueError, match=message):
+        engine.submit(1, 2, latents=latents)
+    assert engine.active == 0 and not engine.step()
+
+
+def test_a_program_without_latents_refuses_them():
+    with pytest.raises(ValueError, match="takes no latents"):
+        make_engine(tiny("gated")).submit(1, 1, latents=np.zeros((1, 3), np.float32))
 
 
 def test_a_sample_is_the_same_alone_batched_or_joining_midway():
@@ -255,8 +310,18 @@ def test_the_committed_step_artifacts_reproduce_naive_sampling_of_the_shipped_mo
     assert np.array_equal(engine.generate(21, 2), shipped_naive_samples)
 
 
+@pytest.mark.parametrize("runtime", ["onnx", "torchscript"])
+def test_the_committed_pixel_vae_sampler_reproduces_its_naive_decoding(runtime, shipped):
+    # The shipped PixelVAE's start/refresh/step graphs in the engine, z from the prior as Sample draws it.
+    model = shipped("pixel_vae_mnist").model
+    runner = load_step_runner(load_manifest(REPOSITORY / "pixel_vae_mnist_sample"), runtime)
+    assert "start" in runner.spec.graphs and runner.spec.latent_dim == model.config.latent_dim
+    engine = SamplingEngine(runner, EngineConfig(num_slots=3))
+    assert np.array_equal(generate(engine, model, 21, 3, temperature=0.9), naive(model, 3, 21, temperature=0.9))
+
+
 def _job(count: int) -> SampleJob:
-    return SampleJob(seed=0, indices=tuple(range(count)), temperature=1.0, labels=None,
+    return SampleJob(seed=0, indices=tuple(range(count)), temperature=1.0, labels=None, latents=None,
                      images=np.zeros((count, 1, 2, 2), np.uint8), rows_done=np.zeros(count, np.int64))
 
 

@@ -32,8 +32,8 @@ def tiny_config(family, out, data, **kw):
     return TrainConfig(family=family, out=str(out), data=data, batch_size=32, model=model, **kw)
 
 
-@pytest.mark.parametrize("family", ["pixelcnn", "gated_pixelcnn", "vae", "iaf_vae", "vae_gan", "aae", "dcgan",
-                                    "realnvp", "flow_gan"])
+@pytest.mark.parametrize("family", ["pixelcnn", "gated_pixelcnn", "vae", "iaf_vae", "vae_gan", "aae", "pixel_vae",
+                                    "dcgan", "realnvp", "flow_gan"])
 def test_every_family_trains_and_its_loss_falls(family, small_digits, tmp_path):
     config = tiny_config(family, tmp_path / family, small_digits, epochs=3, learning_rate=3e-3)
     model = train(config, progress=False)
@@ -72,7 +72,8 @@ def test_resume_refuses_another_family(small_digits, tmp_path):
         train(tiny_config("realnvp", tmp_path, small_digits, epochs=1), False)
 
 
-@pytest.mark.parametrize("family", ["gated_pixelcnn", "dcgan", "realnvp", "iaf_vae", "vae_gan", "aae", "flow_gan"])
+@pytest.mark.parametrize("family", ["gated_pixelcnn", "dcgan", "realnvp", "iaf_vae", "vae_gan", "aae", "flow_gan",
+                                    "pixel_vae"])
 def test_checkpoint_round_trips_exactly(family, tmp_path):
     model = make_model(family)
     save_checkpoint(tmp_path, model, training={"seed": 3}, metrics={"m": 1})

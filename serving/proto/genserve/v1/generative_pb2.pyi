@@ -169,16 +169,18 @@ class EncodeResponse(_message.Message):
     def __init__(self, model: _Optional[str] = ..., latents: _Optional[_Union[Tensor, _Mapping]] = ..., log_var: _Optional[_Union[Tensor, _Mapping]] = ..., log_det: _Optional[_Union[Tensor, _Mapping]] = ..., log_density: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class DecodeRequest(_message.Message):
-    __slots__ = ("model", "latents", "labels", "return_png")
+    __slots__ = ("model", "latents", "labels", "return_png", "seed")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     LATENTS_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     RETURN_PNG_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
     model: str
     latents: Tensor
     labels: _containers.RepeatedScalarFieldContainer[int]
     return_png: bool
-    def __init__(self, model: _Optional[str] = ..., latents: _Optional[_Union[Tensor, _Mapping]] = ..., labels: _Optional[_Iterable[int]] = ..., return_png: _Optional[bool] = ...) -> None: ...
+    seed: int
+    def __init__(self, model: _Optional[str] = ..., latents: _Optional[_Union[Tensor, _Mapping]] = ..., labels: _Optional[_Iterable[int]] = ..., return_png: _Optional[bool] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class DecodeResponse(_message.Message):
     __slots__ = ("model", "images", "probabilities", "png")
