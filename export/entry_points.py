@@ -20,9 +20,10 @@ from torch import nn
 
 from genserve.serving.artifacts import FP32, INT64, UINT8, TensorSpec
 
-from .models import AAE, DCGAN, IAFVAE, VAE, VAEGAN, FlowGAN, GenerativeModel, PixelVAE, RealNVP
+from .models import AAE, DCGAN, IAFVAE, MAF, VAE, VAEGAN, FlowGAN, GenerativeModel, PixelVAE
 from .models.autoencoder import ConvAutoencoder
 from .models.autoregressive import AutoregressiveModel
+from .models.logit_flow import LogitFlow
 from .models.vae import bounds_from_log_weights
 
 
@@ -196,7 +197,7 @@ class DCGANDiscriminate(nn.Module):
 class FlowEncode(nn.Module):
     """images, noise (N, C, H, W) in [0, 1) → z (N, C, H, W) and log|det dz/d(x + u)| (N, 1)."""
 
-    def __init__(self, model: RealNVP) -> None:
+    def __init__(self, model: LogitFlow) -> None:
         super().__init__()
         self.model = model
 
@@ -209,7 +210,7 @@ class FlowEncode(nn.Module):
 class FlowDecode(nn.Module):
     """z (N, C, H, W) → images (N, C, H, W) uint8."""
 
-    def __init__(self, model: RealNVP) -> None:
+    def __init__(self, model: LogitFlow) -> None:
         super().__init__()
         self.model = model
 
@@ -220,7 +221,7 @@ class FlowDecode(nn.Module):
 class FlowScore(nn.Module):
     """images, noise → log p(x + u) in nats (N, 1)."""
 
-    def __init__(self, model: RealNVP) -> None:
+    def __init__(self, model: LogitFlow) -> None:
         super().__init__()
         self.model = model
 
@@ -289,19 +290,19 @@ def entry_points(model: GenerativeModel) -> list[EntryPoint]:
                 images_and_labels,
             ),
         ]
-    if isinstance(model, RealNVP):
+    if isinstance(model, LogitFlow):
         z = TensorSpec("z", f32, image.shape)
         noise = TensorSpec("noise", f32, image.shape)
 
         def images_and_noise(n):
             return _example_images(model, n), torch.rand(n, *image.shape)
 
-        flow_entries = [
-            EntryPoint("encode", FlowEncode(model), (image, noise), (z, TensorSpec("log_det", f32, (1,))),
-                       images_and_noise),
-            EntryPoint("decode", FlowDecode(model), (z,), (image,), lambda n: (torch.randn(n, *image.shape),)),
-            EntryPoint("score", FlowScore(model), (image, noise), (TensorSpec("log_prob", f32, (1,)),),
-                       images_and_noise),
-        ]
-        return flow_entries + (_pixel_discriminate(model) if isinstance(model, FlowGAN) else [])
+        encode = EntryPoint("encode", FlowEncode(model), (image, noise), (z, TensorSpec("log_det", f32, (1,))),
+                            images_and_noise)
+        score = EntryPoint("score", FlowScore(model), (image, noise), (TensorSpec("log_prob", f32, (1,)),),
+                           images_and_noise)
+        if isinstance(model, MAF):  # its inverse is sequential: the sampler's step program (export/steps.py)
+            return [encode, score]
+        decode = EntryPoint("decode", FlowDecode(model), (z,), (image,), lambda n: (torch.randn(n, *image.shape),))
+        return [encode, decode, score] + (_pixel_discriminate(model) if isinstance(model, FlowGAN) else [])
     raise ValueError(f"no entry points defined for family {model.family!r}")

@@ -9,12 +9,12 @@ Layout (Triton's), for checkpoint `vae_mnist` exported as version 1:
     1/model.pt          ... and as TorchScript
     1/model.py          (python flavour) a two-line Python-backend model: the logic lives in
                         genserve.serving.triton_python, importable and tested without Triton
-Autoregressive checkpoints (and PixelVAEs, whose decoder is one) also get `<name>_sample`: a
+Autoregressive checkpoints (and PixelVAEs, whose decoder is one, and MAFs) also get `<name>_sample`: a
 Python-backend model that runs the sampling engine inside Triton over the checkpoint's cached
 step program (refresh.onnx, step.onnx [, start.onnx], and the same as .pt): a decoupled model
 that streams each request's progress (images so far and `rows_done`) and ends with the finished
-images. A PixelVAE's sampler takes each sample's z as `latents`: Sample feeds prior draws,
-Decode the given latents.
+images. The samplers of a PixelVAE and a MAF take each sample's z as `latents`: Sample feeds
+prior draws, Decode the given latents.
 
 An export is deterministic: the same checkpoints exported by `genserve export shipped` in a
 fresh process give the same bytes in any directory, so the shipped repository is generated
@@ -173,7 +173,7 @@ def export_sampler(checkpoint: Checkpoint, repository: Path, options: ExportOpti
     (version_dir / "model.py").write_text(PYTHON_MODEL.format(cls="SamplingModel"))
     c = checkpoint.model.config
     labels = (TensorSpec("labels", INT64, (1,)),) if c.num_classes else ()
-    latents = (TensorSpec("latents", FP32, (c.latent_dim,)),) if program.start is not None else ()
+    latents = tuple(s for s in program.start.inputs if s.name == "latents") if program.start is not None else ()
     images = TensorSpec("images", UINT8, (c.channels, c.image_size, c.image_size))
     inputs, outputs = (*SAMPLER_CONTROLS, *labels, *latents), (images, TensorSpec(PROGRESS_OUTPUT, INT64, (1,)))
     config = _model_config(name, inputs, outputs, options, "python", decoupled=True)

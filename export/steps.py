@@ -27,13 +27,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from genserve.serving.artifacts import FP32, INT64, NEXT, PIXEL, UINT8, GraphSignature, StepSection, TensorSpec
+from genserve.serving.artifacts import FP32, FP64, INT64, NEXT, PIXEL, UINT8, GraphSignature, StepSection, TensorSpec
 from genserve.serving.kernels.sampling import choose_at_temperature, temperature_rows
 
 from .entry_points import EntryPoint
 from .models.autoregressive import AutoregressiveModel
 from .models.base import GenerativeModel
 from .models.gated_pixelcnn import GatedPixelCNN, gate
+from .models.maf import MAF, bounded_log_scale
 from .models.pixel_vae import PixelVAE, prior_latents
 from .models.pixelcnn import PixelCNN
 
@@ -62,12 +63,12 @@ class StepProgram:
     """A family's refresh and step graphs with their states, ready to export or to run eagerly."""
 
     states: tuple[TensorSpec, ...]
-    refresh: EntryPoint
+    refresh: EntryPoint | None  # None: no per-row work
     step: EntryPoint
     period: int  # refresh runs on slots whose position is a multiple of this
     length: int  # positions per sample
     span: int  # pixels per step call
-    start: EntryPoint | None = None  # runs once per slot at admission (latents → conditioning states)
+    start: EntryPoint | None = None  # runs once per slot at admission (latents → states)
 
     @property
     def graphs(self) -> tuple[EntryPoint, ...]:
@@ -392,12 +393,90 @@ def pixelcnn_program(model: PixelCNN, span: int) -> StepProgram:
     )
 
 
+# ---- MAF ------------------------------------------------------------------------------------
+# Every layer is triangular in raster order, so the whole stack inverts one pixel per step (maf.py):
+# at pixel i the latent's entry u_i passes down the layers, a_i = b_i exp(s_i) + mu_i, each layer's
+# (mu_i, s_i) read off its hidden units' cached pre-activations W1 a_<i + b1, which then take the
+# new value's column of W1. Per pixel and layer that is O(hidden units), not a MADE pass. All in
+# float64, as the naive inverse, so the pixel bins (edges 1/256 apart) see the same values.
+class MAFStart(nn.Module):
+    """Admission: latents (n, C, H, W) → u (n, D) float64 and every layer's pre-activations at a = 0: b1."""
+
+    def __init__(self, model: MAF) -> None:
+        super().__init__()
+        self.register_buffer("hidden_bias", torch.stack([layer.float64_weights()[1] for layer in model.layers]),
+                             False)  # (K, H)
+
+    def forward(self, latents):
+        u = latents.flatten(1).double()
+        return u, torch.zeros_like(u[:, :1, None]) + self.hidden_bias  # (n, K, H): a batch-sized broadcast
+
+
+class MAFStep(nn.Module):
+    """K pixels per slot: positions (n, 1), u (n, D), hidden (n, K, H) float64 → pixel (n, K, C), hidden."""
+
+    def __init__(self, model: MAF) -> None:
+        super().__init__()
+        self.model = model
+        weights = [layer.float64_weights() for layer in model.layers]  # per layer: W1, b1, W_mu, b_mu, W_s, b_s
+        # Indexed by the pixel first, so one gather per step brings every layer's row or column of it.
+        self.register_buffer("columns", torch.stack([w[0].t() for w in weights], 1), False)  # (D, K, H)
+        self.register_buffer("shift_rows", torch.stack([w[2] for w in weights], 1), False)  # (D, K, H)
+        self.register_buffer("shift_bias", torch.stack([w[3] for w in weights], 1), False)  # (D, K)
+        self.register_buffer("scale_rows", torch.stack([w[4] for w in weights], 1), False)  # (D, K, H)
+        self.register_buffer("scale_bias", torch.stack([w[5] for w in weights], 1), False)  # (D, K)
+
+    def forward(self, positions, u, hidden):
+        num_layers, pixels = hidden.shape[1], []
+        span = self.model.config.image_size
+        for s in range(span):
+            index = positions[:, 0] + s  # (n,)
+            b = u.gather(1, index[:, None])[:, 0]  # (n,): the latent's entry, the top layer's output
+            columns, shift_rows, scale_rows = self.columns[index], self.shift_rows[index], self.scale_rows[index]
+            shift_bias, scale_bias = self.shift_bias[index], self.scale_bias[index]
+            updated = [hidden[:, 0]] * num_layers
+            for k in range(num_layers - 1, -1, -1):  # down the stack: layer K-1's input first
+                h = F.relu(hidden[:, k])  # (n, H): from a_<i of layer k's input
+                mu = (h * shift_rows[:, k]).sum(1) + shift_bias[:, k]
+                log_scale = bounded_log_scale((h * scale_rows[:, k]).sum(1) + scale_bias[:, k])
+                b = b * log_scale.exp() + mu  # a_i of layer k: the next layer down's output
+                updated[k] = hidden[:, k] + columns[:, k] * b[:, None]
+            hidden = torch.stack(updated, 1)
+            pixels.append(self.model.to_pixels(b).unsqueeze(1))  # (n, C=1)
+        return torch.stack(pixels, 1), hidden
+
+
+def maf_program(model: MAF) -> StepProgram:
+    c = model.config
+    f64 = FP64
+    u = TensorSpec("u", f64, (c.dims,))
+    hidden = TensorSpec("hidden", f64, (c.num_layers, c.hidden_units))
+    latents = TensorSpec("latents", FP32, (c.channels, c.image_size, c.image_size))
+    ctl = controls(model, c.image_size)
+
+    def step_example(n):
+        positions = (torch.arange(n).view(n, 1) % c.image_size) * c.image_size
+        return positions, torch.randn(n, c.dims, dtype=torch.float64), torch.randn(n, *hidden.shape).double()
+
+    return StepProgram(
+        states=(u, hidden),
+        start=EntryPoint("start", MAFStart(model), (latents,), _next(u, hidden),
+                         lambda n: (torch.randn(n, *latents.shape),)),
+        refresh=None,
+        step=EntryPoint("step", MAFStep(model), (ctl["positions"], u, hidden), (ctl[PIXEL], *_next(hidden)),
+                        step_example),
+        period=c.image_size,
+        length=c.dims,
+        span=c.image_size,
+    )
+
+
 def has_step_program(model: GenerativeModel) -> bool:
     """Whether `model` samples pixel by pixel through a cached step program (and so the engine)."""
-    return isinstance(model, AutoregressiveModel | PixelVAE)
+    return isinstance(model, AutoregressiveModel | PixelVAE | MAF)
 
 
-def step_program(model: AutoregressiveModel | PixelVAE, span: int | None = None) -> StepProgram:
+def step_program(model: AutoregressiveModel | PixelVAE | MAF, span: int | None = None) -> StepProgram:
     """The cached step program of an autoregressive model or decoder (eval mode).
 
     Args:
@@ -407,6 +486,10 @@ def step_program(model: AutoregressiveModel | PixelVAE, span: int | None = None)
             finest-grained program.
     """
     model = model.eval()
+    if isinstance(model, MAF):
+        if span not in (None, model.config.image_size):
+            raise ValueError(f"a MAF's step program advances a whole row: span {model.config.image_size}, got {span}")
+        return maf_program(model)
     width = model.config.image_size
     span = width if span is None else span
     if span < 1 or width % span:
@@ -430,14 +513,14 @@ def eager_runner(model: AutoregressiveModel | PixelVAE, span: int | None = None)
 
 
 def cached_sample(
-    model: AutoregressiveModel | PixelVAE, n: int, seed: int, temperature: float = 1.0,
+    model: AutoregressiveModel | PixelVAE | MAF, n: int, seed: int, temperature: float = 1.0,
     labels: torch.Tensor | None = None, latents: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`model.sample` through the sampling engine (fused operators where built, else the eager step program).
 
     Args:
-        latents: a PixelVAE's z per sample, (n, D): `model.decode(latents, seed=seed)` instead;
-            default the prior draws `model.sample` makes.
+        latents: a PixelVAE's z per sample, (n, D), or a MAF's, (n, C, H, W): `model.decode(latents[, seed])`
+            instead; default the prior draws `model.sample` makes.
 
     Returns:
         (n, C, H, W) int64 pixel values, equal to `model.sample(n, seed, temperature, labels)`.
@@ -452,6 +535,8 @@ def cached_sample(
     label_list = None if labels is None else [int(v) for v in labels]
     if isinstance(model, PixelVAE) and latents is None:
         latents = prior_latents(model, seed, range(n))
+    if isinstance(model, MAF) and latents is None:
+        latents = model.prior_latents(seed, range(n), temperature)
     z = None if latents is None else latents.detach().cpu().float().numpy()
     return torch.from_numpy(engine.generate(seed, n, temperature, label_list, latents=z)).long()
 

@@ -177,20 +177,23 @@ class AAE(VAE):
         ]
 
 
+async def _engine_draw(family: Family, seed: int, indices, temperature: float, latents: np.ndarray,
+                       deadline: float | None, on_progress: ProgressCallback | None) -> np.ndarray:
+    """Images from the sampling engine over `family`'s step program, each sample bringing its own z."""
+    batch = SampleBatch(seed, tuple(indices), temperature, None, latents=np.ascontiguousarray(latents, np.float32))
+    return await family.runtime.sample_sequential(family.spec.entry("sample"), batch, deadline, on_progress)
+
+
 class PixelVAE(VAE):
     """The VAE's Encode and Score (bounds whose log p(x|z) is the PixelCNN decoder's); Sample and Decode run
     the sampling engine over the decoder's step program with z per sample: prior draws, or the given latents."""
 
     async def sample(self, p, deadline, on_progress):
         z = gaussian_noise(p.seed, p.indices, self.spec.latent_shape, stream=LATENT_STREAM).numpy()
-        return await self._draw(p.seed, tuple(p.indices), p.temperature, z, deadline, on_progress)
+        return await _engine_draw(self, p.seed, p.indices, p.temperature, z, deadline, on_progress)
 
     async def decode(self, latents, labels, seed, deadline):
-        return Decoded(await self._draw(seed, tuple(range(len(latents))), 1.0, latents, deadline, None))
-
-    async def _draw(self, seed, indices, temperature, latents, deadline, on_progress) -> np.ndarray:
-        batch = SampleBatch(seed, indices, temperature, None, latents=np.ascontiguousarray(latents, dtype=np.float32))
-        return await self.runtime.sample_sequential(self.spec.entry("sample"), batch, deadline, on_progress)
+        return Decoded(await _engine_draw(self, seed, range(len(latents)), 1.0, latents, deadline, None))
 
 
 class DCGAN(Family):
@@ -236,6 +239,18 @@ class FlowGAN(Flow):
         return [*likelihood, await self._discriminator(images, labels, deadline)]
 
 
+class MAF(Flow):
+    """The flow's Encode and Score (one parallel pass); Sample (z ~ N(0, T² I)) and Decode invert the stack one
+    pixel per step in the sampling engine, z given per sample."""
+
+    async def sample(self, p, deadline, on_progress):
+        z = _gaussian(p, self.spec.image_shape) * np.float32(p.temperature)
+        return await _engine_draw(self, p.seed, p.indices, p.temperature, z, deadline, on_progress)
+
+    async def decode(self, latents, labels, seed, deadline):
+        return Decoded(await _engine_draw(self, seed, range(len(latents)), 1.0, latents, deadline, None))
+
+
 FAMILIES: dict[str, type[Family]] = {
     "pixelcnn": Autoregressive,
     "gated_pixelcnn": Autoregressive,
@@ -247,4 +262,5 @@ FAMILIES: dict[str, type[Family]] = {
     "dcgan": DCGAN,
     "realnvp": Flow,
     "flow_gan": FlowGAN,
+    "maf": MAF,
 }

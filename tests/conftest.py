@@ -24,10 +24,11 @@ TINY = {
                       output_channels=8),
     "dcgan": dict(image_size=8, latent_dim=4, generator_channels=4, discriminator_channels=4),
     "realnvp": dict(image_size=4, hidden_channels=4, num_checkerboard=2, num_channelwise=2),
+    "maf": dict(image_size=4, num_layers=3, hidden_units=8),
     "flow_gan": dict(image_size=4, hidden_channels=4, num_checkerboard=2, num_channelwise=2, discriminator_channels=4),
 }
 SHIPPED = ("pixelcnn_mnist", "gated_pixelcnn_mnist", "vae_mnist", "iaf_vae_mnist", "vae_gan_mnist", "aae_mnist",
-           "dcgan_mnist", "realnvp_mnist", "flow_gan_mnist", "pixel_vae_mnist")
+           "dcgan_mnist", "realnvp_mnist", "flow_gan_mnist", "pixel_vae_mnist", "maf_mnist")
 
 
 def make_model(family: str, seed: int = 0, **overrides):

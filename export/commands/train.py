@@ -9,6 +9,7 @@ from genserve.clients.verbs import CommandError, Verb
 
 FAMILY_NAMES = (
     "pixelcnn", "gated_pixelcnn", "vae", "iaf_vae", "vae_gan", "aae", "pixel_vae", "dcgan", "realnvp", "flow_gan",
+    "maf",
 )
 
 

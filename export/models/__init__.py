@@ -10,6 +10,7 @@ from .dcgan import DCGAN, DCGANConfig
 from .flow_gan import FlowGAN, FlowGANConfig
 from .gated_pixelcnn import GatedPixelCNN, GatedPixelCNNConfig
 from .iaf_vae import IAFVAE, IAFVAEConfig
+from .maf import MAF, MAFConfig
 from .pixel_vae import PixelVAE, PixelVAEConfig
 from .pixelcnn import PixelCNN, PixelCNNConfig
 from .realnvp import RealNVP, RealNVPConfig
@@ -18,7 +19,7 @@ from .vae_gan import VAEGAN, VAEGANConfig
 
 FAMILIES: dict[str, type[GenerativeModel]] = {
     cls.family: cls for cls in (
-        PixelCNN, GatedPixelCNN, VAE, IAFVAE, VAEGAN, AAE, PixelVAE, DCGAN, RealNVP, FlowGAN
+        PixelCNN, GatedPixelCNN, VAE, IAFVAE, VAEGAN, AAE, PixelVAE, DCGAN, RealNVP, FlowGAN, MAF
     )
 }
 
@@ -45,6 +46,6 @@ __all__ = [
     "build_model", "model_class",
     "PixelCNN", "PixelCNNConfig", "GatedPixelCNN", "GatedPixelCNNConfig",
     "VAE", "VAEConfig", "IAFVAE", "IAFVAEConfig", "VAEGAN", "VAEGANConfig", "AAE", "AAEConfig",
-    "PixelVAE", "PixelVAEConfig",
+    "PixelVAE", "PixelVAEConfig", "MAF", "MAFConfig",
     "DCGAN", "DCGANConfig", "RealNVP", "RealNVPConfig", "FlowGAN", "FlowGANConfig",
 ]

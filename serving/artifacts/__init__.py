@@ -4,7 +4,7 @@ export writes only through `write_manifest`; the server, the engine and Triton's
 models read only through `load_manifest`.
 """
 
-from .dtypes import DTYPES, FP32, INT64, UINT8, DType, dtype_named, dtype_of
+from .dtypes import DTYPES, FP32, FP64, INT64, UINT8, DType, dtype_named, dtype_of
 from .fields import ManifestError
 from .manifest import (
     FLAVOURS,
@@ -19,11 +19,22 @@ from .manifest import (
     write_manifest,
 )
 from .specs import TensorSpec
-from .step import CONTROLS, GRAPH_NAMES, NEXT, PIXEL, START, STEP_KINDS, FusedSection, GraphSignature, StepSection
+from .step import (
+    CONTROLS,
+    GRAPH_NAMES,
+    NEXT,
+    PIXEL,
+    REFRESH,
+    START,
+    STEP_KINDS,
+    FusedSection,
+    GraphSignature,
+    StepSection,
+)
 
 __all__ = [
-    "CONTROLS", "DTYPES", "FLAVOURS", "FP32", "GRAPH_NAMES", "INT64", "MANIFEST", "MANIFEST_FORMAT", "NEXT", "PIXEL",
-    "START", "STEP_KINDS", "UINT8", "ArtifactIntegrityError", "Batching", "DType", "FusedSection", "GraphSignature",
-    "Manifest", "ManifestError", "StepSection", "TensorSpec", "Training", "dtype_named", "dtype_of", "load_manifest",
-    "sha256", "write_manifest",
+    "CONTROLS", "DTYPES", "FLAVOURS", "FP32", "FP64", "GRAPH_NAMES", "INT64", "MANIFEST", "MANIFEST_FORMAT", "NEXT",
+    "PIXEL", "REFRESH", "START", "STEP_KINDS", "UINT8", "ArtifactIntegrityError", "Batching", "DType", "FusedSection",
+    "GraphSignature", "Manifest", "ManifestError", "StepSection", "TensorSpec", "Training", "dtype_named", "dtype_of",
+    "load_manifest", "sha256", "write_manifest",
 ]

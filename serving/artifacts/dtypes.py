@@ -23,7 +23,8 @@ class DType:
 UINT8 = DType("UINT8", np.dtype(np.uint8), torch.uint8)
 INT64 = DType("INT64", np.dtype(np.int64), torch.int64)
 FP32 = DType("FP32", np.dtype(np.float32), torch.float32)
-DTYPES = {d.name: d for d in (UINT8, INT64, FP32)}
+FP64 = DType("FP64", np.dtype(np.float64), torch.float64)  # step-program states that must not round (MAF)
+DTYPES = {d.name: d for d in (UINT8, INT64, FP32, FP64)}
 
 
 def dtype_named(name: str) -> DType:

@@ -6,10 +6,10 @@ inputs from a fixed vocabulary of controls the engine fills (`CONTROLS`) plus th
 states; they output `pixel` and `next_<state>` for each state they update (ONNX forbids an
 output named like an input).
 
-`kind` says how the program is run: "graphs" is a `refresh` and a `step` graph exported as
-ONNX and TorchScript, run by the runtime the server chose; a program may add a `start` graph,
-run once per slot when a sample is admitted, which turns the sample's `latents` (a latent-variable
-model's z) into states that every later call reads. "fused" adds a pair of fused
+`kind` says how the program is run: "graphs" is a `step` graph, usually with a `refresh` graph
+(per-row work), exported as ONNX and TorchScript, run by the runtime the server chose; a program
+may add a `start` graph, run once per slot when a sample is admitted, which turns the sample's
+`latents` (a PixelVAE's z, a flow's latent) into states that every later call reads. "fused" adds a pair of fused
 operators (`torch.ops.genserve.*`, serving/fused) over the same states and the weights file
 they read; where the operators are not built for the device, the graphs run instead. An
 engine that does not know a kind refuses the manifest.
@@ -30,8 +30,8 @@ PIXEL = "pixel"  # the step's chosen pixels, (n, span, C) int64
 # (n, C, H, W); uniform noise of the step's pixels (n, span, C); temperature (n, 1); labels (n, 1);
 # latents (n, D), the sample's z (the `start` graph's input).
 CONTROLS = ("positions", "pixels", "noise", "temperature", "labels", "latents")
-GRAPH_NAMES = ("refresh", "step")
-START = "start"  # optional: runs once per slot at admission
+GRAPH_NAMES = ("start", "refresh", "step")  # "step" is required, the others optional
+START, REFRESH, STEP = GRAPH_NAMES
 STEP_KINDS = ("graphs", "fused")
 
 
@@ -58,7 +58,7 @@ class StepSection:
 
     kind: str
     states: tuple[TensorSpec, ...]
-    graphs: Mapping[str, GraphSignature]  # "refresh" (at row starts), "step" (every call) [, "start"]
+    graphs: Mapping[str, GraphSignature]  # "step" (every call) [, "refresh" (at row starts), "start"]
     period: int  # refresh runs for slots whose position is a multiple of this
     length: int  # positions per sample
     span: int  # positions one step call advances
@@ -71,9 +71,9 @@ class StepSection:
         if (self.kind == "fused") != (self.fused is not None):
             raise ValueError(f"fused: kind {self.kind!r} {'needs' if self.kind == 'fused' else 'takes no'} "
                              "fused section (op and weights)")
-        if set(self.graphs) - {START} != set(GRAPH_NAMES) or PIXEL not in self.graphs["step"].outputs:
-            raise ValueError(f"graphs: a step program needs graphs {GRAPH_NAMES} (step with output {PIXEL!r}) "
-                             f"and may have {START!r}, got {dict(self.graphs)}")
+        if STEP not in self.graphs or set(self.graphs) - set(GRAPH_NAMES) or PIXEL not in self.graphs[STEP].outputs:
+            raise ValueError(f"graphs: a step program needs a {STEP!r} graph with output {PIXEL!r} and may have "
+                             f"{START!r} and {REFRESH!r}, got {dict(self.graphs)}")
         names = {s.name for s in self.states}
         unknown = [o for g in self.graphs.values() for o in g.outputs
                    if o != PIXEL and o.removeprefix(NEXT) not in names]

@@ -95,13 +95,18 @@ class BenchReport:
 
 
 class NaiveSampler:
-    """The full-logits graph of the same model in the same runtime, driven one pixel at a time."""
+    """The full-network graph of the same model in the same runtime, driven one pixel at a time.
+
+    PixelCNNs and a PixelVAE's decoder: the `logits` graph, a pixel chosen from each pass. A MAF:
+    its `encode` graph, one pass of every layer, which is what its naive inverse runs per pixel
+    (each layer's MADE once); the values it computes are not used.
+    """
 
     def __init__(self, folder: Path, runtime: str, device: str) -> None:
         manifest = load_manifest(folder)
-        self.levels = manifest.model_config["pixel_levels"]
+        self.inputs = manifest.inputs
+        self.chooses = manifest.outputs[0].name == "logits"
         self.num_classes = manifest.model_config.get("num_classes")
-        self.latent_dim = manifest.model_config["latent_dim"] if any(s.name == "z" for s in manifest.inputs) else None
         self.device = torch.device(device)
         if runtime == "onnx":
             session = onnx_session(manifest.artifact("model.onnx"))
@@ -118,18 +123,23 @@ class NaiveSampler:
         """Seconds for the first `steps` pixels of naive sampling at batch len(noise)."""
         n, channels, height, width = noise.shape
         x = torch.zeros(noise.shape, dtype=torch.uint8, device=self.device)
+        g = torch.Generator().manual_seed(n)
         feeds = {"images": x}
-        if self.num_classes:
-            feeds["labels"] = (torch.arange(n, device=self.device) % self.num_classes).view(n, 1)
-        if self.latent_dim:  # a PixelVAE's decoder: z, drawn as Sample draws it (N(0, I))
-            feeds["z"] = torch.randn(n, self.latent_dim, generator=torch.Generator().manual_seed(n)).to(self.device)
+        for spec in self.inputs[1:]:  # in the graph's order, after the images
+            if spec.name == "labels":
+                feeds["labels"] = (torch.arange(n, device=self.device) % self.num_classes).view(n, 1)
+            elif spec.name == "z":  # a PixelVAE's decoder: z ~ N(0, I), as Sample draws it
+                feeds["z"] = torch.randn(n, *spec.shape, generator=g).to(self.device)
+            else:  # a flow's dequantisation noise
+                feeds[spec.name] = torch.rand(n, *spec.shape, generator=g).to(self.device)
         noise = noise.to(self.device)
         _sync(self.device)
         start = time.perf_counter()
         for position in range(steps):
             i, j = divmod(position, width)
-            logits = self.forward(feeds)[..., i, j]  # (N, L, C)
-            x[:, :, i, j] = choose_pixels(logits, noise[:, :, i, j], 1.0).to(torch.uint8)
+            out = self.forward(feeds)
+            if self.chooses:
+                x[:, :, i, j] = choose_pixels(out[..., i, j], noise[:, :, i, j], 1.0).to(torch.uint8)
         _sync(self.device)
         return time.perf_counter() - start
 
@@ -154,8 +164,8 @@ def _sync(device: torch.device) -> None:
 
 def _conditions(runner: StepRunner, seed: int, n: int) -> dict:
     """The labels and latents `n` samples of the runner's program need (none for most)."""
-    classes, dim = runner.spec.num_classes, runner.spec.latent_dim
-    latents = torch.randn(n, dim, generator=torch.Generator().manual_seed(seed)).numpy() if dim else None
+    classes, shape = runner.spec.num_classes, runner.spec.latent_shape
+    latents = torch.randn(n, *shape, generator=torch.Generator().manual_seed(seed)).numpy() if shape else None
     return {"labels": [k % classes for k in range(n)] if classes else None, "latents": latents}
 
 
@@ -205,7 +215,9 @@ def run_benchmark(config: BenchConfig, progress=print) -> BenchReport:
     why_not_fused = fused_unavailable(manifest, config.device) if config.fused else "not asked for (--no-fused)"
     fused = None if why_not_fused else load_step_runner(manifest, config.runtime, config.device)
     runner = fused or graphs  # what the batching comparison runs on
-    naive = NaiveSampler(repository / f"{config.model}_logits", config.runtime, config.device)
+    full_pass = repository / f"{config.model}_logits"
+    naive = NaiveSampler(full_pass if full_pass.exists() else repository / f"{config.model}_encode", config.runtime,
+                         config.device)
     report = BenchReport(config=asdict(config), machine={
         "cpu_threads": torch.get_num_threads(), "platform": platform.platform(), "cpu": _cpu_name(),
         "device": torch.cuda.get_device_name() if graphs.device.type == "cuda" else "cpu",

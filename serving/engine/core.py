@@ -128,16 +128,17 @@ class SamplingEngine:
         return job
 
     def _checked_latents(self, latents: np.ndarray | None, count: int) -> np.ndarray | None:
-        dim = self.spec.latent_dim
-        if dim is None:
+        shape = self.spec.latent_shape
+        if shape is None:
             if latents is not None:
                 raise ValueError("latents: this model's sampler takes no latents")
             return None
+        expected = (count, *shape)
         if latents is None:
-            raise ValueError(f"latents: this model's sampler needs latents of shape ({count}, {dim})")
+            raise ValueError(f"latents: this model's sampler needs latents of shape {expected}")
         latents = np.asarray(latents, dtype=np.float32)
-        if latents.shape != (count, dim) or not np.isfinite(latents).all():
-            raise ValueError(f"latents: expected finite values of shape ({count}, {dim}), got {latents.shape}")
+        if latents.shape != expected or not np.isfinite(latents).all():
+            raise ValueError(f"latents: expected finite values of shape {expected}, got {latents.shape}")
         return latents
 
     def generate(self, seed: int, count: int, temperature: float = 1.0,

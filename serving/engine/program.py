@@ -30,30 +30,33 @@ class StepSpec:
     """What the engine needs to drive a step program: its section and the model's image space."""
 
     states: tuple[TensorSpec, ...]  # per-slot cache tensors (shape without the slot axis)
-    graphs: Mapping[str, GraphSignature]  # "refresh" and "step"
+    graphs: Mapping[str, GraphSignature]  # "step" [, "refresh", "start"]
     period: int  # refresh runs for slots whose position is a multiple of this
     length: int  # positions per sample
     span: int  # positions one step call advances (noise (n, span, C) in, pixel (n, span, C) out)
     sample_shape: tuple[int, int, int]  # (C, H, W)
     levels: int
     num_classes: int | None
-    latent_dim: int | None = None  # D of the `latents` every sample must bring (None: the program takes none)
+    latent_shape: tuple[int, ...] | None = None  # of the `latents` every sample must bring (None: takes none)
 
     @classmethod
     def from_section(cls, section: StepSection, model_config: Mapping) -> StepSpec:
         """From a manifest's step section (validated when it was made) and its model_config."""
         size = model_config["image_size"]
+        sample_shape = (model_config["channels"], size, size)
         takes_latents = any("latents" in g.inputs for g in section.graphs.values())
+        # (D,) for a latent-variable model; a flow's latent has the image's shape
+        latent_shape = (model_config["latent_dim"],) if "latent_dim" in model_config else sample_shape
         return cls(
             states=section.states,
             graphs=section.graphs,
             period=section.period,
             length=section.length,
             span=section.span,
-            sample_shape=(model_config["channels"], size, size),
+            sample_shape=sample_shape,
             levels=model_config["pixel_levels"],
             num_classes=model_config.get("num_classes"),
-            latent_dim=model_config["latent_dim"] if takes_latents else None,
+            latent_shape=latent_shape if takes_latents else None,
         )
 
     @classmethod

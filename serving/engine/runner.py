@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..artifacts import NEXT, PIXEL, START
+from ..artifacts import NEXT, PIXEL, REFRESH, START
 from ..kernels.sampling import noise_for
 from .jobs import SampleJob
 from .program import StepRunner
@@ -29,7 +29,7 @@ class SlotRunner:
         self.positions = np.zeros(num_slots, dtype=np.int64)
         self.temperature = np.zeros((num_slots, 1), dtype=np.float32)
         self.labels = np.zeros((num_slots, 1), dtype=np.int64)
-        self.latents = np.zeros((num_slots, self.spec.latent_dim or 0), dtype=np.float32)
+        self.latents = np.zeros((num_slots, *(self.spec.latent_shape or (0,))), dtype=np.float32)
         self.noise = np.zeros((num_slots, self.spec.length, channels), dtype=np.float32)  # per position: (C,)
         self.pixels = np.zeros((num_slots, channels, height * width), dtype=np.uint8)
         self.slot_jobs: list[tuple[SampleJob, int] | None] = [None] * num_slots  # (job, k): sample k of job
@@ -70,21 +70,21 @@ class SlotRunner:
     def execute(self) -> np.ndarray:
         """One call of the program on every active slot; returns the slots that just completed a row.
 
-        `refresh` runs on the slots starting a row, then `step` on all (one in-place `run_row` call
-        instead where the runner has one and every slot starts a row); each slot's pixels are
-        written and its position advances by the program's span.
+        `refresh` (where the program has one) runs on the slots starting a row, then `step` on all
+        (one in-place `run_row` call instead where the runner has one and every slot starts a row);
+        each slot's pixels are written and its position advances by the program's span.
         """
         n = self.active
         positions = self.positions[:n]
-        starting = np.flatnonzero(positions % self.spec.period == 0)
+        starting = np.flatnonzero(positions % self.spec.period == 0) if REFRESH in self.spec.graphs else []
         if len(starting) == n and self.runner.row_inputs:  # one in-place call: refresh, then step
             feeds = self._feeds(self.runner.row_inputs, slice(0, n))
             pixel = self.runner.run_row(feeds, [self.states[s.name][:n] for s in self.spec.states])
         else:
             if len(starting) == n:
-                self._run("refresh", slice(0, n))
+                self._run(REFRESH, slice(0, n))
             elif len(starting):
-                self._run("refresh", starting)
+                self._run(REFRESH, starting)
             pixel = self._run("step", slice(0, n))[PIXEL]
         pixel = pixel.cpu().numpy()  # (n, span, C)
         taken = positions[:, None] + np.arange(self.spec.span)  # (n, span)

@@ -19,7 +19,7 @@ from genserve.v1 import generative_pb2 as pb
 from tests.integration.server_fixtures import Connected, images_of, server_config
 
 MODELS = ["pixelcnn_mnist", "gated_pixelcnn_mnist", "vae_mnist", "iaf_vae_mnist", "vae_gan_mnist", "aae_mnist",
-          "dcgan_mnist", "realnvp_mnist", "flow_gan_mnist", "pixel_vae_mnist"]
+          "dcgan_mnist", "realnvp_mnist", "flow_gan_mnist", "pixel_vae_mnist", "maf_mnist"]
 ACTIONABLE = {"OK", "INVALID_ARGUMENT", "NOT_FOUND", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED"}
 FUZZ = settings(max_examples=40, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])

@@ -69,6 +69,7 @@ def test_list_models_names_every_model_with_its_family_capabilities(api):
         "vae_mnist": ("vae", ["CAPABILITY_SAMPLE", "CAPABILITY_ENCODE", "CAPABILITY_DECODE", "CAPABILITY_SCORE"]),
         "pixel_vae_mnist": ("pixel_vae", ["CAPABILITY_SAMPLE", "CAPABILITY_ENCODE", "CAPABILITY_DECODE",
                                           "CAPABILITY_SCORE"]),
+        "maf_mnist": ("maf", ["CAPABILITY_SAMPLE", "CAPABILITY_ENCODE", "CAPABILITY_DECODE", "CAPABILITY_SCORE"]),
     }
     assert all(m.ready for m in models.values())
     vae = api.stub.GetModel(pb.GetModelRequest(model="vae_mnist"))
@@ -89,6 +90,7 @@ def test_gated_pixelcnn_samples_equal_the_naive_reference_loop(api, naive_gated_
     ("pixelcnn_mnist", 0.8, []), ("vae_mnist", 1.0, []), ("vae_mnist", 0.5, []), ("dcgan_mnist", 0.7, [3, 1, 4]),
     ("realnvp_mnist", 0.6, []), ("iaf_vae_mnist", 0.8, []), ("aae_mnist", 1.0, []),
     ("vae_gan_mnist", 0.9, []), ("flow_gan_mnist", 0.7, []), ("pixel_vae_mnist", 0.8, []),
+    ("maf_mnist", 0.7, []),
 ])
 def test_samples_equal_the_models_own(api, shipped, model, temperature, labels):
     response = api.stub.Sample(pb.SampleRequest(model=model, num_samples=3, seed=5, temperature=temperature,
@@ -222,7 +224,7 @@ def test_aae_encode_gives_the_code_and_decode_its_pixel_probabilities(api, shipp
     assert_within_rounding(as_array(decoded.probabilities), probs, sigma_probs, "probabilities")
 
 
-@pytest.mark.parametrize("name", ["realnvp_mnist", "flow_gan_mnist"])
+@pytest.mark.parametrize("name", ["realnvp_mnist", "flow_gan_mnist", "maf_mnist"])  # MAF: Decode in the engine
 def test_flow_encode_decode_round_trips_real_digits(api, shipped, digits, name):
     model = shipped(name).model
     x = digits(256)
@@ -257,7 +259,7 @@ def test_dcgan_decode_is_the_generator_on_given_latents(api, shipped):
 
 @pytest.mark.parametrize("model", ["pixelcnn_mnist", "gated_pixelcnn_mnist", "vae_mnist", "realnvp_mnist",
                                    "dcgan_mnist", "iaf_vae_mnist", "aae_mnist", "vae_gan_mnist",
-                                   "flow_gan_mnist", "pixel_vae_mnist"])
+                                   "flow_gan_mnist", "pixel_vae_mnist", "maf_mnist"])
 def test_scores_equal_the_models_own_with_methods_named(api, shipped, digits, model):
     m = shipped(model).model
     x = digits(m.config.pixel_levels)

@@ -82,7 +82,8 @@ def test_every_model_in_the_repository_is_ready(client):
          "aae_mnist_encode", "aae_mnist_decode", "aae_mnist_score",
          "vae_gan_mnist_encode", "vae_gan_mnist_decode", "vae_gan_mnist_score", "vae_gan_mnist_discriminate",
          "flow_gan_mnist_encode", "flow_gan_mnist_decode", "flow_gan_mnist_score", "flow_gan_mnist_discriminate",
-         "pixel_vae_mnist_encode", "pixel_vae_mnist_score", "pixel_vae_mnist_logits", "pixel_vae_mnist_sample"]
+         "pixel_vae_mnist_encode", "pixel_vae_mnist_score", "pixel_vae_mnist_logits", "pixel_vae_mnist_sample",
+         "maf_mnist_encode", "maf_mnist_score", "maf_mnist_sample"]
     )
     index = {m.name: m.state for m in client.get_model_repository_index().models}
     assert {n: index.get(n) for n in names} == {n: "READY" for n in names}
@@ -255,6 +256,17 @@ def test_the_pixel_vae_sampler_draws_from_the_latents_each_sample_brings(client)
     with pytest.raises(InferenceServerException, match="latents"):  # NaN z: refused, naming the input
         sample_stream(client, "pixel_vae_mnist_sample", sampler_inputs(4, [0], latents=np.full((1, 16), np.nan)))
     assert client.is_model_ready("pixel_vae_mnist_sample")
+
+
+def test_the_maf_sampler_inverts_the_flow_from_each_samples_latents(client):
+    # Its states are float64 (the step graphs' pixel bins must not see float32 rounding): through Triton's
+    # Python backend too, the encoded latents of real digits come back as the digits themselves.
+    model = load_checkpoint("maf_mnist").model
+    digits = fixed_held_out(load_mnist5k(), 256).images[:3]
+    with torch.no_grad():
+        z, _ = model.encode(digits)
+    final = sample_stream(client, "maf_mnist_sample", sampler_inputs(0, [0, 1, 2], latents=z.numpy()))[-1]
+    assert np.array_equal(final.as_numpy("images"), digits.numpy())
 
 
 def test_temperature_zero_sampling_is_the_argmax_image(client):

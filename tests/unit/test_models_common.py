@@ -72,6 +72,7 @@ def test_capabilities_follow_the_design_table():
         "flow_gan": ["decode", "encode", "sample", "score"],
         "dcgan": ["decode", "sample", "score"],
         "realnvp": ["decode", "encode", "sample", "score"],
+        "maf": ["decode", "encode", "sample", "score"],
     }
 
 
