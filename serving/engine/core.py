@@ -94,8 +94,8 @@ class SamplingEngine:
             temperature: >= 0; 0 takes the most likely value of every pixel.
             labels: one class label per sample, for a conditional model.
             indices: explicit sample indices (e.g. to regenerate sample 17 of a seed alone).
-            latents: (count, D) float32, each sample's z: required by programs that take latents
-                (a PixelVAE's decoder), refused by the others.
+            latents: (count, *spec.latent_shape) float32, each sample's z: required by programs that
+                take latents (a PixelVAE's decoder, a MAF), refused by the others.
             deadline: a `time.monotonic()` time after which the job is dropped.
             on_progress: called from the engine thread whenever samples of the job finish rows.
             on_done: called from the engine thread when the job ends (finished, cancelled or expired).

@@ -32,7 +32,7 @@ class SampleJob:
     indices: tuple[int, ...]  # sample indices within the seed: each keys its own noise
     temperature: float
     labels: tuple[int, ...] | None
-    latents: np.ndarray | None  # (count, D) float32: each sample's z, for programs that take latents
+    latents: np.ndarray | None  # (count, *latent shape) float32: each sample's z, for programs that take latents
     images: np.ndarray  # (count, C, H, W) uint8; row r of sample k is final once rows_done[k] > r
     rows_done: np.ndarray  # (count,) rows completed per sample
     deadline: float | None = None  # time.monotonic() after which the job is dropped

@@ -27,7 +27,7 @@ class SampleBatch:
     indices: tuple[int, ...]
     temperature: float
     labels: tuple[int, ...] | None
-    latents: np.ndarray | None = None  # (N, D) float32: each sample's z, for samplers that take latents
+    latents: np.ndarray | None = None  # (N, *latent shape) float32: each sample's z, for samplers that take them
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from genserve.export.fused import fused_runner, gated_weights
+from genserve.export.fused import fused_runner, gated_weights, packed_weights
 from genserve.export.steps import step_program
 from genserve.serving import fused
 from genserve.serving.artifacts import load_manifest
@@ -28,11 +28,22 @@ from genserve.serving.engine import (
 )
 from genserve.serving.engine import program as engine_program
 from genserve.serving.engine.program import fused_unavailable
+from tests.conftest import make_model
 from tests.rounding import assert_within_rounding, rounding_sigma
 from tests.unit.test_export import REPOSITORY
 from tests.unit.test_sampling_engine import MODELS, labels_for, naive, tiny
 
+FUSED_MODELS = sorted(name for name, (family, _) in MODELS.items() if family in ("pixelcnn", "gated_pixelcnn"))
+
 SAMPLER = REPOSITORY / "gated_pixelcnn_mnist_sample"
+
+
+@pytest.mark.parametrize("family", ["pixel_vae", "maf"])
+def test_families_without_fused_operators_export_their_step_graphs_only(family):
+    # A PixelVAE's refresh adds a per-slot conditioning map the gated operators have no input for;
+    # a MAF's step is not a PixelCNN's at all: both run their exported graphs (manifest kind "graphs").
+    model = make_model(family)
+    assert packed_weights(model) is None and step_program(model).section().kind == "graphs"
 
 
 def test_the_operator_library_is_built_and_loads():
@@ -42,7 +53,7 @@ def test_the_operator_library_is_built_and_loads():
         assert hasattr(torch.ops.genserve, op), op
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("name", FUSED_MODELS)
 @pytest.mark.parametrize("span", [1, 6])
 def test_teacher_forced_fused_logits_equal_the_full_network(name, span):
     # The exactness claim: fed a given image, the fused step's logits at every pixel equal the
@@ -76,7 +87,7 @@ def test_teacher_forced_fused_logits_equal_the_full_network(name, span):
     assert np.array_equal(job.images, image.numpy())
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("name", FUSED_MODELS)
 @pytest.mark.parametrize("span", [1, 2, 6])
 def test_fused_sampling_equals_naive_sampling_on_many_seeds(name, span):
     # Exact equality of images, for the reason test_sampling_engine gives for the step graphs.
@@ -91,7 +102,7 @@ def test_fused_sampling_equals_naive_sampling_on_many_seeds(name, span):
     assert np.array_equal(engine.generate(3, n, 0.5, labels), naive(model, n, 3, 0.5, labels))
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("name", FUSED_MODELS)
 @pytest.mark.parametrize("graph", ["refresh", "step"])
 def test_each_fused_call_matches_the_step_graph_it_replaces(name, graph):
     # Call by call on the same inputs (the exporter's examples: slots at different rows, random
@@ -111,7 +122,7 @@ def test_each_fused_call_matches_the_step_graph_it_replaces(name, graph):
             assert_within_rounding(got[spec.name].numpy(), value.detach().numpy(), sigma, f"{name} {spec.name}")
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("name", FUSED_MODELS)
 def test_the_in_place_row_call_equals_refresh_then_step(name):
     # The engine's one-call path for slots that all start a row must leave exactly the states and
     # pixels the two calls give (the same kernels, so bit for bit).
