@@ -19,10 +19,10 @@ def test_every_layer_is_triangular_in_raster_order_so_the_stack_is():
     # for each layer and for the whole stack (which is what lets the engine invert pixel by pixel).
     model = make_model("maf").double()
     y = torch.randn(1, model.config.dims, dtype=torch.float64)
-    stack = torch.autograd.functional.jacobian(lambda a: model.flow_forward(a.view(1, 1, 4, 4))[0].flatten(1), y)[0, :, 0]
-    assert torch.equal(torch.triu(stack, diagonal=1), torch.zeros_like(stack))
-    for layer in model.layers:
-        jacobian = torch.autograd.functional.jacobian(lambda a: layer(a)[0], y)[0, :, 0]
+    functions = [lambda a: model.flow_forward(a.view(1, 1, 4, 4))[0].flatten(1)]
+    functions += [lambda a, layer=layer: layer(a)[0] for layer in model.layers]
+    for function in functions:  # the whole stack, then each layer
+        jacobian = torch.autograd.functional.jacobian(function, y)[0, :, 0]
         assert torch.equal(torch.triu(jacobian, diagonal=1), torch.zeros_like(jacobian))
 
 
