@@ -37,7 +37,10 @@ LITERATURE = {
     "flow_gan": "Grover et al. 2018 report the hybrid's NLL on MNIST in nats of the continuous model; "
     "compare with realnvp_mnist here (same flow, maximum likelihood only)",
     "maf": "Papamakarios et al. 2017 report -1300.5 nats for MAF (5) on MNIST in logit space, a density over "
-    "other coordinates: not comparable with bits/dim of pixels; compare with realnvp_mnist here",
+    "other coordinates: not comparable with bits/dim of pixels; compare with realnvp_mnist here. Unlike the "
+    "paper's, this MAF keeps one raster order in every layer (what lets the engine invert it pixel by pixel) "
+    "and bounds each layer's log-scale to ±0.6; trained for 100 epochs it fit the training digits better "
+    "(2.91 bits/dim) and held-out ones worse (5.19), so it ships at 20",
     "dcgan": "no likelihood (implicit model)",
 }
 

@@ -132,7 +132,8 @@ def _gate(x: torch.Tensor, channels: int) -> torch.Tensor:
 class GatedRefresh(StepModule):
     """Row start: every layer's vertical stack for row i, its link into the horizontal stack, empty left context.
 
-    pixels (n, C, H, W), positions (n, 1) [, labels (n, 1)], vertical (n, L-1, C, p, W) →
+    pixels (n, C, H, W), positions (n, 1) [, labels (n, 1)], vertical (n, L-1, C, p, W)
+    [, condition (n, Cc, H, W)] →
     vertical (updated), links (n, L, 2C, W), image_context (n, (p0+1) * C_img) and
     hidden_context (n, L-1, p * C), the last two zero (the left padding of the new row).
     A link holds everything the horizontal pre-activation adds to its convolution: the 1x1
@@ -140,10 +141,10 @@ class GatedRefresh(StepModule):
     zero at column 0, where its shift right leaves exact zeros).
     """
 
-    def __init__(self, model: GatedPixelCNN, condition_channels: int | None = None) -> None:
+    def __init__(self, model: GatedPixelCNN, conditioned: bool = False) -> None:
         super().__init__(model)
         self.conditional = model.config.num_classes is not None
-        self.conditioned = condition_channels is not None  # a conditioning map state follows `vertical`
+        self.conditioned = conditioned  # a conditioning map state (a PixelVAE's m(z)) follows `vertical`
 
     def forward(self, pixels, positions, *rest):
         labels, rest = (rest[0], rest[1:]) if self.conditional else (None, rest)
@@ -289,7 +290,7 @@ def gated_program(model: GatedPixelCNN, span: int, latent_model: PixelVAE | None
 
     return StepProgram(
         states=(vertical, links, image_context, hidden_context, *conditioning),
-        refresh=EntryPoint("refresh", GatedRefresh(model, latent_model and latent_model.config.condition_channels),
+        refresh=EntryPoint("refresh", GatedRefresh(model, conditioned=latent_model is not None),
                            (ctl["pixels"], ctl["positions"], *labels, vertical, *conditioning),
                            _next(vertical, links, image_context, hidden_context), refresh_example),
         step=EntryPoint("step", GatedStep(model),
