@@ -42,7 +42,7 @@ from genserve.serving.sampler_rows import PROGRESS_OUTPUT
 
 from .checkpoint import Checkpoint
 from .entry_points import EntryPoint, entry_points
-from .exporters import export_onnx, export_torchscript
+from .exporters import export_onnx, export_torchscript, fold_batch_norms
 from .fused import write_fused_weights
 from .steps import has_step_program, step_program
 from .triton_config import NATIVE_BACKENDS, DynamicBatching, InstanceGroup, ModelConfig, render
@@ -190,7 +190,7 @@ def export_checkpoint(
     options = options or ExportOptions()
     repository = Path(repository)
     folders = []
-    for entry in entry_points(checkpoint.model):
+    for entry in entry_points(fold_batch_norms(checkpoint.model)):
         folders.append(export_entry_point(checkpoint, entry, repository, options))
     if has_step_program(checkpoint.model):
         folders.append(export_sampler(checkpoint, repository, options))
