@@ -16,27 +16,32 @@ ONNX_OPSET = 17
 
 
 def fold_batch_norms(model: nn.Module) -> nn.Module:
-    """A copy of `model` (eval mode) with every Conv2d → BatchNorm2d pair of a Sequential folded into the conv.
+    """`model`, or where it has any, a copy (eval mode) with every Conv2d → BatchNorm2d pair of a Sequential folded into the conv.
 
     Why: the ONNX exporter folds these pairs itself, in float32 on the exporting CPU, and Intel and
     AMD kernels round that product differently, so the same checkpoint gave different ONNX bytes
     (and the shipped repository's checksums held on one CPU only). Folded here in float64 and
     rounded once, the weights are the same on every x86 CPU.
     """
+    def pairs(module: nn.Module):
+        for sequential in [m for m in module.modules() if isinstance(m, nn.Sequential)]:
+            for index in range(len(sequential) - 1):
+                if isinstance(sequential[index], nn.Conv2d) and isinstance(sequential[index + 1], nn.BatchNorm2d):
+                    yield sequential, index
+
+    if not any(pairs(model)):
+        return model  # untouched: a copy would trace to other TorchScript bytes
     model = copy.deepcopy(model).eval()
-    for sequential in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
-        for index in range(len(sequential) - 1):
-            conv, norm = sequential[index], sequential[index + 1]
-            if not (isinstance(conv, nn.Conv2d) and isinstance(norm, nn.BatchNorm2d)):
-                continue
-            with torch.no_grad():
-                scale = norm.weight.double() / torch.sqrt(norm.running_var.double() + norm.eps)
-                bias = conv.bias.double() if conv.bias is not None else torch.zeros_like(scale)
-                folded = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
-                                   conv.padding, conv.dilation, conv.groups, bias=True)
-                folded.weight.copy_((conv.weight.double() * scale.view(-1, 1, 1, 1)).float())
-                folded.bias.copy_(((bias - norm.running_mean.double()) * scale + norm.bias.double()).float())
-            sequential[index], sequential[index + 1] = folded.eval(), nn.Identity()
+    for sequential, index in list(pairs(model)):
+        conv, norm = sequential[index], sequential[index + 1]
+        with torch.no_grad():
+            scale = norm.weight.double() / torch.sqrt(norm.running_var.double() + norm.eps)
+            bias = conv.bias.double() if conv.bias is not None else torch.zeros_like(scale)
+            folded = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
+                               conv.padding, conv.dilation, conv.groups, bias=True)
+            folded.weight.copy_((conv.weight.double() * scale.view(-1, 1, 1, 1)).float())
+            folded.bias.copy_(((bias - norm.running_mean.double()) * scale + norm.bias.double()).float())
+        sequential[index], sequential[index + 1] = folded.eval(), nn.Identity()
     return model
 
 
