@@ -16,7 +16,8 @@ ONNX_OPSET = 17
 
 
 def fold_batch_norms(model: nn.Module) -> nn.Module:
-    """`model`, or where it has any, a copy (eval mode) with every Conv2d → BatchNorm2d pair of a Sequential folded into the conv.
+    """`model` with every Conv2d → BatchNorm2d pair of a Sequential folded into the conv (a copy, in eval mode,
+    where there is any pair; else `model` itself).
 
     Why: the ONNX exporter folds these pairs itself, in float32 on the exporting CPU, and Intel and
     AMD kernels round that product differently, so the same checkpoint gave different ONNX bytes

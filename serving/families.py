@@ -254,6 +254,7 @@ class MAF(Flow):
 FAMILIES: dict[str, type[Family]] = {
     "pixelcnn": Autoregressive,
     "gated_pixelcnn": Autoregressive,
+    "pixelcnn_pp": Autoregressive,
     "vae": VAE,
     "iaf_vae": IAFVAE,
     "vae_gan": VAEGAN,

@@ -25,6 +25,7 @@ TINY = {
     "dcgan": dict(image_size=8, latent_dim=4, generator_channels=4, discriminator_channels=4),
     "realnvp": dict(image_size=4, hidden_channels=4, num_checkerboard=2, num_channelwise=2),
     "maf": dict(image_size=4, num_layers=3, hidden_units=8),
+    "pixelcnn_pp": dict(image_size=8, filters=4, mixtures=3, pixel_levels=5),
     "flow_gan": dict(image_size=4, hidden_channels=4, num_checkerboard=2, num_channelwise=2, discriminator_channels=4),
 }
 SHIPPED = ("pixelcnn_mnist", "gated_pixelcnn_mnist", "vae_mnist", "iaf_vae_mnist", "vae_gan_mnist", "aae_mnist",

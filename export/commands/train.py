@@ -8,8 +8,8 @@ import json
 from genserve.clients.verbs import CommandError, Verb
 
 FAMILY_NAMES = (
-    "pixelcnn", "gated_pixelcnn", "vae", "iaf_vae", "vae_gan", "aae", "pixel_vae", "dcgan", "realnvp", "flow_gan",
-    "maf",
+    "pixelcnn", "gated_pixelcnn", "pixelcnn_pp", "vae", "iaf_vae", "vae_gan", "aae", "pixel_vae", "dcgan", "realnvp",
+    "flow_gan", "maf",
 )
 
 

@@ -13,13 +13,14 @@ from .iaf_vae import IAFVAE, IAFVAEConfig
 from .maf import MAF, MAFConfig
 from .pixel_vae import PixelVAE, PixelVAEConfig
 from .pixelcnn import PixelCNN, PixelCNNConfig
+from .pixelcnn_pp import PixelCNNPP, PixelCNNPPConfig
 from .realnvp import RealNVP, RealNVPConfig
 from .vae import VAE, VAEConfig
 from .vae_gan import VAEGAN, VAEGANConfig
 
 FAMILIES: dict[str, type[GenerativeModel]] = {
     cls.family: cls for cls in (
-        PixelCNN, GatedPixelCNN, VAE, IAFVAE, VAEGAN, AAE, PixelVAE, DCGAN, RealNVP, FlowGAN, MAF
+        PixelCNN, GatedPixelCNN, PixelCNNPP, VAE, IAFVAE, VAEGAN, AAE, PixelVAE, DCGAN, RealNVP, FlowGAN, MAF
     )
 }
 
@@ -44,7 +45,7 @@ def build_model(family: str, config: dict[str, Any] | ImageConfig | None = None)
 __all__ = [
     "FAMILIES", "GenerativeModel", "ImageConfig", "Score", "UnsupportedCapability",
     "build_model", "model_class",
-    "PixelCNN", "PixelCNNConfig", "GatedPixelCNN", "GatedPixelCNNConfig",
+    "PixelCNN", "PixelCNNConfig", "GatedPixelCNN", "GatedPixelCNNConfig", "PixelCNNPP", "PixelCNNPPConfig",
     "VAE", "VAEConfig", "IAFVAE", "IAFVAEConfig", "VAEGAN", "VAEGANConfig", "AAE", "AAEConfig",
     "PixelVAE", "PixelVAEConfig", "MAF", "MAFConfig",
     "DCGAN", "DCGANConfig", "RealNVP", "RealNVPConfig", "FlowGAN", "FlowGANConfig",

@@ -24,7 +24,7 @@ class AutoregressiveModel(GenerativeModel):
 
     def scale_input(self, x: torch.Tensor) -> torch.Tensor:
         """Pixel values → floats in [-1, 1] of the weights' dtype, the network's input."""
-        return x.to(self.output_logits.weight.dtype) * (2.0 / (self.config.pixel_levels - 1)) - 1.0
+        return x.to(next(self.parameters()).dtype) * (2.0 / (self.config.pixel_levels - 1)) - 1.0
 
     def log_prob(self, x: torch.Tensor, labels: torch.Tensor | None = None, seed: int = 0) -> torch.Tensor:
         x = self.check_pixels(x)

@@ -9,7 +9,8 @@ import torch
 
 from tests.conftest import make_model
 
-AR_FAMILIES = ("pixelcnn", "gated_pixelcnn")
+AR_FAMILIES = ("pixelcnn", "gated_pixelcnn", "pixelcnn_pp")
+TWO_BY_TWO = {"pixelcnn_pp": dict(num_scales=2)}  # 2x2 images: two resolutions, 2 and 1
 
 
 def input_gradients(model, size: int, position: tuple[int, int], label: int | None = None) -> torch.Tensor:
@@ -55,9 +56,9 @@ def test_gated_pixelcnn_has_no_blind_spot_where_pixelcnn_does():
 
 
 @pytest.mark.parametrize("family", AR_FAMILIES)
-@pytest.mark.parametrize("levels", [2, 3])
+@pytest.mark.parametrize("levels", [2, 3, 5])
 def test_probabilities_of_every_tiny_image_sum_to_one(family, levels):
-    model = make_model(family, image_size=2, pixel_levels=levels).double()
+    model = make_model(family, image_size=2, pixel_levels=levels, **TWO_BY_TWO.get(family, {})).double()
     images = torch.tensor(list(itertools.product(range(levels), repeat=4))).view(-1, 1, 2, 2)
     assert len(images) == levels**4
     with torch.no_grad():

@@ -16,7 +16,7 @@ import torch
 from genserve.export.checkpoint import load_checkpoint, save_checkpoint
 from genserve.export.data import fixed_held_out, load_mnist5k
 from genserve.export.entry_points import entry_points
-from genserve.export.exporters import export_onnx, export_torchscript
+from genserve.export.exporters import export_onnx, export_torchscript, fold_batch_norms
 from genserve.export.repository import ExportOptions, check_sums, export_checkpoint
 from genserve.export.triton_config import DynamicBatching, ModelConfig, parse, render
 from genserve.serving.artifacts import FP32, UINT8, ArtifactIntegrityError, ManifestError, TensorSpec, load_manifest
@@ -73,6 +73,28 @@ def test_onnx_and_torchscript_match_eager_pytorch(name, shipped, tmp_path):
             else:  # ONNX Runtime's MLAS and PyTorch's kernels round differently, and per CPU
                 assert_within_rounding(o, e, sigma, f"{where} (ONNX Runtime)")
                 assert_within_rounding(s, e, sigma, f"{where} (TorchScript)")
+
+
+def test_batch_norms_are_folded_in_float64_and_rounded_once():
+    # The ONNX exporter's own float32 fold rounds differently on Intel and AMD; ours is the float64
+    # product rounded once, the same bytes on any x86 CPU. Models without a pair are not copied.
+    model = make_model("dcgan", num_classes=4)
+    norm = model.discriminator.features[3]
+    with torch.no_grad():  # running statistics as training leaves them, not the identity's
+        norm.running_mean.uniform_(-0.5, 0.5)
+        norm.running_var.uniform_(0.5, 2.0)
+    folded = fold_batch_norms(model)
+    conv = model.discriminator.features[2]
+    scale = norm.weight.double() / (norm.running_var.double() + norm.eps).sqrt()
+    want = (conv.weight.double() * scale.view(-1, 1, 1, 1)).float()
+    assert isinstance(folded.discriminator.features[3], torch.nn.Identity)
+    assert torch.equal(folded.discriminator.features[2].weight, want)
+    x, labels = torch.rand(4, 1, 8, 8) * 2 - 1, torch.arange(4)
+    with torch.no_grad():
+        # One float32 rounding of each folded weight and bias moves the logit by far less than 1e-4 of it.
+        assert torch.allclose(folded.discriminator(x, labels), model.discriminator(x, labels), rtol=1e-4, atol=1e-5)
+    plain = make_model("vae")
+    assert fold_batch_norms(plain) is plain
 
 
 def test_outputs_are_deterministic_functions_of_inputs(shipped, tmp_path):

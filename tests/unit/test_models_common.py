@@ -64,6 +64,7 @@ def test_capabilities_follow_the_design_table():
     assert {f: sorted(c.capabilities) for f, c in FAMILIES.items()} == {
         "pixelcnn": ["sample", "score"],
         "gated_pixelcnn": ["sample", "score"],
+        "pixelcnn_pp": ["sample", "score"],
         "vae": ["decode", "encode", "sample", "score"],
         "iaf_vae": ["decode", "encode", "sample", "score"],
         "aae": ["decode", "encode", "sample", "score"],

@@ -32,8 +32,8 @@ def tiny_config(family, out, data, **kw):
     return TrainConfig(family=family, out=str(out), data=data, batch_size=32, model=model, **kw)
 
 
-@pytest.mark.parametrize("family", ["pixelcnn", "gated_pixelcnn", "vae", "iaf_vae", "vae_gan", "aae", "pixel_vae",
-                                    "dcgan", "realnvp", "flow_gan", "maf"])
+@pytest.mark.parametrize("family", ["pixelcnn", "gated_pixelcnn", "pixelcnn_pp", "vae", "iaf_vae", "vae_gan", "aae",
+                                    "pixel_vae", "dcgan", "realnvp", "flow_gan", "maf"])
 def test_every_family_trains_and_its_loss_falls(family, small_digits, tmp_path):
     config = tiny_config(family, tmp_path / family, small_digits, epochs=3, learning_rate=3e-3)
     model = train(config, progress=False)
@@ -73,7 +73,7 @@ def test_resume_refuses_another_family(small_digits, tmp_path):
 
 
 @pytest.mark.parametrize("family", ["gated_pixelcnn", "dcgan", "realnvp", "iaf_vae", "vae_gan", "aae", "flow_gan",
-                                    "pixel_vae", "maf"])
+                                    "pixel_vae", "maf", "pixelcnn_pp"])
 def test_checkpoint_round_trips_exactly(family, tmp_path):
     model = make_model(family)
     save_checkpoint(tmp_path, model, training={"seed": 3}, metrics={"m": 1})
