@@ -37,7 +37,7 @@ from .models.gated_pixelcnn import GatedPixelCNN, gate
 from .models.maf import MAF, bounded_log_scale
 from .models.pixel_vae import PixelVAE, prior_latents
 from .models.pixelcnn import PixelCNN
-from .models.pixelcnn_pp import PixelCNNPP, RowContext, discretized_mixture_log_probs
+from .models.pixelcnn_pp import UL, PixelCNNPP, RowContext, U, discretized_mixture_log_probs
 
 
 def controls(model: AutoregressiveModel, span: int) -> dict[str, TensorSpec]:
@@ -397,40 +397,119 @@ def pixelcnn_program(model: PixelCNN, span: int) -> StepProgram:
 
 # ---- PixelCNN++ ------------------------------------------------------------------------------
 # Every convolution has kernel height 2, so a row of the whole network follows from the row itself
-# and each convolution's input on the row above: those rows are the states, one tensor per
-# resolution (models/pixelcnn_pp.RowContext lists them). A step computes the image row's strip
-# through every layer, O(W) per pixel rather than O(1), and never the rows above. Coarse
-# resolutions follow "cache every, run every": their row r is computed on image row r * 2**s and
-# carried, finished, through the image rows up to the next.
-class PixelCNNPPStep(StepModule):
-    """K pixels of a row per slot: positions, pixels (n, 1, H, W), noise (n, K, 1), temperature, rows{s} →
-    pixel (n, K, 1) int64 and rows{s}, replaced where the call finishes a row of that resolution."""
+# and each convolution's input on the row above: those rows are states, one tensor per stream and
+# resolution (models/pixelcnn_pp.RowContext lists them). The u stream of row i depends on rows < i
+# only: `refresh` computes it once per row and keeps every value the ul stream reads; each pixel step
+# then computes the ul stream's row strip, O(W) per pixel rather than O(1), and never the rows
+# above. Coarse resolutions follow "cache every, run every": their row r is computed on image row
+# r * 2**s and carried, finished, through the image rows up to the next.
+@dataclass(frozen=True)
+class PixelCNNPPLayout:
+    """What the states hold, per width (finest first): channels of each row recorded, in call order."""
 
-    def __init__(self, model: PixelCNNPP) -> None:
+    u_rows: dict[int, list[int]]  # the u stream's convolution inputs and carried rows
+    ul_rows: dict[int, list[int]]  # the same of the ul stream
+    u_values: list[tuple[int, int]]  # (width, channels) of each u-stream value the ul stream reads, in order
+
+    @classmethod
+    def of(cls, model: PixelCNNPP) -> PixelCNNPPLayout:
+        """One dry run of a row with zero rows above."""
+        c = model.config
+        widths = [c.image_size >> s for s in range(c.num_scales)]
+        rows = RowContext({}, {w: torch.ones(1, 1, 1, 1, dtype=torch.bool) for w in widths},
+                          torch.zeros(1, dtype=torch.long), c.image_size)
+        with torch.no_grad():
+            u, ul = model.initial_streams(torch.zeros(1, 2, 3, c.image_size, dtype=next(model.parameters()).dtype))
+            model.mixture_params(u[:, :, -1:], ul[:, :, -1:], rows)
+
+        def channels(stream):
+            return {w: [r.shape[1] for r in rows.current[(stream, w)]] for w in widths}
+
+        return cls(channels(U), channels(UL), [(v.shape[3], v.shape[1]) for v in rows.u_made])
+
+    @property
+    def widths(self) -> list[int]:
+        return list(self.u_rows)
+
+    def value_channels(self, width: int) -> list[int]:
+        return [ch for w, ch in self.u_values if w == width]
+
+    def specs(self, name: str) -> tuple[TensorSpec, ...]:
+        """The states `name`0.. of one resolution each: u_rows, ul_rows or u_values."""
+        per_width = self.u_rows if name == "u_rows" else self.ul_rows if name == "ul_rows" else None
+        return tuple(TensorSpec(f"{name}{s}", FP32, (sum(per_width[w] if per_width else self.value_channels(w)), w))
+                     for s, w in enumerate(self.widths))
+
+
+class PixelCNNPPRow(StepModule):
+    """What the refresh and the step share: the image window, which resolutions are live, the first layer."""
+
+    def __init__(self, model: PixelCNNPP, layout: PixelCNNPPLayout) -> None:
         super().__init__(model)
-        self.choose = choose_at_temperature  # (logits, noise, divisor, greedy) → pixel; tests force pixels here
-        self.register_buffer("levels", torch.arange(model.config.pixel_levels).view(1, -1), persistent=False)
-        self.channels = pixelcnn_pp_state_channels(model)  # per width, each recorded row's channels
+        self.layout = layout
 
-    def forward(self, positions, pixels, noise, temperature, *states):
-        model, c = self.model, self.model.config
-        n, width, levels = positions.shape[0], c.image_size, c.pixel_levels
-        row = positions[:, 0] // width
-        widths = list(self.channels)
-        above = {w: [r.unsqueeze(2) for r in state.split(self.channels[w], dim=1)] for w, state in zip(widths, states)}
-        live = {w: (row % (width // w) == 0).view(n, 1, 1, 1) for w in widths}
-        # Image rows i-2..i with both input channels zero above the image, as the full pass pads them.
+    def begin(self, pixels, positions):
+        """→ row (n,), live {width: (n, 1, 1, 1)}, window (n, 2, 3, W): image rows i-2..i, zero above the image."""
+        model, width = self.model, self.model.config.image_size
+        n, row = positions.shape[0], positions[:, 0] // width
+        live = {w: (row % (width // w) == 0).view(n, 1, 1, 1) for w in self.layout.widths}
         padded = F.pad(model.network_input(pixels), (0, 0, 2, 0))
         index = (row.view(n, 1, 1, 1) + self.offsets[:3].view(1, 1, 3, 1)).expand(n, 2, 3, width)
-        window = padded.gather(2, index)  # (n, 2, 3, W)
-        not_first_row = (row > 0).to(window.dtype).view(n, 1, 1, 1)
+        return row, live, padded.gather(2, index)
+
+    def first_layer(self, window, row):
+        """u, ul of the window's last row, (n, F, 1, W), with the full pass's shifted-in zeros on image row 0."""
+        u, above, left = (part[:, :, -1:] for part in self.model.initial_parts(window))
+        not_first_row = (row > 0).to(window.dtype).view(-1, 1, 1, 1)
+        return u * not_first_row, above * not_first_row + left
+
+    def unpack(self, states, per_width: dict[int, list[int]], stream: str) -> dict:
+        return {(stream, w): [r.unsqueeze(2) for r in state.split(per_width[w], dim=1)]
+                for w, state in zip(self.layout.widths, states)}
+
+    def pack(self, rows: RowContext, states, stream: str, update: dict[int, torch.Tensor]) -> tuple:
+        """Each resolution's recorded rows as its next state where `update` (n, 1, 1, 1) says, else the state."""
+        return tuple(torch.where(update[w].view(-1, 1, 1), torch.cat(rows.current[(stream, w)], 1)[:, :, 0], state)
+                     for w, state in zip(self.layout.widths, states))
+
+
+class PixelCNNPPRefresh(PixelCNNPPRow):
+    """Row start: pixels, positions, u_rows{s} → u_rows{s} (where the resolution is live) and u_values{s}."""
+
+    def forward(self, pixels, positions, *u_rows):
+        row, live, window = self.begin(pixels, positions)
+        u, ul = self.first_layer(window, row)
+        rows = RowContext(self.unpack(u_rows, self.layout.u_rows, U), live, row, self.model.config.image_size)
+        self.model.mixture_params(u, ul, rows)  # the ul stream's part of it is not kept (rows above: zeros)
+        values = tuple(torch.cat([v for v in rows.u_made if v.shape[3] == w], 1)[:, :, 0] for w in self.layout.widths)
+        return (*self.pack(rows, u_rows, U, live), *values)
+
+
+class PixelCNNPPStep(PixelCNNPPRow):
+    """K pixels of a row per slot: positions, pixels, noise (n, K, 1), temperature, ul_rows{s}, u_values{s} →
+    pixel (n, K, 1) int64 and ul_rows{s}, replaced where the call finishes a row of that resolution."""
+
+    def __init__(self, model: PixelCNNPP, layout: PixelCNNPPLayout) -> None:
+        super().__init__(model, layout)
+        self.choose = choose_at_temperature  # (logits, noise, divisor, greedy) → pixel; tests force pixels here
+        self.register_buffer("levels", torch.arange(model.config.pixel_levels).view(1, -1), persistent=False)
+
+    def forward(self, positions, pixels, noise, temperature, *states):
+        model, c, layout = self.model, self.model.config, self.layout
+        n, width, levels, scales = positions.shape[0], c.image_size, c.pixel_levels, c.num_scales
+        ul_rows, value_states = states[:scales], states[scales:]
+        row, live, window = self.begin(pixels, positions)
+        above = self.unpack(ul_rows, layout.ul_rows, UL)
+        # The refresh's u values, back in the order the network asks for them.
+        by_width = {w: list(state.unsqueeze(2).split(layout.value_channels(w), dim=1))
+                    for w, state in zip(layout.widths, value_states)}
+        u_values = [by_width[w].pop(0) for w, _ in layout.u_values]
         divisor, greedy = temperature_rows(temperature, 3)
         chosen, rows = [], None
         for s in range(noise.shape[1]):
             column = positions[:, 0] % width + s  # (n,)
-            u, ul_above, ul_left = (part[:, :, -1:] for part in model.initial_parts(window))
-            u, ul = u * not_first_row, ul_above * not_first_row + ul_left  # the full pass's shifted-in zeros
-            rows = RowContext(above, live, row, width)
+            u, ul = self.first_layer(window, row)
+            rows = RowContext(above, live, row, width, u_values)
             params = model.mixture_params(u, ul, rows)[:, :, 0]  # (n, 3M, W)
             at = params.gather(2, column.view(n, 1, 1).expand(n, params.shape[1], 1))[:, :, 0]  # (n, 3M)
             logits = discretized_mixture_log_probs(at, self.levels, levels)  # (n, L)
@@ -439,43 +518,36 @@ class PixelCNNPPStep(StepModule):
             current = window[:, :1, 2].scatter(2, column.view(n, 1, 1), model.scale_input(pixel).unsqueeze(2))
             window = torch.cat([window[:, :, :2], torch.cat([current, window[:, 1:, 2]], 1).unsqueeze(2)], 2)
         # A call never crosses a row: where its last pixel ends a live row, that row is the next one's above.
-        ends_row = (positions[:, 0] + noise.shape[1]) % width == 0
-        updated = tuple(
-            torch.where(live[w].view(n, 1, 1) & ends_row.view(n, 1, 1), torch.cat(rows.current[w], 1)[:, :, 0], state)
-            for w, state in zip(widths, states)
-        )
-        return (torch.stack(chosen, 1), *updated)
-
-
-def pixelcnn_pp_state_channels(model: PixelCNNPP) -> dict[int, list[int]]:
-    """Per width (finest first), the channels of each row a step records, in call order (one dry run)."""
-    c = model.config
-    widths = [c.image_size >> s for s in range(c.num_scales)]
-    rows = RowContext(None, {w: torch.ones(1, 1, 1, 1, dtype=torch.bool) for w in widths},
-                      torch.zeros(1, dtype=torch.long), c.image_size)
-    with torch.no_grad():
-        u, ul = model.initial_streams(torch.zeros(1, 2, 3, c.image_size, dtype=next(model.parameters()).dtype))
-        model.mixture_params(u[:, :, -1:], ul[:, :, -1:], rows)
-    return {w: [r.shape[1] for r in rows.current[w]] for w in widths}
+        ends_row = ((positions[:, 0] + noise.shape[1]) % width == 0).view(n, 1, 1, 1)
+        return (torch.stack(chosen, 1), *self.pack(rows, ul_rows, UL, {w: live[w] & ends_row for w in live}))
 
 
 def pixelcnn_pp_program(model: PixelCNNPP, span: int) -> StepProgram:
     c = model.config
     ctl = controls(model, span)
-    states = tuple(TensorSpec(f"rows{s}", FP32, (sum(channels), w))
-                   for s, (w, channels) in enumerate(pixelcnn_pp_state_channels(model).items()))
+    layout = PixelCNNPPLayout.of(model)
+    u_rows, ul_rows, u_values = layout.specs("u_rows"), layout.specs("ul_rows"), layout.specs("u_values")
+
+    def random(specs, n):
+        return tuple(torch.randn(n, *st.shape) for st in specs)
+
+    def pixels_example(n):
+        return torch.randint(0, c.pixel_levels, (n, c.channels, c.image_size, c.image_size), dtype=torch.uint8)
+
+    def refresh_example(n):
+        return pixels_example(n), (torch.arange(n).view(n, 1) % c.image_size) * c.image_size, *random(u_rows, n)
 
     def step_example(n):
-        pixels = torch.randint(0, c.pixel_levels, (n, c.channels, c.image_size, c.image_size), dtype=torch.uint8)
         positions, noise, temperature = _step_controls_example(n, c, span)
-        return positions, pixels, noise, temperature, *(torch.randn(n, *st.shape) for st in states)
+        return positions, pixels_example(n), noise, temperature, *random(ul_rows, n), *random(u_values, n)
 
     return StepProgram(
-        states=states,
-        refresh=None,
-        step=EntryPoint("step", PixelCNNPPStep(model),
-                        (ctl["positions"], ctl["pixels"], ctl["noise"], ctl["temperature"], *states),
-                        (ctl[PIXEL], *_next(*states)), step_example),
+        states=(*u_rows, *ul_rows, *u_values),
+        refresh=EntryPoint("refresh", PixelCNNPPRefresh(model, layout), (ctl["pixels"], ctl["positions"], *u_rows),
+                           _next(*u_rows, *u_values), refresh_example),
+        step=EntryPoint("step", PixelCNNPPStep(model, layout),
+                        (ctl["positions"], ctl["pixels"], ctl["noise"], ctl["temperature"], *ul_rows, *u_values),
+                        (ctl[PIXEL], *_next(*ul_rows)), step_example),
         period=c.image_size,
         length=c.image_size * c.image_size,
         span=span,

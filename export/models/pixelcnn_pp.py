@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -62,70 +64,85 @@ class PixelCNNPPConfig(ImageConfig):
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
 
+U, UL = "u", "ul"  # the two streams: rows above only; rows above and pixels to the left
+
+
 class RowContext:
     """One row of the network at a time: what each causal convolution sees of its input's row above.
 
     Full passes run without one (the convolutions pad); the step program runs the same modules
-    on single rows (N, C, 1, W_s) with one of these. Rows are keyed by width, one list per
-    resolution, in the order the convolutions are called, so the step can pack them into one
-    state per resolution.
+    on single rows (N, C, 1, W_s) with one of these. Rows are keyed by (stream, width): per stream
+    and resolution, a list in the order the convolutions are called, which the step program packs
+    into one state each.
+
+    The u stream of row i depends on rows < i only, so the step program computes it once per row
+    (`refresh`, recording each of its values in `u_made`) and its pixel steps replay those values
+    (`u_values`) instead of computing them again: `u_stream` is where the network asks for them.
 
     Args:
-        above: per width, each call's tensor from the previous visit: a convolution's input row
-            above, or for `carry` the row's finished value. None: zeros (to learn the shapes).
+        above: per (stream, width), each call's tensor from the previous visit: a convolution's
+            input row above, or for `carry` the row's finished value; a key left out: zeros.
         live: per width, (N, 1, 1, 1) bool: whether this row of that resolution is computed now.
             A coarse row r is computed while the image is on row r * 2**s; on the rows in
             between, its values come from `above` instead ("run every", Ramachandran et al. 2017).
         row: (N,) the image row being computed.
         width: the image width.
+        u_values: the u stream's values for this row, in the order `u_stream` is asked; None: compute them.
     """
 
-    def __init__(self, above: dict[int, list[torch.Tensor]] | None, live: dict[int, torch.Tensor],
-                 row: torch.Tensor, width: int) -> None:
-        self.above, self.live, self.row, self.width = above, live, row, width
-        self.current: dict[int, list[torch.Tensor]] = defaultdict(list)  # what this visit leaves for the next
+    def __init__(self, above: dict[tuple[str, int], list[torch.Tensor]], live: dict[int, torch.Tensor],
+                 row: torch.Tensor, width: int, u_values: list[torch.Tensor] | None = None) -> None:
+        self.above, self.live, self.row, self.width, self.u_values = above, live, row, width, u_values
+        self.current: dict[tuple[str, int], list[torch.Tensor]] = defaultdict(list)  # left for the next visit
+        self.u_made: list[torch.Tensor] = []
 
-    def _record(self, x: torch.Tensor) -> torch.Tensor:
-        width = int(x.shape[3])  # a static size, also when traced
-        previous = torch.zeros_like(x) if self.above is None else self.above[width][len(self.current[width])]
-        self.current[width].append(x)
-        return previous
+    def _record(self, x: torch.Tensor, stream: str) -> torch.Tensor:
+        key = (stream, int(x.shape[3]))  # a static size, also when traced
+        index = len(self.current[key])
+        self.current[key].append(x)
+        return self.above[key][index] if key in self.above else torch.zeros_like(x)
 
-    def window(self, x: torch.Tensor) -> torch.Tensor:
+    def window(self, x: torch.Tensor, stream: str) -> torch.Tensor:
         """(N, C, 1, W) → (N, C, 2, W): the input's row above on top of it."""
-        return torch.cat([self._record(x), x], dim=2)
+        return torch.cat([self._record(x, stream), x], dim=2)
 
-    def carry(self, x: torch.Tensor) -> torch.Tensor:
+    def carry(self, x: torch.Tensor, stream: str) -> torch.Tensor:
         """A coarse row as computed now where its resolution is live, else as finished on its live image row."""
-        return torch.where(self.live[int(x.shape[3])], x, self._record(x))
+        return torch.where(self.live[int(x.shape[3])], x, self._record(x, stream))
 
     def pick(self, rows: torch.Tensor) -> torch.Tensor:
         """(N, C, 2, w) rows 2r, 2r+1 of an upsampling → the one the image row is on, (N, C, 1, w)."""
         odd = (self.row // (self.width // int(rows.shape[3]))) % 2 == 1
         return torch.where(odd.view(-1, 1, 1, 1), rows[:, :, 1:], rows[:, :, :1])
 
+    def u_stream(self, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """The u stream's next value: replayed where given, else computed (and kept in `u_made`)."""
+        value = compute() if self.u_values is None else self.u_values[len(self.u_made)]
+        self.u_made.append(value)
+        return value
+
 
 class DownShiftedConv(nn.Module):
-    """Sees its input's rows i-1..i (zero above the image) and columns j-1..j+1 (kernel (2, 3))."""
+    """Sees its input's rows i-1..i (zero above the image) and columns j-1..j+1 (kernel (2, 3)): the u stream's."""
 
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1) -> None:
         super().__init__()
         self.conv = nn.Conv2d(in_channels, out_channels, (2, 3), stride)
 
     def forward(self, x: torch.Tensor, rows: RowContext | None = None) -> torch.Tensor:
-        x = F.pad(x, (1, 1, 1, 0)) if rows is None else F.pad(rows.window(x), (1, 1, 0, 0))
+        x = F.pad(x, (1, 1, 1, 0)) if rows is None else F.pad(rows.window(x, U), (1, 1, 0, 0))
         return self.conv(x)
 
 
 class DownRightShiftedConv(nn.Module):
-    """Sees its input's rows i-1..i and columns j-1..j (kernel (2, 2)): nothing to the right."""
+    """Sees its input's rows i-1..i and columns j-1..j (kernel (2, 2)): nothing to the right; the ul stream's."""
 
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1) -> None:
         super().__init__()
         self.conv = nn.Conv2d(in_channels, out_channels, (2, 2), stride)
 
     def forward(self, x: torch.Tensor, rows: RowContext | None = None) -> torch.Tensor:
-        x = F.pad(x, (1, 0, 1, 0)) if rows is None else F.pad(rows.window(x), (1, 0, 0, 0))
+        x = F.pad(x, (1, 0, 1, 0)) if rows is None else F.pad(rows.window(x, UL), (1, 0, 0, 0))
         return self.conv(x)
 
 
@@ -265,27 +282,30 @@ class PixelCNNPP(AutoregressiveModel):
 
         With `rows`, u and ul are one image row (N, F, 1, W) and so is the result.
         """
+        def stream_u(compute, *args):  # the u stream's next value (a step program's pixel steps replay it)
+            return compute(*args) if rows is None else rows.u_stream(partial(compute, *args))
+
         us, uls = [u], [ul]
         scales = self.config.num_scales
         for s in range(scales):
             for block_u, block_ul in zip(self.up_u[s], self.up_ul[s]):
-                u = block_u(u, rows=rows)
+                u = stream_u(block_u, u, None, rows)
                 ul = block_ul(ul, u, rows=rows)
                 us.append(u)
                 uls.append(ul)
             if s < scales - 1:
-                u, ul = self.downsample_u[s](u, rows), self.downsample_ul[s](ul, rows)
+                u, ul = stream_u(self.downsample_u[s], u, rows), self.downsample_ul[s](ul, rows)
                 us.append(u)
                 uls.append(ul)
         u, ul = us.pop(), uls.pop()
         for s in reversed(range(scales)):
             for block_u, block_ul in zip(self.down_u[s], self.down_ul[s]):
-                u = block_u(u, us.pop(), rows=rows)
+                u = stream_u(block_u, u, us.pop(), rows)
                 ul = block_ul(ul, torch.cat([u, uls.pop()], dim=1), rows=rows)
             if s > 0:
                 if rows is not None:  # on the image rows between this scale's rows: its finished row
-                    u, ul = rows.carry(u), rows.carry(ul)
-                u, ul = self.upsample_u[s - 1](u, rows), self.upsample_ul[s - 1](ul, rows)
+                    u, ul = stream_u(rows.carry, u, U), rows.carry(ul, UL)
+                u, ul = stream_u(self.upsample_u[s - 1], u, rows), self.upsample_ul[s - 1](ul, rows)
         return self.output_params(F.elu(ul))
 
     def logits(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:

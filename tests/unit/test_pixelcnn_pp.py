@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from genserve.export.models import PixelCNNPPConfig
-from genserve.export.models.pixelcnn_pp import discretized_mixture_log_probs
+from genserve.export.models.pixelcnn_pp import DownRightShiftedConv, DownShiftedConv, discretized_mixture_log_probs
 from genserve.export.steps import eager_runner, step_program
 from genserve.serving.engine import EngineConfig, SamplingEngine
 from tests.conftest import make_model
@@ -90,10 +90,23 @@ def test_the_step_program_samples_256_levels_like_the_naive_loop(temperature):
         assert np.array_equal(engine.generate(seed, 4, temperature), model.sample(4, seed, temperature).numpy())
 
 
-def test_the_step_program_runs_one_pixel_per_call_by_default_and_keeps_a_state_per_resolution():
+def test_the_u_stream_runs_once_per_row_and_the_pixel_steps_replay_it():
+    # The u stream (rows above only) is the refresh's work; a pixel step runs no u-stream convolution.
     program = step_program(make_model("pixelcnn_pp"))
-    assert program.span == 1 and program.refresh is None and program.start is None
-    assert [(s.name, s.shape[1]) for s in program.states] == [("rows0", 8), ("rows1", 4), ("rows2", 2)]
+    assert program.span == 1 and program.start is None
+    assert [(s.name, s.shape[1]) for s in program.states] == [
+        (f"{kind}{s}", 8 >> s) for kind in ("u_rows", "ul_rows", "u_values") for s in range(3)]
+    calls = {"u": 0, "ul": 0}
+    model = program.step.module.model
+    for module in model.modules():
+        kind = {DownShiftedConv: "u", DownRightShiftedConv: "ul"}.get(type(module))
+        if kind:
+            module.register_forward_hook(lambda *_, kind=kind: calls.__setitem__(kind, calls[kind] + 1))
+    with torch.no_grad():
+        program.step.module(*program.step.example_inputs(2))
+        assert calls["u"] == 1 and calls["ul"] > 0  # the first layer's u convolution only (its input is pixels)
+        program.refresh.module(*program.refresh.example_inputs(2))
+    assert calls["u"] > 2
 
 
 @pytest.mark.parametrize("overrides, message", [
