@@ -35,7 +35,8 @@ def test_models_lists_every_served_model(server):
     result = genserve("models", "--server", server)
     assert result.returncode == 0, result.stderr
     for name in ("aae_mnist", "dcgan_mnist", "flow_gan_mnist", "gated_pixelcnn_mnist", "iaf_vae_mnist", "maf_mnist",
-                 "pixel_vae_mnist", "pixelcnn_mnist", "realnvp_mnist", "vae_gan_mnist", "vae_mnist"):
+                 "pixel_vae_mnist", "pixelcnn_mnist", "pixelcnn_pp_mnist", "realnvp_mnist", "vae_gan_mnist",
+                 "vae_mnist"):
         assert name in result.stdout
     listed = json.loads(genserve("models", "--server", server, "--json").stdout)
     assert {m["name"]: m["capabilities"] for m in listed}["vae_mnist"] == ["sample", "encode", "decode", "score"]

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from genserve.export.data import fixed_held_out, load_mnist5k
+from genserve.export.steps import cached_sample
 from genserve.v1 import generative_pb2 as pb
 from tests.integration.server_fixtures import Connected, images_of, server_config, tensor
 from tests.rounding import assert_within_rounding, rounding_sigma
@@ -70,6 +71,7 @@ def test_list_models_names_every_model_with_its_family_capabilities(api):
         "pixel_vae_mnist": ("pixel_vae", ["CAPABILITY_SAMPLE", "CAPABILITY_ENCODE", "CAPABILITY_DECODE",
                                           "CAPABILITY_SCORE"]),
         "maf_mnist": ("maf", ["CAPABILITY_SAMPLE", "CAPABILITY_ENCODE", "CAPABILITY_DECODE", "CAPABILITY_SCORE"]),
+        "pixelcnn_pp_mnist": ("pixelcnn_pp", ["CAPABILITY_SAMPLE", "CAPABILITY_SCORE"]),
     }
     assert all(m.ready for m in models.values())
     vae = api.stub.GetModel(pb.GetModelRequest(model="vae_mnist"))
@@ -84,6 +86,16 @@ def test_gated_pixelcnn_samples_equal_the_naive_reference_loop(api, naive_gated_
     response = api.stub.Sample(pb.SampleRequest(model="gated_pixelcnn_mnist", num_samples=2, seed=11))
     assert response.seed == 11
     np.testing.assert_array_equal(images_of(response), naive_gated_samples)
+
+
+def test_pixelcnn_pp_samples_equal_the_eager_engines(api, shipped):
+    # Naive sampling of the shipped 256-level model is 784 full passes per image (a minute here); the
+    # served images (ONNX or TorchScript step graphs) are checked against the same step program run
+    # eagerly, and that program against naive sampling in tests/unit (exactly, on tiny models; within
+    # rounding, teacher-forced, on this one).
+    response = api.stub.Sample(pb.SampleRequest(model="pixelcnn_pp_mnist", num_samples=2, seed=5, temperature=0.9))
+    expected = cached_sample(shipped("pixelcnn_pp_mnist").model, 2, 5, 0.9)
+    np.testing.assert_array_equal(images_of(response), expected.numpy())
 
 
 @pytest.mark.parametrize("model, temperature, labels", [
@@ -259,7 +271,7 @@ def test_dcgan_decode_is_the_generator_on_given_latents(api, shipped):
 
 @pytest.mark.parametrize("model", ["pixelcnn_mnist", "gated_pixelcnn_mnist", "vae_mnist", "realnvp_mnist",
                                    "dcgan_mnist", "iaf_vae_mnist", "aae_mnist", "vae_gan_mnist",
-                                   "flow_gan_mnist", "maf_mnist"])  # pixel_vae_mnist: below, with a small K
+                                   "flow_gan_mnist", "maf_mnist", "pixelcnn_pp_mnist"])  # pixel_vae_mnist: below
 def test_scores_equal_the_models_own_with_methods_named(api, shipped, digits, model):
     m = shipped(model).model
     x = digits(m.config.pixel_levels)

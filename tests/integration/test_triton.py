@@ -23,6 +23,7 @@ from genserve.export.checkpoint import load_checkpoint
 from genserve.export.data import fixed_held_out, load_mnist5k
 from genserve.export.entry_points import entry_points
 from genserve.export.models.pixel_vae import prior_latents
+from genserve.export.steps import cached_sample
 from genserve.serving.artifacts import load_manifest
 from tests.integration.conftest import REPOSITORY
 from tests.integration.server_fixtures import Connected, server_config
@@ -83,7 +84,8 @@ def test_every_model_in_the_repository_is_ready(client):
          "vae_gan_mnist_encode", "vae_gan_mnist_decode", "vae_gan_mnist_score", "vae_gan_mnist_discriminate",
          "flow_gan_mnist_encode", "flow_gan_mnist_decode", "flow_gan_mnist_score", "flow_gan_mnist_discriminate",
          "pixel_vae_mnist_encode", "pixel_vae_mnist_score", "pixel_vae_mnist_logits", "pixel_vae_mnist_sample",
-         "maf_mnist_encode", "maf_mnist_score", "maf_mnist_sample"]
+         "maf_mnist_encode", "maf_mnist_score", "maf_mnist_sample", "pixelcnn_pp_mnist_logits",
+         "pixelcnn_pp_mnist_sample"]
     )
     index = {m.name: m.state for m in client.get_model_repository_index().models}
     assert {n: index.get(n) for n in names} == {n: "READY" for n in names}
@@ -267,6 +269,13 @@ def test_the_maf_sampler_inverts_the_flow_from_each_samples_latents(client):
         z, _ = model.encode(digits)
     final = sample_stream(client, "maf_mnist_sample", sampler_inputs(0, [0, 1, 2], latents=z.numpy()))[-1]
     assert np.array_equal(final.as_numpy("images"), digits.numpy())
+
+
+def test_the_pixelcnn_pp_sampler_draws_what_the_eager_engine_does(client):
+    # One pixel per call through three resolutions' row states, inside Triton's Python backend.
+    final = sample_stream(client, "pixelcnn_pp_mnist_sample", sampler_inputs(3, [0], temperature=0.9))[-1]
+    expected = cached_sample(load_checkpoint("pixelcnn_pp_mnist").model, 1, 3, 0.9)
+    assert np.array_equal(final.as_numpy("images"), expected.numpy().astype(np.uint8))
 
 
 def test_temperature_zero_sampling_is_the_argmax_image(client):

@@ -6,11 +6,13 @@ import numpy as np
 import pytest
 import torch
 
+from genserve.export.data import fixed_held_out, load_mnist5k
 from genserve.export.models import PixelCNNPPConfig
 from genserve.export.models.pixelcnn_pp import DownRightShiftedConv, DownShiftedConv, discretized_mixture_log_probs
 from genserve.export.steps import eager_runner, step_program
 from genserve.serving.engine import EngineConfig, SamplingEngine
 from tests.conftest import make_model
+from tests.rounding import assert_within_rounding, rounding_sigma
 
 
 def reference_probs(params: torch.Tensor, levels: int) -> torch.Tensor:
@@ -119,3 +121,29 @@ def test_the_u_stream_runs_once_per_row_and_the_pixel_steps_replay_it():
 def test_config_rejects_what_the_model_cannot_be(overrides, message):
     with pytest.raises(ValueError, match=message):
         PixelCNNPPConfig(**overrides)
+
+
+def test_the_shipped_models_step_logits_equal_its_full_network_on_a_real_digit(shipped):
+    # The exactness claim on the shipped 256-level model: fed a held-out digit pixel by pixel, the
+    # step program's log-probabilities of every level at every pixel are the full network's, within
+    # the float32 rounding of the full network (tests/rounding.py).
+    model = shipped("pixelcnn_pp_mnist").model
+    digit = fixed_held_out(load_mnist5k(), 256).images[:1].long()
+    size, levels = model.config.image_size, model.config.pixel_levels
+    engine = SamplingEngine(eager_runner(model), EngineConfig(num_slots=1))
+    recorded = []
+
+    def forced(logits, noise, divisor, greedy):
+        position = len(recorded)
+        recorded.append(logits.detach().clone())
+        return digit[:, :, position // size, position % size]
+
+    engine.runner.graphs["step"].choose = forced
+    job = engine.submit(0, 1)
+    engine.run_until_idle()
+    steps = torch.stack(recorded, -1).view(1, levels, 1, size, size)
+    with torch.no_grad():
+        full = model.logits(digit)
+    (sigma,) = rounding_sigma(model.logits, [digit])
+    assert_within_rounding(steps.numpy(), full.numpy(), sigma, "pixelcnn_pp_mnist step logits")
+    assert np.array_equal(job.images, digit.numpy())
