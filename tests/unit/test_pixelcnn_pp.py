@@ -82,11 +82,12 @@ def test_log_prob_is_the_sum_of_each_pixels_log_probability_of_its_level():
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.5, 0.0])
-def test_the_step_program_samples_256_levels_like_the_naive_loop(temperature):
-    # The shipped model's level count, on a model of a few hundred weights and 4x4 images (three
-    # resolutions: 4, 2, 1). Each pixel's logits come out within float32 rounding of the naive pass's,
-    # so an image could differ only if a noise value fell within ~1e-7 of a CDF edge.
-    model = make_model("pixelcnn_pp", image_size=4, pixel_levels=256)
+@pytest.mark.parametrize("size, levels", [(4, 256), (8, 5)])
+def test_the_step_program_samples_like_the_naive_loop(size, levels, temperature):
+    # 4x4 at the shipped model's 256 levels; 8x8 (resolutions 8, 4, 2) for coarse rows carried through
+    # three image rows. Each pixel's logits come out within float32 rounding of the naive pass's, so an
+    # image could differ only if a noise value fell within ~1e-7 of a CDF edge.
+    model = make_model("pixelcnn_pp", image_size=size, pixel_levels=levels)
     engine = SamplingEngine(eager_runner(model), EngineConfig(num_slots=3))
     for seed in range(3):
         assert np.array_equal(engine.generate(seed, 4, temperature), model.sample(4, seed, temperature).numpy())

@@ -34,7 +34,7 @@ MODELS = {
     "pixelcnn": ("pixelcnn", dict(image_size=6)),
     "pixelcnn_3_levels": ("pixelcnn", dict(image_size=6, pixel_levels=3, first_kernel_size=5, kernel_size=5)),
     "pixel_vae": ("pixel_vae", dict(decoder_layers=3, first_kernel_size=5)),  # the decoder, z per slot
-    "pixelcnn_pp": ("pixelcnn_pp", dict(pixel_levels=4)),  # three resolutions, 8x8 → 2x2
+    "pixelcnn_pp": ("pixelcnn_pp", dict(image_size=4, pixel_levels=4)),  # three resolutions, 4x4 → 1x1
 }
 
 
