@@ -249,14 +249,15 @@ def test_cancelling_the_stream_frees_the_samples_slots(server):
 
 def test_the_pixel_vae_sampler_draws_from_the_latents_each_sample_brings(client):
     # One request, two kinds of rows: z from the prior (what Sample sends) and z from the encoder (Decode);
-    # each sample's image is the model's naive decode of its own z with its (seed, index) noise.
+    # each sample's image is the decode of its own z with its (seed, index) noise, as the in-process
+    # engine draws it (held equal to the model's naive decode in tests/unit).
     model = load_checkpoint("pixel_vae_mnist").model
     with torch.no_grad():
         z = torch.cat([prior_latents(model, 4, [0, 1]), model.encode(torch.ones(1, 1, 28, 28, dtype=torch.long))[0]])
     final = sample_stream(client, "pixel_vae_mnist_sample", sampler_inputs(4, [0, 1, 2], latents=z.numpy()))[-1]
-    expected = model.decode(z, seed=4).numpy().astype(np.uint8)
+    expected = cached_sample(model, 3, 4, latents=z).numpy().astype(np.uint8)
     assert np.array_equal(final.as_numpy("images"), expected)
-    assert np.array_equal(final.as_numpy("images")[:2], model.sample(2, 4).numpy().astype(np.uint8))
+    assert np.array_equal(final.as_numpy("images")[:2], cached_sample(model, 2, 4).numpy().astype(np.uint8))
     with pytest.raises(InferenceServerException, match="latents"):  # NaN z: refused, naming the input
         sample_stream(client, "pixel_vae_mnist_sample", sampler_inputs(4, [0], latents=np.full((1, 16), np.nan)))
     assert client.is_model_ready("pixel_vae_mnist_sample")
