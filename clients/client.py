@@ -97,17 +97,20 @@ class ModelInfo:
     max_batch_size: int
     ready: bool
     metrics: dict = field(default_factory=dict)
+    modality: str = "image"  # or "audio": samples (N, C, T) of mu-law codes
+    sample_rate: int | None = None  # of audio, in Hz
 
     @classmethod
     def from_pb(cls, m: pb.ModelInfo) -> ModelInfo:
         return cls(m.name, m.family, tuple(CAPABILITY_NAMES[c] for c in m.capabilities), tuple(m.image_shape),
                    m.pixel_levels, m.num_classes if m.HasField("num_classes") else None, tuple(m.latent_shape),
-                   m.max_batch_size, m.ready, json.loads(m.metrics_json or "{}"))
+                   m.max_batch_size, m.ready, json.loads(m.metrics_json or "{}"), m.modality or "image",
+                   m.sample_rate or None)
 
 
 @dataclass(frozen=True)
 class Samples:
-    images: np.ndarray  # (N, C, H, W) uint8
+    images: np.ndarray  # (N, C, H, W) uint8; audio (N, C, T)
     seed: int
     start_index: int
     temperature: float

@@ -1,6 +1,7 @@
-"""Datasets: the bundled MNIST digits, scikit-learn's 8x8 digits, and user-provided files.
+"""Datasets: the bundled MNIST digits, scikit-learn's 8x8 digits, spoken digits, and user-provided files.
 
-Every dataset yields uint8 images (N, 1, H, W) in [0, 255] and int64 labels (N,). Models
+Every image dataset yields uint8 images (N, 1, H, W) in [0, 255] and int64 labels (N,);
+`spoken_digits` (speech.py) yields uint8 mu-law audio (N, 1, T) and the digit spoken. Models
 that live on fewer pixel levels (the binarised autoregressive models and the VAE) get their
 pixels from `quantise`:
 - training: *dynamic* binarisation, a fresh Bernoulli(pixel / 255) draw every epoch;
@@ -25,19 +26,22 @@ import torch
 SPLIT_SEED = 20160601
 HELD_OUT_SIZE = 500
 EVAL_BINARISATION_SEED = 1234
-BUILTIN_DATASETS = ("mnist5k", "digits8")
+BUILTIN_DATASETS = ("mnist5k", "digits8", "spoken_digits")
 
 
 @dataclass(frozen=True)
 class Split:
-    """One split of a dataset: uint8 images (N, 1, H, W) and int64 labels (N,)."""
+    """One split of a dataset: uint8 images (N, C, H, W) or audio (N, C, T), and int64 labels (N,)."""
 
     images: torch.Tensor
     labels: torch.Tensor
 
     def __post_init__(self) -> None:
-        if self.images.dtype != torch.uint8 or self.images.dim() != 4:
-            raise ValueError(f"images must be uint8 (N, C, H, W), got {self.images.dtype} {tuple(self.images.shape)}")
+        if self.images.dtype != torch.uint8 or self.images.dim() not in (3, 4):
+            raise ValueError(
+                f"images must be uint8 (N, C, H, W) or audio (N, C, T), got {self.images.dtype} "
+                f"{tuple(self.images.shape)}"
+            )
         if self.labels.shape != (self.images.shape[0],):
             raise ValueError(f"labels must have shape ({self.images.shape[0]},), got {tuple(self.labels.shape)}")
 
@@ -53,14 +57,18 @@ class Dataset:
     num_classes: int
 
     @property
-    def image_size(self) -> int:
-        return self.train.images.shape[-1]
+    def is_audio(self) -> bool:
+        return self.train.images.dim() == 3
+
+    @property
+    def shape_config(self) -> dict[str, int]:
+        """The model config fields that fit a model to this data: its image size or clip length."""
+        return {"length" if self.is_audio else "image_size": self.train.images.shape[-1]}
 
     def describe(self) -> str:
-        return (
-            f"{self.name}: {len(self.train)} train / {len(self.held_out)} held-out images of "
-            f"{self.image_size}x{self.image_size}, split seed {SPLIT_SEED}"
-        )
+        size = self.train.images.shape[-1]
+        what = f"clips of {size} samples" if self.is_audio else f"images of {size}x{size}"
+        return f"{self.name}: {len(self.train)} train / {len(self.held_out)} held-out {what}, split seed {SPLIT_SEED}"
 
 
 def _split(name: str, images: np.ndarray, labels: np.ndarray, held_out: int) -> Dataset:
@@ -93,6 +101,13 @@ def load_digits8() -> Dataset:
     digits = load_digits()  # images (1797, 8, 8) in [0, 16]
     images = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)[:, None]
     return _split("digits8", images, digits.target, held_out=197)
+
+
+def load_spoken_digits() -> Dataset:
+    from .speech import CorpusSpec, load_corpus
+
+    corpus = load_corpus()
+    return _split("spoken_digits", corpus["audio"], corpus["labels"], CorpusSpec().held_out)
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -129,10 +144,17 @@ def _load_folder(folder: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """`images` (N, [C,] H, W) uint8, or `audio` (N, [C,] T) uint8 mu-law codes, and optional `labels`."""
     with np.load(path) as arrays:
-        key = "images" if "images" in arrays else arrays.files[0]
+        key = next((k for k in ("images", "audio") if k in arrays), arrays.files[0])
         images = arrays[key]
         labels = arrays["labels"] if "labels" in arrays else np.zeros(len(images), dtype=np.int64)
+    if key == "audio":
+        audio = images[:, None] if images.ndim == 2 else images
+        if audio.ndim != 3 or audio.dtype != np.uint8:
+            raise ValueError(f"{path}: 'audio' must be uint8 mu-law codes (N, T) or (N, C, T), got "
+                             f"{audio.dtype} {audio.shape}")
+        return audio, labels
     if images.ndim == 3:
         images = images[:, None]
     if images.ndim != 4 or images.shape[2] != images.shape[3]:
@@ -143,7 +165,7 @@ def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def load_dataset(name_or_path: str) -> Dataset:
-    """Loads `mnist5k`, `digits8`, or a folder / .npz file of the user's own images.
+    """Loads `mnist5k`, `digits8`, `spoken_digits`, or a folder / .npz file of the user's own images (or audio).
 
     A user dataset is split like the built-ins: shuffled with SPLIT_SEED, 10% held out.
     """
@@ -151,6 +173,8 @@ def load_dataset(name_or_path: str) -> Dataset:
         return load_mnist5k()
     if name_or_path == "digits8":
         return load_digits8()
+    if name_or_path == "spoken_digits":
+        return load_spoken_digits()
     path = Path(name_or_path)
     if not path.exists():
         raise ValueError(f"unknown dataset {name_or_path!r}: expected one of {BUILTIN_DATASETS} or an existing path")

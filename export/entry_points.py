@@ -7,7 +7,7 @@ latents) as an *input*: an exported graph is a deterministic function in every r
 Tensor conventions (what the Triton configs and manifests declare):
 - every tensor has a leading batch axis and at least one more axis, so per-image scalars
   are (N, 1) and class labels are (N, 1) int64;
-- images are uint8 pixel values (N, C, H, W) in [0, pixel_levels).
+- images are uint8 pixel values (N, C, H, W) in [0, pixel_levels); audio is (N, C, T) mu-law codes.
 """
 
 from __future__ import annotations
@@ -47,8 +47,7 @@ class EntryPoint:
 
 
 def _image_spec(model: GenerativeModel, name: str = "images") -> TensorSpec:
-    c = model.config
-    return TensorSpec(name, UINT8, (c.channels, c.image_size, c.image_size))
+    return TensorSpec(name, UINT8, model.config.sample_shape)
 
 
 def _label_specs(model: GenerativeModel) -> tuple[TensorSpec, ...]:
@@ -58,7 +57,7 @@ def _label_specs(model: GenerativeModel) -> tuple[TensorSpec, ...]:
 def _example_images(model: GenerativeModel, n: int) -> torch.Tensor:
     c = model.config
     g = torch.Generator().manual_seed(n)
-    return torch.randint(0, c.pixel_levels, (n, c.channels, c.image_size, c.image_size), generator=g).to(torch.uint8)
+    return torch.randint(0, c.pixel_levels, (n, *c.sample_shape), generator=g).to(torch.uint8)
 
 
 def _example_labels(model: GenerativeModel, n: int) -> tuple[torch.Tensor, ...]:
@@ -67,7 +66,7 @@ def _example_labels(model: GenerativeModel, n: int) -> tuple[torch.Tensor, ...]:
 
 # ---- wrappers: one small module per entry point ---------------------------------------------
 class ARLogits(nn.Module):
-    """images (N, C, H, W) uint8 [, labels (N, 1)] → logits (N, L, C, H, W): one parallel pass."""
+    """images (N, C, *S) uint8 [, labels (N, 1)] → logits (N, L, C, *S): one parallel pass."""
 
     def __init__(self, model: AutoregressiveModel) -> None:
         super().__init__()
@@ -247,7 +246,7 @@ def entry_points(model: GenerativeModel) -> list[EntryPoint]:
         return (_example_images(model, n), *_example_labels(model, n))
 
     if isinstance(model, AutoregressiveModel):
-        logits = TensorSpec("logits", f32, (c.pixel_levels, c.channels, c.image_size, c.image_size))
+        logits = TensorSpec("logits", f32, (c.pixel_levels, *c.sample_shape))
         return [EntryPoint("logits", ARLogits(model), (image, *labels), (logits,), images_and_labels)]
     if isinstance(model, VAE):
         d = c.latent_dim

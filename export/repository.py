@@ -35,6 +35,7 @@ from genserve.serving.artifacts import (
     Manifest,
     TensorSpec,
     Training,
+    engine_shape,
     sha256,
     write_manifest,
 )
@@ -174,7 +175,7 @@ def export_sampler(checkpoint: Checkpoint, repository: Path, options: ExportOpti
     c = checkpoint.model.config
     labels = (TensorSpec("labels", INT64, (1,)),) if c.num_classes else ()
     latents = tuple(s for s in program.start.inputs if s.name == "latents") if program.start is not None else ()
-    images = TensorSpec("images", UINT8, (c.channels, c.image_size, c.image_size))
+    images = TensorSpec("images", UINT8, engine_shape(c.to_dict()))  # the engine's rows: audio as frames
     inputs, outputs = (*SAMPLER_CONTROLS, *labels, *latents), (images, TensorSpec(PROGRESS_OUTPUT, INT64, (1,)))
     config = _model_config(name, inputs, outputs, options, "python", decoupled=True)
     (folder / "config.pbtxt").write_text(render(config))

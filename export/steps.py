@@ -38,6 +38,7 @@ from .models.maf import MAF, bounded_log_scale
 from .models.pixel_vae import PixelVAE, prior_latents
 from .models.pixelcnn import PixelCNN
 from .models.pixelcnn_pp import UL, PixelCNNPP, RowContext, U, discretized_mixture_log_probs
+from .models.wavenet import WaveNet
 
 
 def controls(model: AutoregressiveModel, span: int) -> dict[str, TensorSpec]:
@@ -45,7 +46,7 @@ def controls(model: AutoregressiveModel, span: int) -> dict[str, TensorSpec]:
     c = model.config
     return {
         "positions": TensorSpec("positions", INT64, (1,)),  # raster index of the slot's next pixel
-        "pixels": TensorSpec("pixels", UINT8, (c.channels, c.image_size, c.image_size)),  # sample so far
+        "pixels": TensorSpec("pixels", UINT8, c.sample_shape),  # sample so far
         "noise": TensorSpec("noise", FP32, (span, c.channels)),  # uniform noise of the step's pixels
         "temperature": TensorSpec("temperature", FP32, (1,)),
         "labels": TensorSpec("labels", INT64, (1,)),
@@ -641,12 +642,20 @@ def step_program(model: AutoregressiveModel | PixelVAE | MAF, span: int | None =
     """The cached step program of an autoregressive model or decoder (eval mode).
 
     Args:
-        span: pixels per step call, a divisor of the image width; default the whole width (PixelCNN++: 1).
+        span: pixels per step call, a divisor of the image width (of the frame, for audio); default the whole
+            width (PixelCNN++ and WaveNet: 1).
             One row per call keeps the per-call overhead (session, Python) off the per-pixel
             path, at the price of joining the engine at row boundaries; span 1 is the
             finest-grained program.
     """
     model = model.eval()
+    if isinstance(model, WaveNet):
+        from .wavenet_steps import wavenet_program  # it builds on this module's StepProgram
+
+        span = 1 if span is None else span
+        if span < 1 or model.config.frame % span:
+            raise ValueError(f"span must divide the frame {model.config.frame}, got {span}")
+        return wavenet_program(model, span)
     if isinstance(model, MAF):
         if span not in (None, model.config.image_size):
             raise ValueError(f"a MAF's step program advances a whole row: span {model.config.image_size}, got {span}")
@@ -690,7 +699,7 @@ def cached_sample(
             instead; default the prior draws `model.sample` makes.
 
     Returns:
-        (n, C, H, W) int64 pixel values, equal to `model.sample(n, seed, temperature, labels)`.
+        (n, C, H, W) int64 pixel values ((n, C, T) for audio), equal to `model.sample(n, seed, temperature, labels)`.
     """
     from genserve.serving.engine import EngineConfig, SamplingEngine
     from genserve.serving.fused import load_ops
@@ -705,7 +714,8 @@ def cached_sample(
     if isinstance(model, MAF) and latents is None:
         latents = model.prior_latents(seed, range(n), temperature)
     z = None if latents is None else latents.detach().cpu().float().numpy()
-    return torch.from_numpy(engine.generate(seed, n, temperature, label_list, latents=z)).long()
+    images = engine.generate(seed, n, temperature, label_list, latents=z)  # the engine's rows: audio as frames
+    return torch.from_numpy(images).long().reshape(n, *model.config.sample_shape)
 
 
 def sample_images(

@@ -49,7 +49,7 @@ class TrainConfig:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
 
 
-def _fresh_or_resumed(config: TrainConfig, num_classes: int, image_size: int):
+def _fresh_or_resumed(config: TrainConfig, num_classes: int, shape_config: dict[str, int]):
     """Returns (model, optimizers, first epoch), resuming if `out` already holds a checkpoint."""
     out = Path(config.out)
     if (out / CONFIG_FILE).exists():
@@ -60,7 +60,7 @@ def _fresh_or_resumed(config: TrainConfig, num_classes: int, image_size: int):
         optimizers = model.configure_optimizers(config.learning_rate)
         load_optimizer_state(out, optimizers)
         return model, optimizers, int(record["training"]["epochs_done"])
-    overrides = {"image_size": image_size, **config.model}
+    overrides = {**shape_config, **config.model}
     if overrides.get("num_classes") == "dataset":  # conditional on the dataset's own labels
         overrides["num_classes"] = num_classes
     torch.manual_seed(config.seed)  # initial weights
@@ -75,7 +75,7 @@ def train(config: TrainConfig, progress: bool = True) -> GenerativeModel:
     command line, the config and the epochs done.
     """
     dataset = load_dataset(config.data)
-    model, optimizers, first_epoch = _fresh_or_resumed(config, dataset.num_classes, dataset.image_size)
+    model, optimizers, first_epoch = _fresh_or_resumed(config, dataset.num_classes, dataset.shape_config)
     if first_epoch >= config.epochs:
         print(f"{config.out} already holds {first_epoch} epochs (asked for {config.epochs}); nothing to do")
         return model.eval()

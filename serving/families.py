@@ -101,12 +101,14 @@ def _gaussian(p: SampleParams, shape: tuple[int, ...]) -> np.ndarray:
 
 
 class Autoregressive(Family):
-    """PixelCNN, Gated PixelCNN: the cached sampling engine; exact log p(x) from one logits pass."""
+    """PixelCNN, Gated PixelCNN, PixelCNN++, WaveNet: the cached sampling engine; exact log p(x) from one
+    logits pass."""
 
     async def sample(self, p, deadline, on_progress):
         labels = None if p.labels is None else tuple(int(v) for v in p.labels)
         batch = SampleBatch(p.seed, tuple(p.indices), p.temperature, labels)
-        return await self.runtime.sample_sequential(self.spec.entry("sample"), batch, deadline, on_progress)
+        images = await self.runtime.sample_sequential(self.spec.entry("sample"), batch, deadline, on_progress)
+        return images.reshape(p.count, *self.spec.image_shape)  # the engine's rows: audio comes as frames
 
     async def score(self, images, labels, seed, importance_samples, deadline):
         logits = (await self._run("logits", deadline, **self._with_labels({"images": images}, labels)))["logits"]
@@ -255,6 +257,7 @@ FAMILIES: dict[str, type[Family]] = {
     "pixelcnn": Autoregressive,
     "gated_pixelcnn": Autoregressive,
     "pixelcnn_pp": Autoregressive,
+    "wavenet": Autoregressive,
     "vae": VAE,
     "iaf_vae": IAFVAE,
     "vae_gan": VAEGAN,

@@ -8,12 +8,13 @@ registry groups them back into one `ModelSpec` per model. It reads manifests onl
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from .artifacts import MANIFEST, Manifest, load_manifest
+from .artifacts import MANIFEST, Manifest, load_manifest, modality, sample_rate, sample_shape
 from .errors import InvalidArgument, NotFound
 
 CAPABILITIES = ("sample", "encode", "decode", "score")
@@ -28,14 +29,21 @@ class ModelSpec:
     model_config: MappingProxyType
 
     @property
-    def image_shape(self) -> tuple[int, int, int]:
-        c = self.model_config
-        return (c["channels"], c["image_size"], c["image_size"])
+    def image_shape(self) -> tuple[int, ...]:
+        """One sample's shape: (C, H, W), or (C, T) for audio."""
+        return sample_shape(self.model_config)
+
+    @property
+    def modality(self) -> str:
+        return modality(self.model_config)
+
+    @property
+    def sample_rate(self) -> int | None:
+        return sample_rate(self.model_config)
 
     @property
     def dims(self) -> int:
-        channels, height, width = self.image_shape
-        return channels * height * width
+        return math.prod(self.image_shape)
 
     @property
     def pixel_levels(self) -> int:

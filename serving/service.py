@@ -161,6 +161,7 @@ class GenerativeService(pb_grpc.GenerativeServicer):
             name=spec.name, family=spec.family,
             capabilities=[CAPABILITY_CODES[c] for c in spec.capabilities],
             image_shape=list(spec.image_shape), pixel_levels=spec.pixel_levels, num_classes=spec.num_classes,
+            modality=spec.modality, sample_rate=spec.sample_rate or 0,
             latent_shape=list(spec.latent_shape), max_batch_size=self.max_per_request,
             ready=all(self.runtime.ready(m) for m in spec.entry_points.values()),
             metrics_json=json.dumps(spec.metrics, sort_keys=True),
@@ -208,10 +209,11 @@ class GenerativeService(pb_grpc.GenerativeServicer):
                 latest = getter.result()
                 while not updates.empty():  # a slow reader gets the newest snapshot, not a backlog
                     latest = updates.get_nowait()
-                height = latest.images.shape[2]
+                height = latest.images.shape[2]  # the engine's rows: an audio model's frames
+                shape = self.registry.get(request.model).image_shape
                 yield pb.SampleStreamResponse(progress=pb.SampleProgress(
                     rows_done=latest.rows_done.tolist(), rows_total=height,
-                    partial_images=from_numpy(latest.images),
+                    partial_images=from_numpy(latest.images.reshape(len(latest.images), *shape)),
                 ))
             yield pb.SampleStreamResponse(result=await task)
         finally:

@@ -61,9 +61,16 @@ def from_numpy(array: np.ndarray) -> pb.Tensor:
 
 
 def png_bytes(image: np.ndarray, pixel_levels: int) -> bytes:
-    """One (C, H, W) uint8 image as a PNG, values stretched from [0, pixel_levels) to [0, 255]."""
+    """One (C, H, W) uint8 image as a PNG, values stretched from [0, pixel_levels) to [0, 255]; one
+    (C, T) mu-law clip as a PNG of its waveform."""
     from PIL import Image
 
+    if image.ndim == 2:
+        from genserve.clients.audio import waveforms_png
+
+        buffer = io.BytesIO()
+        waveforms_png(image[None], pixel_levels).save(buffer, format="PNG")
+        return buffer.getvalue()
     scaled = (image.astype(np.float32) * (255.0 / max(pixel_levels - 1, 1))).round().astype(np.uint8)
     pixels = scaled[0] if scaled.shape[0] == 1 else scaled.transpose(1, 2, 0)
     buffer = io.BytesIO()

@@ -26,6 +26,8 @@ TINY = {
     "realnvp": dict(image_size=4, hidden_channels=4, num_checkerboard=2, num_channelwise=2),
     "maf": dict(image_size=4, num_layers=3, hidden_units=8),
     "pixelcnn_pp": dict(image_size=8, filters=4, mixtures=3, pixel_levels=5),
+    "wavenet": dict(length=24, frame=8, pixel_levels=5, residual_channels=4, skip_channels=6, output_channels=8,
+                    max_dilation=4, dilation_cycles=2),
     "flow_gan": dict(image_size=4, hidden_channels=4, num_checkerboard=2, num_channelwise=2, discriminator_channels=4),
 }
 SHIPPED = ("pixelcnn_mnist", "gated_pixelcnn_mnist", "vae_mnist", "iaf_vae_mnist", "vae_gan_mnist", "aae_mnist",

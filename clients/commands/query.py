@@ -25,10 +25,10 @@ def run_models(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([asdict(m) for m in models], indent=2))
         return 0
-    print(f"{'model':24} {'family':16} {'capabilities':30} {'image':10} {'levels':>6} {'classes':>7} ready")
+    print(f"{'model':24} {'family':16} {'capabilities':30} {'sample':18} {'levels':>6} {'classes':>7} ready")
     for m in models:
-        shape = "x".join(map(str, m.image_shape))
-        print(f"{m.name:24} {m.family:16} {','.join(m.capabilities):30} {shape:10} {m.pixel_levels:>6} "
+        shape = "x".join(map(str, m.image_shape)) + (f" @ {m.sample_rate} Hz" if m.modality == "audio" else "")
+        print(f"{m.name:24} {m.family:16} {','.join(m.capabilities):30} {shape:18} {m.pixel_levels:>6} "
               f"{m.num_classes or '-':>7} {'yes' if m.ready else 'no'}")
     return 0
 
@@ -43,7 +43,9 @@ def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--label", type=int, action="append",
                         help="class label(s) of a conditional model: once for all or once per sample "
                         "(default: k mod classes)")
-    parser.add_argument("-o", "--output", default="samples.png", help="a .png grid or a .npz of uint8 arrays")
+    parser.add_argument("-o", "--output", default="samples.png",
+                        help="images: a .png grid or a .npz of uint8 arrays; audio: OUT.png, a picture of the "
+                        "waveforms, with OUT-K.wav beside it for sample K, or a .npz of the mu-law codes")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar for sequential models")
     add_server_arguments(parser)
 
@@ -55,33 +57,45 @@ def run_sample(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from genserve.clients import Samples
+    from genserve.clients.audio import write_audio
     from genserve.clients.images import write_images
 
     if args.num < 1:
         raise CommandError(f"-n must be >= 1, got {args.num}")
     began = time.perf_counter()
     with connect(args) as client:
-        levels = client.model(args.model).pixel_levels
+        info = client.model(args.model)
+        audio = info.modality == "audio"
         bar, result = None, None
         for event in client.sample_stream(args.model, args.num, seed=args.seed, temperature=args.temperature,
                                           labels=args.label, start_index=args.start_index):
             if isinstance(event, Samples):
                 result = event
-            elif not args.no_progress:  # rows of a sequential model, as they finish
-                bar = bar or tqdm(total=event.rows_total, unit="row", desc=args.model, leave=False)
+            elif not args.no_progress:  # rows (audio: frames) of a sequential model, as they finish
+                unit = "frame" if audio else "row"
+                bar = bar or tqdm(total=event.rows_total, unit=unit, desc=args.model, leave=False)
                 bar.update(int(event.rows_done.min()) - bar.n)
         if bar is not None:
             bar.close()
-    path = write_images(args.output, result.images, levels, labels=result.labels, seed=result.seed)
+    seconds = time.perf_counter() - began
+    if audio:
+        written = write_audio(args.output, result.images, info.pixel_levels, info.sample_rate)
+        path = written[-1] if len(written) == 1 else f"{written[-1]} and {len(written) - 1} WAV files beside it"
+        clip_seconds = result.images.shape[-1] / info.sample_rate
+        rate = f" ({args.num * clip_seconds / seconds:.3f} s of audio per second)"
+    else:
+        path = write_images(args.output, result.images, info.pixel_levels, labels=result.labels, seed=result.seed)
+        rate = ""
     print(f"{args.num} samples of {args.model} (seed {result.seed}, temperature {result.temperature:g}) in "
-          f"{time.perf_counter() - began:.2f} s → {path}")
+          f"{seconds:.2f} s{rate} → {path}")
     return 0
 
 
 # ---- score -------------------------------------------------------------------------------------
 def add_score_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="a served model with the score capability")
-    parser.add_argument("images", nargs="+", help="PNG files (one image each, 8-bit) and/or NPZ files ('images')")
+    parser.add_argument("images", nargs="+", help="PNG files (one image each, 8-bit) and/or NPZ files ('images'); for "
+                        "an audio model, mono WAV files at its rate and/or NPZ files ('audio' codes)")
     parser.add_argument("--label", type=int, action="append", help="class label(s) for a conditional model")
     parser.add_argument("--seed", type=int, help="seeds stochastic bounds (VAE) and dequantisation (flows)")
     parser.add_argument("--importance-samples", type=int, help="K of a VAE's IWAE bound")
@@ -93,10 +107,15 @@ def add_score_arguments(parser: argparse.ArgumentParser) -> None:
 def run_score(args: argparse.Namespace) -> int:
     import json
 
+    from genserve.clients.audio import read_audio
     from genserve.clients.images import read_images
 
     with connect(args) as client:
-        images = read_images(args.images, client.model(args.model).pixel_levels)
+        info = client.model(args.model)
+        if info.modality == "audio":
+            images = read_audio(args.images, info.pixel_levels, info.sample_rate, info.image_shape[-1])
+        else:
+            images = read_images(args.images, info.pixel_levels)
         scores = client.score(args.model, images, labels=args.label, seed=args.seed,
                               importance_samples=args.importance_samples)
     if args.json:

@@ -9,7 +9,7 @@ from genserve.clients.verbs import CommandError, Verb
 
 FAMILY_NAMES = (
     "pixelcnn", "gated_pixelcnn", "pixelcnn_pp", "vae", "iaf_vae", "vae_gan", "aae", "pixel_vae", "dcgan", "realnvp",
-    "flow_gan", "maf",
+    "flow_gan", "maf", "wavenet",
 )
 
 
@@ -30,7 +30,9 @@ def parse_overrides(pairs: list[str]) -> dict:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("family", choices=FAMILY_NAMES, help="model family to train")
     parser.add_argument("--out", required=True, help="checkpoint folder (resumes if it already holds one)")
-    parser.add_argument("--data", default="mnist5k", help="mnist5k, digits8, or a folder/.npz of your images")
+    parser.add_argument(
+        "--data", default="mnist5k", help="mnist5k, digits8, spoken_digits (audio), or a folder/.npz of your images"
+    )
     parser.add_argument("--epochs", type=int, default=10, help="total epochs (a resumed run continues up to this)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from .aae import AAE, AAEConfig
-from .base import GenerativeModel, ImageConfig, Score, UnsupportedCapability
+from .base import AudioConfig, GenerativeModel, ImageConfig, SampleConfig, Score, UnsupportedCapability
 from .dcgan import DCGAN, DCGANConfig
 from .flow_gan import FlowGAN, FlowGANConfig
 from .gated_pixelcnn import GatedPixelCNN, GatedPixelCNNConfig
@@ -17,10 +17,11 @@ from .pixelcnn_pp import PixelCNNPP, PixelCNNPPConfig
 from .realnvp import RealNVP, RealNVPConfig
 from .vae import VAE, VAEConfig
 from .vae_gan import VAEGAN, VAEGANConfig
+from .wavenet import WaveNet, WaveNetConfig
 
 FAMILIES: dict[str, type[GenerativeModel]] = {
     cls.family: cls for cls in (
-        PixelCNN, GatedPixelCNN, PixelCNNPP, VAE, IAFVAE, VAEGAN, AAE, PixelVAE, DCGAN, RealNVP, FlowGAN, MAF
+        PixelCNN, GatedPixelCNN, PixelCNNPP, WaveNet, VAE, IAFVAE, VAEGAN, AAE, PixelVAE, DCGAN, RealNVP, FlowGAN, MAF
     )
 }
 
@@ -32,7 +33,7 @@ def model_class(family: str) -> type[GenerativeModel]:
         raise ValueError(f"unknown model family {family!r}; expected one of {sorted(FAMILIES)}") from None
 
 
-def build_model(family: str, config: dict[str, Any] | ImageConfig | None = None) -> GenerativeModel:
+def build_model(family: str, config: dict[str, Any] | SampleConfig | None = None) -> GenerativeModel:
     """Builds an untrained model of `family` from a config (dataclass, dict, or defaults)."""
     cls = model_class(family)
     if config is None:
@@ -43,9 +44,10 @@ def build_model(family: str, config: dict[str, Any] | ImageConfig | None = None)
 
 
 __all__ = [
-    "FAMILIES", "GenerativeModel", "ImageConfig", "Score", "UnsupportedCapability",
+    "FAMILIES", "AudioConfig", "GenerativeModel", "ImageConfig", "SampleConfig", "Score", "UnsupportedCapability",
     "build_model", "model_class",
     "PixelCNN", "PixelCNNConfig", "GatedPixelCNN", "GatedPixelCNNConfig", "PixelCNNPP", "PixelCNNPPConfig",
+    "WaveNet", "WaveNetConfig",
     "VAE", "VAEConfig", "IAFVAE", "IAFVAEConfig", "VAEGAN", "VAEGANConfig", "AAE", "AAEConfig",
     "PixelVAE", "PixelVAEConfig", "MAF", "MAFConfig",
     "DCGAN", "DCGANConfig", "RealNVP", "RealNVPConfig", "FlowGAN", "FlowGANConfig",

@@ -19,7 +19,7 @@ class AutoregressiveModel(GenerativeModel):
     capabilities = frozenset({SAMPLE, SCORE})
 
     def logits(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        """(N, C, H, W) pixel values → (N, L, C, H, W) logits over the L pixel levels."""
+        """(N, C, *S) pixel values → (N, L, C, *S) logits over the L pixel levels (S: (H, W) or (T,))."""
         raise NotImplementedError
 
     def scale_input(self, x: torch.Tensor) -> torch.Tensor:
@@ -49,6 +49,5 @@ class AutoregressiveModel(GenerativeModel):
         """
         labels = self.check_sample_args(n, seed, temperature, labels)
         c = self.config
-        shape = (c.channels, c.image_size, c.image_size)
-        noise = uniform_noise(seed, range(n), shape)  # (N, C, H, W)
+        noise = uniform_noise(seed, range(n), c.sample_shape)  # (N, C, H, W) or (N, C, T)
         return naive_sample(lambda x: self.logits(x, labels), noise, temperature, c.pixel_levels)

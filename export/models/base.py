@@ -1,7 +1,8 @@
 """The family-neutral interface every genserve model implements.
 
 A model takes and returns *pixel values*: integer tensors of shape (N, C, H, W) with values in
-[0, config.pixel_levels) (2 for binarised images, 256 for 8-bit). What each family can do is
+[0, config.pixel_levels) (2 for binarised images, 256 for 8-bit); an audio model's are (N, C, T)
+mu-law codes. What each family can do is
 listed in `capabilities`; asking for anything else
 raises `UnsupportedCapability` naming the family and what it does support.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -27,29 +29,31 @@ class UnsupportedCapability(NotImplementedError):
 
 
 @dataclass(frozen=True)
-class ImageConfig:
-    """The image space a model lives in; every model config extends it."""
+class SampleConfig:
+    """What every model config shares: channels, value levels, optional classes, and a sample shape."""
 
     channels: int = 1
-    image_size: int = 28
     pixel_levels: int = 2
     num_classes: int | None = None
+    modality: ClassVar[str]
 
     def __post_init__(self) -> None:
-        if self.channels < 1 or self.image_size < 2:
-            raise ValueError(
-                f"channels must be >= 1 and image_size >= 2, got channels={self.channels} "
-                f"image_size={self.image_size}"
-            )
+        if self.channels < 1:
+            raise ValueError(f"channels must be >= 1, got {self.channels}")
         if not 2 <= self.pixel_levels <= 256:
             raise ValueError(f"pixel_levels must be in [2, 256], got {self.pixel_levels}")
         if self.num_classes is not None and self.num_classes < 2:
             raise ValueError(f"num_classes must be None or >= 2, got {self.num_classes}")
 
     @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """The shape of one sample: (C, H, W) for an image, (C, T) for audio."""
+        raise NotImplementedError
+
+    @property
     def dims(self) -> int:
-        """Number of dimensions C*H*W, the denominator of bits/dim."""
-        return self.channels * self.image_size * self.image_size
+        """Number of values in a sample (C*H*W, or C*T), the denominator of bits/dim."""
+        return math.prod(self.sample_shape)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -64,6 +68,49 @@ class ImageConfig:
         if unknown:
             raise ValueError(f"unknown {cls.__name__} fields {unknown}; expected some of {sorted(known)}")
         return cls(**values)
+
+
+@dataclass(frozen=True)
+class ImageConfig(SampleConfig):
+    """The image space a model lives in: square images of `image_size` pixels a side."""
+
+    image_size: int = 28
+    modality: ClassVar[str] = "image"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.image_size < 2:
+            raise ValueError(f"image_size must be >= 2, got {self.image_size}")
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        return (self.channels, self.image_size, self.image_size)
+
+
+@dataclass(frozen=True)
+class AudioConfig(SampleConfig):
+    """Fixed-length waveforms of `length` samples at `sample_rate` Hz, as `pixel_levels` codes (mu-law).
+
+    frame: samples per progress report (a streamed sample arrives frame by frame; divides `length`).
+    """
+
+    pixel_levels: int = 256
+    length: int = 6400
+    sample_rate: int = 8000
+    frame: int = 320
+    modality: ClassVar[str] = "audio"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.length < 2 or self.sample_rate < 1 or self.frame < 1 or self.length % self.frame:
+            raise ValueError(
+                f"need length >= 2, sample_rate >= 1 and a frame dividing the length, got length={self.length} "
+                f"sample_rate={self.sample_rate} frame={self.frame}"
+            )
+
+    @property
+    def sample_shape(self) -> tuple[int, int]:
+        return (self.channels, self.length)
 
 
 @dataclass(frozen=True)
@@ -84,7 +131,7 @@ class Score:
     unit: str = "nats"  # of values: "logit" for discriminators
 
     def bits_per_dim(self, dims: int) -> torch.Tensor:
-        """Negative log-likelihood in bits per dimension: -log p(x) / (ln 2 * C*H*W)."""
+        """Negative log-likelihood in bits per dimension: -log p(x) / (ln 2 * dims)."""
         if not self.is_likelihood:
             raise ValueError(f"{self.method} values are not a likelihood; bits/dim is undefined")
         return -self.values / (torch.log(torch.tensor(2.0)) * dims)
@@ -98,10 +145,10 @@ class GenerativeModel(nn.Module):
     """
 
     family: ClassVar[str]
-    config_class: ClassVar[type[ImageConfig]]
+    config_class: ClassVar[type[SampleConfig]]
     capabilities: ClassVar[frozenset[str]]
 
-    def __init__(self, config: ImageConfig) -> None:
+    def __init__(self, config: SampleConfig) -> None:
         super().__init__()
         if not isinstance(config, self.config_class):
             raise TypeError(f"{self.family} needs a {self.config_class.__name__}, got {type(config).__name__}")
@@ -153,8 +200,8 @@ class GenerativeModel(nn.Module):
     def check_pixels(self, x: torch.Tensor, name: str = "x") -> torch.Tensor:
         """Validates a batch of pixel values and returns it as int64."""
         c = self.config
-        expected = (c.channels, c.image_size, c.image_size)
-        if x.dim() != 4 or tuple(x.shape[1:]) != expected:
+        expected = c.sample_shape
+        if x.dim() != 1 + len(expected) or tuple(x.shape[1:]) != expected:
             raise ValueError(f"{name} must have shape (N, {', '.join(map(str, expected))}), got {tuple(x.shape)}")
         if x.is_floating_point() or x.is_complex():
             raise ValueError(f"{name} must hold integer pixel values, got dtype {x.dtype}")

@@ -87,10 +87,9 @@ def sample_fid(checkpoint: Checkpoint, config: FIDConfig = FIDConfig(), data: st
     """FID between the held-out images (in the model's pixel levels) and the model's samples."""
     model = checkpoint.model
     c = model.config
-    if (c.channels, c.image_size) != (1, 28):
+    if c.sample_shape != (1, 28, 28):
         raise ValueError(
-            f"FID uses a 28x28 digit classifier; {checkpoint.name} makes "
-            f"{c.channels}x{c.image_size}x{c.image_size} images"
+            f"FID uses a 28x28 digit classifier; {checkpoint.name} makes samples of shape {c.sample_shape}"
         )
     classifier = classifier or load_classifier()
     dataset = load_dataset(data or checkpoint.training.get("data", "mnist5k"))

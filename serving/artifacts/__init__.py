@@ -18,6 +18,7 @@ from .manifest import (
     sha256,
     write_manifest,
 )
+from .samples import AUDIO, IMAGE, engine_shape, modality, sample_rate, sample_shape
 from .specs import TensorSpec
 from .step import (
     CONTROLS,
@@ -33,6 +34,7 @@ from .step import (
 )
 
 __all__ = [
+    "AUDIO", "IMAGE", "engine_shape", "modality", "sample_rate", "sample_shape",
     "CONTROLS", "DTYPES", "FLAVOURS", "FP32", "FP64", "GRAPH_NAMES", "INT64", "MANIFEST", "MANIFEST_FORMAT", "NEXT",
     "PIXEL", "REFRESH", "START", "STEP_KINDS", "UINT8", "ArtifactIntegrityError", "Batching", "DType", "FusedSection",
     "GraphSignature", "Manifest", "ManifestError", "StepSection", "TensorSpec", "Training", "dtype_named", "dtype_of",

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..artifacts import NEXT, ArtifactIntegrityError, GraphSignature, Manifest, StepSection, TensorSpec
+from ..artifacts import NEXT, ArtifactIntegrityError, GraphSignature, Manifest, StepSection, TensorSpec, engine_shape
 from ..fused import load_ops
 from ..fused.weights import FUSED_OPS, FusedOp
 
@@ -34,7 +34,7 @@ class StepSpec:
     period: int  # refresh runs for slots whose position is a multiple of this
     length: int  # positions per sample
     span: int  # positions one step call advances (noise (n, span, C) in, pixel (n, span, C) out)
-    sample_shape: tuple[int, int, int]  # (C, H, W)
+    sample_shape: tuple[int, int, int]  # (C, H, W); audio as (C, T / frame, frame) (artifacts.engine_shape)
     levels: int
     num_classes: int | None
     latent_shape: tuple[int, ...] | None = None  # of the `latents` every sample must bring (None: takes none)
@@ -42,8 +42,7 @@ class StepSpec:
     @classmethod
     def from_section(cls, section: StepSection, model_config: Mapping) -> StepSpec:
         """From a manifest's step section (validated when it was made) and its model_config."""
-        size = model_config["image_size"]
-        sample_shape = (model_config["channels"], size, size)
+        sample_shape = engine_shape(model_config)
         takes_latents = any("latents" in g.inputs for g in section.graphs.values())
         # (D,) for a latent-variable model; a flow's latent has the image's shape
         latent_shape = (model_config["latent_dim"],) if "latent_dim" in model_config else sample_shape

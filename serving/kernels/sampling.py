@@ -8,6 +8,7 @@ outside any exported graph, and passed in as a tensor.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 
 import torch
@@ -139,18 +140,18 @@ def naive_sample(
     """Sequential sampling by full recomputation: one logits pass per pixel (the slow reference).
 
     Args:
-        logits_fn: pixel values (N, C, H, W) int64 → logits (N, L, C, H, W), causally masked.
-        noise: (N, C, H, W) uniform noise, one number per pixel (from `noise_for`).
+        logits_fn: pixel values (N, C, *S) int64 → logits (N, L, C, *S), causally masked; S is
+            (H, W) for images, (T,) for audio, and positions go in raster order.
+        noise: (N, C, *S) uniform noise, one number per pixel (from `noise_for`).
         temperature: a float or (N,) per-row temperatures.
         levels: L, the number of pixel values.
 
     Returns:
-        (N, C, H, W) int64 pixel values. The cached engine must reproduce these exactly.
+        (N, C, *S) int64 pixel values. The cached engine must reproduce these exactly.
     """
-    n, channels, height, width = noise.shape
-    x = torch.zeros((n, channels, height, width), dtype=torch.long)
-    for i in range(height):
-        for j in range(width):
-            logits = logits_fn(x)[..., i, j]  # (N, L, C)
-            x[:, :, i, j] = choose_pixels(logits, noise[:, :, i, j], temperature)
+    x = torch.zeros(noise.shape, dtype=torch.long)
+    for position in itertools.product(*map(range, noise.shape[2:])):
+        at = (slice(None), slice(None), *position)
+        logits = logits_fn(x)[(Ellipsis, *position)]  # (N, L, C)
+        x[at] = choose_pixels(logits, noise[at], temperature)
     return x

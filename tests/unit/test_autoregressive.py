@@ -9,8 +9,11 @@ import torch
 
 from tests.conftest import make_model
 
-AR_FAMILIES = ("pixelcnn", "gated_pixelcnn", "pixelcnn_pp")
-TWO_BY_TWO = {"pixelcnn_pp": dict(num_scales=2)}  # 2x2 images: two resolutions, 2 and 1
+AR_FAMILIES = ("pixelcnn", "gated_pixelcnn", "pixelcnn_pp", "wavenet")
+FOUR_VALUES = {  # the smallest sample of each family, four values: a 2x2 image or a clip of 4
+    "wavenet": dict(length=4, frame=4), "pixelcnn_pp": dict(image_size=2, num_scales=2),
+    "pixelcnn": dict(image_size=2), "gated_pixelcnn": dict(image_size=2),
+}
 
 
 def input_gradients(model, size: int, position: tuple[int, int], label: int | None = None) -> torch.Tensor:
@@ -58,17 +61,18 @@ def test_gated_pixelcnn_has_no_blind_spot_where_pixelcnn_does():
 @pytest.mark.parametrize("family", AR_FAMILIES)
 @pytest.mark.parametrize("levels", [2, 3, 5])
 def test_probabilities_of_every_tiny_image_sum_to_one(family, levels):
-    model = make_model(family, image_size=2, pixel_levels=levels, **TWO_BY_TWO.get(family, {})).double()
-    images = torch.tensor(list(itertools.product(range(levels), repeat=4))).view(-1, 1, 2, 2)
+    model = make_model(family, pixel_levels=levels, **FOUR_VALUES[family]).double()
+    images = torch.tensor(list(itertools.product(range(levels), repeat=4))).view(-1, *model.config.sample_shape)
     assert len(images) == levels**4
     with torch.no_grad():
         total = model.log_prob(images).exp().sum().item()
     assert total == pytest.approx(1.0, abs=1e-5)
 
 
-def test_conditional_model_normalises_for_each_label():
-    model = make_model("gated_pixelcnn", image_size=2, num_classes=4).double()
-    images = torch.tensor(list(itertools.product(range(2), repeat=4))).view(-1, 1, 2, 2)
+@pytest.mark.parametrize("family", ["gated_pixelcnn", "wavenet"])
+def test_conditional_model_normalises_for_each_label(family):
+    model = make_model(family, num_classes=4, pixel_levels=2, **FOUR_VALUES[family]).double()
+    images = torch.tensor(list(itertools.product(range(2), repeat=4))).view(-1, *model.config.sample_shape)
     with torch.no_grad():
         for label in range(4):
             labels = torch.full((len(images),), label)

@@ -18,7 +18,7 @@ def test_mnist5k_split_is_4500_500_disjoint_and_deterministic():
     assert torch.equal(first.held_out.images, second.held_out.images)
     train_rows = {bytes(img.numpy()) for img in first.train.images}
     assert not any(bytes(img.numpy()) in train_rows for img in first.held_out.images)
-    assert first.num_classes == 10 and first.image_size == 28
+    assert first.num_classes == 10 and first.shape_config == {"image_size": 28}
     # every digit class appears in both splits (the raw file is sorted by label: shuffled first)
     assert set(first.held_out.labels.tolist()) == set(range(10))
 
@@ -44,7 +44,7 @@ def test_dynamic_binarisation_differs_between_draws():
 
 def test_digits8_is_8x8_in_0_255():
     digits = load_digits8()
-    assert digits.image_size == 8 and len(digits.train) + len(digits.held_out) == 1797
+    assert digits.shape_config == {"image_size": 8} and len(digits.train) + len(digits.held_out) == 1797
     assert digits.train.images.max() == 255
 
 
@@ -67,7 +67,7 @@ def test_loads_mnist_idx_files_from_a_folder(tmp_path):
 
 def test_loads_an_npz_file_and_rejects_bad_ones(tmp_path):
     np.savez(tmp_path / "mine.npz", images=np.zeros((20, 8, 8), np.uint8), labels=np.ones(20))
-    assert load_dataset(str(tmp_path / "mine.npz")).image_size == 8
+    assert load_dataset(str(tmp_path / "mine.npz")).shape_config == {"image_size": 8}
     np.savez(tmp_path / "floats.npz", images=np.zeros((20, 8, 8), np.float32))
     with pytest.raises(ValueError, match="must be uint8"):
         load_dataset(str(tmp_path / "floats.npz"))

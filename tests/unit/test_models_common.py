@@ -10,7 +10,7 @@ import torch
 from genserve.export.models import FAMILIES, UnsupportedCapability, build_model, model_class
 from tests.conftest import TINY, make_model
 
-CONDITIONAL = {"gated_pixelcnn", "dcgan"}
+CONDITIONAL = {"gated_pixelcnn", "dcgan", "wavenet"}
 
 
 def labels_for(family, n):
@@ -29,7 +29,7 @@ def test_same_seed_same_samples_and_each_sample_independent_of_batch(family):
     assert torch.equal(model.sample(2, seed=7, labels=labels_for(family, 2)), four[:2])
     assert not torch.equal(model.sample(4, seed=8, labels=labels_for(family, 4)), four)
     c = model.config
-    assert four.shape == (4, c.channels, c.image_size, c.image_size) and four.dtype == torch.long
+    assert four.shape == (4, *c.sample_shape) and four.dtype == torch.long
     assert 0 <= four.min() and four.max() < c.pixel_levels
 
 
@@ -65,6 +65,7 @@ def test_capabilities_follow_the_design_table():
         "pixelcnn": ["sample", "score"],
         "gated_pixelcnn": ["sample", "score"],
         "pixelcnn_pp": ["sample", "score"],
+        "wavenet": ["sample", "score"],
         "vae": ["decode", "encode", "sample", "score"],
         "iaf_vae": ["decode", "encode", "sample", "score"],
         "aae": ["decode", "encode", "sample", "score"],
@@ -115,5 +116,5 @@ def test_sample_count_and_temperature_are_validated():
 
 
 def test_unknown_family_is_named():
-    with pytest.raises(ValueError, match="unknown model family 'wavenet'"):
-        build_model("wavenet")
+    with pytest.raises(ValueError, match="unknown model family 'sketch_rnn'"):
+        build_model("sketch_rnn")

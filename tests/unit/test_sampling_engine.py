@@ -35,6 +35,7 @@ MODELS = {
     "pixelcnn_3_levels": ("pixelcnn", dict(image_size=6, pixel_levels=3, first_kernel_size=5, kernel_size=5)),
     "pixel_vae": ("pixel_vae", dict(decoder_layers=3, first_kernel_size=5)),  # the decoder, z per slot
     "pixelcnn_pp": ("pixelcnn_pp", dict(image_size=4, pixel_levels=4)),  # three resolutions, 4x4 → 1x1
+    "wavenet_conditional": ("wavenet", dict(num_classes=3)),  # audio: 3 frames of 8, dilations 1..4 twice
 }
 
 
@@ -58,7 +59,8 @@ def latents_for(model, seed, n):
 
 
 def generate(engine, model, seed, n, temperature=1.0, labels=None):
-    return engine.generate(seed, n, temperature, labels, latents=latents_for(model, seed, n))
+    images = engine.generate(seed, n, temperature, labels, latents=latents_for(model, seed, n))
+    return images.reshape(n, *model.config.sample_shape)  # the engine's rows: audio comes as frames
 
 
 def naive(model, n, seed, temperature=1.0, labels=None):
@@ -80,25 +82,25 @@ def test_teacher_forced_step_logits_equal_the_full_network(name, span):
     model = tiny(name)
     n, c = 3, model.config
     labels = labels_for(model, n)
-    image = torch.from_numpy(naive(model, n, seed=4, labels=labels))  # (n, C, H, W)
+    image = torch.from_numpy(naive(model, n, seed=4, labels=labels))  # (n, C, H, W) or (n, C, T)
     logits = full_logits(model, seed=0)
-    full = logits(image, None if labels is None else torch.tensor(labels)).detach()  # (n, L, C, H, W)
+    full = logits(image, None if labels is None else torch.tensor(labels)).detach()  # (n, L, C, ...)
     engine = make_engine(model, span, num_slots=n)
     recorded = []
 
     def forced(logits, noise, divisor, greedy):  # record the logits, choose the given image's pixel
         position = len(recorded)
         recorded.append(logits.detach().clone())
-        return image[:, :, position // c.image_size, position % c.image_size].long()
+        return image.flatten(2)[:, :, position].long()
 
     engine.runner.graphs["step"].choose = forced
     job = engine.submit(0, n, labels=labels, latents=latents_for(model, 0, n))
     engine.run_until_idle()
-    steps = torch.stack(recorded, -1).view(n, c.pixel_levels, c.channels, c.image_size, c.image_size)
+    steps = torch.stack(recorded, -1).view(n, c.pixel_levels, *c.sample_shape)
     # The same function computed another way: within the rounding of the full network.
     (sigma,) = rounding_sigma(logits, [image, None if labels is None else torch.tensor(labels)])
     assert_within_rounding(steps.numpy(), full.numpy(), sigma, f"{name} step logits")
-    assert np.array_equal(job.images, image.numpy())  # and the engine put every forced pixel in place
+    assert np.array_equal(job.images.reshape(image.shape), image.numpy())  # every forced pixel in place
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))

@@ -24,19 +24,19 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cgenserve/v1/generative.proto\x12\x0bgenserve.v1\"K\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12$\n\x05\x64type\x18\x02 \x01(\x0e\x32\x15.genserve.v1.DataType\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x13\n\x11ListModelsRequest\"<\n\x12ListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.genserve.v1.ModelInfo\" \n\x0fGetModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\x80\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12-\n\x0c\x63\x61pabilities\x18\x03 \x03(\x0e\x32\x17.genserve.v1.Capability\x12\x13\n\x0bimage_shape\x18\x04 \x03(\x03\x12\x14\n\x0cpixel_levels\x18\x05 \x01(\x05\x12\x18\n\x0bnum_classes\x18\x06 \x01(\x05H\x00\x88\x01\x01\x12\x14\n\x0clatent_shape\x18\x07 \x03(\x03\x12\x16\n\x0emax_batch_size\x18\x08 \x01(\x05\x12\r\n\x05ready\x18\t \x01(\x08\x12\x14\n\x0cmetrics_json\x18\n \x01(\tB\x0e\n\x0c_num_classes\"\xb2\x01\n\rSampleRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x13\n\x0bnum_samples\x18\x02 \x01(\x05\x12\x11\n\x04seed\x18\x03 \x01(\x04H\x00\x88\x01\x01\x12\x13\n\x0bstart_index\x18\x04 \x01(\x04\x12\x18\n\x0btemperature\x18\x05 \x01(\x02H\x01\x88\x01\x01\x12\x0e\n\x06labels\x18\x06 \x03(\x03\x12\x12\n\nreturn_png\x18\x07 \x01(\x08\x42\x07\n\x05_seedB\x0e\n\x0c_temperature\"\x99\x01\n\x0eSampleResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04seed\x18\x02 \x01(\x04\x12\x13\n\x0bstart_index\x18\x03 \x01(\x04\x12\x13\n\x0btemperature\x18\x04 \x01(\x02\x12#\n\x06images\x18\x05 \x01(\x0b\x32\x13.genserve.v1.Tensor\x12\x0e\n\x06labels\x18\x06 \x03(\x03\x12\x0b\n\x03png\x18\x07 \x03(\x0c\"d\n\x0eSampleProgress\x12\x11\n\trows_done\x18\x01 \x03(\x05\x12\x12\n\nrows_total\x18\x02 \x01(\x05\x12+\n\x0epartial_images\x18\x03 \x01(\x0b\x32\x13.genserve.v1.Tensor\"\x7f\n\x14SampleStreamResponse\x12/\n\x08progress\x18\x01 \x01(\x0b\x32\x1b.genserve.v1.SampleProgressH\x00\x12-\n\x06result\x18\x02 \x01(\x0b\x32\x1b.genserve.v1.SampleResponseH\x00\x42\x07\n\x05\x65vent\"C\n\rEncodeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12#\n\x06images\x18\x02 \x01(\x0b\x32\x13.genserve.v1.Tensor\"\xbb\x01\n\x0e\x45ncodeResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12$\n\x07latents\x18\x02 \x01(\x0b\x32\x13.genserve.v1.Tensor\x12$\n\x07log_var\x18\x03 \x01(\x0b\x32\x13.genserve.v1.Tensor\x12$\n\x07log_det\x18\x04 \x01(\x0b\x32\x13.genserve.v1.Tensor\x12(\n\x0blog_density\x18\x05 \x01(\x0b\x32\x13.genserve.v1.Tensor\"v\n\rDecodeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12$\n\x07latents\x18\x02 \x01(\x0b\x32\x13.genserve.v1.Tensor\x12\x0e\n\x06labels\x18\x03 \x03(\x03\x12\x12\n\nreturn_png\x18\x04 \x01(\x08\x12\x0c\n\x04seed\x18\x05 \x01(\x04\"}\n\x0e\x44\x65\x63odeResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12#\n\x06images\x18\x02 \x01(\x0b\x32\x13.genserve.v1.Tensor\x12*\n\rprobabilities\x18\x03 \x01(\x0b\x32\x13.genserve.v1.Tensor\x12\x0b\n\x03png\x18\x04 \x03(\x0c\"\xa6\x01\n\x0cScoreRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12#\n\x06images\x18\x02 \x01(\x0b\x32\x13.genserve.v1.Tensor\x12\x0e\n\x06labels\x18\x03 \x03(\x03\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12\x1f\n\x12importance_samples\x18\x05 \x01(\x05H\x01\x88\x01\x01\x42\x07\n\x05_seedB\x15\n\x13_importance_samples\"c\n\x05Score\x12\x0e\n\x06method\x18\x01 \x01(\t\x12$\n\x04kind\x18\x02 \x01(\x0e\x32\x16.genserve.v1.ScoreKind\x12\x0e\n\x06values\x18\x03 \x03(\x01\x12\x14\n\x0c\x62its_per_dim\x18\x04 \x03(\x01\"B\n\rScoreResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\"\n\x06scores\x18\x02 \x03(\x0b\x32\x12.genserve.v1.Score*f\n\x08\x44\x61taType\x12\x19\n\x15\x44\x41TA_TYPE_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x44\x41TA_TYPE_UINT8\x10\x01\x12\x13\n\x0f\x44\x41TA_TYPE_INT64\x10\x02\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT32\x10\x03*\x83\x01\n\nCapability\x12\x1a\n\x16\x43\x41PABILITY_UNSPECIFIED\x10\x00\x12\x15\n\x11\x43\x41PABILITY_SAMPLE\x10\x01\x12\x15\n\x11\x43\x41PABILITY_ENCODE\x10\x02\x12\x15\n\x11\x43\x41PABILITY_DECODE\x10\x03\x12\x14\n\x10\x43\x41PABILITY_SCORE\x10\x04*z\n\tScoreKind\x12\x1a\n\x16SCORE_KIND_UNSPECIFIED\x10\x00\x12\x14\n\x10SCORE_KIND_EXACT\x10\x01\x12\x1a\n\x16SCORE_KIND_LOWER_BOUND\x10\x02\x12\x1f\n\x1bSCORE_KIND_NOT_A_LIKELIHOOD\x10\x03\x32\xf7\x03\n\nGenerative\x12M\n\nListModels\x12\x1e.genserve.v1.ListModelsRequest\x1a\x1f.genserve.v1.ListModelsResponse\x12@\n\x08GetModel\x12\x1c.genserve.v1.GetModelRequest\x1a\x16.genserve.v1.ModelInfo\x12\x41\n\x06Sample\x12\x1a.genserve.v1.SampleRequest\x1a\x1b.genserve.v1.SampleResponse\x12O\n\x0cSampleStream\x12\x1a.genserve.v1.SampleRequest\x1a!.genserve.v1.SampleStreamResponse0\x01\x12\x41\n\x06\x45ncode\x12\x1a.genserve.v1.EncodeRequest\x1a\x1b.genserve.v1.EncodeResponse\x12\x41\n\x06\x44\x65\x63ode\x12\x1a.genserve.v1.DecodeRequest\x1a\x1b.genserve.v1.DecodeResponse\x12>\n\x05Score\x12\x19.genserve.v1.ScoreRequest\x1a\x1a.genserve.v1.ScoreResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cgenserve/v1/generative.proto\x12\x0bgenserve.v1\"K\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12$\n\x05\x64type\x18\x02 \x01(\x0e\x32\x15.genserve.v1.DataType\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x13\n\x11ListModelsRequest\"<\n\x12ListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.genserve.v1.ModelInfo\" \n\x0fGetModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\xa7\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12-\n\x0c\x63\x61pabilities\x18\x03 \x03(\x0e\x32\x17.genserve.v1.Capability\x12\x13\n\x0bimage_shape\x18\x04 \x03(\x03\x12\x14\n\x0cpixel_levels\x18\x05 \x01(\x05\x12\x18\n\x0bnum_classes\x18\x06 \x01(\x05H\x00\x88\x01\x01\x12\x14\n\x0clatent_shape\x18\x07 \x03(\x03\x12\x16\n\x0emax_batch_size\x18\x08 \x01(\x05\x12\r\n\x05ready\x18\t \x01(\x08\x12\x14\n\x0cmetrics_json\x18\n \x01(\t\x12\x10\n\x08modality\x18\x0b \x01(\t\x12\x13\n\x0bsample_rate\x18\x0c \x01(\x05\x42\x0e\n\x0c_num_classes\"\xb2\x01\n\rSampleRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x13\n\x0bnum_samples\x18\x02 \x01(\x05\x12\x11\n\x04seed\x18\x03 \x01(\x04H\x00\x88\x01\x01\x12\x13\n\x0bstart_index\x18\x04 \x01(\x04\x12\x18\n\x0btemperature\x18\x05 \x01(\x02H\x01\x88\x01\x01\x12\x0e\n\x06labels\x18\x06 \x03(\x03\x12\x12\n\nreturn_png\x18\x07 \x01(\x08\x42\x07\n\x05_seedB\x0e\n\x0c_temperature\"\x99\x01\n\x0eSampleResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04seed\x18\x02 \x01(\x04\x12\x13\n\x0bstart_index\x18\x03 \x01(\x04\x12\x13\n\x0btemperature\x18\x04 \x01(\x02\x12#\n\x06images\x18\x05 \x01(\x0b\x32\x13.genserve.v1.Tensor\x12\x0e\n\x06labels\x18\x06 \x03(\x03\x12\x0b\n\x03png\x18\x07 \x03(\x0c\"d\n\x0eSampleProgress\x12\x11\n\trows_done\x18\x01 \x03(\x05\x12\x12\n\nrows_total\x18\x02 \x01(\x05\x12+\n\x0epartial_images\x18\x03 \x01(\x0b\x32\x13.genserve.v1.Tensor\"\x7f\n\x14SampleStreamResponse\x12/\n\x08progress\x18\x01 \x01(\x0b\x32\x1b.genserve.v1.SampleProgressH\x00\x12-\n\x06result\x18\x02 \x01(\x0b\x32\x1b.genserve.v1.SampleResponseH\x00\x42\x07\n\x05\x65vent\"C\n\rEncodeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12#\n\x06images\x18\x02 \x01(\x0b\x32\x13.genserve.v1.Tensor\"\xbb\x01\n\x0e\x45ncodeResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12$\n\x07latents\x18\x02 \x01(\x0b\x32\x13.genserve.v1.Tensor\x12$\n\x07log_var\x18\x03 \x01(\x0b\x32\x13.genserve.v1.Tensor\x12$\n\x07log_det\x18\x04 \x01(\x0b\x32\x13.genserve.v1.Tensor\x12(\n\x0blog_density\x18\x05 \x01(\x0b\x32\x13.genserve.v1.Tensor\"v\n\rDecodeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12$\n\x07latents\x18\x02 \x01(\x0b\x32\x13.genserve.v1.Tensor\x12\x0e\n\x06labels\x18\x03 \x03(\x03\x12\x12\n\nreturn_png\x18\x04 \x01(\x08\x12\x0c\n\x04seed\x18\x05 \x01(\x04\"}\n\x0e\x44\x65\x63odeResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12#\n\x06images\x18\x02 \x01(\x0b\x32\x13.genserve.v1.Tensor\x12*\n\rprobabilities\x18\x03 \x01(\x0b\x32\x13.genserve.v1.Tensor\x12\x0b\n\x03png\x18\x04 \x03(\x0c\"\xa6\x01\n\x0cScoreRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12#\n\x06images\x18\x02 \x01(\x0b\x32\x13.genserve.v1.Tensor\x12\x0e\n\x06labels\x18\x03 \x03(\x03\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12\x1f\n\x12importance_samples\x18\x05 \x01(\x05H\x01\x88\x01\x01\x42\x07\n\x05_seedB\x15\n\x13_importance_samples\"c\n\x05Score\x12\x0e\n\x06method\x18\x01 \x01(\t\x12$\n\x04kind\x18\x02 \x01(\x0e\x32\x16.genserve.v1.ScoreKind\x12\x0e\n\x06values\x18\x03 \x03(\x01\x12\x14\n\x0c\x62its_per_dim\x18\x04 \x03(\x01\"B\n\rScoreResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\"\n\x06scores\x18\x02 \x03(\x0b\x32\x12.genserve.v1.Score*f\n\x08\x44\x61taType\x12\x19\n\x15\x44\x41TA_TYPE_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x44\x41TA_TYPE_UINT8\x10\x01\x12\x13\n\x0f\x44\x41TA_TYPE_INT64\x10\x02\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT32\x10\x03*\x83\x01\n\nCapability\x12\x1a\n\x16\x43\x41PABILITY_UNSPECIFIED\x10\x00\x12\x15\n\x11\x43\x41PABILITY_SAMPLE\x10\x01\x12\x15\n\x11\x43\x41PABILITY_ENCODE\x10\x02\x12\x15\n\x11\x43\x41PABILITY_DECODE\x10\x03\x12\x14\n\x10\x43\x41PABILITY_SCORE\x10\x04*z\n\tScoreKind\x12\x1a\n\x16SCORE_KIND_UNSPECIFIED\x10\x00\x12\x14\n\x10SCORE_KIND_EXACT\x10\x01\x12\x1a\n\x16SCORE_KIND_LOWER_BOUND\x10\x02\x12\x1f\n\x1bSCORE_KIND_NOT_A_LIKELIHOOD\x10\x03\x32\xf7\x03\n\nGenerative\x12M\n\nListModels\x12\x1e.genserve.v1.ListModelsRequest\x1a\x1f.genserve.v1.ListModelsResponse\x12@\n\x08GetModel\x12\x1c.genserve.v1.GetModelRequest\x1a\x16.genserve.v1.ModelInfo\x12\x41\n\x06Sample\x12\x1a.genserve.v1.SampleRequest\x1a\x1b.genserve.v1.SampleResponse\x12O\n\x0cSampleStream\x12\x1a.genserve.v1.SampleRequest\x1a!.genserve.v1.SampleStreamResponse0\x01\x12\x41\n\x06\x45ncode\x12\x1a.genserve.v1.EncodeRequest\x1a\x1b.genserve.v1.EncodeResponse\x12\x41\n\x06\x44\x65\x63ode\x12\x1a.genserve.v1.DecodeRequest\x1a\x1b.genserve.v1.DecodeResponse\x12>\n\x05Score\x12\x19.genserve.v1.ScoreRequest\x1a\x1a.genserve.v1.ScoreResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'genserve.v1.generative_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DATATYPE']._serialized_start=1910
-  _globals['_DATATYPE']._serialized_end=2012
-  _globals['_CAPABILITY']._serialized_start=2015
-  _globals['_CAPABILITY']._serialized_end=2146
-  _globals['_SCOREKIND']._serialized_start=2148
-  _globals['_SCOREKIND']._serialized_end=2270
+  _globals['_DATATYPE']._serialized_start=1949
+  _globals['_DATATYPE']._serialized_end=2051
+  _globals['_CAPABILITY']._serialized_start=2054
+  _globals['_CAPABILITY']._serialized_end=2185
+  _globals['_SCOREKIND']._serialized_start=2187
+  _globals['_SCOREKIND']._serialized_end=2309
   _globals['_TENSOR']._serialized_start=45
   _globals['_TENSOR']._serialized_end=120
   _globals['_LISTMODELSREQUEST']._serialized_start=122
@@ -46,29 +46,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETMODELREQUEST']._serialized_start=205
   _globals['_GETMODELREQUEST']._serialized_end=237
   _globals['_MODELINFO']._serialized_start=240
-  _globals['_MODELINFO']._serialized_end=496
-  _globals['_SAMPLEREQUEST']._serialized_start=499
-  _globals['_SAMPLEREQUEST']._serialized_end=677
-  _globals['_SAMPLERESPONSE']._serialized_start=680
-  _globals['_SAMPLERESPONSE']._serialized_end=833
-  _globals['_SAMPLEPROGRESS']._serialized_start=835
-  _globals['_SAMPLEPROGRESS']._serialized_end=935
-  _globals['_SAMPLESTREAMRESPONSE']._serialized_start=937
-  _globals['_SAMPLESTREAMRESPONSE']._serialized_end=1064
-  _globals['_ENCODEREQUEST']._serialized_start=1066
-  _globals['_ENCODEREQUEST']._serialized_end=1133
-  _globals['_ENCODERESPONSE']._serialized_start=1136
-  _globals['_ENCODERESPONSE']._serialized_end=1323
-  _globals['_DECODEREQUEST']._serialized_start=1325
-  _globals['_DECODEREQUEST']._serialized_end=1443
-  _globals['_DECODERESPONSE']._serialized_start=1445
-  _globals['_DECODERESPONSE']._serialized_end=1570
-  _globals['_SCOREREQUEST']._serialized_start=1573
-  _globals['_SCOREREQUEST']._serialized_end=1739
-  _globals['_SCORE']._serialized_start=1741
-  _globals['_SCORE']._serialized_end=1840
-  _globals['_SCORERESPONSE']._serialized_start=1842
-  _globals['_SCORERESPONSE']._serialized_end=1908
-  _globals['_GENERATIVE']._serialized_start=2273
-  _globals['_GENERATIVE']._serialized_end=2776
+  _globals['_MODELINFO']._serialized_end=535
+  _globals['_SAMPLEREQUEST']._serialized_start=538
+  _globals['_SAMPLEREQUEST']._serialized_end=716
+  _globals['_SAMPLERESPONSE']._serialized_start=719
+  _globals['_SAMPLERESPONSE']._serialized_end=872
+  _globals['_SAMPLEPROGRESS']._serialized_start=874
+  _globals['_SAMPLEPROGRESS']._serialized_end=974
+  _globals['_SAMPLESTREAMRESPONSE']._serialized_start=976
+  _globals['_SAMPLESTREAMRESPONSE']._serialized_end=1103
+  _globals['_ENCODEREQUEST']._serialized_start=1105
+  _globals['_ENCODEREQUEST']._serialized_end=1172
+  _globals['_ENCODERESPONSE']._serialized_start=1175
+  _globals['_ENCODERESPONSE']._serialized_end=1362
+  _globals['_DECODEREQUEST']._serialized_start=1364
+  _globals['_DECODEREQUEST']._serialized_end=1482
+  _globals['_DECODERESPONSE']._serialized_start=1484
+  _globals['_DECODERESPONSE']._serialized_end=1609
+  _globals['_SCOREREQUEST']._serialized_start=1612
+  _globals['_SCOREREQUEST']._serialized_end=1778
+  _globals['_SCORE']._serialized_start=1780
+  _globals['_SCORE']._serialized_end=1879
+  _globals['_SCORERESPONSE']._serialized_start=1881
+  _globals['_SCORERESPONSE']._serialized_end=1947
+  _globals['_GENERATIVE']._serialized_start=2312
+  _globals['_GENERATIVE']._serialized_end=2815
 # @@protoc_insertion_point(module_scope)

@@ -69,7 +69,7 @@ class GetModelRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "family", "capabilities", "image_shape", "pixel_levels", "num_classes", "latent_shape", "max_batch_size", "ready", "metrics_json")
+    __slots__ = ("name", "family", "capabilities", "image_shape", "pixel_levels", "num_classes", "latent_shape", "max_batch_size", "ready", "metrics_json", "modality", "sample_rate")
     NAME_FIELD_NUMBER: _ClassVar[int]
     FAMILY_FIELD_NUMBER: _ClassVar[int]
     CAPABILITIES_FIELD_NUMBER: _ClassVar[int]
@@ -80,6 +80,8 @@ class ModelInfo(_message.Message):
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
     METRICS_JSON_FIELD_NUMBER: _ClassVar[int]
+    MODALITY_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_RATE_FIELD_NUMBER: _ClassVar[int]
     name: str
     family: str
     capabilities: _containers.RepeatedScalarFieldContainer[Capability]
@@ -90,7 +92,9 @@ class ModelInfo(_message.Message):
     max_batch_size: int
     ready: bool
     metrics_json: str
-    def __init__(self, name: _Optional[str] = ..., family: _Optional[str] = ..., capabilities: _Optional[_Iterable[_Union[Capability, str]]] = ..., image_shape: _Optional[_Iterable[int]] = ..., pixel_levels: _Optional[int] = ..., num_classes: _Optional[int] = ..., latent_shape: _Optional[_Iterable[int]] = ..., max_batch_size: _Optional[int] = ..., ready: _Optional[bool] = ..., metrics_json: _Optional[str] = ...) -> None: ...
+    modality: str
+    sample_rate: int
+    def __init__(self, name: _Optional[str] = ..., family: _Optional[str] = ..., capabilities: _Optional[_Iterable[_Union[Capability, str]]] = ..., image_shape: _Optional[_Iterable[int]] = ..., pixel_levels: _Optional[int] = ..., num_classes: _Optional[int] = ..., latent_shape: _Optional[_Iterable[int]] = ..., max_batch_size: _Optional[int] = ..., ready: _Optional[bool] = ..., metrics_json: _Optional[str] = ..., modality: _Optional[str] = ..., sample_rate: _Optional[int] = ...) -> None: ...
 
 class SampleRequest(_message.Message):
     __slots__ = ("model", "num_samples", "seed", "start_index", "temperature", "labels", "return_png")

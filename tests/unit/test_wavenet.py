@@ -1,0 +1,120 @@
+"""WaveNet: causality and receptive field, the per-layer queues, mu-law, WAV files, the spoken-digit corpus."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from genserve.clients.audio import mu_law_decode, mu_law_encode, read_audio, read_wav, write_audio, write_wav
+from genserve.export.models import WaveNetConfig
+from genserve.export.speech import WORDS, CorpusSpec, load_corpus, to_clip
+from genserve.export.steps import step_program
+from tests.conftest import make_model
+
+
+def test_the_dilations_and_receptive_field_follow_the_config():
+    c = WaveNetConfig(max_dilation=8, dilation_cycles=3)
+    assert c.dilations == (1, 2, 4, 8) * 3
+    assert c.receptive_field == 2 + 3 * 15
+    assert c.sample_shape == (1, 6400) and c.dims == 6400
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [(dict(max_dilation=6), "power of two"), (dict(channels=2), "mono"), (dict(length=100, frame=30), "frame"),
+     (dict(residual_channels=0), "bad sizes"), (dict(pixel_levels=300), "pixel_levels")],
+)
+def test_bad_configs_name_the_field(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        WaveNetConfig(**overrides)
+
+
+def test_a_prediction_sees_exactly_the_receptive_field_before_it():
+    # Changing sample s must change the logits at t exactly when s < t <= s + receptive_field: the
+    # prediction at t sees x_{t-RF} .. x_{t-1}, never x_t or later (causality), nothing older.
+    model = make_model("wavenet", length=40).double()
+    rf = model.config.receptive_field  # 2 + 2 * (1 + 2 + 4) = 16
+    x = torch.randint(0, 5, (1, 1, 40))
+    base = model.logits(x).detach()
+    for s in (0, 7, 20):
+        changed = x.clone()
+        changed[0, 0, s] = (changed[0, 0, s] + 2) % 5
+        moved = (model.logits(changed).detach() - base).abs().amax(dim=(0, 1, 2))  # (T,)
+        expected = torch.zeros(40, dtype=torch.bool)
+        expected[s + 1 : s + rf + 1] = True
+        assert torch.equal(moved > 0, expected), s
+
+
+def test_the_step_keeps_one_queue_per_layer_as_long_as_its_dilation():
+    model = make_model("wavenet")
+    program = step_program(model)
+    shapes = {s.name: s.shape for s in program.states}
+    assert shapes["recent"] == (1, 2)
+    assert [shapes[f"queue{i}"] for i in range(6)] == [(4, d) for d in (1, 2, 4, 1, 2, 4)]
+    assert program.refresh is None and program.span == 1 and program.length == 24
+
+
+def test_mu_law_codes_survive_decoding_and_encoding_and_hit_the_ends():
+    codes = np.arange(256)
+    assert np.array_equal(mu_law_encode(mu_law_decode(codes)), codes)
+    assert mu_law_encode(np.array([-1.0, 0.0, 1.0])).tolist() == [0, 128, 255]
+    audio = np.linspace(-1, 1, 1001)
+    assert np.all(np.diff(mu_law_encode(audio)) >= 0)  # monotone
+    # G.711's companding: small amplitudes get fine steps, large ones coarse.
+    steps = np.diff(mu_law_decode(codes))
+    assert steps[128] < steps[250] / 50
+
+
+def test_wav_files_round_trip_to_16_bit_precision(tmp_path):
+    audio = np.sin(np.linspace(0, 40, 800)) * 0.7
+    write_wav(tmp_path / "a.wav", audio, 8000)
+    back, rate = read_wav(tmp_path / "a.wav")
+    assert rate == 8000 and back.shape == (800,)
+    assert np.abs(back - audio).max() <= 0.5 / 32767 + 1e-12  # half a 16-bit step (+ float64 rounding)
+
+
+def test_written_samples_read_back_as_the_same_codes(tmp_path):
+    codes = np.random.default_rng(0).integers(0, 256, (3, 1, 50)).astype(np.uint8)
+    written = write_audio(tmp_path / "out.wav", codes, 256, 8000)
+    assert [p.name for p in written] == ["out-0.wav", "out-1.wav", "out-2.wav", "out.png"]
+    assert np.array_equal(read_audio([str(p) for p in written[:3]], 256, 8000, 50), codes)
+    npz = write_audio(tmp_path / "out.npz", codes, 256, 8000)
+    assert np.array_equal(read_audio([str(npz[0])], 256, 8000, 50), codes)
+
+
+@pytest.mark.parametrize("rate, length, message", [(16000, 50, "16000 Hz"), (8000, 60, "exactly 60")])
+def test_audio_of_another_rate_or_length_is_refused(tmp_path, rate, length, message):
+    write_wav(tmp_path / "a.wav", np.zeros(50), rate)
+    with pytest.raises(ValueError, match=message):
+        read_audio([str(tmp_path / "a.wav")], 256, 8000, length)
+
+
+def test_a_clip_is_resampled_trimmed_and_placed_after_the_lead():
+    spec = CorpusSpec(length=4000, lead=100)
+    rate = 22050
+    t = np.arange(int(0.2 * rate)) / rate
+    tone = np.concatenate([np.zeros(500), 0.3 * np.sin(2 * np.pi * 440 * t), np.zeros(700)])  # 0.2 s of A4
+    clip = to_clip(tone, rate, spec)
+    audio = mu_law_decode(clip)
+    assert clip.shape == (4000,) and clip.dtype == np.uint8
+    assert np.all(clip[:100] == 128)  # the lead is silence (mu-law code of 0)
+    loud = np.flatnonzero(np.abs(audio) > 0.05)
+    assert 100 <= loud[0] < 110 and 1590 <= loud[-1] < 1700  # 0.2 s at 8 kHz = 1600 samples, trimmed
+    assert abs(np.abs(audio).max() - spec.peak) < 0.02  # normalised to the peak (within a mu-law step)
+    crossings = np.flatnonzero(np.diff(np.sign(audio[110:1590])) != 0)
+    assert abs(len(crossings) / 2 / (1480 / 8000) - 440) < 10  # still a 440 Hz tone after resampling
+
+
+def test_the_committed_corpus_matches_its_spec_and_digest(tmp_path):
+    corpus = load_corpus()  # checks the recorded digest
+    spec = CorpusSpec()
+    assert corpus["audio"].shape == (10 * len(spec.voices) * len(spec.speeds) * len(spec.pitches), 1, spec.length)
+    assert np.array_equal(np.bincount(corpus["labels"]), [54] * 10) and len(WORDS) == 10
+    assert int(corpus["sample_rate"]) == 8000
+    tampered = dict(corpus, audio=corpus["audio"].copy())
+    tampered["audio"][0, 0, 1000] ^= 1  # one bit of one sample
+    np.savez(tmp_path / "tampered.npz", **tampered)
+    with pytest.raises(ValueError, match="does not hold the recorded corpus"):
+        load_corpus(tmp_path / "tampered.npz")
+    assert load_corpus(tmp_path / "tampered.npz", expected=None)["audio"][0, 0, 1000] != corpus["audio"][0, 0, 1000]
