@@ -58,7 +58,8 @@ shipped-models: $(BIN)/genserve
 	  OMP_NUM_THREADS=1 $(TRAIN) aae --out $(CKPT)/aae_mnist --epochs 60 --lr 1e-3 --lr-decay 0.97 --seed 1 && \
 	  OMP_NUM_THREADS=1 $(TRAIN) vae_gan --out $(CKPT)/vae_gan_mnist --epochs 60 --lr 1e-3 --lr-decay 0.97 --seed 1 && \
 	  OMP_NUM_THREADS=1 $(TRAIN) pixel_vae --out $(CKPT)/pixel_vae_mnist --epochs 40 --lr 1e-3 --lr-decay 0.95 --seed 1 && \
-	  OMP_NUM_THREADS=1 $(TRAIN) maf --out $(CKPT)/maf_mnist --epochs 20 --lr 1e-3 --lr-decay 0.95 --seed 1 ) & \
+	  OMP_NUM_THREADS=1 $(TRAIN) maf --out $(CKPT)/maf_mnist --epochs 20 --lr 1e-3 --lr-decay 0.95 --seed 1 && \
+	  OMP_NUM_THREADS=1 $(TRAIN) wavenet --out $(CKPT)/wavenet_speech --data spoken_digits --epochs 40 --batch-size 8 --lr 1e-3 --lr-decay 0.95 --seed 1 --set num_classes=dataset ) & \
 	( OMP_NUM_THREADS=1 $(TRAIN) vae --out $(CKPT)/vae_mnist --epochs 150 --lr 1e-3 --lr-decay 0.985 --seed 1 --set hidden_units=256 && \
 	  OMP_NUM_THREADS=1 $(TRAIN) iaf_vae --out $(CKPT)/iaf_vae_mnist --epochs 150 --lr 1e-3 --lr-decay 0.985 --seed 1 --set hidden_units=256 && \
 	  OMP_NUM_THREADS=1 $(TRAIN) dcgan --out $(CKPT)/dcgan_mnist --epochs 30 --lr 2e-4 --seed 1 --set num_classes=dataset && \
@@ -69,7 +70,7 @@ shipped-models: $(BIN)/genserve
 	wait
 	$(MAKE) cards repository-sums
 
-# Held-out figures, sample grids and model cards for every shipped checkpoint.
+# Held-out figures, sample grids (waveforms and WAV files for audio) and model cards for every shipped checkpoint.
 cards: $(BIN)/genserve
 	for c in $(CKPT)/*/; do $(BIN)/genserve evaluate $$c --card --fid || exit 1; done
 

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .client import AsyncClient
+from .audio import mu_law_decode, write_wav
+from .client import AsyncClient, ModelInfo
 from .errors import GenserveError
 from .images import display_uint8
 
@@ -40,7 +41,7 @@ class BatchJob:
     seed: int
     temperature: float = 1.0
     label: int | None = None  # one label for all; None: image i gets i mod classes (conditional models)
-    png: bool = False  # also write every image as a PNG under shard-NNNNN/
+    png: bool = False  # also write every image as a PNG (audio: every clip as a WAV) under shard-NNNNN/
 
     def __post_init__(self) -> None:
         if self.num < 1 or self.shard_size < 1:
@@ -109,8 +110,8 @@ def open_job(folder: Path, job: BatchJob | None, resume_seed: bool) -> tuple[Man
     return manifest, [k for k in range(manifest.job.num_shards) if str(k) not in verified]
 
 
-async def _generate_shard(client: AsyncClient, folder: Path, job: BatchJob, k: int, num_classes: int | None,
-                          levels: int) -> dict:
+async def _generate_shard(client: AsyncClient, folder: Path, job: BatchJob, k: int, info: ModelInfo) -> dict:
+    num_classes, levels = info.num_classes, info.pixel_levels
     indices = job.shard_range(k)
     labels = None
     if num_classes:
@@ -124,7 +125,11 @@ async def _generate_shard(client: AsyncClient, folder: Path, job: BatchJob, k: i
                  labels=np.asarray(labels if labels is not None else [], dtype=np.int64),
                  seed=np.int64(job.seed), temperature=np.float32(job.temperature), levels=np.int64(levels))
     os.replace(tmp, path)
-    if job.png:
+    if job.png and info.modality == "audio":  # a WAV file per clip instead
+        pngs = folder / name
+        for i, clip in zip(indices, samples.images):
+            write_wav(pngs / f"{i:08d}.wav", mu_law_decode(clip.reshape(-1), levels), info.sample_rate)
+    elif job.png:
         from PIL import Image
 
         pngs = folder / name
@@ -154,7 +159,7 @@ async def run_job(client: AsyncClient, folder: Path, manifest: Manifest, todo: l
         async with gate:
             for attempt in range(attempts):
                 try:
-                    record = await _generate_shard(client, folder, job, k, info.num_classes, info.pixel_levels)
+                    record = await _generate_shard(client, folder, job, k, info)
                     break
                 except GenserveError as error:
                     failed[str(k)] = str(error)

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from genserve.clients.audio import write_audio
+
 from .checkpoint import Checkpoint, save_checkpoint
 from .data import fixed_held_out, load_dataset
 from .images import save_samples
@@ -44,7 +46,13 @@ LITERATURE = {
     "and bounds each layer's log-scale to ±0.6; trained for 100 epochs it fit the training digits better "
     "(2.91 bits/dim) and held-out ones worse (5.19), so it ships at 20",
     "dcgan": "no likelihood (implicit model)",
+    "wavenet": "no likelihood figure in the paper (van den Oord et al. 2016 report listening tests: MOS 4.21 for "
+    "US English TTS at 16 kHz); the figures here are bits per 8 kHz mu-law sample of synthetic speech, half of "
+    "every clip silence, so they are not comparable with natural-speech figures",
 }
+
+
+AUDIO_CARD_SAMPLES = 10  # one clip per label of the spoken digits
 
 
 def _sample_labels(checkpoint: Checkpoint, n: int) -> torch.Tensor | None:
@@ -89,9 +97,14 @@ def evaluate(
 
 
 def write_samples(checkpoint: Checkpoint, path: Path, n: int = 64, seed: int = 0) -> Path:
+    """A grid of n samples; for an audio model, a picture of n waveforms with n WAV files beside it."""
     model = checkpoint.model
     labels = _sample_labels(checkpoint, n)
-    return save_samples(sample_images(model, n, seed, labels=labels), model.config.pixel_levels, path, labels)
+    samples = sample_images(model, n, seed, labels=labels)
+    c = model.config
+    if c.modality == "audio":
+        return write_audio(path, samples.to(torch.uint8).numpy(), c.pixel_levels, c.sample_rate)[-1]
+    return save_samples(samples, c.pixel_levels, path, labels)
 
 
 def model_card(checkpoint: Checkpoint, metrics: dict[str, Any]) -> str:
@@ -130,7 +143,7 @@ def model_card(checkpoint: Checkpoint, metrics: dict[str, Any]) -> str:
         f"- final-epoch training figures: {json.dumps(training.get('last_epoch_metrics', {}))}",
         "",
         "## Held-out evaluation",
-        f"{metrics['held_out_images']} held-out images ({metrics['dataset']}); binary models use the "
+        f"{metrics['held_out_images']} held-out samples ({metrics['dataset']}); binary models use the "
         "fixed evaluation binarisation (seed 1234). Command: "
         f"`genserve evaluate {checkpoint.name} --card`.",
         "",
@@ -147,6 +160,10 @@ def model_card(checkpoint: Checkpoint, metrics: dict[str, Any]) -> str:
             f"{_fid_floor(model.config.pixel_levels)} (the classifier's card). Command: "
             f"`genserve evaluate {checkpoint.name} --card --fid`.",
         ]
+    if model.config.modality == "audio":
+        lines += [f"Literature: {LITERATURE.get(model.family, 'n/a')}.", "", "## Samples", "![waveforms](samples.png)",
+                  "", *[f"- [samples-{k}.wav](samples-{k}.wav): label {k}" for k in range(AUDIO_CARD_SAMPLES)], ""]
+        return "\n".join(lines)
     lines += [
         f"Literature: {LITERATURE.get(model.family, 'n/a')}. Trained on 4,500 images rather than 60,000, "
         "so figures are not directly comparable.",
@@ -164,8 +181,9 @@ def _fid_floor(levels: int) -> str:
 
 
 def write_card(checkpoint: Checkpoint, metrics: dict[str, Any]) -> None:
-    """Stores metrics in the checkpoint, writes samples.png and MODEL_CARD.md beside it."""
+    """Stores metrics in the checkpoint, writes samples.png (and an audio model's WAV files) and MODEL_CARD.md."""
     assert checkpoint.path is not None
     save_checkpoint(checkpoint.path, checkpoint.model, training=checkpoint.training, metrics=metrics)
-    write_samples(checkpoint, checkpoint.path / "samples.png")
+    audio = checkpoint.model.config.modality == "audio"
+    write_samples(checkpoint, checkpoint.path / "samples.png", n=AUDIO_CARD_SAMPLES if audio else 64)
     (checkpoint.path / "MODEL_CARD.md").write_text(model_card(checkpoint, metrics))

@@ -31,7 +31,8 @@ TINY = {
     "flow_gan": dict(image_size=4, hidden_channels=4, num_checkerboard=2, num_channelwise=2, discriminator_channels=4),
 }
 SHIPPED = ("pixelcnn_mnist", "gated_pixelcnn_mnist", "vae_mnist", "iaf_vae_mnist", "vae_gan_mnist", "aae_mnist",
-           "dcgan_mnist", "realnvp_mnist", "flow_gan_mnist", "pixel_vae_mnist", "maf_mnist", "pixelcnn_pp_mnist")
+           "dcgan_mnist", "realnvp_mnist", "flow_gan_mnist", "pixel_vae_mnist", "maf_mnist", "pixelcnn_pp_mnist",
+           "wavenet_speech")
 
 
 def make_model(family: str, seed: int = 0, **overrides):

@@ -18,7 +18,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, help="the job's seed (default: a random one, recorded in job.json)")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--label", type=int, help="one label for every image (default: image i gets i mod classes)")
-    parser.add_argument("--png", action="store_true", help="also write each image as a PNG under shard-NNNNN/")
+    parser.add_argument("--png", action="store_true",
+                        help="also write each image as a PNG (an audio model's clips as WAV files) under shard-NNNNN/")
     parser.add_argument("--attempts", type=int, default=3, help="tries per shard before it is reported failed")
     parser.add_argument("--no-progress", action="store_true")
     add_server_arguments(parser)

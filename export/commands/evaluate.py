@@ -12,13 +12,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="checkpoint folder or shipped name (e.g. gated_pixelcnn_mnist)")
     parser.add_argument("--data", help="dataset to score (default: the one the checkpoint was trained on)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the scoring noise (VAE eps, dequantisation)")
-    parser.add_argument("--samples", default="samples.png", help="where to write a grid of samples ('' to skip)")
+    parser.add_argument("--samples", default="samples.png",
+                        help="where to write a grid of samples ('' to skip); for audio, a picture of the waveforms "
+                        "with a WAV file per sample beside it")
     parser.add_argument("--num-samples", type=int, default=64, help="how many samples the grid shows")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     parser.add_argument(
         "--fid", action="store_true",
         help="also the Fréchet distance between the digit classifier's features on the held-out images "
-        "and on --fid-samples seeded samples (28x28 digit models)",
+        "and on --fid-samples seeded samples (28x28 digit models; skipped for audio)",
     )
     parser.add_argument("--fid-samples", type=int, default=1000, help="samples FID draws (seed: --seed)")
     parser.add_argument(
@@ -36,7 +38,9 @@ def run(args: argparse.Namespace) -> int:
 
     checkpoint = load_checkpoint(args.checkpoint)
     metrics = evaluate(checkpoint, data=args.data, seed=args.seed)
-    if args.fid:
+    if args.fid and checkpoint.model.config.modality == "audio":
+        print("FID compares digit images; skipped for this audio model")
+    elif args.fid:
         try:
             metrics["fid"] = sample_fid(checkpoint, FIDConfig(samples=args.fid_samples, seed=args.seed), args.data)
         except ValueError as error:
@@ -66,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
 
 VERB = Verb(
     help="held-out NLL (nats, bits/dim) of a checkpoint, and a sample grid",
-    description="Score the held-out split of the checkpoint's dataset: exact NLL for PixelCNNs, "
+    description="Score the held-out split of the checkpoint's dataset: exact NLL for PixelCNNs and WaveNet, "
     "ELBO and IWAE-K bounds for the VAE, dequantised NLL for the flow, and the (non-likelihood) "
     "discriminator logit for the DCGAN; with --fid, the sample-quality figure.",
     add_arguments=add_arguments,

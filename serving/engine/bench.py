@@ -68,6 +68,7 @@ class SpeedupRow:
     fused_vs_step: float | None = None  # step ÷ fused
     fused_passes: float | None = None  # fused ÷ one full pass
     fused_images_per_s: float | None = None
+    real_time_factor: float | None = None  # audio: seconds of audio per second of compute, on the fastest runner
 
 
 @dataclass
@@ -120,9 +121,12 @@ class NaiveSampler:
 
     @torch.inference_mode()
     def time_passes(self, noise: torch.Tensor, steps: int) -> float:
-        """Seconds for the first `steps` pixels of naive sampling at batch len(noise)."""
-        n, channels, height, width = noise.shape
-        x = torch.zeros(noise.shape, dtype=torch.uint8, device=self.device)
+        """Seconds for the first `steps` pixels of naive sampling at batch len(noise).
+
+        noise: (n, C, ...) in any layout of the sample's values (raster order when flattened).
+        """
+        n, channels = noise.shape[:2]
+        x = torch.zeros((n, *self.inputs[0].shape), dtype=torch.uint8, device=self.device)  # (n, C, H, W) or (n, C, T)
         g = torch.Generator().manual_seed(n)
         feeds = {"images": x}
         for spec in self.inputs[1:]:  # in the graph's order, after the images
@@ -132,14 +136,14 @@ class NaiveSampler:
                 feeds["z"] = torch.randn(n, *spec.shape, generator=g).to(self.device)
             else:  # a flow's dequantisation noise
                 feeds[spec.name] = torch.rand(n, *spec.shape, generator=g).to(self.device)
-        noise = noise.to(self.device)
+        noise, values = noise.to(self.device).reshape(n, channels, -1), x.view(n, channels, -1)
         _sync(self.device)
         start = time.perf_counter()
         for position in range(steps):
-            i, j = divmod(position, width)
             out = self.forward(feeds)
             if self.chooses:
-                x[:, :, i, j] = choose_pixels(out[..., i, j], noise[:, :, i, j], 1.0).to(torch.uint8)
+                logits = out.reshape(n, out.shape[1], channels, -1)[..., position]  # (n, L, C)
+                values[:, :, position] = choose_pixels(logits, noise[:, :, position], 1.0).to(torch.uint8)
         _sync(self.device)
         return time.perf_counter() - start
 
@@ -238,6 +242,9 @@ def run_benchmark(config: BenchConfig, progress=print) -> BenchReport:
             fused_ms = time_cached(fused, batch, config.seed) / batch * 1e3
             row.fused_ms_per_image, row.fused_vs_step = round(fused_ms, 2), round(step_ms / fused_ms, 1)
             row.fused_passes, row.fused_images_per_s = round(fused_ms / pass_ms, 2), round(1e3 / fused_ms, 1)
+        if "sample_rate" in manifest.model_config:  # audio
+            clip_seconds = length / manifest.model_config["sample_rate"]
+            row.real_time_factor = round(clip_seconds / (min(step_ms, row.fused_ms_per_image or step_ms) / 1e3), 3)
         report.speedup.append(row)
 
     report.batching_runner = "fused operators" if fused is not None else "step graphs"
@@ -277,6 +284,11 @@ def format_report(report: BenchReport) -> str:
             line += (f"  {r.fused_ms_per_image:>7.2f}  {r.fused_vs_step:>9.1f}x  {r.fused_passes:>9.2f}x  "
                      f"{r.fused_images_per_s:>8.1f}")
         lines.append(line)
+    audio = [r for r in report.speedup if r.real_time_factor is not None]
+    if audio:
+        best = max(audio, key=lambda r: r.real_time_factor)
+        lines += ["", "real-time factor (seconds of audio per second of compute): " + ", ".join(
+            f"{r.real_time_factor:.3f} at batch {r.batch}" for r in audio) + f"; best at batch {best.batch}"]
     lines += [
         "",
         f"Poisson arrivals: {c['requests']} requests of 1..{c['max_request_size']} samples at "

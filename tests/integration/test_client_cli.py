@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from genserve.clients import Client
+from genserve.clients.audio import read_audio
 from genserve.serving.server import ServerThread
 from genserve.serving.tritonserver import free_port
 from tests.integration.server_fixtures import server_config
@@ -36,7 +37,7 @@ def test_models_lists_every_served_model(server):
     assert result.returncode == 0, result.stderr
     for name in ("aae_mnist", "dcgan_mnist", "flow_gan_mnist", "gated_pixelcnn_mnist", "iaf_vae_mnist", "maf_mnist",
                  "pixel_vae_mnist", "pixelcnn_mnist", "pixelcnn_pp_mnist", "realnvp_mnist", "vae_gan_mnist",
-                 "vae_mnist"):
+                 "vae_mnist", "wavenet_speech"):
         assert name in result.stdout
     listed = json.loads(genserve("models", "--server", server, "--json").stdout)
     assert {m["name"]: m["capabilities"] for m in listed}["vae_mnist"] == ["sample", "encode", "decode", "score"]
@@ -54,6 +55,31 @@ def test_sample_writes_the_servers_images_as_npz_and_png(server, tmp_path):
                       "--server", server)
     assert result.returncode == 0, result.stderr
     assert Image.open(png).size[0] > 28 * 2
+
+
+def test_audio_samples_are_written_as_wav_files_that_score_reads_back(server, tmp_path):
+    result = genserve("sample", "wavenet_speech", "-n", "2", "--seed", "4", "--label", "3", "--no-progress",
+                      "-o", str(tmp_path / "said.png"), "--server", server)
+    assert result.returncode == 0, result.stderr
+    assert "s of audio per second" in result.stdout and "2 WAV files" in result.stdout
+    with Client(server) as client:
+        clips = client.sample("wavenet_speech", 2, seed=4, labels=[3]).images  # (2, 1, 6400) mu-law codes
+        expected = client.score("wavenet_speech", clips, labels=[3, 3])[0]
+    assert Image.open(tmp_path / "said.png").size[1] > 2 * 64  # a strip per clip
+    wavs = [str(tmp_path / f"said-{k}.wav") for k in range(2)]
+    scored = json.loads(genserve("score", "wavenet_speech", *wavs, "--label", "3", "--label", "3", "--json",
+                                 "--server", server).stdout)
+    # The WAV files hold the codes' 16-bit decodings, which encode back to the same codes (tests/unit):
+    # the same clips, so the same scores.
+    np.testing.assert_allclose(scored[0]["values"], expected.values, rtol=1e-9)
+    listed = genserve("models", "--server", server).stdout
+    assert "1x6400 @ 8000 Hz" in listed
+    job = genserve("batch", "wavenet_speech", "--num", "2", "--shard-size", "2", "--seed", "4", "--label", "3",
+                   "--png", "--out", str(tmp_path / "job"), "--server", server, "--no-progress")
+    assert job.returncode == 0, job.stderr
+    np.testing.assert_array_equal(np.load(tmp_path / "job" / "shard-00000.npz")["images"], clips)
+    batch_wavs = sorted(str(p) for p in (tmp_path / "job" / "shard-00000").glob("*.wav"))
+    np.testing.assert_array_equal(read_audio(batch_wavs, 256, 8000, 6400), clips)
 
 
 def test_score_prints_nats_and_bits_per_dim_for_png_and_npz_images(server, tmp_path):

@@ -85,7 +85,7 @@ def test_every_model_in_the_repository_is_ready(client):
          "flow_gan_mnist_encode", "flow_gan_mnist_decode", "flow_gan_mnist_score", "flow_gan_mnist_discriminate",
          "pixel_vae_mnist_encode", "pixel_vae_mnist_score", "pixel_vae_mnist_logits", "pixel_vae_mnist_sample",
          "maf_mnist_encode", "maf_mnist_score", "maf_mnist_sample", "pixelcnn_pp_mnist_logits",
-         "pixelcnn_pp_mnist_sample"]
+         "pixelcnn_pp_mnist_sample", "wavenet_speech_logits", "wavenet_speech_sample"]
     )
     index = {m.name: m.state for m in client.get_model_repository_index().models}
     assert {n: index.get(n) for n in names} == {n: "READY" for n in names}

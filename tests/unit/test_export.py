@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from genserve.export.checkpoint import load_checkpoint, save_checkpoint
-from genserve.export.data import fixed_held_out, load_mnist5k
+from genserve.export.data import fixed_held_out, load_dataset, load_mnist5k
 from genserve.export.entry_points import entry_points
 from genserve.export.exporters import export_onnx, export_torchscript, fold_batch_norms
 from genserve.export.repository import ExportOptions, check_sums, export_checkpoint
@@ -29,8 +29,10 @@ REPOSITORY = Path(__file__).resolve().parents[2] / "model_repository"
 
 
 def real_inputs(entry, model, n: int = 3) -> tuple[torch.Tensor, ...]:
-    """Real held-out digits (at the model's pixel levels, with their labels) and random latents/noise."""
-    held = fixed_held_out(load_mnist5k(), model.config.pixel_levels)
+    """Real held-out digits (at the model's pixel levels, with their labels), or spoken digits for an audio
+    model, and random latents/noise."""
+    dataset = load_dataset("spoken_digits") if model.config.modality == "audio" else load_mnist5k()
+    held = fixed_held_out(dataset, model.config.pixel_levels)
     g = torch.Generator().manual_seed(5)
     inputs = []
     for spec in entry.inputs:

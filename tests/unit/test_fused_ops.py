@@ -38,11 +38,11 @@ FUSED_MODELS = sorted(name for name, (family, _) in MODELS.items() if family in 
 SAMPLER = REPOSITORY / "gated_pixelcnn_mnist_sample"
 
 
-@pytest.mark.parametrize("family", ["pixel_vae", "maf", "pixelcnn_pp"])
+@pytest.mark.parametrize("family", ["pixel_vae", "maf", "pixelcnn_pp", "wavenet"])
 def test_families_without_fused_operators_export_their_step_graphs_only(family):
     # A PixelVAE's refresh adds a per-slot conditioning map the gated operators have no input for;
-    # a MAF's step is not a PixelCNN's at all, nor is PixelCNN++'s row strip through three resolutions:
-    # they run their exported graphs (manifest kind "graphs").
+    # a MAF's step is not a PixelCNN's at all, nor is PixelCNN++'s row strip through three resolutions
+    # or WaveNet's queues: they run their exported graphs (manifest kind "graphs").
     model = make_model(family)
     assert packed_weights(model) is None and step_program(model).section().kind == "graphs"
 

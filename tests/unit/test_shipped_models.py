@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from genserve.export.checkpoint import SHIPPED_DIR
-from genserve.export.data import fixed_held_out, load_mnist5k
-from genserve.export.evaluation import evaluate
+from genserve.export.data import fixed_held_out, load_dataset, load_mnist5k
+from genserve.export.evaluation import AUDIO_CARD_SAMPLES, evaluate
 from genserve.export.quality.fid import FIDConfig, sample_fid
 from tests.conftest import SHIPPED
 
@@ -15,15 +15,20 @@ from tests.conftest import SHIPPED
 @pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_checkpoint_is_weights_only_with_a_card(name, shipped):
     folder = SHIPPED_DIR / name
-    expected = ["MODEL_CARD.md", "config.json", "model.safetensors", "samples.png"]
-    assert sorted(p.name for p in folder.iterdir()) == expected
     checkpoint = shipped(name)
-    assert checkpoint.training["data"] == "mnist5k" and checkpoint.training["command"].startswith("genserve train")
+    audio = checkpoint.model.config.modality == "audio"
+    wavs = [f"samples-{k}.wav" for k in range(AUDIO_CARD_SAMPLES)] if audio else []
+    expected = sorted(["MODEL_CARD.md", "config.json", "model.safetensors", "samples.png", *wavs])
+    assert sorted(p.name for p in folder.iterdir()) == expected
+    assert checkpoint.training["data"] == ("spoken_digits" if audio else "mnist5k")
+    assert checkpoint.training["command"].startswith("genserve train")
     assert checkpoint.metrics, "evaluate --card was not run"
-    assert checkpoint.metrics["fid"]["samples"] == 1000, "evaluate --card --fid was not run"
+    if not audio:  # FID compares digit images
+        assert checkpoint.metrics["fid"]["samples"] == 1000, "evaluate --card --fid was not run"
 
 
-@pytest.mark.parametrize("name", ["pixelcnn_mnist", "gated_pixelcnn_mnist", "realnvp_mnist", "dcgan_mnist"])
+@pytest.mark.parametrize("name", ["pixelcnn_mnist", "gated_pixelcnn_mnist", "realnvp_mnist", "dcgan_mnist",
+                                  "wavenet_speech"])
 def test_recorded_held_out_figures_are_reproduced(name, shipped):
     # The VAE is left out only for time (its IWAE-100 takes ~20 s); its bounds are tested elsewhere.
     checkpoint = shipped(name)
@@ -56,3 +61,13 @@ def test_gated_pixelcnn_beats_pixelcnn_on_held_out_digits(shipped):
     gated = shipped("gated_pixelcnn_mnist").metrics["exact"]["nll_nats"]
     plain = shipped("pixelcnn_mnist").metrics["exact"]["nll_nats"]
     assert gated < plain < 120
+
+
+def test_wavenet_predicts_held_out_speech_far_better_than_its_code_frequencies(shipped):
+    # The baseline: the entropy of the training clips' mu-law code frequencies, what a model that
+    # ignores the past achieves at best. WaveNet's context must beat it by a wide margin.
+    codes = load_dataset("spoken_digits").train.images.flatten().long()
+    frequencies = torch.bincount(codes, minlength=256).double() / len(codes)
+    entropy = -(frequencies[frequencies > 0] * frequencies[frequencies > 0].log2()).sum().item()
+    measured = shipped("wavenet_speech").metrics["exact"]["bits_per_dim"]
+    assert measured < entropy / 2, (measured, entropy)
