@@ -643,7 +643,7 @@ def step_program(model: AutoregressiveModel | PixelVAE | MAF, span: int | None =
 
     Args:
         span: pixels per step call, a divisor of the image width (of the frame, for audio); default the whole
-            width (PixelCNN++ and WaveNet: 1).
+            width (PixelCNN++: 1, WaveNet: 4).
             One row per call keeps the per-call overhead (session, Python) off the per-pixel
             path, at the price of joining the engine at row boundaries; span 1 is the
             finest-grained program.
@@ -652,7 +652,10 @@ def step_program(model: AutoregressiveModel | PixelVAE | MAF, span: int | None =
     if isinstance(model, WaveNet):
         from .wavenet_steps import wavenet_program  # it builds on this module's StepProgram
 
-        span = 1 if span is None else span
+        # Four samples per call: the per-call cost (the engine's bookkeeping, feeding 19 states) paid once
+        # per four samples; 3.95 → 2.61 s per clip at batch 1 (ONNX Runtime, one thread; 16: 2.35 s for a
+        # graph 15 s to export).
+        span = 4 if span is None else span
         if span < 1 or model.config.frame % span:
             raise ValueError(f"span must divide the frame {model.config.frame}, got {span}")
         return wavenet_program(model, span)

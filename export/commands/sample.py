@@ -15,7 +15,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=1.0, help="0 gives the most likely pixel values")
     parser.add_argument("--label", type=int, action="append", help="class label(s) for conditional models; "
                         "one for all samples or one per sample (default: cycle through the classes)")
-    parser.add_argument("-o", "--output", default="samples.png", help="a .png grid or a .npz of uint8 arrays")
+    parser.add_argument("-o", "--output", default="samples.png",
+                        help="a .png grid or a .npz of uint8 arrays; audio: OUT.png, the waveforms, with OUT-K.wav "
+                        "beside it for sample K, or a .npz of the mu-law codes")
     parser.add_argument("--naive", action="store_true",
                         help="PixelCNNs: recompute the whole network per pixel (the slow reference; same images)")
 
@@ -26,6 +28,7 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
+    from genserve.clients.audio import write_audio
     from genserve.export.checkpoint import load_checkpoint
     from genserve.export.images import save_samples
     from genserve.export.steps import sample_images
@@ -48,7 +51,12 @@ def run(args: argparse.Namespace) -> int:
     sample = model.sample if args.naive else partial(sample_images, model)
     pixels = sample(args.num, seed, args.temperature, labels)
     elapsed = time.perf_counter() - start
-    path = save_samples(pixels, model.config.pixel_levels, args.output, labels)
+    c = model.config
+    if c.modality == "audio":
+        written = write_audio(args.output, pixels.to(torch.uint8).numpy(), c.pixel_levels, c.sample_rate)
+        path = written[-1] if len(written) == 1 else f"{written[-1]} and {len(written) - 1} WAV files beside it"
+    else:
+        path = save_samples(pixels, c.pixel_levels, args.output, labels)
     print(f"{args.num} samples of {args.model} (seed {seed}, temperature {args.temperature}) "
           f"in {elapsed:.2f} s → {path}")
     return 0

@@ -9,8 +9,11 @@ import torch
 from genserve.clients.audio import mu_law_decode, mu_law_encode, read_audio, read_wav, write_audio, write_wav
 from genserve.export.models import WaveNetConfig
 from genserve.export.speech import WORDS, CorpusSpec, load_corpus, to_clip
-from genserve.export.steps import step_program
+from genserve.export.steps import cached_sample, step_program
+from genserve.serving.artifacts import load_manifest
+from genserve.serving.engine import EngineConfig, SamplingEngine, load_step_runner
 from tests.conftest import make_model
+from tests.unit.test_export import REPOSITORY
 
 
 def test_the_dilations_and_receptive_field_follow_the_config():
@@ -52,7 +55,7 @@ def test_the_step_keeps_one_queue_per_layer_as_long_as_its_dilation():
     shapes = {s.name: s.shape for s in program.states}
     assert shapes["recent"] == (1, 2)
     assert [shapes[f"queue{i}"] for i in range(6)] == [(4, d) for d in (1, 2, 4, 1, 2, 4)]
-    assert program.refresh is None and program.span == 1 and program.length == 24
+    assert program.refresh is None and program.span == 4 and program.length == 24
 
 
 def test_mu_law_codes_survive_decoding_and_encoding_and_hit_the_ends():
@@ -118,3 +121,18 @@ def test_the_committed_corpus_matches_its_spec_and_digest(tmp_path):
     with pytest.raises(ValueError, match="does not hold the recorded corpus"):
         load_corpus(tmp_path / "tampered.npz")
     assert load_corpus(tmp_path / "tampered.npz", expected=None)["audio"][0, 0, 1000] != corpus["audio"][0, 0, 1000]
+
+
+@pytest.fixture(scope="module")
+def eager_clip(shipped):
+    """Sample 0 of seed 2 at temperature 0.8, label 5, from the eager step program (naive sampling of a
+    6,400-sample clip is 6,400 full passes; the program is exact against it on tiny models)."""
+    return cached_sample(shipped("wavenet_speech").model, 1, 2, 0.8, torch.tensor([5])).numpy()
+
+
+@pytest.mark.parametrize("runtime", ["onnx", "torchscript"])
+def test_the_committed_step_artifacts_draw_what_the_eager_program_does(runtime, eager_clip):
+    runner = load_step_runner(load_manifest(REPOSITORY / "wavenet_speech_sample"), runtime)
+    assert runner.spec.sample_shape == (1, 20, 320)  # the engine's rows: frames of 320 samples
+    clip = SamplingEngine(runner, EngineConfig(num_slots=1)).generate(2, 1, 0.8, [5])
+    np.testing.assert_array_equal(clip.reshape(1, 1, 6400), eager_clip)
