@@ -124,7 +124,8 @@ def traffic(models: list[pb.ModelInfo]) -> list[Kind]:
     for info in models:
         m = info.name
         caps = {pb.Capability.Name(c) for c in info.capabilities}
-        sequential = info.family in ("pixelcnn", "gated_pixelcnn")  # one sample is hundreds of steps
+        # one sample is hundreds of steps (a WaveNet clip thousands)
+        sequential = info.family in ("pixelcnn", "gated_pixelcnn", "wavenet")
         if "CAPABILITY_SAMPLE" in caps:
             kinds.append(Kind(f"{m} sample", "Sample", True, lambda r, m=m, info=info, s=sequential: pb.SampleRequest(
                 model=m, num_samples=1 if s else r.randint(1, 4), seed=r.getrandbits(32),

@@ -89,7 +89,7 @@ def test_a_trained_model_scores_far_better_than_an_untrained_one(shipped):
 
 def test_fid_refuses_images_the_classifier_cannot_read(tmp_path):
     save_checkpoint(tmp_path / "tiny", make_model("vae"), training={"data": "mnist5k"})
-    with pytest.raises(ValueError, match="28x28 digit classifier; tiny makes 1x8x8 images"):
+    with pytest.raises(ValueError, match=r"28x28 digit classifier; tiny makes samples of shape \(1, 8, 8\)"):
         sample_fid(load_checkpoint(tmp_path / "tiny"), progress=False)
     result = genserve("evaluate", str(tmp_path / "tiny"), "--data", "digits8", "--fid", "--samples", "")
     assert result.returncode == 2 and "28x28 digit classifier" in result.stderr
