@@ -72,6 +72,7 @@ def test_list_models_names_every_model_with_its_family_capabilities(api):
                                           "CAPABILITY_SCORE"]),
         "maf_mnist": ("maf", ["CAPABILITY_SAMPLE", "CAPABILITY_ENCODE", "CAPABILITY_DECODE", "CAPABILITY_SCORE"]),
         "pixelcnn_pp_mnist": ("pixelcnn_pp", ["CAPABILITY_SAMPLE", "CAPABILITY_SCORE"]),
+        "wavenet_speech": ("wavenet", ["CAPABILITY_SAMPLE", "CAPABILITY_SCORE"]),
     }
     assert all(m.ready for m in models.values())
     vae = api.stub.GetModel(pb.GetModelRequest(model="vae_mnist"))
