@@ -24,3 +24,15 @@ def triton_server(tmp_path_factory):
 def triton(triton_server):
     """That server's gRPC URL."""
     return triton_server.config.grpc_url
+
+
+@pytest.fixture(scope="module", params=("embedded", "triton"))
+def api(request):
+    """A genserve server on each runtime in turn (the conformance suites run against both): embedded, then
+    forwarding to the session's tritonserver. Modules that need one server of their own define `api` too."""
+    from tests.integration.server_fixtures import Connected, server_config  # it imports this module
+
+    url = request.getfixturevalue("triton") if request.param == "triton" else None
+    connected = Connected(server_config(request.param, url))
+    yield connected
+    connected.close()

@@ -19,18 +19,10 @@ from genserve.export.data import load_dataset
 from genserve.export.steps import cached_sample
 from genserve.serving.tensors import to_numpy
 from genserve.v1 import generative_pb2 as pb
-from tests.integration.server_fixtures import Connected, server_config, tensor
+from tests.integration.server_fixtures import tensor
 from tests.rounding import assert_within_rounding, rounding_sigma
 
 MODEL = "wavenet_speech"
-
-
-@pytest.fixture(scope="module", params=("embedded", "triton"))
-def api(request):
-    url = request.getfixturevalue("triton") if request.param == "triton" else None
-    connected = Connected(server_config(request.param, url))
-    yield connected
-    connected.close()
 
 
 @pytest.fixture(scope="module")

@@ -18,18 +18,8 @@ import torch
 from genserve.export.data import fixed_held_out, load_mnist5k
 from genserve.export.steps import cached_sample
 from genserve.v1 import generative_pb2 as pb
-from tests.integration.server_fixtures import Connected, images_of, server_config, tensor
+from tests.integration.server_fixtures import images_of, tensor
 from tests.rounding import assert_within_rounding, rounding_sigma
-
-RUNTIMES = ("embedded", "triton")
-
-
-@pytest.fixture(scope="module", params=RUNTIMES)
-def api(request):
-    url = request.getfixturevalue("triton") if request.param == "triton" else None
-    connected = Connected(server_config(request.param, url))
-    yield connected
-    connected.close()
 
 
 @pytest.fixture(scope="module")
