@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..artifacts import load_manifest
+from ..artifacts import load_manifest, sample_rate
 from ..entry_runner import onnx_session
 from ..kernels.sampling import choose_pixels
 from .core import EngineConfig, SamplingEngine
@@ -227,7 +227,7 @@ def run_benchmark(config: BenchConfig, progress=print) -> BenchReport:
         "device": torch.cuda.get_device_name() if graphs.device.type == "cuda" else "cpu",
         "fused": why_not_fused or "fused operators timed",
     })
-    length = graphs.spec.length
+    length, rate = graphs.spec.length, sample_rate(manifest.model_config)
     steps = min(config.naive_steps, length)
     for batch in config.batches:
         progress(f"naive vs step vs fused at batch {batch} ...")
@@ -242,8 +242,8 @@ def run_benchmark(config: BenchConfig, progress=print) -> BenchReport:
             fused_ms = time_cached(fused, batch, config.seed) / batch * 1e3
             row.fused_ms_per_image, row.fused_vs_step = round(fused_ms, 2), round(step_ms / fused_ms, 1)
             row.fused_passes, row.fused_images_per_s = round(fused_ms / pass_ms, 2), round(1e3 / fused_ms, 1)
-        if "sample_rate" in manifest.model_config:  # audio
-            clip_seconds = length / manifest.model_config["sample_rate"]
+        if rate is not None:  # audio
+            clip_seconds = length / rate
             row.real_time_factor = round(clip_seconds / (min(step_ms, row.fused_ms_per_image or step_ms) / 1e3), 3)
         report.speedup.append(row)
 

@@ -8,12 +8,14 @@ of the spoken-digit corpus.
 
 from __future__ import annotations
 
+import io
 import math
 
 import grpc
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from genserve.export.data import load_dataset
 from genserve.export.steps import cached_sample
@@ -44,7 +46,8 @@ def test_model_info_describes_the_audio(api):
 
 
 def test_a_streamed_clip_arrives_frame_by_frame_and_equals_the_eager_engines(api, expected_clip):
-    request = pb.SampleRequest(model=MODEL, num_samples=1, seed=5, start_index=1, temperature=0.9, labels=[7])
+    request = pb.SampleRequest(model=MODEL, num_samples=1, seed=5, start_index=1, temperature=0.9, labels=[7],
+                               return_png=True)
     events = list(api.stub.SampleStream(request))
     progress = [e.progress for e in events if e.HasField("progress")]
     assert progress and all(p.rows_total == 20 for p in progress)  # 6,400 samples in frames of 320
@@ -56,6 +59,9 @@ def test_a_streamed_clip_arrives_frame_by_frame_and_equals_the_eager_engines(api
     np.testing.assert_array_equal(partial[..., :frames], expected_clip[..., :frames])  # finished frames are final
     assert not partial[..., frames:].any()  # the rest not yet drawn
     np.testing.assert_array_equal(clips_of(events[-1].result.images), expected_clip)
+    (png,) = events[-1].result.png  # a picture of the waveform
+    picture = Image.open(io.BytesIO(png))
+    assert picture.size == (640, 72) and np.asarray(picture).min() == 0  # one strip, with the trace drawn
 
 
 def test_scores_are_the_models_exact_log_likelihood_per_clip(api, shipped):
