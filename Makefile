@@ -50,7 +50,7 @@ proto: setup
 	$(BIN)/python -m grpc_tools.protoc -I serving/proto --python_out=serving/proto --pyi_out=serving/proto \
 	  --grpc_python_out=serving/proto serving/proto/genserve/v1/*.proto
 
-# Retrain the shipped checkpoints and the FID classifier (about 190 minutes on a 2-core CPU); each
+# Retrain the shipped checkpoints and the FID classifier (at most about 245 minutes on a 2-core CPU); each
 # model card records the command that made it. Two jobs run side by side, one thread each.
 shipped-models: $(BIN)/genserve
 	( OMP_NUM_THREADS=1 $(BIN)/genserve train-classifier --no-progress && \
