@@ -17,6 +17,7 @@ import itertools
 import shutil
 import subprocess
 from dataclasses import dataclass
+from math import gcd
 from pathlib import Path
 
 import numpy as np
@@ -62,8 +63,6 @@ def synthesise(word: str, voice: str, speed: int, pitch: int) -> tuple[np.ndarra
 
 def to_clip(audio: np.ndarray, rate: int, spec: CorpusSpec) -> np.ndarray:
     """A waveform at any rate → (length,) mu-law codes: resampled, trimmed, normalised, placed."""
-    from math import gcd
-
     from scipy.signal import resample_poly
 
     g = gcd(spec.sample_rate, rate)
@@ -102,11 +101,10 @@ def digest(arrays: dict[str, np.ndarray]) -> str:
     return h.hexdigest()
 
 
-def write_corpus(path: Path, arrays: dict[str, np.ndarray]) -> str:
-    """Writes the arrays as a compressed .npz and returns their digest."""
+def write_corpus(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Writes the arrays as a compressed .npz (check them with `digest`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(path, **arrays)
-    return digest(arrays)
 
 
 def load_corpus(path: Path = CORPUS_FILE, expected: str | None = CORPUS_DIGEST) -> dict[str, np.ndarray]:

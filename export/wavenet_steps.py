@@ -23,8 +23,8 @@ from .steps import StepProgram, _next, controls
 
 
 def _pointwise(conv: nn.Conv1d) -> torch.Tensor:
-    """A (out, in, 1) kernel as a (out, in) matrix (a copy: a view of a parameter cannot be traced)."""
-    return conv.weight[:, :, 0].clone()
+    """A (out, in, 1) kernel as a (out, in) matrix."""
+    return conv.weight[:, :, 0].detach().clone()
 
 
 class WaveNetStep(nn.Module):
@@ -45,6 +45,10 @@ class WaveNetStep(nn.Module):
         self._buffer("output_biases", [torch.cat([w.residual.bias, w.skip.bias]) for w in layers])
         if self.conditional:  # every layer's class bias in one table: one gather per step
             self.register_buffer("class_biases", torch.cat([w.class_bias.weight for w in layers], 1).detach(), False)
+        # The input and output convolutions as matrices, made once here rather than on every sample.
+        self.register_buffer("input_weight", model.input_conv.weight.flatten(1).detach(), False)  # (R, C * 2)
+        self.register_buffer("hidden_weight", _pointwise(model.output_hidden), False)
+        self.register_buffer("logits_weight", _pointwise(model.output_logits), False)
         self.choose = choose_at_temperature  # (logits, noise, divisor, greedy) → pixel; tests force pixels here
 
     def _buffer(self, name: str, per_layer: list[torch.Tensor]) -> None:
@@ -57,10 +61,10 @@ class WaveNetStep(nn.Module):
         r = c.residual_channels
         divisor, greedy = temperature_rows(temperature, 3)
         class_biases = None if labels is None else self.class_biases[labels[:, 0]]  # (n, layers * 2R)
-        input_weight = model.input_conv.weight.flatten(1)  # (R, C * 2): channel-major taps, as recent.flatten(1)
         pixels = []
         for s in range(noise.shape[1]):
-            h = F.linear(recent.flatten(1), input_weight, model.input_conv.bias)  # (n, R)
+            # channel-major taps, as recent.flatten(1)
+            h = F.linear(recent.flatten(1), self.input_weight, model.input_conv.bias)  # (n, R)
             skips = 0
             for index, layer in enumerate(model.layers):
                 queue = queues[index]
@@ -72,8 +76,8 @@ class WaveNetStep(nn.Module):
                 queues[index] = torch.cat([queue[:, :, 1:], newest], 2) if layer.dilation > 1 else newest
                 out = F.linear(g, self.outputs[index], self.output_biases[index])  # (n, R + S)
                 h, skips = h + out[:, :r], skips + out[:, r:]
-            hidden = F.relu(F.linear(F.relu(skips), _pointwise(model.output_hidden), model.output_hidden.bias))
-            logits = F.linear(hidden, _pointwise(model.output_logits), model.output_logits.bias)  # (n, C*L)
+            hidden = F.relu(F.linear(F.relu(skips), self.hidden_weight, model.output_hidden.bias))
+            logits = F.linear(hidden, self.logits_weight, model.output_logits.bias)  # (n, C*L)
             pixel = self.choose(logits.reshape(-1, c.pixel_levels, c.channels), noise[:, s], divisor, greedy)
             pixels.append(pixel)
             recent = torch.cat([recent[:, :, 1:], model.scale_input(pixel).unsqueeze(2)], 2)
