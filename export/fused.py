@@ -116,11 +116,14 @@ def write_fused_weights(model: AutoregressiveModel, folder: Path) -> tuple[Fused
     return FusedSection(packed[0], WEIGHTS_FILE), path
 
 
-def fused_runner(model: AutoregressiveModel, span: int | None = None):
-    """The engine's runner over the fused operators with weights packed from `model` (before export)."""
+def fused_runner(model: AutoregressiveModel, span: int | None = None, namespace=None, device: str = "cpu"):
+    """The engine's runner over the fused operators with weights packed from `model` (before export).
+
+    `namespace`: where the operator functions are found (FusedStepRunner); torch.ops.genserve by default.
+    """
     from genserve.serving.engine import FusedStepRunner, StepSpec
 
     op, weights = packed_weights(model)
     program = step_program(model, span)
     spec = StepSpec.from_section(program.section(), model.config.to_dict())
-    return FusedStepRunner(spec, FUSED_OPS[op], list(weights.values()))
+    return FusedStepRunner(spec, FUSED_OPS[op], [w.to(device) for w in weights.values()], device, namespace)

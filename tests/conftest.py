@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# Without a GPU, Triton kernels (serving/fused/triton_gated.py) run in Triton's interpreter on CPU
+# tensors: the mode is read when triton is first imported, so it is set before anything imports it.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from genserve.export.checkpoint import SHIPPED_DIR, load_checkpoint
 from genserve.export.models import build_model

@@ -127,12 +127,16 @@ class OnnxStepRunner(StepRunner):
 class FusedStepRunner(StepRunner):
     """A family's fused operators (torch.ops.genserve.*) over the program's states, weights packed at export."""
 
-    def __init__(self, spec: StepSpec, op: FusedOp, weights: list[torch.Tensor], device: str | torch.device = "cpu"):
+    def __init__(self, spec: StepSpec, op: FusedOp, weights: list[torch.Tensor], device: str | torch.device = "cpu",
+                 namespace=None):
+        """`namespace` holds the operator functions by name: torch.ops.genserve (default), or a module of
+        functions with the same signatures (tests run the GPU launches that way under Triton's interpreter)."""
         self.spec, self.op, self.weights, self.device = spec, op, weights, torch.device(device)
-        status = load_ops()
-        if not status:
-            raise RuntimeError(f"the fused operators are not available: {status.reason}")
-        namespace = torch.ops.genserve
+        if namespace is None:
+            status = load_ops()
+            if not status:
+                raise RuntimeError(f"the fused operators are not available: {status.reason}")
+            namespace = torch.ops.genserve
         self.row, self.row_inputs = getattr(namespace, op.row), op.row_inputs
         # Per graph: the operator, its arguments (a state-list pattern expanded to its names) and
         # its outputs' names, worked out once here rather than on every call.
@@ -157,7 +161,10 @@ class FusedStepRunner(StepRunner):
         missing = [name for name in op.weights if name not in tensors]
         if missing:
             raise ArtifactIntegrityError(f"{manifest.triton_name}: {section.fused.weights} lacks weights {missing}")
-        return cls(spec, op, [tensors[name] for name in op.weights], device)
+        runner = cls(spec, op, [tensors[name] for name in op.weights], device)
+        if runner.device.type == "cuda":
+            runner.warm_up()  # GPU kernels compile on their first launch: here, not on a request
+        return runner
 
     def run(self, graph, feeds):
         function, inputs, outputs = self.calls[graph]
@@ -169,6 +176,22 @@ class FusedStepRunner(StepRunner):
     def run_row(self, feeds, states):
         with torch.inference_mode():
             return self.row(*(feeds.get(name) for name in self.row_inputs), states, self.weights)
+
+    def warm_up(self) -> None:
+        """One row call on a slot of zeros: every kernel a sampling run launches is then compiled."""
+        spec = self.spec
+
+        def zeros(*shape, dtype=torch.float32):
+            return torch.zeros(*shape, dtype=dtype, device=self.device)
+
+        feeds = {
+            "pixels": zeros(1, *spec.sample_shape, dtype=torch.uint8),
+            "positions": zeros(1, 1, dtype=torch.int64),
+            "labels": zeros(1, 1, dtype=torch.int64) if spec.num_classes else None,
+            "noise": zeros(1, spec.span, spec.sample_shape[0]),
+            "temperature": zeros(1, 1) + 1,
+        }
+        self.run_row(feeds, [zeros(1, *state.shape, dtype=state.dtype.torch) for state in spec.states])
 
     def _states(self, pattern: str) -> list[str]:
         """The program's states named `prefix*`, in order."""
@@ -187,6 +210,8 @@ def fused_unavailable(manifest: Manifest, device: str) -> str | None:
         return status.reason
     step = f"genserve::{FUSED_OPS[section.fused.op].step}"
     key = "CUDA" if torch.device(device).type == "cuda" else "CPU"
+    if key == "CUDA" and not torch.cuda.is_available():
+        return "no CUDA device in this process"
     if not torch._C._dispatch_has_kernel_for_dispatch_key(step, key):
         return f"{step} has no {key} implementation in this build"
     return None

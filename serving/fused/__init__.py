@@ -6,6 +6,8 @@ on the same state tensors as the exported graphs. `make setup` builds them (`gen
 build-ops`) into a library beside this file, recording the sources' sha256; `load_ops` loads
 that library only if it was built from the sources present, so a request never waits for a
 compiler and a stale or missing build falls back to the exported graphs with the reason stated.
+Where a CUDA device and OpenAI Triton are present, `load_ops` also installs the GPU kernels
+(triton_ops: Gated PixelCNN so far) as the operators' CUDA implementations.
 """
 
 from __future__ import annotations
@@ -91,7 +93,19 @@ def load_ops() -> OpsStatus:
     else:
         try:
             torch.ops.load_library(str(path))
-            _status = OpsStatus(True, f"loaded {path}")
+            _status = OpsStatus(True, f"loaded {path}{_install_gpu_kernels()}")
         except (OSError, RuntimeError) as error:
             _status = OpsStatus(False, f"{path} does not load in this torch {torch.__version__}: {error}")
     return _status
+
+
+def _install_gpu_kernels() -> str:
+    """Installs the Triton GPU kernels where a CUDA device exists; says what happened, for the status line."""
+    if not torch.cuda.is_available():
+        return ""
+    try:
+        from . import triton_ops
+    except ImportError as error:  # OpenAI Triton missing: CUDA sampling runs the exported graphs
+        return f"; no GPU kernels ({error})"
+    triton_ops.register("CUDA")
+    return "; GPU kernels (Triton) for gated_pixelcnn"

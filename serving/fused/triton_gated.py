@@ -1,0 +1,219 @@
+"""Gated PixelCNN's fused refresh and step as GPU kernels in the OpenAI Triton language.
+
+The same program as the CPU operators (csrc/gated_pixelcnn.cpp) on the same state tensors and
+packed weights, so the engine runs either and a test compares them call by call:
+- `gated_refresh_kernel`, one program per slot: every layer's vertical stack for the whole row
+  (columns as the GEMM's rows), its link into the horizontal stack and the row cache's shift;
+- `gated_step_kernel`, one program per block of slots: `span` pixels, each through every layer,
+  the output layers and the inverse-CDF choice, inside one launch. A pixel's chain through the
+  layers never leaves the kernel, so batch 1 costs one launch per row rather than ~100 per pixel.
+
+Every dense layer is a `tl.dot` in IEEE float32 (never TF32: the images must equal the CPU's),
+its tiles padded to 16 with masked loads (padded weights and inputs read as zero, so padded
+lanes stay zero). A state that is read and rewritten (the caches) is loaded whole as one tile,
+then, after a barrier, stored back at shifted addresses: no thread overwrites what another has
+yet to read, even when the output aliases the input (the engine's in-place row call).
+
+Kept free of torch and of the launch code (triton_ops.py), so that tests can load this file a
+second time with Triton's interpreter switched on and run the kernels on the CPU.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _gate(content, gate_logits):
+    """tanh(content) * sigmoid(gate_logits), written as the CPU operators write it."""
+    return (1.0 - 2.0 / (tl.exp(2.0 * content) + 1.0)) * (1.0 / (1.0 + tl.exp(-gate_logits)))
+
+
+@triton.jit
+def _matrix(ptr, row0, rows, col0, cols, ld, R: tl.constexpr, K: tl.constexpr):
+    """Rows row0..row0+rows-1, columns col0..col0+cols-1 of a row-major matrix as an (R, K) tile, zero-padded."""
+    r = tl.arange(0, R)[:, None]
+    k = tl.arange(0, K)[None, :]
+    return tl.load(ptr + (row0 + r) * ld + col0 + k, mask=(r < rows) & (k < cols), other=0.0)
+
+
+@triton.jit
+def _row(ptr, offset, count, K: tl.constexpr):
+    """A (1, K) tile of count values from ptr + offset (a bias), zero-padded."""
+    k = tl.arange(0, K)[None, :]
+    return tl.load(ptr + offset + k, mask=k < count, other=0.0)
+
+
+@triton.jit
+def _dot(x, w):
+    return tl.dot(x, w, input_precision="ieee")
+
+
+@triton.jit
+def gated_refresh_kernel(
+    pixels, positions, labels, vertical, vertical_out, links, scratch,
+    v0_w, v0_b, v_w, v_b, link_w, link_bias, h_b, class_bias,
+    level_scale,
+    HEIGHT: tl.constexpr, WIDTH: tl.constexpr, LAYERS: tl.constexpr, C: tl.constexpr, P0: tl.constexpr,
+    P: tl.constexpr, CLASSES: tl.constexpr,
+    WB: tl.constexpr, CB: tl.constexpr, QB: tl.constexpr, VB: tl.constexpr,
+):
+    """One slot's row start. Tiles: WB columns, CB channels, QB first-layer window taps, VB cache entries."""
+    s = tl.program_id(0).to(tl.int64)
+    C2: tl.constexpr = 2 * C
+    K0: tl.constexpr = 2 * P0 + 1
+    K: tl.constexpr = 2 * P + 1
+    j = tl.arange(0, WB)[:, None]  # (WB, 1): the row's columns
+    c = tl.arange(0, CB)[None, :]  # (1, CB): channels
+    column_ok = j < WIDTH
+    channel_ok = c < C
+    position = tl.load(positions + s)
+    i = position // WIDTH  # the row being started
+
+    for layer in tl.static_range(LAYERS):
+        if layer == 0:  # image rows i-1-P0..i-1 (zero outside the image), columns j-P0..j+P0
+            q = tl.arange(0, QB)[None, :]
+            ii = i - 1 - P0 + q // K0
+            jj = j - P0 + q % K0
+            inside = (q < (P0 + 1) * K0) & (ii >= 0) & (jj >= 0) & (jj < WIDTH) & column_ok
+            level = tl.load(pixels + (s * HEIGHT + ii) * WIDTH + jj, mask=inside, other=0)
+            window = tl.where(inside, level.to(tl.float32) * level_scale - 1.0, 0.0)
+            pre_a = _dot(window, _matrix(v0_w, 0, (P0 + 1) * K0, 0, C, C2, QB, CB)) + _row(v0_b, 0, C, CB)
+            pre_b = _dot(window, _matrix(v0_w, 0, (P0 + 1) * K0, C, C, C2, QB, CB)) + _row(v0_b, C, C, CB)
+            first_row = position < WIDTH  # the shift down: the first row sees nothing above
+            pre_a = tl.where(first_row, 0.0, pre_a)
+            pre_b = tl.where(first_row, 0.0, pre_b)
+        else:  # rows i-P..i of the previous layer's vertical output, columns j-P..j+P, channels C
+            cache = vertical + (s * (LAYERS - 1) + layer - 1) * C * P * WIDTH  # (C, P, W)
+            weights = v_w + (layer - 1) * (P + 1) * K * C * C2
+            pre_a = tl.zeros((WB, CB), tl.float32) + _row(v_b, (layer - 1) * C2, C, CB)
+            pre_b = tl.zeros((WB, CB), tl.float32) + _row(v_b, (layer - 1) * C2 + C, C, CB)
+            for rr in tl.static_range(P + 1):
+                for kk in tl.static_range(K):
+                    jj = j - P + kk
+                    ok = (jj >= 0) & (jj < WIDTH) & column_ok & channel_ok
+                    if rr < P:
+                        x = tl.load(cache + (c * P + rr) * WIDTH + jj, mask=ok, other=0.0)
+                    else:
+                        x = tl.load(scratch + (s * C + c) * WIDTH + jj, mask=ok, other=0.0)
+                    tap = (rr * K + kk) * C
+                    pre_a += _dot(x, _matrix(weights, tap, C, 0, C, C2, CB, CB))
+                    pre_b += _dot(x, _matrix(weights, tap, C, C, C, C2, CB, CB))
+            # The previous layer's cache moves up one row (rows i-P+1..i), its newest row the output in scratch.
+            v = tl.arange(0, VB)[None, :]  # cache entries (channel, row) = v // P, v % P
+            cached = column_ok & (v < C * P)
+            old = tl.load(cache + v * WIDTH + j, mask=cached, other=0.0)
+            newest = tl.load(scratch + (s * C + c) * WIDTH + j, mask=column_ok & channel_ok, other=0.0)
+            tl.debug_barrier()
+            moved = vertical_out + (s * (LAYERS - 1) + layer - 1) * C * P * WIDTH
+            tl.store(moved + (v - 1) * WIDTH + j, old, mask=cached & (v % P > 0))
+            tl.store(moved + (c * P + P - 1) * WIDTH + j, newest, mask=column_ok & channel_ok)
+
+        # The link into the horizontal stack, with the horizontal bias (but for the first layer's
+        # column 0: its shift right leaves that column nothing, bias included).
+        link_a = _row(h_b, layer * C2, C, CB) + tl.zeros((WB, CB), tl.float32)
+        link_b = _row(h_b, layer * C2 + C, C, CB) + tl.zeros((WB, CB), tl.float32)
+        if layer == 0:
+            link_a = tl.where(j > 0, link_a, 0.0)
+            link_b = tl.where(j > 0, link_b, 0.0)
+        link_a += _row(link_bias, layer * C2, C, CB)
+        link_b += _row(link_bias, layer * C2 + C, C, CB)
+        lw = link_w + layer * C2 * C2
+        link_a += _dot(pre_a, _matrix(lw, 0, C, 0, C, C2, CB, CB)) + _dot(pre_b, _matrix(lw, C, C, 0, C, C2, CB, CB))
+        link_b += _dot(pre_a, _matrix(lw, 0, C, C, C, C2, CB, CB)) + _dot(pre_b, _matrix(lw, C, C, C, C, C2, CB, CB))
+        if CLASSES > 0:  # the class biases: the vertical gate's after the link, the horizontal one's in it
+            bias = class_bias + (layer * CLASSES + tl.load(labels + s)) * 2 * C2
+            pre_a += _row(bias, 0, C, CB)
+            pre_b += _row(bias, C, C, CB)
+            link_a += _row(bias, C2, C, CB)
+            link_b += _row(bias, C2 + C, C, CB)
+        out = links + (s * LAYERS + layer) * C2 * WIDTH
+        tl.store(out + c * WIDTH + j, link_a, mask=column_ok & channel_ok)
+        tl.store(out + (C + c) * WIDTH + j, link_b, mask=column_ok & channel_ok)
+        if layer < LAYERS - 1:  # this layer's vertical output, the next layer's input row i
+            tl.debug_barrier()  # every read of the previous output is done
+            tl.store(scratch + (s * C + c) * WIDTH + j, _gate(pre_a, pre_b), mask=column_ok & channel_ok)
+            tl.debug_barrier()
+
+
+@triton.jit(do_not_specialize=["n", "span"])
+def gated_step_kernel(
+    positions, noise, temperature, links, image_context, hidden_context, teacher, pixel, logits_out, n, span,
+    h0_w, h_w, hout_w, hout_b, skip_w, skip_b, oh_w, oh_b, lg_w, lg_b,
+    level_scale,
+    WIDTH: tl.constexpr, LAYERS: tl.constexpr, C: tl.constexpr, P0: tl.constexpr, P: tl.constexpr,
+    OUT: tl.constexpr, LEVELS: tl.constexpr, TEACHER: tl.constexpr,
+    SB: tl.constexpr, CB: tl.constexpr, XB: tl.constexpr, HB: tl.constexpr, OB: tl.constexpr, LB: tl.constexpr,
+):
+    """`span` pixels of SB slots. Tiles: CB channels, XB image context, HB hidden context, OB outputs, LB levels."""
+    C2: tl.constexpr = 2 * C
+    HIDDEN: tl.constexpr = (P + 1) * C  # a layer's window: P cached columns, then the current one
+    slot = tl.program_id(0).to(tl.int64) * SB + tl.arange(0, SB)[:, None]  # (SB, 1)
+    live = slot < n
+    c = tl.arange(0, CB)[None, :]
+    channel_ok = live & (c < C)
+    x = tl.arange(0, XB)[None, :]
+    h = tl.arange(0, HB)[None, :]
+    level = tl.arange(0, LB)[None, :]
+    level_ok = level < LEVELS
+    column0 = tl.load(positions + slot, mask=live, other=0) % WIDTH
+    temp = tl.load(temperature + slot, mask=live, other=1.0)
+    safe_temp = tl.where(temp == 0.0, 1.0, temp)
+
+    for t in range(span):
+        column = column0 + t
+        # Layer 0: the image context (the row's last P0+1 pixels) through the first horizontal kernel.
+        context_ok = live & (x < P0 + 1)
+        context = tl.load(image_context + slot * (P0 + 1) + x, mask=context_ok, other=0.0)
+        link = links + slot * LAYERS * C2 * WIDTH + column
+        pre_a = tl.load(link + c * WIDTH, mask=channel_ok, other=0.0)
+        pre_b = tl.load(link + (C + c) * WIDTH, mask=channel_ok, other=0.0)
+        pre_a += _dot(context, _matrix(h0_w, 0, P0 + 1, 0, C, C2, XB, CB))
+        pre_b += _dot(context, _matrix(h0_w, 0, P0 + 1, C, C, C2, XB, CB))
+        gated = _gate(pre_a, pre_b)
+        skips = _dot(gated, _matrix(skip_w, 0, C, 0, C, C, CB, CB)) + _row(skip_b, 0, C, CB)
+        out = _dot(gated, _matrix(hout_w, 0, C, 0, C, C, CB, CB)) + _row(hout_b, 0, C, CB)
+        for layer in range(1, LAYERS):
+            # This layer's window: the previous layer's outputs at the P previous columns (its cache), then `out`.
+            cache = hidden_context + (slot * (LAYERS - 1) + layer - 1) * P * C
+            cache_ok = live & (h < P * C)
+            cached = tl.load(cache + h, mask=cache_ok, other=0.0)
+            weights = h_w + (layer - 1) * HIDDEN * C2
+            link_l = link + layer * C2 * WIDTH
+            pre_a = tl.load(link_l + c * WIDTH, mask=channel_ok, other=0.0)
+            pre_b = tl.load(link_l + (C + c) * WIDTH, mask=channel_ok, other=0.0)
+            pre_a += _dot(cached, _matrix(weights, 0, P * C, 0, C, C2, HB, CB))
+            pre_a += _dot(out, _matrix(weights, P * C, C, 0, C, C2, CB, CB))
+            pre_b += _dot(cached, _matrix(weights, 0, P * C, C, C, C2, HB, CB))
+            pre_b += _dot(out, _matrix(weights, P * C, C, C, C, C2, CB, CB))
+            tl.debug_barrier()  # the cache is read: drop its oldest column, append `out`
+            tl.store(cache + h - C, cached, mask=cache_ok & (h >= C))
+            tl.store(cache + (P - 1) * C + c, out, mask=channel_ok)
+            tl.debug_barrier()
+            gated = _gate(pre_a, pre_b)
+            skips += _dot(gated, _matrix(skip_w, layer * C, C, 0, C, C, CB, CB))
+            if layer < LAYERS - 1:  # the residual; the last layer's horizontal output feeds nothing
+                out += _dot(gated, _matrix(hout_w, layer * C, C, 0, C, C, CB, CB)) + _row(hout_b, layer * C, C, CB)
+        skips = tl.maximum(skips, 0.0)
+        hidden = tl.maximum(_dot(skips, _matrix(oh_w, 0, C, 0, OUT, OUT, CB, OB)) + _row(oh_b, 0, OUT, OB), 0.0)
+        logits = _dot(hidden, _matrix(lg_w, 0, OUT, 0, LEVELS, LEVELS, OB, LB)) + _row(lg_b, 0, LEVELS, LB)
+
+        index = slot * span + t  # (SB, 1)
+        if TEACHER:
+            tl.store(logits_out + index * LEVELS + level, logits, mask=live & level_ok)
+            value = tl.load(teacher + index, mask=live, other=0)
+        else:  # the inverse CDF of softmax(logits / temperature) at the noise; temperature 0: the first argmax
+            logits = tl.where(level_ok, logits, float("-inf"))
+            best = tl.argmax(logits, axis=1, tie_break_left=True)[:, None]
+            top = tl.max(logits, axis=1)[:, None] / safe_temp
+            probs = tl.where(level_ok, tl.exp(logits / safe_temp - top), 0.0)
+            cdf = tl.cumsum(probs / tl.sum(probs, axis=1)[:, None], axis=1)
+            draw = tl.load(noise + index, mask=live, other=0.0)
+            chosen = tl.sum(((cdf < draw) & (level < LEVELS - 1)).to(tl.int64), axis=1)[:, None]
+            value = tl.where(temp == 0.0, best.to(tl.int64), chosen)
+        tl.store(pixel + index, value, mask=live)
+        tl.debug_barrier()  # the context is read: drop its oldest pixel, append this one
+        tl.store(image_context + slot * (P0 + 1) + x - 1, context, mask=context_ok & (x >= 1))
+        tl.store(image_context + slot * (P0 + 1) + P0, value.to(tl.float32) * level_scale - 1.0, mask=live)
+        tl.debug_barrier()
