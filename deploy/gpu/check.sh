@@ -2,10 +2,11 @@
 # The fused operators' GPU checks in one run, on a machine with a CUDA device, PyTorch, OpenAI
 # Triton and a C++ compiler, from the repository root, without installing genserve:
 #   1. builds the operator library (the CPU kernels and the operator schemas the GPU kernels attach to);
-#   2. runs tests/gpu (exact images against naive sampling, call parity, device errors);
-#   3. exports the shipped Gated PixelCNN's sampler and runs bench-sampler on the GPU
-#      (naive vs TorchScript step graphs vs fused, batch 1 .. 1024, continuous vs static).
-# Results go to $OUT (default /tmp/gpu-check): tests.log, bench.txt, bench.json.
+#   2. exports the shipped Gated PixelCNN and PixelCNN into model_repository/ and runs tests/gpu
+#      (exact images against naive sampling, call parity, device errors);
+#   3. runs bench-sampler on the GPU for both (naive vs TorchScript step graphs vs fused,
+#      batch 1 .. 1024, continuous vs static).
+# Results go to $OUT (default /tmp/gpu-check): device.txt, tests.log, bench-MODEL.txt and .json.
 # Python packages the machine lacks can be put in .whl/ as wheels (installed into /tmp/site first).
 set -euo pipefail
 OUT=${OUT:-/tmp/gpu-check}
@@ -42,9 +43,11 @@ nvidia-smi -L | tee "$OUT/device.txt"
 genserve build-ops
 genserve build-ops --check | tee -a "$OUT/device.txt"
 
+genserve export gated_pixelcnn_mnist pixelcnn_mnist --repository model_repository >/dev/null
 "$PYTHON" -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tee "$OUT/tests.log"
 
-genserve export gated_pixelcnn_mnist --repository /tmp/gpu-repository >/dev/null
-genserve bench-sampler gated_pixelcnn_mnist --repository /tmp/gpu-repository --runtime torchscript --device cuda \
-  --batch 1 --batch 16 --batch 64 --batch 256 --batch 1024 --naive-steps 8 --json "$OUT/bench.json" \
-  | tee "$OUT/bench.txt"
+for model in gated_pixelcnn_mnist pixelcnn_mnist; do
+  genserve bench-sampler "$model" --repository model_repository --runtime torchscript --device cuda \
+    --batch 1 --batch 16 --batch 64 --batch 256 --batch 1024 --naive-steps 8 --json "$OUT/bench-$model.json" \
+    | tee "$OUT/bench-$model.txt"
+done

@@ -7,7 +7,7 @@ build-ops`) into a library beside this file, recording the sources' sha256; `loa
 that library only if it was built from the sources present, so a request never waits for a
 compiler and a stale or missing build falls back to the exported graphs with the reason stated.
 Where a CUDA device and OpenAI Triton are present, `load_ops` also installs the GPU kernels
-(triton_ops: Gated PixelCNN so far) as the operators' CUDA implementations.
+(triton_ops) as the operators' CUDA implementations.
 """
 
 from __future__ import annotations
@@ -108,4 +108,4 @@ def _install_gpu_kernels() -> str:
     except ImportError as error:  # OpenAI Triton missing: CUDA sampling runs the exported graphs
         return f"; no GPU kernels ({error})"
     triton_ops.register("CUDA")
-    return "; GPU kernels (Triton) for gated_pixelcnn"
+    return "; GPU kernels (Triton) for gated_pixelcnn and pixelcnn"

@@ -51,6 +51,20 @@ def _dot(x, w):
 
 
 @triton.jit
+def _choose(logits, draw, temperature, LEVELS: tl.constexpr, LB: tl.constexpr):
+    """Per row, the level by inverse CDF of softmax(logits / temperature) at `draw`, as the graphs choose
+    it: the count of CDF entries (all but the last) below the draw; temperature 0 takes the first argmax."""
+    level = tl.arange(0, LB)[None, :]
+    logits = tl.where(level < LEVELS, logits, float("-inf"))
+    best = tl.argmax(logits, axis=1, tie_break_left=True)[:, None].to(tl.int64)
+    safe = tl.where(temperature == 0.0, 1.0, temperature)
+    probs = tl.where(level < LEVELS, tl.exp(logits / safe - tl.max(logits, axis=1)[:, None] / safe), 0.0)
+    cdf = tl.cumsum(probs / tl.sum(probs, axis=1)[:, None], axis=1)
+    chosen = tl.sum(((cdf < draw) & (level < LEVELS - 1)).to(tl.int64), axis=1)[:, None]
+    return tl.where(temperature == 0.0, best, chosen)
+
+
+@triton.jit
 def gated_refresh_kernel(
     pixels, positions, labels, vertical, vertical_out, links, scratch,
     v0_w, v0_b, v_w, v_b, link_w, link_bias, h_b, class_bias,
@@ -159,7 +173,6 @@ def gated_step_kernel(
     level_ok = level < LEVELS
     column0 = tl.load(positions + slot, mask=live, other=0) % WIDTH
     temp = tl.load(temperature + slot, mask=live, other=1.0)
-    safe_temp = tl.where(temp == 0.0, 1.0, temp)
 
     for t in range(span):
         column = column0 + t
@@ -203,15 +216,8 @@ def gated_step_kernel(
         if TEACHER:
             tl.store(logits_out + index * LEVELS + level, logits, mask=live & level_ok)
             value = tl.load(teacher + index, mask=live, other=0)
-        else:  # the inverse CDF of softmax(logits / temperature) at the noise; temperature 0: the first argmax
-            logits = tl.where(level_ok, logits, float("-inf"))
-            best = tl.argmax(logits, axis=1, tie_break_left=True)[:, None]
-            top = tl.max(logits, axis=1)[:, None] / safe_temp
-            probs = tl.where(level_ok, tl.exp(logits / safe_temp - top), 0.0)
-            cdf = tl.cumsum(probs / tl.sum(probs, axis=1)[:, None], axis=1)
-            draw = tl.load(noise + index, mask=live, other=0.0)
-            chosen = tl.sum(((cdf < draw) & (level < LEVELS - 1)).to(tl.int64), axis=1)[:, None]
-            value = tl.where(temp == 0.0, best.to(tl.int64), chosen)
+        else:
+            value = _choose(logits, tl.load(noise + index, mask=live, other=0.0), temp, LEVELS, LB)
         tl.store(pixel + index, value, mask=live)
         tl.debug_barrier()  # the context is read: drop its oldest pixel, append this one
         tl.store(image_context + slot * (P0 + 1) + x - 1, context, mask=context_ok & (x >= 1))

@@ -1,8 +1,8 @@
-"""The GPU implementation of the fused Gated PixelCNN operators: checks, outputs and launches.
+"""The GPU implementation of the fused operators: checks, outputs and launches.
 
-`gated_refresh`, `gated_step` and `gated_row` have the signatures of the operators of the same
-names (csrc/gated_pixelcnn.cpp), so `register_cuda` installs them as those operators' CUDA
-kernels and the engine runs them like the CPU ones. Under Triton's interpreter
+`gated_refresh`, `gated_step`, `gated_row` and `pixelcnn_refresh`, `pixelcnn_step`,
+`pixelcnn_row` have the signatures of the operators of the same names (csrc/), so `register`
+installs them as those operators' CUDA kernels and the engine runs them like the CPU ones. Under Triton's interpreter
 (TRITON_INTERPRET=1, as the tests run on a machine without a GPU) the same launches run on CPU
 tensors.
 """
@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from . import triton_gated
-from .weights import GATED_WEIGHTS
+from . import triton_gated, triton_pixelcnn
+from .weights import GATED_WEIGHTS, PIXELCNN_WEIGHTS
 
 SLOTS_PER_PROGRAM = 16  # rows of a step program's tiles: tl.dot's smallest
 TILE = 16  # tl.dot's smallest side; every tile is padded to at least this
@@ -172,6 +172,103 @@ def _step_into(shape, positions, noise, temperature, links, image_out, hidden_ou
     )
 
 
+@dataclass(frozen=True)
+class PixelCNNShape:
+    """A PixelCNN's sizes, read off its packed weights."""
+
+    blocks: int
+    hidden: int
+    output_channels: int
+    levels: int
+
+    @classmethod
+    def of(cls, weights: list[torch.Tensor]) -> PixelCNNShape:
+        if len(weights) != len(PIXELCNN_WEIGHTS):
+            raise RuntimeError(f"pixelcnn weights: expected {len(PIXELCNN_WEIGHTS)} tensors, got {len(weights)}")
+        named = dict(zip(PIXELCNN_WEIGHTS, weights))
+        device = weights[0].device
+        for name, tensor in named.items():
+            if tensor.dtype != torch.float32 or not tensor.is_contiguous() or tensor.device != device:
+                raise RuntimeError(f"pixelcnn weights: {name} must be a contiguous float32 tensor on {device}")
+        shape = cls(blocks=named["reduce_w"].shape[0], hidden=named["in_b"].shape[0] // 2,
+                    output_channels=named["oh_w"].shape[1], levels=named["lg_w"].shape[1])
+        if not 2 <= shape.levels <= 256:
+            raise RuntimeError(f"pixelcnn weights: 2..256 pixel levels, got {shape.levels}")
+        return shape
+
+    @property
+    def level_scale(self) -> float:
+        return float(torch.tensor(2.0 / (self.levels - 1), dtype=torch.float32))
+
+
+def pixelcnn_refresh(image_rows, block_rows, weights):
+    """Every row cache moves up one row, the new row empty."""
+    return [torch.cat([rows[:, :, 1:], torch.zeros_like(rows[:, :, :1])], 2) for rows in (image_rows, *block_rows)]
+
+
+def pixelcnn_step(positions, noise, temperature, image_rows, block_rows, teacher, weights):
+    shape = PixelCNNShape.of(weights)
+    n, span = positions.shape[0], noise.shape[1]
+    pixel = positions.new_empty(n, span, 1)
+    caches = [image_rows.clone(), *(rows.clone() for rows in block_rows)]
+    logits = image_rows.new_empty(n if teacher is not None else 0, span, shape.levels)
+    _pixelcnn_step_into(shape, positions, noise, temperature, caches, teacher, pixel, logits, weights)
+    return [pixel, *caches, logits]
+
+
+def pixelcnn_row(positions, noise, temperature, states, weights):
+    """The caches roll up a row and the step runs, in place on `states` (image_rows, then each block's)."""
+    shape = PixelCNNShape.of(weights)
+    if len(states) != shape.blocks + 1:
+        raise RuntimeError("states: image_rows and one cache per block")
+    for rows in states:
+        rows[:, :, :-1].copy_(rows[:, :, 1:].clone())
+        rows[:, :, -1].zero_()
+    pixel = positions.new_empty(positions.shape[0], noise.shape[1], 1)
+    _pixelcnn_step_into(shape, positions, noise, temperature, list(states), None, pixel,
+                        states[0].new_empty(0), weights)
+    return pixel
+
+
+def _pixelcnn_step_into(shape, positions, noise, temperature, caches, teacher, pixel, logits, weights):
+    """The step on `caches` (image_rows, then each block's rows), updated in place."""
+    device = weights[0].device
+    image_rows, block_rows = caches[0], caches[1:]
+    for tensor, dtype, dim, name in ((positions, torch.int64, 2, "positions"), (noise, torch.float32, 3, "noise"),
+                                     (temperature, torch.float32, 2, "temperature"),
+                                     (image_rows, torch.float32, 4, "image_rows"),
+                                     *((rows, torch.float32, 4, "block_rows") for rows in block_rows)):
+        _check(tensor, dtype, dim, name, device)
+    n, span = positions.shape[0], noise.shape[1]
+    if noise.shape[2] != 1 or image_rows.shape[1] != 1:
+        raise RuntimeError("noise, image_rows: single-channel images only")
+    if len(block_rows) != shape.blocks:
+        raise RuntimeError(f"block_rows: {len(block_rows)} caches for {shape.blocks} blocks")
+    r0 = image_rows.shape[2]
+    width = image_rows.shape[3] - 2 * (r0 - 1)
+    r = block_rows[0].shape[2] if block_rows else 1
+    for rows in block_rows:
+        if tuple(rows.shape[1:]) != (shape.hidden, r, width + 2 * (r - 1)):
+            raise RuntimeError(f"block rows: shape {tuple(rows.shape)} does not match the weights")
+    if teacher is not None:
+        _check(teacher, torch.int64, 3, "teacher", device)
+    if n == 0:
+        return
+    # The blocks' caches stacked, so the kernel indexes them by block; copied back after.
+    stacked = torch.stack(block_rows, 1) if block_rows else image_rows.new_zeros(n, 0)
+    named = dict(zip(PIXELCNN_WEIGHTS, weights))
+    h, window = shape.hidden, shape.hidden * r * (2 * r - 1)
+    triton_pixelcnn.pixelcnn_step_kernel[(-(-n // SLOTS_PER_PROGRAM),)](
+        positions, noise, temperature, image_rows, stacked, teacher if teacher is not None else positions, pixel,
+        logits, n, span, *(named[k] for k in PIXELCNN_WEIGHTS), shape.level_scale,
+        WIDTH=width, BLOCKS=shape.blocks, H=h, R0=r0, R=r, OUT=shape.output_channels, LEVELS=shape.levels,
+        TEACHER=teacher is not None, SB=SLOTS_PER_PROGRAM, IB=_tile(r0 * (2 * r0 - 1)), HB=_tile(h), H2B=_tile(2 * h),
+        WINB=_tile(window), OB=_tile(shape.output_channels), LB=_tile(shape.levels),
+    )
+    for b, rows in enumerate(block_rows):
+        rows.copy_(stacked[:, b])
+
+
 _registrations: dict[str, torch.library.Library] = {}
 
 
@@ -184,7 +281,7 @@ def register(dispatch_key: str = "CUDA") -> None:
     if dispatch_key in _registrations:
         return
     library = torch.library.Library("genserve", "IMPL")
-    for function in (gated_refresh, gated_step, gated_row):
+    for function in (gated_refresh, gated_step, gated_row, pixelcnn_refresh, pixelcnn_step, pixelcnn_row):
         library.impl(function.__name__, function, dispatch_key)
     _registrations[dispatch_key] = library
 

@@ -1,4 +1,4 @@
-"""The fused Gated PixelCNN operators' compiled GPU kernels (serving/fused/triton_*.py) on a CUDA device.
+"""The fused operators' compiled GPU kernels (serving/fused/triton_*.py) on a CUDA device.
 
 The same claims as the CPU operators' tests (tests/unit/test_fused_ops.py) and the interpreted
 kernels' (tests/unit/test_fused_triton.py), now through torch.ops.genserve on CUDA tensors:
@@ -18,12 +18,11 @@ from genserve.serving.artifacts import load_manifest
 from genserve.serving.engine import EngineConfig, FusedStepRunner, SamplingEngine, load_step_runner
 from genserve.serving.engine.program import fused_unavailable
 from tests.unit.test_export import REPOSITORY
-from tests.unit.test_fused_triton import assert_call_matches_the_graph
+from tests.unit.test_fused_ops import FUSED_MODELS, assert_call_matches_the_graph
 from tests.unit.test_sampling_engine import labels_for, naive, tiny
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
-GATED = ["gated", "gated_conditional_3_levels"]
 SAMPLER = REPOSITORY / "gated_pixelcnn_mnist_sample"
 
 
@@ -33,14 +32,14 @@ def test_the_gpu_kernels_are_installed_for_cuda():
     assert fused_unavailable(load_manifest(SAMPLER), "cuda") is None
 
 
-@pytest.mark.parametrize("name", GATED)
+@pytest.mark.parametrize("name", FUSED_MODELS)
 @pytest.mark.parametrize("graph", ["refresh", "step"])
 def test_each_cuda_call_matches_the_step_graph(name, graph):
     model = tiny(name)
     assert_call_matches_the_graph(fused_runner(model, device="cuda"), model, graph, n=37)  # 3 slot blocks
 
 
-@pytest.mark.parametrize("name", GATED)
+@pytest.mark.parametrize("name", FUSED_MODELS)
 @pytest.mark.parametrize("span", [1, 2, 6])
 def test_cuda_sampling_equals_naive_sampling_on_many_seeds(name, span):
     model = tiny(name)
@@ -53,11 +52,12 @@ def test_cuda_sampling_equals_naive_sampling_on_many_seeds(name, span):
         assert np.array_equal(engine.generate(3, n, temperature, labels), naive(model, n, 3, temperature, labels))
 
 
-def test_the_shipped_sampler_runs_on_the_gpu_kernels_and_reproduces_naive_sampling(shipped):
-    runner = load_step_runner(load_manifest(SAMPLER), "torchscript", "cuda")
+@pytest.mark.parametrize("name", ["gated_pixelcnn_mnist", "pixelcnn_mnist"])
+def test_the_shipped_samplers_run_on_the_gpu_kernels_and_reproduce_naive_sampling(shipped, name):
+    runner = load_step_runner(load_manifest(REPOSITORY / f"{name}_sample"), "torchscript", "cuda")
     assert isinstance(runner, FusedStepRunner) and runner.device.type == "cuda"
     engine = SamplingEngine(runner, EngineConfig(num_slots=3))
-    model = shipped("gated_pixelcnn_mnist").model
+    model = shipped(name).model
     for temperature in (1.0, 0.5, 0.0):
         assert np.array_equal(engine.generate(21, 3, temperature), naive(model, 3, 21, temperature)), temperature
 

@@ -54,18 +54,14 @@ def test_the_operator_library_is_built_and_loads():
         assert hasattr(torch.ops.genserve, op), op
 
 
-@pytest.mark.parametrize("name", FUSED_MODELS)
-@pytest.mark.parametrize("span", [1, 6])
-def test_teacher_forced_fused_logits_equal_the_full_network(name, span):
+def assert_teacher_forced_logits_equal_the_network(model, runner, span: int) -> None:
     # The exactness claim: fed a given image, the fused step's logits at every pixel equal the
     # full network's there, within the float32 rounding of the network (tests/rounding.py).
-    model = tiny(name)
     n = 3
     labels = labels_for(model, n)
     label_tensor = None if labels is None else torch.tensor(labels)
     image = torch.from_numpy(naive(model, n, seed=4, labels=labels))  # (n, C, H, W)
     full = model.logits(image, label_tensor).detach()  # (n, L, C, H, W)
-    runner = fused_runner(model, span)
     run, recorded = runner.run, []
 
     def teacher_forced(graph, feeds):
@@ -84,8 +80,56 @@ def test_teacher_forced_fused_logits_equal_the_full_network(name, span):
     engine.run_until_idle()
     steps = torch.cat(recorded, 1).permute(0, 2, 1).reshape(full.shape)
     (sigma,) = rounding_sigma(model.logits, [image, label_tensor])
-    assert_within_rounding(steps.numpy(), full.numpy(), sigma, f"{name} fused logits")
+    assert_within_rounding(steps.numpy(), full.numpy(), sigma, "fused logits")
     assert np.array_equal(job.images, image.numpy())
+
+
+def assert_call_matches_the_graph(runner, model, graph: str, n: int) -> None:
+    # Call by call on the same inputs (the exporter's examples: slots at different rows, random
+    # caches): what the engine may swap between. Tolerance: the rounding of the eager graph itself.
+    entry = getattr(step_program(model), graph)
+    inputs = entry.example(n)
+    want = entry.module(*inputs)
+    want = want if isinstance(want, tuple) else (want,)
+    feeds = {s.name: value.to(runner.device) for s, value in zip(entry.inputs, inputs)}
+    got = {name: value.cpu() for name, value in runner.run(graph, feeds).items()}
+    for spec, value, sigma in zip(entry.outputs, want, rounding_sigma(entry.module, inputs)):
+        if spec.name == "pixel":  # the chosen pixels: exact, as for the images
+            assert torch.equal(got["pixel"], value)
+        else:
+            assert_within_rounding(got[spec.name].numpy(), value.detach().numpy(), sigma, spec.name)
+
+
+def assert_row_call_equals_refresh_then_step(runner, model) -> None:
+    # The engine's one-call path for slots that all start a row must leave exactly the states and
+    # pixels the two calls give (the same kernels, so bit for bit).
+    program, n, c = step_program(model), 4, model.config
+    generator = torch.Generator().manual_seed(1)
+    states = {s.name: torch.randn(n, *s.shape, generator=generator) for s in program.states}
+    controls = {
+        "pixels": torch.randint(0, c.pixel_levels, (n, 1, c.image_size, c.image_size), dtype=torch.uint8,
+                                generator=generator),
+        "positions": torch.tensor([[0], [6], [12], [30]]),
+        "labels": torch.tensor([[k % (c.num_classes or 1)] for k in range(n)]),
+        "noise": torch.rand(n, c.image_size, 1, generator=generator),
+        "temperature": torch.tensor([[1.0], [0.5], [0.0], [2.0]]),
+    }
+    refreshed = runner.run("refresh", {**controls, **states})
+    after_refresh = {**states, **{k.removeprefix("next_"): v for k, v in refreshed.items()}}
+    stepped = runner.run("step", {**controls, **after_refresh})
+    want = {**after_refresh, **{k.removeprefix("next_"): v for k, v in stepped.items() if k != "pixel"}}
+    in_place = {name: value.clone() for name, value in states.items()}
+    pixel = runner.run_row(controls, [in_place[s.name] for s in program.states])
+    assert torch.equal(pixel, stepped["pixel"])
+    for s in program.states:
+        assert torch.equal(in_place[s.name], want[s.name]), s.name
+
+
+@pytest.mark.parametrize("name", FUSED_MODELS)
+@pytest.mark.parametrize("span", [1, 6])
+def test_teacher_forced_fused_logits_equal_the_full_network(name, span):
+    model = tiny(name)
+    assert_teacher_forced_logits_equal_the_network(model, fused_runner(model, span), span)
 
 
 @pytest.mark.parametrize("name", FUSED_MODELS)
@@ -106,49 +150,14 @@ def test_fused_sampling_equals_naive_sampling_on_many_seeds(name, span):
 @pytest.mark.parametrize("name", FUSED_MODELS)
 @pytest.mark.parametrize("graph", ["refresh", "step"])
 def test_each_fused_call_matches_the_step_graph_it_replaces(name, graph):
-    # Call by call on the same inputs (the exporter's examples: slots at different rows, random
-    # caches): what the engine may swap between. Tolerance: the rounding of the eager graph itself.
     model = tiny(name)
-    program = step_program(model)
-    entry = getattr(program, graph)
-    inputs = entry.example(5)
-    want = entry.module(*inputs)
-    want = want if isinstance(want, tuple) else (want,)
-    got = fused_runner(model).run(graph, dict(zip((s.name for s in entry.inputs), inputs)))
-    sigmas = rounding_sigma(entry.module, inputs)
-    for spec, value, sigma in zip(entry.outputs, want, sigmas):
-        if spec.name == "pixel":  # the chosen pixels: exact, as for the images
-            assert torch.equal(got["pixel"], value)
-        else:
-            assert_within_rounding(got[spec.name].numpy(), value.detach().numpy(), sigma, f"{name} {spec.name}")
+    assert_call_matches_the_graph(fused_runner(model), model, graph, n=5)
 
 
 @pytest.mark.parametrize("name", FUSED_MODELS)
 def test_the_in_place_row_call_equals_refresh_then_step(name):
-    # The engine's one-call path for slots that all start a row must leave exactly the states and
-    # pixels the two calls give (the same kernels, so bit for bit).
     model = tiny(name)
-    program, runner = step_program(model), fused_runner(model)
-    n, c = 4, model.config
-    generator = torch.Generator().manual_seed(1)
-    states = {s.name: torch.randn(n, *s.shape, generator=generator) for s in program.states}
-    controls = {
-        "pixels": torch.randint(0, c.pixel_levels, (n, 1, c.image_size, c.image_size), dtype=torch.uint8,
-                                generator=generator),
-        "positions": torch.tensor([[0], [6], [12], [30]]),
-        "labels": torch.tensor([[k % (c.num_classes or 1)] for k in range(n)]),
-        "noise": torch.rand(n, c.image_size, 1, generator=generator),
-        "temperature": torch.tensor([[1.0], [0.5], [0.0], [2.0]]),
-    }
-    refreshed = runner.run("refresh", {**controls, **states})
-    after_refresh = {**states, **{k.removeprefix("next_"): v for k, v in refreshed.items()}}
-    stepped = runner.run("step", {**controls, **after_refresh})
-    want = {**after_refresh, **{k.removeprefix("next_"): v for k, v in stepped.items() if k != "pixel"}}
-    in_place = {name: value.clone() for name, value in states.items()}
-    pixel = runner.run_row(controls, [in_place[s.name] for s in program.states])
-    assert torch.equal(pixel, stepped["pixel"])
-    for s in program.states:
-        assert torch.equal(in_place[s.name], want[s.name]), s.name
+    assert_row_call_equals_refresh_then_step(fused_runner(model), model)
 
 
 def test_the_shipped_sampler_runs_fused_and_reproduces_naive_sampling(shipped):
