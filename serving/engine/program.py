@@ -213,7 +213,7 @@ def fused_unavailable(manifest: Manifest, device: str) -> str | None:
     if key == "CUDA" and not torch.cuda.is_available():
         return "no CUDA device in this process"
     if not torch._C._dispatch_has_kernel_for_dispatch_key(step, key):
-        return f"{step} has no {key} implementation in this build"
+        return f"{step} has no {key} implementation in this build ({status.reason})"
     return None
 
 
