@@ -72,7 +72,7 @@ def build(verbose: bool = False) -> Path:
     )
     _digest_path().write_text(sources_digest() + "\n")
     global _status
-    _status = OpsStatus(True, f"built and loaded {library_path()}")
+    _status = OpsStatus(True, f"built and loaded {library_path()}{_install_gpu_kernels()}")
     return library_path()
 
 

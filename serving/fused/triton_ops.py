@@ -2,9 +2,9 @@
 
 `gated_refresh`, `gated_step`, `gated_row` and `pixelcnn_refresh`, `pixelcnn_step`,
 `pixelcnn_row` have the signatures of the operators of the same names (csrc/), so `register`
-installs them as those operators' CUDA kernels and the engine runs them like the CPU ones. Under Triton's interpreter
-(TRITON_INTERPRET=1, as the tests run on a machine without a GPU) the same launches run on CPU
-tensors.
+installs them as those operators' CUDA kernels and the engine runs them like the CPU ones.
+Under Triton's interpreter (TRITON_INTERPRET=1, as the tests run on a machine without a GPU)
+the same launches run on CPU tensors.
 """
 
 from __future__ import annotations
@@ -24,6 +24,22 @@ def _tile(size: int) -> int:
     return max(TILE, 1 << max(0, size - 1).bit_length())
 
 
+def _named_weights(weights: list[torch.Tensor], names: tuple[str, ...], family: str) -> dict[str, torch.Tensor]:
+    """The packed weights by name, checked as the CPU operators check them."""
+    if len(weights) != len(names):
+        raise RuntimeError(f"{family} weights: expected {len(names)} tensors, got {len(weights)}")
+    device = weights[0].device
+    for name, tensor in zip(names, weights):
+        if tensor.dtype != torch.float32 or not tensor.is_contiguous() or tensor.device != device:
+            raise RuntimeError(f"{family} weights: {name} must be a contiguous float32 tensor on {device}")
+    return dict(zip(names, weights))
+
+
+def _level_scale(levels: int) -> float:
+    """Levels 0..L-1 → [-1, 1] as level * scale - 1, the scale rounded to float32 as the graphs round it."""
+    return float(torch.tensor(2.0 / (levels - 1), dtype=torch.float32))
+
+
 @dataclass(frozen=True)
 class GatedShape:
     """A Gated PixelCNN's sizes, read off its packed weights (as the CPU operators read them)."""
@@ -38,13 +54,7 @@ class GatedShape:
 
     @classmethod
     def of(cls, weights: list[torch.Tensor]) -> GatedShape:
-        if len(weights) != len(GATED_WEIGHTS):
-            raise RuntimeError(f"gated weights: expected {len(GATED_WEIGHTS)} tensors, got {len(weights)}")
-        named = dict(zip(GATED_WEIGHTS, weights))
-        device = weights[0].device
-        for name, tensor in named.items():
-            if tensor.dtype != torch.float32 or not tensor.is_contiguous() or tensor.device != device:
-                raise RuntimeError(f"gated weights: {name} must be a contiguous float32 tensor on {device}")
+        named = _named_weights(weights, GATED_WEIGHTS, "gated")
         channels = named["hout_w"].shape[1]
         shape = cls(
             layers=named["link_w"].shape[0],
@@ -58,11 +68,6 @@ class GatedShape:
         if not 2 <= shape.levels <= 256 or shape.layers < 2 or shape.p < 1:
             raise RuntimeError(f"gated weights: unsupported sizes {shape} (2..256 levels, 2+ layers, kernel 3+)")
         return shape
-
-    @property
-    def level_scale(self) -> float:
-        """Levels 0..L-1 → [-1, 1] as level * scale - 1, the scale rounded to float32 as the graphs round it."""
-        return float(torch.tensor(2.0 / (self.levels - 1), dtype=torch.float32))
 
 
 def _check(tensor: torch.Tensor, dtype: torch.dtype, dim: int, name: str, device: torch.device) -> None:
@@ -129,14 +134,13 @@ def _refresh_into(shape, pixels, positions, labels, vertical, vertical_out, link
     triton_gated.gated_refresh_kernel[(n,)](
         pixels, positions, labels if shape.classes else positions, vertical, vertical_out, links, scratch,
         *(named[k] for k in ("v0_w", "v0_b", "v_w", "v_b", "link_w", "link_b", "h_b", "class_bias")),
-        shape.level_scale,
+        _level_scale(shape.levels),
         HEIGHT=height, WIDTH=width, LAYERS=L, C=C, P0=shape.p0, P=shape.p, CLASSES=shape.classes,
         WB=_tile(width), CB=_tile(C), QB=_tile((shape.p0 + 1) * (2 * shape.p0 + 1)), VB=_tile(C * shape.p),
     )
 
 
-def _step_into(shape, positions, noise, temperature, links, image_out, hidden_out, teacher, pixel, logits,
-               weights):
+def _step_into(shape, positions, noise, temperature, links, image_out, hidden_out, teacher, pixel, logits, weights):
     device = weights[0].device
     for tensor, dtype, dim, name in ((positions, torch.int64, 2, "positions"), (noise, torch.float32, 3, "noise"),
                                      (temperature, torch.float32, 2, "temperature"),
@@ -164,7 +168,7 @@ def _step_into(shape, positions, noise, temperature, links, image_out, hidden_ou
         teacher if teacher is not None else positions, pixel, logits, n, span,
         *(named[k] for k in ("h0_w", "h_w", "hout_w", "hout_b", "skip_w", "skip_b", "oh_w", "oh_b", "lg_w",
                              "lg_b")),
-        shape.level_scale,
+        _level_scale(shape.levels),
         WIDTH=width, LAYERS=L, C=C, P0=shape.p0, P=shape.p, OUT=shape.output_channels, LEVELS=shape.levels,
         TEACHER=teacher is not None,
         SB=SLOTS_PER_PROGRAM, CB=_tile(C), XB=_tile(shape.p0 + 1), HB=_tile(shape.p * C),
@@ -183,22 +187,12 @@ class PixelCNNShape:
 
     @classmethod
     def of(cls, weights: list[torch.Tensor]) -> PixelCNNShape:
-        if len(weights) != len(PIXELCNN_WEIGHTS):
-            raise RuntimeError(f"pixelcnn weights: expected {len(PIXELCNN_WEIGHTS)} tensors, got {len(weights)}")
-        named = dict(zip(PIXELCNN_WEIGHTS, weights))
-        device = weights[0].device
-        for name, tensor in named.items():
-            if tensor.dtype != torch.float32 or not tensor.is_contiguous() or tensor.device != device:
-                raise RuntimeError(f"pixelcnn weights: {name} must be a contiguous float32 tensor on {device}")
+        named = _named_weights(weights, PIXELCNN_WEIGHTS, "pixelcnn")
         shape = cls(blocks=named["reduce_w"].shape[0], hidden=named["in_b"].shape[0] // 2,
                     output_channels=named["oh_w"].shape[1], levels=named["lg_w"].shape[1])
         if not 2 <= shape.levels <= 256:
             raise RuntimeError(f"pixelcnn weights: 2..256 pixel levels, got {shape.levels}")
         return shape
-
-    @property
-    def level_scale(self) -> float:
-        return float(torch.tensor(2.0 / (self.levels - 1), dtype=torch.float32))
 
 
 def pixelcnn_refresh(image_rows, block_rows, weights):
@@ -260,7 +254,7 @@ def _pixelcnn_step_into(shape, positions, noise, temperature, caches, teacher, p
     h, window = shape.hidden, shape.hidden * r * (2 * r - 1)
     triton_pixelcnn.pixelcnn_step_kernel[(-(-n // SLOTS_PER_PROGRAM),)](
         positions, noise, temperature, image_rows, stacked, teacher if teacher is not None else positions, pixel,
-        logits, n, span, *(named[k] for k in PIXELCNN_WEIGHTS), shape.level_scale,
+        logits, n, span, *(named[k] for k in PIXELCNN_WEIGHTS), _level_scale(shape.levels),
         WIDTH=width, BLOCKS=shape.blocks, H=h, R0=r0, R=r, OUT=shape.output_channels, LEVELS=shape.levels,
         TEACHER=teacher is not None, SB=SLOTS_PER_PROGRAM, IB=_tile(r0 * (2 * r0 - 1)), HB=_tile(h), H2B=_tile(2 * h),
         WINB=_tile(window), OB=_tile(shape.output_channels), LB=_tile(shape.levels),
