@@ -206,15 +206,21 @@ def test_a_missing_or_stale_build_is_not_loaded(tmp_path, state, reason):
     assert result.stdout.startswith("False") and reason in result.stdout
 
 
-def test_the_operators_refuse_mismatched_tensors_naming_them():
-    model = tiny("gated")
-    weights = list(gated_weights(model).values())
+def gated_step_arguments(model) -> tuple[tuple[torch.Tensor, ...], list[torch.Tensor]]:
+    """Well-formed gated_step arguments for one slot (positions .. hidden_context), and the weights."""
     c = model.config
     links = torch.zeros(1, c.num_layers, 2 * c.hidden_channels, c.image_size)
     image_context = torch.zeros(1, c.first_kernel_size // 2 + 1)
     hidden_context = torch.zeros(1, c.num_layers - 1, (c.kernel_size // 2) * c.hidden_channels)
     good = (torch.zeros(1, 1, dtype=torch.long), torch.rand(1, 2, 1), torch.ones(1, 1), links, image_context,
             hidden_context)
+    return good, list(gated_weights(model).values())
+
+
+def test_the_operators_refuse_mismatched_tensors_naming_them():
+    assert fused.load_ops()  # torch.ops.genserve.* exist once the library is loaded
+    good, weights = gated_step_arguments(tiny("gated"))
+    links = good[3]
     with pytest.raises(RuntimeError, match="links: shape"):
         torch.ops.genserve.gated_step(*good[:3], links[:, :-1], *good[4:], None, weights)
     with pytest.raises(RuntimeError, match="noise: expected a contiguous CPU tensor"):

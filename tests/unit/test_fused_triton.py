@@ -27,6 +27,7 @@ from tests.unit.test_fused_ops import (
     assert_call_matches_the_graph,
     assert_row_call_equals_refresh_then_step,
     assert_teacher_forced_logits_equal_the_network,
+    gated_step_arguments,
 )
 from tests.unit.test_sampling_engine import labels_for, naive, tiny
 
@@ -102,14 +103,8 @@ def test_the_in_place_row_call_equals_refresh_then_step(name):
 
 
 def test_the_kernels_refuse_mismatched_tensors_naming_them():
-    model = tiny("gated")
-    weights = list(gated_weights(model).values())
-    c = model.config
-    links = torch.zeros(1, c.num_layers, 2 * c.hidden_channels, c.image_size)
-    image_context = torch.zeros(1, c.first_kernel_size // 2 + 1)
-    hidden_context = torch.zeros(1, c.num_layers - 1, (c.kernel_size // 2) * c.hidden_channels)
-    good = (torch.zeros(1, 1, dtype=torch.long), torch.rand(1, 2, 1), torch.ones(1, 1), links, image_context,
-            hidden_context)
+    good, weights = gated_step_arguments(tiny("gated"))
+    links = good[3]
     with pytest.raises(RuntimeError, match="links: shape"):
         triton_ops.gated_step(*good[:3], links[:, :-1], *good[4:], None, weights)
     with pytest.raises(RuntimeError, match="noise: expected a contiguous cpu tensor of 3 dims and type torch.float32"):
