@@ -65,6 +65,36 @@ def _choose(logits, draw, temperature, LEVELS: tl.constexpr, LB: tl.constexpr):
 
 
 @triton.jit
+def _link_and_hand_on(pre_a, pre_b, layer, s, j, c, labels, links, scratch, link_w, link_bias, h_b, class_bias,
+                      WIDTH: tl.constexpr, LAYERS: tl.constexpr, C: tl.constexpr, CLASSES: tl.constexpr,
+                      WB: tl.constexpr, CB: tl.constexpr):
+    """A layer's vertical pre-activations (WB columns, two CB halves) → its links into the horizontal stack
+    (stored) and its gated output, handed to the next layer through `scratch`."""
+    C2: tl.constexpr = 2 * C
+    ok = (j < WIDTH) & (c < C)
+    # The horizontal bias, but for the first layer's column 0: its shift right leaves it nothing, bias included.
+    has_bias = (j > 0) | (layer > 0)
+    link_a = tl.where(has_bias, _row(h_b, layer * C2, C, CB), 0.0) + _row(link_bias, layer * C2, C, CB)
+    link_b = tl.where(has_bias, _row(h_b, layer * C2 + C, C, CB), 0.0) + _row(link_bias, layer * C2 + C, C, CB)
+    lw = link_w + layer * C2 * C2
+    link_a += _dot(pre_a, _matrix(lw, 0, C, 0, C, C2, CB, CB)) + _dot(pre_b, _matrix(lw, C, C, 0, C, C2, CB, CB))
+    link_b += _dot(pre_a, _matrix(lw, 0, C, C, C, C2, CB, CB)) + _dot(pre_b, _matrix(lw, C, C, C, C, C2, CB, CB))
+    if CLASSES > 0:  # the class biases: the vertical gate's after the link, the horizontal one's in it
+        bias = class_bias + (layer * CLASSES + tl.load(labels + s)) * 2 * C2
+        pre_a += _row(bias, 0, C, CB)
+        pre_b += _row(bias, C, C, CB)
+        link_a += _row(bias, C2, C, CB)
+        link_b += _row(bias, C2 + C, C, CB)
+    out = links + (s * LAYERS + layer) * C2 * WIDTH
+    tl.store(out + c * WIDTH + j, link_a, mask=ok)
+    tl.store(out + (C + c) * WIDTH + j, link_b, mask=ok)
+    if layer < LAYERS - 1:  # this layer's vertical output, the next layer's input row i
+        tl.debug_barrier()  # every read of the previous output is done
+        tl.store(scratch + (s * C + c) * WIDTH + j, _gate(pre_a, pre_b), mask=ok)
+        tl.debug_barrier()
+
+
+@triton.jit
 def gated_refresh_kernel(
     pixels, positions, labels, vertical, vertical_out, links, scratch,
     v0_w, v0_b, v_w, v_b, link_w, link_bias, h_b, class_bias,
@@ -73,7 +103,10 @@ def gated_refresh_kernel(
     P: tl.constexpr, CLASSES: tl.constexpr,
     WB: tl.constexpr, CB: tl.constexpr, QB: tl.constexpr, VB: tl.constexpr,
 ):
-    """One slot's row start. Tiles: WB columns, CB channels, QB first-layer window taps, VB cache entries."""
+    """One slot's row start. Tiles: WB columns, CB channels, QB first-layer window taps, VB cache entries.
+
+    The layers after the first run in a loop, not unrolled: unrolled, the shipped model's 7 layers
+    of 15 taps made a kernel that Triton's compiler had not finished after 15 minutes."""
     s = tl.program_id(0).to(tl.int64)
     C2: tl.constexpr = 2 * C
     K0: tl.constexpr = 2 * P0 + 1
@@ -85,70 +118,48 @@ def gated_refresh_kernel(
     position = tl.load(positions + s)
     i = position // WIDTH  # the row being started
 
-    for layer in tl.static_range(LAYERS):
-        if layer == 0:  # image rows i-1-P0..i-1 (zero outside the image), columns j-P0..j+P0
-            q = tl.arange(0, QB)[None, :]
-            ii = i - 1 - P0 + q // K0
-            jj = j - P0 + q % K0
-            inside = (q < (P0 + 1) * K0) & (ii >= 0) & (jj >= 0) & (jj < WIDTH) & column_ok
-            level = tl.load(pixels + (s * HEIGHT + ii) * WIDTH + jj, mask=inside, other=0)
-            window = tl.where(inside, level.to(tl.float32) * level_scale - 1.0, 0.0)
-            pre_a = _dot(window, _matrix(v0_w, 0, (P0 + 1) * K0, 0, C, C2, QB, CB)) + _row(v0_b, 0, C, CB)
-            pre_b = _dot(window, _matrix(v0_w, 0, (P0 + 1) * K0, C, C, C2, QB, CB)) + _row(v0_b, C, C, CB)
-            first_row = position < WIDTH  # the shift down: the first row sees nothing above
-            pre_a = tl.where(first_row, 0.0, pre_a)
-            pre_b = tl.where(first_row, 0.0, pre_b)
-        else:  # rows i-P..i of the previous layer's vertical output, columns j-P..j+P, channels C
-            cache = vertical + (s * (LAYERS - 1) + layer - 1) * C * P * WIDTH  # (C, P, W)
-            weights = v_w + (layer - 1) * (P + 1) * K * C * C2
-            pre_a = tl.zeros((WB, CB), tl.float32) + _row(v_b, (layer - 1) * C2, C, CB)
-            pre_b = tl.zeros((WB, CB), tl.float32) + _row(v_b, (layer - 1) * C2 + C, C, CB)
-            for rr in tl.static_range(P + 1):
-                for kk in tl.static_range(K):
-                    jj = j - P + kk
-                    ok = (jj >= 0) & (jj < WIDTH) & column_ok & channel_ok
-                    if rr < P:
-                        x = tl.load(cache + (c * P + rr) * WIDTH + jj, mask=ok, other=0.0)
-                    else:
-                        x = tl.load(scratch + (s * C + c) * WIDTH + jj, mask=ok, other=0.0)
-                    tap = (rr * K + kk) * C
-                    pre_a += _dot(x, _matrix(weights, tap, C, 0, C, C2, CB, CB))
-                    pre_b += _dot(x, _matrix(weights, tap, C, C, C, C2, CB, CB))
-            # The previous layer's cache moves up one row (rows i-P+1..i), its newest row the output in scratch.
-            v = tl.arange(0, VB)[None, :]  # cache entries (channel, row) = v // P, v % P
-            cached = column_ok & (v < C * P)
-            old = tl.load(cache + v * WIDTH + j, mask=cached, other=0.0)
-            newest = tl.load(scratch + (s * C + c) * WIDTH + j, mask=column_ok & channel_ok, other=0.0)
-            tl.debug_barrier()
-            moved = vertical_out + (s * (LAYERS - 1) + layer - 1) * C * P * WIDTH
-            tl.store(moved + (v - 1) * WIDTH + j, old, mask=cached & (v % P > 0))
-            tl.store(moved + (c * P + P - 1) * WIDTH + j, newest, mask=column_ok & channel_ok)
+    # The first layer: image rows i-1-P0..i-1 (zero outside the image), columns j-P0..j+P0.
+    q = tl.arange(0, QB)[None, :]
+    ii = i - 1 - P0 + q // K0
+    jj = j - P0 + q % K0
+    inside = (q < (P0 + 1) * K0) & (ii >= 0) & (jj >= 0) & (jj < WIDTH) & column_ok
+    level = tl.load(pixels + (s * HEIGHT + ii) * WIDTH + jj, mask=inside, other=0)
+    window = tl.where(inside, level.to(tl.float32) * level_scale - 1.0, 0.0)
+    pre_a = _dot(window, _matrix(v0_w, 0, (P0 + 1) * K0, 0, C, C2, QB, CB)) + _row(v0_b, 0, C, CB)
+    pre_b = _dot(window, _matrix(v0_w, 0, (P0 + 1) * K0, C, C, C2, QB, CB)) + _row(v0_b, C, C, CB)
+    first_row = position < WIDTH  # the shift down: the first row sees nothing above
+    pre_a = tl.where(first_row, 0.0, pre_a)
+    pre_b = tl.where(first_row, 0.0, pre_b)
+    _link_and_hand_on(pre_a, pre_b, 0, s, j, c, labels, links, scratch, link_w, link_bias, h_b, class_bias,
+                      WIDTH, LAYERS, C, CLASSES, WB, CB)
 
-        # The link into the horizontal stack, with the horizontal bias (but for the first layer's
-        # column 0: its shift right leaves that column nothing, bias included).
-        link_a = _row(h_b, layer * C2, C, CB) + tl.zeros((WB, CB), tl.float32)
-        link_b = _row(h_b, layer * C2 + C, C, CB) + tl.zeros((WB, CB), tl.float32)
-        if layer == 0:
-            link_a = tl.where(j > 0, link_a, 0.0)
-            link_b = tl.where(j > 0, link_b, 0.0)
-        link_a += _row(link_bias, layer * C2, C, CB)
-        link_b += _row(link_bias, layer * C2 + C, C, CB)
-        lw = link_w + layer * C2 * C2
-        link_a += _dot(pre_a, _matrix(lw, 0, C, 0, C, C2, CB, CB)) + _dot(pre_b, _matrix(lw, C, C, 0, C, C2, CB, CB))
-        link_b += _dot(pre_a, _matrix(lw, 0, C, C, C, C2, CB, CB)) + _dot(pre_b, _matrix(lw, C, C, C, C, C2, CB, CB))
-        if CLASSES > 0:  # the class biases: the vertical gate's after the link, the horizontal one's in it
-            bias = class_bias + (layer * CLASSES + tl.load(labels + s)) * 2 * C2
-            pre_a += _row(bias, 0, C, CB)
-            pre_b += _row(bias, C, C, CB)
-            link_a += _row(bias, C2, C, CB)
-            link_b += _row(bias, C2 + C, C, CB)
-        out = links + (s * LAYERS + layer) * C2 * WIDTH
-        tl.store(out + c * WIDTH + j, link_a, mask=column_ok & channel_ok)
-        tl.store(out + (C + c) * WIDTH + j, link_b, mask=column_ok & channel_ok)
-        if layer < LAYERS - 1:  # this layer's vertical output, the next layer's input row i
-            tl.debug_barrier()  # every read of the previous output is done
-            tl.store(scratch + (s * C + c) * WIDTH + j, _gate(pre_a, pre_b), mask=column_ok & channel_ok)
-            tl.debug_barrier()
+    for layer in range(1, LAYERS):  # rows i-P..i of the previous layer's vertical output, columns j-P..j+P
+        cache = vertical + (s * (LAYERS - 1) + layer - 1) * C * P * WIDTH  # (C, P, W)
+        weights = v_w + (layer - 1) * (P + 1) * K * C * C2
+        pre_a = tl.zeros((WB, CB), tl.float32) + _row(v_b, (layer - 1) * C2, C, CB)
+        pre_b = tl.zeros((WB, CB), tl.float32) + _row(v_b, (layer - 1) * C2 + C, C, CB)
+        for rr in tl.static_range(P + 1):
+            for kk in range(K):
+                source = j - P + kk  # (WB, 1): the column each output column reads at this tap
+                ok = (source >= 0) & (source < WIDTH) & column_ok & channel_ok
+                if rr < P:
+                    x = tl.load(cache + (c * P + rr) * WIDTH + source, mask=ok, other=0.0)
+                else:
+                    x = tl.load(scratch + (s * C + c) * WIDTH + source, mask=ok, other=0.0)
+                tap = (rr * K + kk) * C
+                pre_a += _dot(x, _matrix(weights, tap, C, 0, C, C2, CB, CB))
+                pre_b += _dot(x, _matrix(weights, tap, C, C, C, C2, CB, CB))
+        # The previous layer's cache moves up one row (rows i-P+1..i), its newest row the output in scratch.
+        v = tl.arange(0, VB)[None, :]  # cache entries (channel, row) = v // P, v % P
+        cached = column_ok & (v < C * P)
+        old = tl.load(cache + v * WIDTH + j, mask=cached, other=0.0)
+        newest = tl.load(scratch + (s * C + c) * WIDTH + j, mask=column_ok & channel_ok, other=0.0)
+        tl.debug_barrier()
+        moved = vertical_out + (s * (LAYERS - 1) + layer - 1) * C * P * WIDTH
+        tl.store(moved + (v - 1) * WIDTH + j, old, mask=cached & (v % P > 0))
+        tl.store(moved + (c * P + P - 1) * WIDTH + j, newest, mask=column_ok & channel_ok)
+        _link_and_hand_on(pre_a, pre_b, layer, s, j, c, labels, links, scratch, link_w, link_bias, h_b, class_bias,
+                          WIDTH, LAYERS, C, CLASSES, WB, CB)
 
 
 @triton.jit(do_not_specialize=["n", "span"])

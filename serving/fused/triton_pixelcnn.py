@@ -50,8 +50,7 @@ def pixelcnn_step_kernel(
 
     for t in range(span):
         column = column0 + t  # of the image; cache columns are padded by P0 (image) or P (blocks) on the left
-        taps = live & (q < R0 * K0)
-        window = tl.load(image + (q // K0) * PADDED0 + column + q % K0, mask=taps, other=0.0)
+        window = tl.load(image + (q // K0) * PADDED0 + column + q % K0, mask=live & (q < R0 * K0), other=0.0)
         x = _dot(window, _matrix(in_w, 0, R0 * K0, 0, 2 * H, 2 * H, IB, H2B)) + _row(in_b, 0, 2 * H, H2B)
         for b in range(BLOCKS):
             reduced = _dot(tl.maximum(x, 0.0), _matrix(reduce_w + b * 2 * H * H, 0, 2 * H, 0, H, H, H2B, HB))
@@ -60,10 +59,10 @@ def pixelcnn_step_kernel(
             tl.debug_barrier()  # every read of this cache by the pixel before is done
             tl.store(cache + (c * R + P) * PADDED + column + P, reduced, mask=live & (c < H))  # joins its row
             tl.debug_barrier()
-            taps = live & (w < WINDOW)
             channel, rest = w // (R * K), w % (R * K)
-            window = tl.load(cache + (channel * R + rest // K) * PADDED + column + rest % K, mask=taps, other=0.0)
-            masked = _dot(window, _matrix(masked_w + b * WINDOW * H, 0, WINDOW, 0, H, H, WINB, HB))
+            seen = tl.load(cache + (channel * R + rest // K) * PADDED + column + rest % K, mask=live & (w < WINDOW),
+                           other=0.0)
+            masked = _dot(seen, _matrix(masked_w + b * WINDOW * H, 0, WINDOW, 0, H, H, WINB, HB))
             masked = tl.maximum(masked + _row(masked_b, b * H, H, HB), 0.0)
             x += _dot(masked, _matrix(expand_w + b * H * 2 * H, 0, H, 0, 2 * H, 2 * H, HB, H2B))
             x += _row(expand_b, b * 2 * H, 2 * H, H2B)
