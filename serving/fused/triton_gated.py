@@ -6,7 +6,8 @@ packed weights, so the engine runs either and a test compares them call by call:
   (columns as the GEMM's rows), its link into the horizontal stack and the row cache's shift;
 - `gated_step_kernel`, one program per block of slots: `span` pixels, each through every layer,
   the output layers and the inverse-CDF choice, inside one launch. A pixel's chain through the
-  layers never leaves the kernel, so batch 1 costs one launch per row rather than ~100 per pixel.
+  layers never leaves the kernel, so batch 1 costs two launches per row (refresh, step) rather than
+  ~100 per pixel.
 
 Every dense layer is a `tl.dot` in IEEE float32 (never TF32: the images must equal the CPU's),
 its tiles padded to 16 with masked loads (padded weights and inputs read as zero, so padded
@@ -14,8 +15,8 @@ lanes stay zero). A state that is read and rewritten (the caches) is loaded whol
 then, after a barrier, stored back at shifted addresses: no thread overwrites what another has
 yet to read, even when the output aliases the input (the engine's in-place row call).
 
-Kept free of torch and of the launch code (triton_ops.py), so that tests can load this file a
-second time with Triton's interpreter switched on and run the kernels on the CPU.
+Kernels only: the checks and launches are in triton_ops.py. Without a GPU the tests run these
+kernels in Triton's interpreter and compile them to sm_90 cubins (tests/triton_compile.py).
 """
 
 from __future__ import annotations

@@ -35,7 +35,6 @@ pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="compiled GPU kernels are tested in tests/gpu")
 
 
-
 def engine_for(model, span: int, num_slots: int = 4) -> SamplingEngine:
     return SamplingEngine(fused_runner(model, span, namespace=triton_ops), EngineConfig(num_slots=num_slots))
 
