@@ -189,7 +189,7 @@ class FusedStepRunner(StepRunner):
             "positions": zeros(1, 1, dtype=torch.int64),
             "labels": zeros(1, 1, dtype=torch.int64) if spec.num_classes else None,
             "noise": zeros(1, spec.span, spec.sample_shape[0]),
-            "temperature": zeros(1, 1) + 1,
+            "temperature": torch.ones(1, 1, device=self.device),
         }
         self.run_row(feeds, [zeros(1, *state.shape, dtype=state.dtype.torch) for state in spec.states])
 

@@ -9,7 +9,7 @@ the same launches run on CPU tensors.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -54,6 +54,7 @@ class GatedShape:
     classes: int
     output_channels: int
     levels: int
+    weights: dict[str, torch.Tensor] = field(repr=False)  # by name, checked
 
     @classmethod
     def of(cls, weights: list[torch.Tensor]) -> GatedShape:
@@ -67,6 +68,7 @@ class GatedShape:
             classes=named["class_bias"].shape[1] if named["class_bias"].dim() == 3 else 0,
             output_channels=named["oh_w"].shape[1],
             levels=named["lg_w"].shape[1],
+            weights=named,
         )
         if not 2 <= shape.levels <= 256 or shape.layers < 2 or shape.p < 1:
             raise RuntimeError(f"gated weights: unsupported sizes {shape} (2..256 levels, 2+ layers, kernel 3+)")
@@ -84,7 +86,7 @@ def gated_refresh(pixels, positions, labels, vertical, weights):
     n, width = vertical.shape[0], vertical.shape[-1]
     vertical_out = torch.empty_like(vertical)
     links = torch.empty(n, shape.layers, 2 * shape.channels, width, device=vertical.device)
-    _refresh_into(shape, pixels, positions, labels, vertical, vertical_out, links, weights)
+    _refresh_into(shape, pixels, positions, labels, vertical, vertical_out, links)
     zeros = vertical.new_zeros
     return vertical_out, links, zeros(n, shape.p0 + 1), zeros(n, shape.layers - 1, shape.p * shape.channels)
 
@@ -95,7 +97,7 @@ def gated_step(positions, noise, temperature, links, image_context, hidden_conte
     pixel = positions.new_empty(n, span, 1)
     image_out, hidden_out = image_context.clone(), hidden_context.clone()
     logits = links.new_empty(n if teacher is not None else 0, span, shape.levels)
-    _step_into(shape, positions, noise, temperature, links, image_out, hidden_out, teacher, pixel, logits, weights)
+    _step_into(shape, positions, noise, temperature, links, image_out, hidden_out, teacher, pixel, logits)
     return pixel, image_out, hidden_out, logits
 
 
@@ -104,17 +106,17 @@ def gated_row(pixels, positions, labels, noise, temperature, states, weights):
     if len(states) != 4:
         raise RuntimeError("states: expected vertical, links, image_context, hidden_context")
     vertical, links, image_context, hidden_context = states
-    _refresh_into(shape, pixels, positions, labels, vertical, vertical, links, weights)
+    _refresh_into(shape, pixels, positions, labels, vertical, vertical, links)
     image_context.zero_()
     hidden_context.zero_()
     pixel = positions.new_empty(positions.shape[0], noise.shape[1], 1)
     _step_into(shape, positions, noise, temperature, links, image_context, hidden_context, None, pixel,
-               links.new_empty(0), weights)
+               links.new_empty(0))
     return pixel
 
 
-def _refresh_into(shape, pixels, positions, labels, vertical, vertical_out, links, weights):
-    device = weights[0].device
+def _refresh_into(shape: GatedShape, pixels, positions, labels, vertical, vertical_out, links):
+    device = shape.weights["lg_w"].device  # every weight's (checked)
     _check(pixels, torch.uint8, 4, "pixels", device)
     _check(positions, torch.int64, 2, "positions", device)
     _check(vertical, torch.float32, 5, "vertical", device)
@@ -132,7 +134,7 @@ def _refresh_into(shape, pixels, positions, labels, vertical, vertical_out, link
             raise RuntimeError(f"labels: outside [0, {shape.classes})")
     if n == 0:
         return
-    named = dict(zip(GATED_WEIGHTS, weights))
+    named = shape.weights
     scratch = torch.empty(n, C, width, device=device)  # each layer's vertical output, the next one's input
     triton_gated.gated_refresh_kernel[(n,)](
         pixels, positions, labels if shape.classes else positions, vertical, vertical_out, links, scratch,
@@ -144,8 +146,8 @@ def _refresh_into(shape, pixels, positions, labels, vertical, vertical_out, link
     )
 
 
-def _step_into(shape, positions, noise, temperature, links, image_out, hidden_out, teacher, pixel, logits, weights):
-    device = weights[0].device
+def _step_into(shape: GatedShape, positions, noise, temperature, links, image_out, hidden_out, teacher, pixel, logits):
+    device = shape.weights["lg_w"].device  # every weight's (checked)
     for tensor, dtype, dim, name in ((positions, torch.int64, 2, "positions"), (noise, torch.float32, 3, "noise"),
                                      (temperature, torch.float32, 2, "temperature"),
                                      (links, torch.float32, 4, "links"),
@@ -165,7 +167,7 @@ def _step_into(shape, positions, noise, temperature, links, image_out, hidden_ou
         _check(teacher, torch.int64, 3, "teacher", device)
     if n == 0:
         return
-    named = dict(zip(GATED_WEIGHTS, weights))
+    named = shape.weights
     grid = (-(-n // SLOTS_PER_PROGRAM),)
     triton_gated.gated_step_kernel[grid](
         positions, noise, temperature, links, image_out, hidden_out,
@@ -188,12 +190,13 @@ class PixelCNNShape:
     hidden: int
     output_channels: int
     levels: int
+    weights: dict[str, torch.Tensor] = field(repr=False)  # by name, checked
 
     @classmethod
     def of(cls, weights: list[torch.Tensor]) -> PixelCNNShape:
         named = _named_weights(weights, PIXELCNN_WEIGHTS, "pixelcnn")
         shape = cls(blocks=named["reduce_w"].shape[0], hidden=named["in_b"].shape[0] // 2,
-                    output_channels=named["oh_w"].shape[1], levels=named["lg_w"].shape[1])
+                    output_channels=named["oh_w"].shape[1], levels=named["lg_w"].shape[1], weights=named)
         if not 2 <= shape.levels <= 256:
             raise RuntimeError(f"pixelcnn weights: 2..256 pixel levels, got {shape.levels}")
         return shape
@@ -210,7 +213,7 @@ def pixelcnn_step(positions, noise, temperature, image_rows, block_rows, teacher
     pixel = positions.new_empty(n, span, 1)
     caches = [image_rows.clone(), *(rows.clone() for rows in block_rows)]
     logits = image_rows.new_empty(n if teacher is not None else 0, span, shape.levels)
-    _pixelcnn_step_into(shape, positions, noise, temperature, caches, teacher, pixel, logits, weights)
+    _pixelcnn_step_into(shape, positions, noise, temperature, caches, teacher, pixel, logits)
     return [pixel, *caches, logits]
 
 
@@ -223,14 +226,13 @@ def pixelcnn_row(positions, noise, temperature, states, weights):
         rows[:, :, :-1].copy_(rows[:, :, 1:].clone())
         rows[:, :, -1].zero_()
     pixel = positions.new_empty(positions.shape[0], noise.shape[1], 1)
-    _pixelcnn_step_into(shape, positions, noise, temperature, list(states), None, pixel,
-                        states[0].new_empty(0), weights)
+    _pixelcnn_step_into(shape, positions, noise, temperature, list(states), None, pixel, states[0].new_empty(0))
     return pixel
 
 
-def _pixelcnn_step_into(shape, positions, noise, temperature, caches, teacher, pixel, logits, weights):
+def _pixelcnn_step_into(shape: PixelCNNShape, positions, noise, temperature, caches, teacher, pixel, logits):
     """The step on `caches` (image_rows, then each block's rows), updated in place."""
-    device = weights[0].device
+    device = shape.weights["lg_w"].device  # every weight's (checked)
     image_rows, block_rows = caches[0], caches[1:]
     for tensor, dtype, dim, name in ((positions, torch.int64, 2, "positions"), (noise, torch.float32, 3, "noise"),
                                      (temperature, torch.float32, 2, "temperature"),
@@ -254,7 +256,7 @@ def _pixelcnn_step_into(shape, positions, noise, temperature, caches, teacher, p
         return
     # The blocks' caches stacked, so the kernel indexes them by block; copied back after.
     stacked = torch.stack(block_rows, 1) if block_rows else image_rows.new_zeros(n, 0)
-    named = dict(zip(PIXELCNN_WEIGHTS, weights))
+    named = shape.weights
     h, window = shape.hidden, shape.hidden * r * (2 * r - 1)
     triton_pixelcnn.pixelcnn_step_kernel[(-(-n // SLOTS_PER_PROGRAM),)](
         positions, noise, temperature, image_rows, stacked, teacher if teacher is not None else positions, pixel,
