@@ -90,76 +90,106 @@ void refresh_into(const GatedWeights& w, const Tensor& pixels, const Tensor& pos
 
   const int64_t rows = n * width;  // one per (slot, column)
   const int64_t window_cols = std::max((p0 + 1) * k0, (p + 1) * k * C);
-  const int64_t padded = width + 2 * p;
-  std::vector<float> col(rows * window_cols), pre(rows * C2), link(rows * C2), v_out(rows * C);
-  std::vector<float> window(n * (p + 1) * padded * C, 0.f);  // per slot: rows i-p..i, padded columns, channels last
+  // Layer l's gated outputs go to v_out[l % 3]: while threads compute layer l, the previous
+  // layer's outputs are still read (its im2col) and so are those of the one before (its cache's shift).
+  std::vector<float> col(rows * window_cols), pre(rows * C2), link(L * rows * C2), v_out(3 * rows * C);
+  auto gated = [&](int64_t l) { return v_out.data() + l % 3 * rows * C; };
 
-  // One parallel region for all layers, its threads meeting at each loop's barrier: a region per
-  // layer would wake the pool 2L times per call, which at batch 1 costs more than the arithmetic.
+  // The shift of layer l's cache (rows i-p..i-1 of layer l-1's outputs) up one row, layer l-1's
+  // outputs at row i entering last, for one (slot, channel).
+  auto shift_cache = [&](int64_t l, int64_t s, int64_t c) {
+    const float* cache = vin + ((s * (L - 1) + l - 1) * C + c) * p * width;  // (p, W)
+    float* next = vout_state + ((s * (L - 1) + l - 1) * C + c) * p * width;
+    for (int64_t r = 0; r + 1 < p; ++r) std::memmove(next + r * width, cache + (r + 1) * width, width * sizeof(float));
+    const float* newest = gated(l - 1) + s * width * C + c;
+    for (int64_t j = 0; j < width; ++j) next[(p - 1) * width + j] = newest[j * C];
+  };
+
+  // One parallel region for the whole call, its threads meeting once per layer: a region (or a
+  // barrier) more per layer costs more than the arithmetic at batch 1. Each thread's writes are
+  // whole rows (or a channel's whole row of columns), never part of a cache line another writes.
   const int64_t blocks = (rows + kBlock - 1) / kBlock;
   const int threads = at::in_parallel_region() ? 1 : static_cast<int>(std::min<int64_t>(at::get_num_threads(),
                                                                                         (rows + kGrain - 1) / kGrain));
 #pragma omp parallel num_threads(threads)
-  for (int64_t l = 0; l < L; ++l) {
-    const int64_t in = l == 0 ? (p0 + 1) * k0 : (p + 1) * k * C;
-    if (l > 0) {  // the layer's input rows: its cache (rows i-p..i-1) and the previous layer's output (row i)
-#pragma omp for schedule(static)
-      for (int64_t s = 0; s < n; ++s) {
-        float* win = window.data() + s * (p + 1) * padded * C;
-        const float* cache = vin + ((s * (L - 1) + l - 1) * C) * p * width;  // (C, p, W)
-        float* next = vout_state + ((s * (L - 1) + l - 1) * C) * p * width;
-        for (int64_t c = 0; c < C; ++c)
-          for (int64_t r = 0; r < p; ++r)
-            for (int64_t j = 0; j < width; ++j) win[(r * padded + j + p) * C + c] = cache[(c * p + r) * width + j];
-        for (int64_t j = 0; j < width; ++j)
-          std::memcpy(win + (p * padded + j + p) * C, v_out.data() + (s * width + j) * C, C * sizeof(float));
-        for (int64_t c = 0; c < C; ++c)  // the cache moves up one row: rows i-p+1..i
-          for (int64_t r = 0; r < p; ++r)
-            for (int64_t j = 0; j < width; ++j) next[(c * p + r) * width + j] = win[((r + 1) * padded + j + p) * C + c];
+  {
+    // This thread's window of a layer's input around one slot's columns ja..jb-1: rows i-p..i,
+    // columns ja-p..jb+p-1 (zero outside the image), channels last.
+    const int64_t span_cols = std::min(kBlock, width) + 2 * p;
+    std::vector<float> window((p + 1) * span_cols * C);
+    for (int64_t l = 0; l < L; ++l) {
+      if (l >= 2) {  // the previous layer's cache: every thread has finished reading it
+#pragma omp for schedule(static) nowait
+        for (int64_t sc = 0; sc < n * C; ++sc) shift_cache(l - 1, sc / C, sc % C);
       }
-    }
-    const float* wv = l == 0 ? w.v0_w : w.v_w + (l - 1) * in * C2;
-    const float* bv = l == 0 ? w.v0_b : w.v_b + (l - 1) * C2;
-#pragma omp for schedule(static)
-    for (int64_t block = 0; block < blocks; ++block) {  // blocks small enough to stay in cache
-      const int64_t r0 = block * kBlock, r1 = std::min(rows, r0 + kBlock), m = r1 - r0;
-      for (int64_t r = r0; r < r1; ++r) {  // im2col: the vertical kernel's window of column j
-        const int64_t s = r / width, j = r % width, i = pos[s] / width;
-        float* dst = col.data() + r * window_cols;
-        if (l == 0) {  // image rows i-1-p0..i-1, zero outside the image
-          for (int64_t rr = 0; rr <= p0; ++rr)
-            for (int64_t cc = 0; cc < k0; ++cc) {
-              const int64_t ii = i - 1 - p0 + rr, jj = j - p0 + cc;
-              dst[rr * k0 + cc] =
-                  ii >= 0 && jj >= 0 && jj < width ? w.scale(pix[(s * height + ii) * width + jj]) : 0.f;
-            }
+      const int64_t in = l == 0 ? (p0 + 1) * k0 : (p + 1) * k * C;
+      const float* wv = l == 0 ? w.v0_w : w.v_w + (l - 1) * in * C2;
+      const float* bv = l == 0 ? w.v0_b : w.v_b + (l - 1) * C2;
+#pragma omp for schedule(static) nowait
+      for (int64_t block = 0; block < blocks; ++block) {  // blocks small enough to stay in cache
+        const int64_t r0 = block * kBlock, r1 = std::min(rows, r0 + kBlock), m = r1 - r0;
+        if (l == 0) {
+          for (int64_t r = r0; r < r1; ++r) {  // im2col: image rows i-1-p0..i-1 around column j
+            const int64_t s = r / width, j = r % width, i = pos[s] / width;
+            float* dst = col.data() + r * window_cols;
+            for (int64_t rr = 0; rr <= p0; ++rr)
+              for (int64_t cc = 0; cc < k0; ++cc) {
+                const int64_t ii = i - 1 - p0 + rr, jj = j - p0 + cc;
+                dst[rr * k0 + cc] =
+                    ii >= 0 && jj >= 0 && jj < width ? w.scale(pix[(s * height + ii) * width + jj]) : 0.f;
+              }
+          }
         } else {
-          const float* win = window.data() + s * (p + 1) * padded * C;
-          for (int64_t rr = 0; rr <= p; ++rr)
-            std::memcpy(dst + rr * k * C, win + (rr * padded + j) * C, k * C * sizeof(float));
+          for (int64_t r = r0; r < r1;) {  // per slot within the block: its window, then im2col
+            const int64_t s = r / width, ja = r % width, jb = std::min(width, ja + (r1 - r)), cols = jb - ja + 2 * p;
+            const float* cache = vin + ((s * (L - 1) + l - 1) * C) * p * width;  // (C, p, W)
+            const float* below = gated(l - 1) + s * width * C;                   // row i: (W, C)
+            for (int64_t jj = ja - p; jj < jb + p; ++jj) {
+              float* column = window.data() + (jj - ja + p) * C;
+              const bool inside = jj >= 0 && jj < width;
+              for (int64_t rr = 0; rr < p; ++rr)
+                for (int64_t c = 0; c < C; ++c)
+                  column[rr * cols * C + c] = inside ? cache[(c * p + rr) * width + jj] : 0.f;
+              if (inside) std::memcpy(column + p * cols * C, below + jj * C, C * sizeof(float));
+              else std::fill_n(column + p * cols * C, C, 0.f);
+            }
+            for (int64_t j = ja; j < jb; ++j, ++r)
+              for (int64_t rr = 0; rr <= p; ++rr)
+                std::memcpy(col.data() + r * window_cols + rr * k * C, window.data() + (rr * cols + j - ja) * C,
+                            k * C * sizeof(float));
+          }
         }
-      }
-      float* v = pre.data() + r0 * C2;
-      float* h = link.data() + r0 * C2;
-      dense(col.data() + r0 * window_cols, window_cols, wv, in, C2, bv, v, C2, m);
-      const float* hb = w.h_b + l * C2;
-      for (int64_t r = r0; r < r1; ++r) {
-        const int64_t s = r / width, j = r % width;
-        if (l == 0 && pos[s] < width) std::fill_n(pre.data() + r * C2, C2, 0.f);  // shift down: row 0 is zero
-        const bool horizontal_bias = l > 0 || j > 0;  // the first layer's shift right: column 0 has no bias
-        for (int64_t o = 0; o < C2; ++o) link[r * C2 + o] = horizontal_bias ? hb[o] : 0.f;
-      }
-      dense(v, C2, w.link_w + l * C2 * C2, C2, C2, w.link_b + l * C2, h, C2, m, true);
-      for (int64_t r = r0; r < r1; ++r) {
-        const int64_t s = r / width, j = r % width;
-        if (label) {  // the class biases: the vertical gate's after the link, the horizontal one's in it
-          const float* cb = w.class_bias + (l * w.classes + label[s]) * 2 * C2;
-          for (int64_t o = 0; o < C2; ++o) pre[r * C2 + o] += cb[o], link[r * C2 + o] += cb[C2 + o];
+        float* v = pre.data() + r0 * C2;
+        float* h = link.data() + (l * rows + r0) * C2;
+        dense(col.data() + r0 * window_cols, window_cols, wv, in, C2, bv, v, C2, m);
+        const float* hb = w.h_b + l * C2;
+        for (int64_t r = r0; r < r1; ++r) {
+          const int64_t s = r / width, j = r % width;
+          if (l == 0 && pos[s] < width) std::fill_n(v + (r - r0) * C2, C2, 0.f);  // shift down: row 0 is zero
+          const bool horizontal_bias = l > 0 || j > 0;  // the first layer's shift right: column 0 has no bias
+          for (int64_t o = 0; o < C2; ++o) h[(r - r0) * C2 + o] = horizontal_bias ? hb[o] : 0.f;
         }
-        float* out = link_out + (s * L + l) * C2 * width;
-        for (int64_t o = 0; o < C2; ++o) out[o * width + j] = link[r * C2 + o];
+        dense(v, C2, w.link_w + l * C2 * C2, C2, C2, w.link_b + l * C2, h, C2, m, true);
+        if (label)  // the class biases: the vertical gate's after the link, the horizontal one's in it
+          for (int64_t r = r0; r < r1; ++r) {
+            const float* cb = w.class_bias + (l * w.classes + label[r / width]) * 2 * C2;
+            for (int64_t o = 0; o < C2; ++o) v[(r - r0) * C2 + o] += cb[o], h[(r - r0) * C2 + o] += cb[C2 + o];
+          }
+        if (l < L - 1) gate_rows(v, C2, gated(l) + r0 * C, C, C, m);
       }
-      if (l < L - 1) gate_rows(v, C2, v_out.data() + r0 * C, C, C, m);
+#pragma omp barrier
+    }
+    if (L >= 2) {
+#pragma omp for schedule(static) nowait
+      for (int64_t sc = 0; sc < n * C; ++sc) shift_cache(L - 1, sc / C, sc % C);
+    }
+    // The links into their (slot, layer, channel, column) layout, a channel's columns by one thread.
+#pragma omp for schedule(static)
+    for (int64_t row = 0; row < n * L * C2; ++row) {
+      const int64_t s = row / (L * C2), l = row / C2 % L, o = row % C2;
+      const float* src = link.data() + (l * rows + s * width) * C2 + o;
+      float* dst = link_out + row * width;
+      for (int64_t j = 0; j < width; ++j) dst[j] = src[j * C2];
     }
   }
 }

@@ -3,8 +3,10 @@
 // Sizes here are tiny (tens to hundreds of features) and rows few (one per slot, or per slot
 // and column), so a BLAS call costs more in dispatch than in arithmetic. These loops are
 // written for the compiler to vectorise (GCC vector extensions, compiled with -march=native):
-// register tiles of R rows by V vectors of 8 outputs, with R * V >= 8 independent accumulator
-// chains so a batch-1 matrix-vector product is not bound by FMA latency.
+// register tiles of R rows by V vectors of outputs, with R * V >= 8 independent accumulator
+// chains so a batch-1 matrix-vector product is not bound by FMA latency. A vector is the
+// machine's widest: 16 floats with AVX-512, else 8 (AVX2), so the same source runs at full
+// width on either.
 #pragma once
 
 #include <cmath>
@@ -13,25 +15,33 @@
 
 namespace genserve {
 
-typedef float v8 __attribute__((vector_size(32)));
-typedef int32_t v8i __attribute__((vector_size(32)));
+#if defined(__AVX512F__)
+constexpr int kLanes = 16;
+constexpr int kAccumulators = 24;  // of 32 vector registers: the rest hold weights and inputs
+#else
+constexpr int kLanes = 8;
+constexpr int kAccumulators = 12;  // of 16
+#endif
 
-inline v8 load8(const float* p) {
-  v8 v;
+typedef float vf __attribute__((vector_size(4 * kLanes)));
+typedef int32_t vi __attribute__((vector_size(4 * kLanes)));
+
+inline vf loadv(const float* p) {
+  vf v;
   std::memcpy(&v, p, sizeof v);
   return v;
 }
 
-inline void store8(float* p, v8 v) { std::memcpy(p, &v, sizeof v); }
+inline void storev(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
 
-inline v8 splat(float x) { return v8{x, x, x, x, x, x, x, x}; }
+inline vf splat(float x) { return __builtin_shuffle(vf{x}, vi{}); }  // lane 0 into every lane
 
-// y[r, o0 : o0 + 8V] = (accumulate ? y : 0) + bias + sum_i x[r, i] * w[i, o] for R rows. The sum
-// over i is split S ways (partial sums added at the end), so that R * V * S >= 8 chains run at once.
+// y[r, o0 : o0 + V lanes] = (accumulate ? y : 0) + bias + sum_i x[r, i] * w[i, o] for R rows. The
+// sum over i is split S ways (partial sums added at the end), so that R * V * S >= 8 chains run at once.
 template <int R, int V, int S>
 inline void dense_tile(const float* x, int64_t ldx, const float* w, int64_t in, int64_t out, int64_t o0,
                        const float* bias, float* y, int64_t ldy, bool accumulate) {
-  v8 acc[S][R][V];
+  vf acc[S][R][V];
   for (int s = 0; s < S; ++s)
     for (int r = 0; r < R; ++r)
       for (int v = 0; v < V; ++v) acc[s][r][v] = splat(0.f);
@@ -39,28 +49,28 @@ inline void dense_tile(const float* x, int64_t ldx, const float* w, int64_t in, 
   for (; i + S <= in; i += S)
     for (int s = 0; s < S; ++s) {
       const float* wi = w + (i + s) * out + o0;
-      v8 wv[V];
-      for (int v = 0; v < V; ++v) wv[v] = load8(wi + 8 * v);
+      vf wv[V];
+      for (int v = 0; v < V; ++v) wv[v] = loadv(wi + kLanes * v);
       for (int r = 0; r < R; ++r) {
-        v8 xr = splat(x[r * ldx + i + s]);
+        vf xr = splat(x[r * ldx + i + s]);
         for (int v = 0; v < V; ++v) acc[s][r][v] += xr * wv[v];
       }
     }
   for (; i < in; ++i) {
     const float* wi = w + i * out + o0;
     for (int r = 0; r < R; ++r)
-      for (int v = 0; v < V; ++v) acc[0][r][v] += splat(x[r * ldx + i]) * load8(wi + 8 * v);
+      for (int v = 0; v < V; ++v) acc[0][r][v] += splat(x[r * ldx + i]) * loadv(wi + kLanes * v);
   }
   for (int r = 0; r < R; ++r)
     for (int v = 0; v < V; ++v) {
-      v8 total = accumulate ? load8(y + r * ldy + o0 + 8 * v) : splat(0.f);
-      if (bias) total += load8(bias + o0 + 8 * v);
+      vf total = accumulate ? loadv(y + r * ldy + o0 + kLanes * v) : splat(0.f);
+      if (bias) total += loadv(bias + o0 + kLanes * v);
       for (int s = 0; s < S; ++s) total += acc[s][r][v];
-      store8(y + r * ldy + o0 + 8 * v, total);
+      storev(y + r * ldy + o0 + kLanes * v, total);
     }
 }
 
-// Outputs past the last multiple of 8 (e.g. two pixel levels): four partial sums per output.
+// Outputs past the last whole vector (e.g. two pixel levels): four partial sums per output.
 inline void dense_tail(const float* x, int64_t ldx, const float* w, int64_t in, int64_t out, int64_t o0,
                        const float* bias, float* y, int64_t ldy, int64_t rows, bool accumulate) {
   for (int64_t r = 0; r < rows; ++r)
@@ -75,14 +85,27 @@ inline void dense_tail(const float* x, int64_t ldx, const float* w, int64_t in, 
     }
 }
 
-// R rows: the widest tile that fits, then 8 outputs at a time, then the tail.
-template <int R, int V, int S>
+// Ways to split a tile's sums so that it runs at least 8 chains.
+constexpr int split_for(int R, int V) { return R * V >= 8 ? 1 : 8 / (R * V); }
+
+// The widest power of two of vectors per tile (at most 8) whose R * V accumulators fit the registers.
+constexpr int widest_for(int R) {
+  int v = 8;
+  while (v > 1 && R * v > kAccumulators) v /= 2;
+  return v;
+}
+
+// R rows from output o0 on: tiles of V vectors while they fit, then narrower ones, then the tail.
+template <int R, int V = widest_for(R)>
 inline void dense_rows(const float* x, int64_t ldx, const float* w, int64_t in, int64_t out, const float* bias,
-                       float* y, int64_t ldy, bool accumulate) {
-  int64_t o0 = 0;
-  for (; o0 + 8 * V <= out; o0 += 8 * V) dense_tile<R, V, S>(x, ldx, w, in, out, o0, bias, y, ldy, accumulate);
-  for (; o0 + 8 <= out; o0 += 8) dense_tile<R, 1, 8 / R>(x, ldx, w, in, out, o0, bias, y, ldy, accumulate);
-  if (o0 < out) dense_tail(x, ldx, w, in, out, o0, bias, y, ldy, R, accumulate);
+                       float* y, int64_t ldy, bool accumulate, int64_t o0 = 0) {
+  for (; o0 + kLanes * V <= out; o0 += kLanes * V)
+    dense_tile<R, V, split_for(R, V)>(x, ldx, w, in, out, o0, bias, y, ldy, accumulate);
+  if constexpr (V > 1) {
+    dense_rows<R, V / 2>(x, ldx, w, in, out, bias, y, ldy, accumulate, o0);
+  } else if (o0 < out) {
+    dense_tail(x, ldx, w, in, out, o0, bias, y, ldy, R, accumulate);
+  }
 }
 
 // A dense layer over `rows` rows: y = (accumulate ? y : 0) + bias + x w, with w stored (in, out).
@@ -90,52 +113,41 @@ inline void dense_rows(const float* x, int64_t ldx, const float* w, int64_t in, 
 inline void dense(const float* x, int64_t ldx, const float* w, int64_t in, int64_t out, const float* bias, float* y,
                   int64_t ldy, int64_t rows, bool accumulate = false) {
   int64_t r = 0;
-  for (; r + 6 <= rows; r += 6) dense_rows<6, 2, 1>(x + r * ldx, ldx, w, in, out, bias, y + r * ldy, ldy, accumulate);
-  for (; r + 4 <= rows; r += 4) dense_rows<4, 2, 1>(x + r * ldx, ldx, w, in, out, bias, y + r * ldy, ldy, accumulate);
-  if (rows - r >= 2) {
-    dense_rows<2, 4, 1>(x + r * ldx, ldx, w, in, out, bias, y + r * ldy, ldy, accumulate);
-    r += 2;
-  }
-  if (r < rows) {
-    // One row: the widest tile that fits `out`, the rest of the 8 chains from splitting the sum.
-    const float* xr = x + r * ldx;
-    float* yr = y + r * ldy;
-    if (out >= 64) dense_rows<1, 8, 1>(xr, ldx, w, in, out, bias, yr, ldy, accumulate);
-    else if (out >= 32) dense_rows<1, 4, 2>(xr, ldx, w, in, out, bias, yr, ldy, accumulate);
-    else if (out >= 16) dense_rows<1, 2, 4>(xr, ldx, w, in, out, bias, yr, ldy, accumulate);
-    else dense_rows<1, 1, 8>(xr, ldx, w, in, out, bias, yr, ldy, accumulate);
-  }
+  for (; r + 6 <= rows; r += 6) dense_rows<6>(x + r * ldx, ldx, w, in, out, bias, y + r * ldy, ldy, accumulate);
+  for (; r + 4 <= rows; r += 4) dense_rows<4>(x + r * ldx, ldx, w, in, out, bias, y + r * ldy, ldy, accumulate);
+  for (; r + 2 <= rows; r += 2) dense_rows<2>(x + r * ldx, ldx, w, in, out, bias, y + r * ldy, ldy, accumulate);
+  if (r < rows) dense_rows<1>(x + r * ldx, ldx, w, in, out, bias, y + r * ldy, ldy, accumulate);
 }
 
-// exp on 8 lanes (Cephes' expf polynomial, ~1 ulp), inputs clamped to the finite range.
-inline v8 exp8(v8 x) {
-  const v8 hi = splat(88.3762626647949f), lo = splat(-87.3365447504f);
+// exp on every lane (Cephes' expf polynomial, ~1 ulp), inputs clamped to the finite range.
+inline vf expv(vf x) {
+  const vf hi = splat(88.3762626647949f), lo = splat(-87.3365447504f);
   x = x > hi ? hi : x;
   x = x < lo ? lo : x;
-  const v8 magic = splat(12582912.f);  // 1.5 * 2^23: adding it rounds to an integer
-  v8 t = x * splat(1.44269504088896341f) + magic;
-  v8 n = t - magic;
-  v8 r = x - n * splat(0.693359375f);
+  const vf magic = splat(12582912.f);  // 1.5 * 2^23: adding it rounds to an integer
+  vf t = x * splat(1.44269504088896341f) + magic;
+  vf n = t - magic;
+  vf r = x - n * splat(0.693359375f);
   r = r - n * splat(-2.12194440e-4f);
-  v8 p = splat(1.9875691500E-4f);
+  vf p = splat(1.9875691500E-4f);
   p = p * r + splat(1.3981999507E-3f);
   p = p * r + splat(8.3334519073E-3f);
   p = p * r + splat(4.1665795894E-2f);
   p = p * r + splat(1.6666665459E-1f);
   p = p * r + splat(5.0000001201E-1f);
-  v8 y = p * r * r + r + splat(1.f);
-  v8i tn, mn;
+  vf y = p * r * r + r + splat(1.f);
+  vi tn, mn;
   std::memcpy(&tn, &t, sizeof t);
   std::memcpy(&mn, &magic, sizeof magic);
-  v8i bits = ((tn - mn) + 127) << 23;  // 2^n
-  v8 scale;
+  vi bits = ((tn - mn) + 127) << 23;  // 2^n
+  vf scale;
   std::memcpy(&scale, &bits, sizeof bits);
   return y * scale;
 }
 
 inline float exp1(float x) {
-  float lanes[8] = {x};
-  v8 v = exp8(load8(lanes));
+  float lanes[kLanes] = {x};
+  vf v = expv(loadv(lanes));
   return v[0];
 }
 
@@ -147,10 +159,10 @@ inline void gate_rows(const float* pre, int64_t ldpre, float* out, int64_t ldout
     const float* logits = content + channels;
     float* o = out + r * ldout;
     int64_t c = 0;
-    for (; c + 8 <= channels; c += 8) {
-      v8 t = splat(1.f) - splat(2.f) / (exp8(splat(2.f) * load8(content + c)) + splat(1.f));
-      v8 s = splat(1.f) / (splat(1.f) + exp8(-load8(logits + c)));
-      store8(o + c, t * s);
+    for (; c + kLanes <= channels; c += kLanes) {
+      vf t = splat(1.f) - splat(2.f) / (expv(splat(2.f) * loadv(content + c)) + splat(1.f));
+      vf s = splat(1.f) / (splat(1.f) + expv(-loadv(logits + c)));
+      storev(o + c, t * s);
     }
     for (; c < channels; ++c)
       o[c] = (1.f - 2.f / (exp1(2.f * content[c]) + 1.f)) * (1.f / (1.f + exp1(-logits[c])));
