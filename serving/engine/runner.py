@@ -34,6 +34,9 @@ class SlotRunner:
         self.pixels = np.zeros((num_slots, channels, height * width), dtype=np.uint8)
         self.slot_jobs: list[tuple[SampleJob, int] | None] = [None] * num_slots  # (job, k): sample k of job
         self.active = 0
+        # The states' leading slices per slot count, made once: the state tensors are only ever
+        # written in place, and a slice costs microseconds of dispatch on every row call.
+        self._leading_states: dict[int, list[torch.Tensor]] = {}
 
     def occupy(self, job: SampleJob, ks: range) -> None:
         """Puts samples `ks` of `job` into the next free slots, with fresh (zero) caches."""
@@ -79,7 +82,7 @@ class SlotRunner:
         starting = np.flatnonzero(positions % self.spec.period == 0) if REFRESH in self.spec.graphs else []
         if len(starting) == n and self.runner.row_inputs:  # one in-place call: refresh, then step
             feeds = self._feeds(self.runner.row_inputs, slice(0, n))
-            pixel = self.runner.run_row(feeds, [self.states[s.name][:n] for s in self.spec.states])
+            pixel = self.runner.run_row(feeds, self._states_of_first(n))
         else:
             if len(starting) == n:
                 self._run(REFRESH, slice(0, n))
@@ -91,6 +94,13 @@ class SlotRunner:
         self.pixels[np.arange(n)[:, None], :, taken] = pixel
         positions += self.spec.span
         return np.flatnonzero(positions % self.spec.sample_shape[2] == 0)
+
+    def _states_of_first(self, n: int) -> list[torch.Tensor]:
+        """The program's states (in order) of slots 0..n-1, as views of the engine's own."""
+        views = self._leading_states.get(n)
+        if views is None:
+            views = self._leading_states[n] = [self.states[s.name][:n] for s in self.spec.states]
+        return views
 
     def completed_row(self, slot: int) -> tuple[SampleJob, int, int, np.ndarray]:
         """(job, k, row, pixels (C, W)) of the row `slot` just completed."""
