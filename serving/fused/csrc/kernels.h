@@ -23,50 +23,62 @@ constexpr int kLanes = 8;
 constexpr int kAccumulators = 12;  // of 16
 #endif
 
-typedef float vf __attribute__((vector_size(4 * kLanes)));
-typedef int32_t vi __attribute__((vector_size(4 * kLanes)));
+// N floats in one vector register (and N int32 of the same width, for bit manipulation).
+template <int N>
+struct Vec {
+  typedef float f __attribute__((vector_size(4 * N)));
+  typedef int32_t i __attribute__((vector_size(4 * N)));
+};
 
-inline vf loadv(const float* p) {
-  vf v;
+template <int N>
+inline typename Vec<N>::f loadv(const float* p) {
+  typename Vec<N>::f v;
   std::memcpy(&v, p, sizeof v);
   return v;
 }
 
-inline void storev(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
+template <int N>
+inline void storev(float* p, typename Vec<N>::f v) {
+  std::memcpy(p, &v, sizeof v);
+}
 
-inline vf splat(float x) { return __builtin_shuffle(vf{x}, vi{}); }  // lane 0 into every lane
+template <int N>
+inline typename Vec<N>::f splat(float x) {  // lane 0 into every lane
+  return __builtin_shuffle(typename Vec<N>::f{x}, typename Vec<N>::i{});
+}
 
-// y[r, o0 : o0 + V lanes] = (accumulate ? y : 0) + bias + sum_i x[r, i] * w[i, o] for R rows. The
-// sum over i is split S ways (partial sums added at the end), so that R * V * S >= 8 chains run at once.
-template <int R, int V, int S>
+// y[r, o0 : o0 + V vectors of N] = (accumulate ? y : 0) + bias + sum_i x[r, i] * w[i, o] for R rows.
+// The sum over i is split S ways (partial sums added at the end), so that R * V * S >= 8 chains run at once.
+template <int R, int V, int S, int N = kLanes>
 inline void dense_tile(const float* x, int64_t ldx, const float* w, int64_t in, int64_t out, int64_t o0,
                        const float* bias, float* y, int64_t ldy, bool accumulate) {
+  typedef typename Vec<N>::f vf;
   vf acc[S][R][V];
   for (int s = 0; s < S; ++s)
     for (int r = 0; r < R; ++r)
-      for (int v = 0; v < V; ++v) acc[s][r][v] = splat(0.f);
+      for (int v = 0; v < V; ++v) acc[s][r][v] = splat<N>(0.f);
   int64_t i = 0;
   for (; i + S <= in; i += S)
     for (int s = 0; s < S; ++s) {
       const float* wi = w + (i + s) * out + o0;
       vf wv[V];
-      for (int v = 0; v < V; ++v) wv[v] = loadv(wi + kLanes * v);
+      for (int v = 0; v < V; ++v) wv[v] = loadv<N>(wi + N * v);
       for (int r = 0; r < R; ++r) {
-        vf xr = splat(x[r * ldx + i + s]);
+        vf xr = splat<N>(x[r * ldx + i + s]);
         for (int v = 0; v < V; ++v) acc[s][r][v] += xr * wv[v];
       }
     }
   for (; i < in; ++i) {
     const float* wi = w + i * out + o0;
     for (int r = 0; r < R; ++r)
-      for (int v = 0; v < V; ++v) acc[0][r][v] += splat(x[r * ldx + i]) * loadv(wi + kLanes * v);
+      for (int v = 0; v < V; ++v) acc[0][r][v] += splat<N>(x[r * ldx + i]) * loadv<N>(wi + N * v);
   }
   for (int r = 0; r < R; ++r)
     for (int v = 0; v < V; ++v) {
-      vf total = accumulate ? loadv(y + r * ldy + o0 + kLanes * v) : splat(0.f);
-      if (bias) total += loadv(bias + o0 + kLanes * v);
+      vf total = accumulate ? loadv<N>(y + r * ldy + o0 + N * v) : splat<N>(0.f);
+      if (bias) total += loadv<N>(bias + o0 + N * v);
       for (int s = 0; s < S; ++s) total += acc[s][r][v];
-      storev(y + r * ldy + o0 + kLanes * v, total);
+      storev<N>(y + r * ldy + o0 + N * v, total);
     }
 }
 
@@ -95,7 +107,8 @@ constexpr int widest_for(int R) {
   return v;
 }
 
-// R rows from output o0 on: tiles of V vectors while they fit, then narrower ones, then the tail.
+// R rows from output o0 on: tiles of V vectors while they fit, then narrower ones, then (with
+// 16-lane vectors) 8 outputs at half width, then the tail: small layers stay vectorised.
 template <int R, int V = widest_for(R)>
 inline void dense_rows(const float* x, int64_t ldx, const float* w, int64_t in, int64_t out, const float* bias,
                        float* y, int64_t ldy, bool accumulate, int64_t o0 = 0) {
@@ -103,8 +116,14 @@ inline void dense_rows(const float* x, int64_t ldx, const float* w, int64_t in, 
     dense_tile<R, V, split_for(R, V)>(x, ldx, w, in, out, o0, bias, y, ldy, accumulate);
   if constexpr (V > 1) {
     dense_rows<R, V / 2>(x, ldx, w, in, out, bias, y, ldy, accumulate, o0);
-  } else if (o0 < out) {
-    dense_tail(x, ldx, w, in, out, o0, bias, y, ldy, R, accumulate);
+  } else {
+    if constexpr (kLanes > 8) {
+      if (o0 + 8 <= out) {
+        dense_tile<R, 1, split_for(R, 1), 8>(x, ldx, w, in, out, o0, bias, y, ldy, accumulate);
+        o0 += 8;
+      }
+    }
+    if (o0 < out) dense_tail(x, ldx, w, in, out, o0, bias, y, ldy, R, accumulate);
   }
 }
 
@@ -120,22 +139,25 @@ inline void dense(const float* x, int64_t ldx, const float* w, int64_t in, int64
 }
 
 // exp on every lane (Cephes' expf polynomial, ~1 ulp), inputs clamped to the finite range.
-inline vf expv(vf x) {
-  const vf hi = splat(88.3762626647949f), lo = splat(-87.3365447504f);
+template <int N>
+inline typename Vec<N>::f expv(typename Vec<N>::f x) {
+  typedef typename Vec<N>::f vf;
+  typedef typename Vec<N>::i vi;
+  const vf hi = splat<N>(88.3762626647949f), lo = splat<N>(-87.3365447504f);
   x = x > hi ? hi : x;
   x = x < lo ? lo : x;
-  const vf magic = splat(12582912.f);  // 1.5 * 2^23: adding it rounds to an integer
-  vf t = x * splat(1.44269504088896341f) + magic;
+  const vf magic = splat<N>(12582912.f);  // 1.5 * 2^23: adding it rounds to an integer
+  vf t = x * splat<N>(1.44269504088896341f) + magic;
   vf n = t - magic;
-  vf r = x - n * splat(0.693359375f);
-  r = r - n * splat(-2.12194440e-4f);
-  vf p = splat(1.9875691500E-4f);
-  p = p * r + splat(1.3981999507E-3f);
-  p = p * r + splat(8.3334519073E-3f);
-  p = p * r + splat(4.1665795894E-2f);
-  p = p * r + splat(1.6666665459E-1f);
-  p = p * r + splat(5.0000001201E-1f);
-  vf y = p * r * r + r + splat(1.f);
+  vf r = x - n * splat<N>(0.693359375f);
+  r = r - n * splat<N>(-2.12194440e-4f);
+  vf p = splat<N>(1.9875691500E-4f);
+  p = p * r + splat<N>(1.3981999507E-3f);
+  p = p * r + splat<N>(8.3334519073E-3f);
+  p = p * r + splat<N>(4.1665795894E-2f);
+  p = p * r + splat<N>(1.6666665459E-1f);
+  p = p * r + splat<N>(5.0000001201E-1f);
+  vf y = p * r * r + r + splat<N>(1.f);
   vi tn, mn;
   std::memcpy(&tn, &t, sizeof t);
   std::memcpy(&mn, &magic, sizeof magic);
@@ -146,9 +168,18 @@ inline vf expv(vf x) {
 }
 
 inline float exp1(float x) {
-  float lanes[kLanes] = {x};
-  vf v = expv(loadv(lanes));
-  return v[0];
+  float lanes[8] = {x};
+  return expv<8>(loadv<8>(lanes))[0];
+}
+
+// The gate on N channels: tanh(a) * sigmoid(b) from a = content[0:N], b = logits[0:N].
+template <int N>
+inline void gate_vector(const float* content, const float* logits, float* out) {
+  typedef typename Vec<N>::f vf;
+  const vf one = splat<N>(1.f), two = splat<N>(2.f);
+  vf t = one - two / (expv<N>(two * loadv<N>(content)) + one);
+  vf s = one / (one + expv<N>(-loadv<N>(logits)));
+  storev<N>(out, t * s);
 }
 
 // Gated activation over rows: out[r, c] = tanh(pre[r, c]) * sigmoid(pre[r, C + c]), c < C.
@@ -159,11 +190,8 @@ inline void gate_rows(const float* pre, int64_t ldpre, float* out, int64_t ldout
     const float* logits = content + channels;
     float* o = out + r * ldout;
     int64_t c = 0;
-    for (; c + kLanes <= channels; c += kLanes) {
-      vf t = splat(1.f) - splat(2.f) / (expv(splat(2.f) * loadv(content + c)) + splat(1.f));
-      vf s = splat(1.f) / (splat(1.f) + expv(-loadv(logits + c)));
-      storev(o + c, t * s);
-    }
+    for (; c + kLanes <= channels; c += kLanes) gate_vector<kLanes>(content + c, logits + c, o + c);
+    for (; c + 8 <= channels; c += 8) gate_vector<8>(content + c, logits + c, o + c);
     for (; c < channels; ++c)
       o[c] = (1.f - 2.f / (exp1(2.f * content[c]) + 1.f)) * (1.f / (1.f + exp1(-logits[c])));
   }
