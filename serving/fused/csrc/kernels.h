@@ -107,17 +107,17 @@ constexpr int widest_for(int R) {
   return v;
 }
 
-// R rows from output o0 on: tiles of V vectors while they fit, then narrower ones, then (with
-// 16-lane vectors) 8 outputs at half width, then the tail: small layers stay vectorised.
-template <int R, int V = widest_for(R)>
+// R rows from output o0 on, in vectors of N: tiles of V vectors while they fit, then narrower
+// ones, then (with 16-lane vectors) 8 outputs at half width, then the tail: small layers stay vectorised.
+template <int R, int N, int V = widest_for(R)>
 inline void dense_rows(const float* x, int64_t ldx, const float* w, int64_t in, int64_t out, const float* bias,
                        float* y, int64_t ldy, bool accumulate, int64_t o0 = 0) {
-  for (; o0 + kLanes * V <= out; o0 += kLanes * V)
-    dense_tile<R, V, split_for(R, V)>(x, ldx, w, in, out, o0, bias, y, ldy, accumulate);
+  for (; o0 + N * V <= out; o0 += N * V)
+    dense_tile<R, V, split_for(R, V), N>(x, ldx, w, in, out, o0, bias, y, ldy, accumulate);
   if constexpr (V > 1) {
-    dense_rows<R, V / 2>(x, ldx, w, in, out, bias, y, ldy, accumulate, o0);
+    dense_rows<R, N, V / 2>(x, ldx, w, in, out, bias, y, ldy, accumulate, o0);
   } else {
-    if constexpr (kLanes > 8) {
+    if constexpr (N > 8) {
       if (o0 + 8 <= out) {
         dense_tile<R, 1, split_for(R, 1), 8>(x, ldx, w, in, out, o0, bias, y, ldy, accumulate);
         o0 += 8;
@@ -127,15 +127,24 @@ inline void dense_rows(const float* x, int64_t ldx, const float* w, int64_t in, 
   }
 }
 
+template <int N>
+inline void dense_in(const float* x, int64_t ldx, const float* w, int64_t in, int64_t out, const float* bias, float* y,
+                     int64_t ldy, int64_t rows, bool accumulate) {
+  int64_t r = 0;
+  for (; r + 6 <= rows; r += 6) dense_rows<6, N>(x + r * ldx, ldx, w, in, out, bias, y + r * ldy, ldy, accumulate);
+  for (; r + 4 <= rows; r += 4) dense_rows<4, N>(x + r * ldx, ldx, w, in, out, bias, y + r * ldy, ldy, accumulate);
+  for (; r + 2 <= rows; r += 2) dense_rows<2, N>(x + r * ldx, ldx, w, in, out, bias, y + r * ldy, ldy, accumulate);
+  if (r < rows) dense_rows<1, N>(x + r * ldx, ldx, w, in, out, bias, y + r * ldy, ldy, accumulate);
+}
+
 // A dense layer over `rows` rows: y = (accumulate ? y : 0) + bias + x w, with w stored (in, out).
-// bias may be null. x rows are ldx apart, y rows ldy apart.
+// bias may be null. x rows are ldx apart, y rows ldy apart. A few rows (a batch-1 step's
+// matrix-vector products) go 8 lanes at a time even with AVX-512: they wait on the weights'
+// loads and the chain's latency, and measured faster at the narrower width.
 inline void dense(const float* x, int64_t ldx, const float* w, int64_t in, int64_t out, const float* bias, float* y,
                   int64_t ldy, int64_t rows, bool accumulate = false) {
-  int64_t r = 0;
-  for (; r + 6 <= rows; r += 6) dense_rows<6>(x + r * ldx, ldx, w, in, out, bias, y + r * ldy, ldy, accumulate);
-  for (; r + 4 <= rows; r += 4) dense_rows<4>(x + r * ldx, ldx, w, in, out, bias, y + r * ldy, ldy, accumulate);
-  for (; r + 2 <= rows; r += 2) dense_rows<2>(x + r * ldx, ldx, w, in, out, bias, y + r * ldy, ldy, accumulate);
-  if (r < rows) dense_rows<1>(x + r * ldx, ldx, w, in, out, bias, y + r * ldy, ldy, accumulate);
+  if (rows < 4) dense_in<8>(x, ldx, w, in, out, bias, y, ldy, rows, accumulate);
+  else dense_in<kLanes>(x, ldx, w, in, out, bias, y, ldy, rows, accumulate);
 }
 
 // exp on every lane (Cephes' expf polynomial, ~1 ulp), inputs clamped to the finite range.
