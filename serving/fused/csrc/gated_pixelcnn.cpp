@@ -96,13 +96,18 @@ void refresh_into(const GatedWeights& w, const Tensor& pixels, const Tensor& pos
   auto gated = [&](int64_t l) { return v_out.data() + l % 3 * rows * C; };
 
   // The shift of layer l's cache (rows i-p..i-1 of layer l-1's outputs) up one row, layer l-1's
-  // outputs at row i entering last, for one (slot, channel).
-  auto shift_cache = [&](int64_t l, int64_t s, int64_t c) {
-    const float* cache = vin + ((s * (L - 1) + l - 1) * C + c) * p * width;  // (p, W)
-    float* next = vout_state + ((s * (L - 1) + l - 1) * C + c) * p * width;
-    for (int64_t r = 0; r + 1 < p; ++r) std::memmove(next + r * width, cache + (r + 1) * width, width * sizeof(float));
-    const float* newest = gated(l - 1) + s * width * C + c;
-    for (int64_t j = 0; j < width; ++j) next[(p - 1) * width + j] = newest[j * C];
+  // outputs at row i entering last: a (slot, channel) per iteration, shared among the threads of
+  // the enclosing region, which go on without waiting.
+  auto shift_cache = [&](int64_t l) {
+#pragma omp for schedule(static) nowait
+    for (int64_t sc = 0; sc < n * C; ++sc) {
+      const int64_t s = sc / C, c = sc % C;
+      const float* cache = vin + ((s * (L - 1) + l - 1) * C + c) * p * width;  // (p, W)
+      float* next = vout_state + ((s * (L - 1) + l - 1) * C + c) * p * width;
+      for (int64_t r = 0; r + 1 < p; ++r) std::memmove(next + r * width, cache + (r + 1) * width, width * sizeof(float));
+      const float* newest = gated(l - 1) + s * width * C + c;
+      for (int64_t j = 0; j < width; ++j) next[(p - 1) * width + j] = newest[j * C];
+    }
   };
 
   // One parallel region for the whole call, its threads meeting once per layer: a region (or a
@@ -118,10 +123,7 @@ void refresh_into(const GatedWeights& w, const Tensor& pixels, const Tensor& pos
     const int64_t span_cols = std::min(kBlock, width) + 2 * p;
     std::vector<float> window((p + 1) * span_cols * C);
     for (int64_t l = 0; l < L; ++l) {
-      if (l >= 2) {  // the previous layer's cache: every thread has finished reading it
-#pragma omp for schedule(static) nowait
-        for (int64_t sc = 0; sc < n * C; ++sc) shift_cache(l - 1, sc / C, sc % C);
-      }
+      if (l >= 2) shift_cache(l - 1);  // the previous layer's cache: every thread has finished reading it
       const int64_t in = l == 0 ? (p0 + 1) * k0 : (p + 1) * k * C;
       const float* wv = l == 0 ? w.v0_w : w.v_w + (l - 1) * in * C2;
       const float* bv = l == 0 ? w.v0_b : w.v_b + (l - 1) * C2;
@@ -179,10 +181,7 @@ void refresh_into(const GatedWeights& w, const Tensor& pixels, const Tensor& pos
       }
 #pragma omp barrier
     }
-    if (L >= 2) {
-#pragma omp for schedule(static) nowait
-      for (int64_t sc = 0; sc < n * C; ++sc) shift_cache(L - 1, sc / C, sc % C);
-    }
+    if (L >= 2) shift_cache(L - 1);
     // The links into their (slot, layer, channel, column) layout, a channel's columns by one thread.
 #pragma omp for schedule(static)
     for (int64_t row = 0; row < n * L * C2; ++row) {

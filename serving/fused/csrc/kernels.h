@@ -49,7 +49,7 @@ inline typename Vec<N>::f splat(float x) {  // lane 0 into every lane
 
 // y[r, o0 : o0 + V vectors of N] = (accumulate ? y : 0) + bias + sum_i x[r, i] * w[i, o] for R rows.
 // The sum over i is split S ways (partial sums added at the end), so that R * V * S >= 8 chains run at once.
-template <int R, int V, int S, int N = kLanes>
+template <int R, int V, int S, int N>
 inline void dense_tile(const float* x, int64_t ldx, const float* w, int64_t in, int64_t out, int64_t o0,
                        const float* bias, float* y, int64_t ldy, bool accumulate) {
   typedef typename Vec<N>::f vf;
