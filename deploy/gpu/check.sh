@@ -5,10 +5,15 @@
 #   2. exports the shipped Gated PixelCNN and PixelCNN into model_repository/ and runs tests/gpu
 #      (exact images against naive sampling, call parity, device errors);
 #   3. runs bench-sampler on the GPU for both (naive vs TorchScript step graphs vs fused,
-#      batch 1 .. 1024, continuous vs static).
-# Results go to $OUT (default /tmp/gpu-check): device.txt, tests.log, bench-MODEL.txt and .json.
+#      batch 1 .. 4096, continuous vs static);
+#   4. profiles the fused row call (deploy/gpu/profile_fused.py: wall, kernel and CUDA-graph time).
+# Each step has its own time limit and a failed step does not stop the next: one lent GPU session
+# should bring back everything that works. Results go to $OUT (default /tmp/gpu-check): device.txt,
+# steps.log (each step's exit status and seconds), tests.log, bench-MODEL.txt and .json, profile.txt.
+# STEPS (default "tests bench-gated profile bench-pixelcnn") picks which of 2-4 run, in that order;
+# PROFILE_ARGS go to profile_fused.py.
 # Python packages the machine lacks can be put in .whl/ as wheels (installed into /tmp/site first).
-set -euo pipefail
+set -uo pipefail
 OUT=${OUT:-/tmp/gpu-check}
 PYTHON=${PYTHON:-python3}
 mkdir -p "$OUT"
@@ -36,18 +41,41 @@ groups = {"console_scripts": project["scripts"], **project["entry-points"]}
     for group, entries in groups.items()))
 PY
 export PYTHONPATH=$SHIM:$ROOT${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-genserve() { "$PYTHON" -m genserve.clients.cli "$@"; }
+mkdir "$SHIM/bin"  # the verb as a command (not a shell function), so `timeout` can run it
+printf '#!/bin/sh\nexec "%s" -m genserve.clients.cli "$@"\n' "$PYTHON" >"$SHIM/bin/genserve"
+chmod +x "$SHIM/bin/genserve"
+export PATH=$SHIM/bin:$PATH
 
 nvidia-smi -L | tee "$OUT/device.txt"
 "$PYTHON" -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)' | tee -a "$OUT/device.txt"
-genserve build-ops
+
+# step SECONDS NAME COMMAND...: runs it under a time limit, logs its status and duration, never fails the script
+step() {
+  local limit=$1 name=$2 start=$SECONDS
+  shift 2
+  echo "== $name (limit ${limit}s)"
+  timeout --kill-after=10 "$limit" "$@"
+  local status=$?
+  echo "$name: exit $status after $((SECONDS - start)) s" | tee -a "$OUT/steps.log"
+  return $status
+}
+
+step 300 build-ops genserve build-ops || exit 1
 genserve build-ops --check | tee -a "$OUT/device.txt"
+step 150 export genserve export gated_pixelcnn_mnist pixelcnn_mnist --repository model_repository >/dev/null || exit 1
 
-genserve export gated_pixelcnn_mnist pixelcnn_mnist --repository model_repository >/dev/null
-"$PYTHON" -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tee "$OUT/tests.log"
-
-for model in gated_pixelcnn_mnist pixelcnn_mnist; do
-  genserve bench-sampler "$model" --repository model_repository --runtime torchscript --device cuda \
-    --batch 1 --batch 16 --batch 64 --batch 256 --batch 1024 --naive-steps 8 --json "$OUT/bench-$model.json" \
-    | tee "$OUT/bench-$model.txt"
+bench() {  # bench MODEL: naive vs step graphs vs fused on the GPU, batch 1 .. 4096
+  step 200 "bench $1" genserve bench-sampler "$1" --repository model_repository --runtime torchscript \
+    --device cuda --batch 1 --batch 16 --batch 64 --batch 256 --batch 1024 --batch 4096 --naive-steps 8 \
+    --json "$OUT/bench-$1.json" | tee "$OUT/bench-$1.txt"
+}
+for what in ${STEPS:-tests bench-gated profile bench-pixelcnn}; do
+  case $what in
+    tests) step 240 tests "$PYTHON" -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tee "$OUT/tests.log" ;;
+    bench-gated) bench gated_pixelcnn_mnist ;;
+    bench-pixelcnn) bench pixelcnn_mnist ;;
+    profile) step 200 profile "$PYTHON" deploy/gpu/profile_fused.py --out "$OUT/profile.txt" ${PROFILE_ARGS:-} ;;
+    *) echo "unknown step $what (tests, bench-gated, bench-pixelcnn, profile)"; exit 2 ;;
+  esac
 done
+cat "$OUT/steps.log"

@@ -21,6 +21,10 @@ TILE = 16  # tl.dot's smallest side; every tile is padded to at least this
 # A multiply then an add may become one fused multiply-add (one rounding fewer): within the float32
 # tolerance every parity test allows. Said explicitly: Triton 3.9 warns that its default will change.
 LAUNCH = {"enable_fp_fusion": True}
+# Warps per program, by kernel. At Triton's default of 4, ptxas (Triton 3.6 and 3.9, sm_90) gives the
+# shipped Gated PixelCNN's step kernel 32 registers and a 4.4 KB stack of spills; at 8 it fits in
+# registers (cuobjdump --dump-resource-usage on tests/triton_compile.py's cubins).
+WARPS = {"gated_refresh": 8, "gated_step": 8, "pixelcnn_step": 8}
 
 
 def _tile(size: int) -> int:
@@ -142,7 +146,7 @@ def _refresh_into(shape: GatedShape, pixels, positions, labels, vertical, vertic
         _level_scale(shape.levels),
         HEIGHT=height, WIDTH=width, LAYERS=L, C=C, P0=shape.p0, P=shape.p, CLASSES=shape.classes,
         WB=_tile(width), CB=_tile(C), QB=_tile((shape.p0 + 1) * (2 * shape.p0 + 1)), VB=_tile(C * shape.p),
-        **LAUNCH,
+        num_warps=WARPS["gated_refresh"], **LAUNCH,
     )
 
 
@@ -178,7 +182,7 @@ def _step_into(shape: GatedShape, positions, noise, temperature, links, image_ou
         WIDTH=width, LAYERS=L, C=C, P0=shape.p0, P=shape.p, OUT=shape.output_channels, LEVELS=shape.levels,
         TEACHER=teacher is not None,
         SB=SLOTS_PER_PROGRAM, CB=_tile(C), XB=_tile(shape.p0 + 1), HB=_tile(shape.p * C),
-        OB=_tile(shape.output_channels), LB=_tile(shape.levels), **LAUNCH,
+        OB=_tile(shape.output_channels), LB=_tile(shape.levels), num_warps=WARPS["gated_step"], **LAUNCH,
     )
 
 
@@ -263,7 +267,8 @@ def _pixelcnn_step_into(shape: PixelCNNShape, positions, noise, temperature, cac
         logits, n, span, *(named[k] for k in PIXELCNN_WEIGHTS), _level_scale(shape.levels),
         WIDTH=width, BLOCKS=shape.blocks, H=h, R0=r0, R=r, OUT=shape.output_channels, LEVELS=shape.levels,
         TEACHER=teacher is not None, SB=SLOTS_PER_PROGRAM, IB=_tile(r0 * (2 * r0 - 1)), HB=_tile(h), H2B=_tile(2 * h),
-        WINB=_tile(window), OB=_tile(shape.output_channels), LB=_tile(shape.levels), **LAUNCH,
+        WINB=_tile(window), OB=_tile(shape.output_channels), LB=_tile(shape.levels),
+        num_warps=WARPS["pixelcnn_step"], **LAUNCH,
     )
     for b, rows in enumerate(block_rows):
         rows.copy_(stacked[:, b])
