@@ -10,8 +10,9 @@
 # Each step has its own time limit and a failed step does not stop the next: one lent GPU session
 # should bring back everything that works. Results go to $OUT (default /tmp/gpu-check): device.txt,
 # steps.log (each step's exit status and seconds), tests.log, bench-MODEL.txt and .json, profile.txt.
-# STEPS (default "tests bench-gated profile bench-pixelcnn") picks which of 2-4 run, in that order;
-# PROFILE_ARGS go to profile_fused.py.
+# STEPS (default "tests bench-gated profile bench-pixelcnn") picks which of 2-4 run, in that order
+# (batching-gated: the batching comparison at LOAD, default 0.8); BENCH_BATCHES (default
+# "1 16 64 256 1024 4096") sets bench-sampler's batch sizes; PROFILE_ARGS go to profile_fused.py.
 # Python packages the machine lacks can be put in .whl/ as wheels (installed into /tmp/site first).
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-check}
@@ -64,18 +65,22 @@ step 300 build-ops genserve build-ops || exit 1
 genserve build-ops --check | tee -a "$OUT/device.txt"
 step 150 export genserve export gated_pixelcnn_mnist pixelcnn_mnist --repository model_repository >/dev/null || exit 1
 
-bench() {  # bench MODEL: naive vs step graphs vs fused on the GPU, batch 1 .. 4096
-  step 200 "bench $1" genserve bench-sampler "$1" --repository model_repository --runtime torchscript \
-    --device cuda --batch 1 --batch 16 --batch 64 --batch 256 --batch 1024 --batch 4096 --naive-steps 8 \
-    --json "$OUT/bench-$1.json" | tee "$OUT/bench-$1.txt"
+bench() {  # bench MODEL [ARGS]: naive vs step graphs vs fused on the GPU, then continuous vs static batching
+  local model=$1 name=bench-$1${2:+-load}
+  shift
+  step 200 "$name" genserve bench-sampler "$model" --repository model_repository --runtime torchscript \
+    --device cuda $(printf -- '--batch %s ' ${BENCH_BATCHES:-1 16 64 256 1024 4096}) --naive-steps 8 \
+    --json "$OUT/$name.json" "$@" | tee "$OUT/$name.txt"
 }
 for what in ${STEPS:-tests bench-gated profile bench-pixelcnn}; do
   case $what in
     tests) step 240 tests "$PYTHON" -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tee "$OUT/tests.log" ;;
     bench-gated) bench gated_pixelcnn_mnist ;;
     bench-pixelcnn) bench pixelcnn_mnist ;;
+    batching-gated)  # the batching comparison again at a higher load, one small batch for the speed table
+      BENCH_BATCHES=1 bench gated_pixelcnn_mnist --load "${LOAD:-0.8}" ;;
     profile) step 200 profile "$PYTHON" deploy/gpu/profile_fused.py --out "$OUT/profile.txt" ${PROFILE_ARGS:-} ;;
-    *) echo "unknown step $what (tests, bench-gated, bench-pixelcnn, profile)"; exit 2 ;;
+    *) echo "unknown step $what (tests, bench-gated, bench-pixelcnn, batching-gated, profile)"; exit 2 ;;
   esac
 done
 cat "$OUT/steps.log"

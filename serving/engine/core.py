@@ -255,15 +255,11 @@ class SamplingEngine:
     def _finish_rows(self, slots: np.ndarray) -> None:
         """Copies each slot's just-completed row to its job; retires finished samples."""
         height = self.spec.sample_shape[1]
-        finished, progressed = [], {}
-        for slot in slots.tolist():
-            job, k, row, pixels = self.slots.completed_row(slot)
-            job.images[k, :, row] = pixels
-            job.rows_done[k] = row + 1
-            progressed[id(job)] = job
-            if row + 1 == height:
-                finished.append(slot)
-        for job in progressed.values():
+        finished = []
+        for job, job_slots, ks, rows, pixels in self.slots.completed_rows(slots):
+            job.images[ks, :, rows] = pixels
+            job.rows_done[ks] = rows + 1
+            finished.extend(job_slots[rows + 1 == height].tolist())
             if job.on_progress is not None:
                 job.on_progress(job)
         for slot in sorted(finished, reverse=True):

@@ -9,6 +9,8 @@ slot's row), so graphs run on plain leading slices, never on idle slots.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import torch
 
@@ -33,6 +35,10 @@ class SlotRunner:
         self.noise = np.zeros((num_slots, self.spec.length, channels), dtype=np.float32)  # per position: (C,)
         self.pixels = np.zeros((num_slots, channels, height * width), dtype=np.uint8)
         self.slot_jobs: list[tuple[SampleJob, int] | None] = [None] * num_slots  # (job, k): sample k of job
+        # The same as arrays, so that finishing rows works on all slots at once: id(job) (alive while it
+        # holds a slot) and k.
+        self.job_ids = np.zeros(num_slots, dtype=np.int64)
+        self.sample_indices = np.zeros(num_slots, dtype=np.int64)
         self.active = 0
         # The states' leading slices per slot count, made once: the state tensors are only ever
         # written in place, and a slice costs microseconds of dispatch on every row call.
@@ -55,6 +61,8 @@ class SlotRunner:
         self.noise[first:last] = noise.transpose(1, 2).numpy()
         for slot, k in zip(range(first, last), ks):
             self.slot_jobs[slot] = (job, k)
+        self.job_ids[first:last] = id(job)
+        self.sample_indices[first:last] = ks
         self.active = last
         if START in self.spec.graphs:  # the samples' own states, from their latents
             self._run(START, slice(first, last))
@@ -64,7 +72,7 @@ class SlotRunner:
         last = self.active - 1
         if slot != last:
             for array in (*self.states.values(), self.positions, self.temperature, self.labels, self.latents,
-                          self.noise, self.pixels):
+                          self.noise, self.pixels, self.job_ids, self.sample_indices):
                 array[slot] = array[last]
             self.slot_jobs[slot] = self.slot_jobs[last]
         self.slot_jobs[last] = None
@@ -102,13 +110,19 @@ class SlotRunner:
             views = self._leading_states[n] = [self.states[s.name][:n] for s in self.spec.states]
         return views
 
-    def completed_row(self, slot: int) -> tuple[SampleJob, int, int, np.ndarray]:
-        """(job, k, row, pixels (C, W)) of the row `slot` just completed."""
-        job, k = self.slot_jobs[slot]
-        width = self.spec.sample_shape[2]
-        position = int(self.positions[slot])
-        row = position // width - 1
-        return job, k, row, self.pixels[slot, :, row * width : position]
+    def completed_rows(self, slots: np.ndarray) -> Iterator[tuple[SampleJob, np.ndarray, np.ndarray, np.ndarray,
+                                                                   np.ndarray]]:
+        """Per job among `slots` (which have just completed a row): (job, its slots there, their sample
+        indices k, rows, the rows' pixels (m, C, W)). A loop over jobs, not slots: thousands of slots
+        finish a row together at large batch sizes."""
+        channels, height, width = self.spec.sample_shape
+        rows = self.positions[slots] // width - 1
+        pixels = self.pixels.reshape(-1, channels, height, width)[slots, :, rows]  # (m, C, W)
+        ids = self.job_ids[slots]
+        for job_id in np.unique(ids):
+            mine = np.flatnonzero(ids == job_id)
+            job, _ = self.slot_jobs[slots[mine[0]]]
+            yield job, slots[mine], self.sample_indices[slots[mine]], rows[mine], pixels[mine]
 
     def _run(self, graph: str, slots: slice | np.ndarray) -> dict[str, torch.Tensor]:
         """Runs `graph` on `slots` (a leading slice, or indices) and stores the states it returns."""

@@ -21,10 +21,10 @@ TILE = 16  # tl.dot's smallest side; every tile is padded to at least this
 # A multiply then an add may become one fused multiply-add (one rounding fewer): within the float32
 # tolerance every parity test allows. Said explicitly: Triton 3.9 warns that its default will change.
 LAUNCH = {"enable_fp_fusion": True}
-# Warps per program, by kernel. At Triton's default of 4, ptxas (Triton 3.6 and 3.9, sm_90) gives the
-# shipped Gated PixelCNN's step kernel 32 registers and a 4.4 KB stack of spills; at 8 it fits in
-# registers (cuobjdump --dump-resource-usage on tests/triton_compile.py's cubins).
-WARPS = {"gated_refresh": 8, "gated_step": 8, "pixelcnn_step": 8}
+# Warps per program, by kernel, as measured fastest on an H200 at batch 1 and at 4096 (8 vs 4 warps,
+# deploy/gpu/profile_fused.py). At 4, ptxas gives the shipped Gated PixelCNN's step kernel 32 registers
+# and 4.4 KB of spills per thread; at 8, 255 registers and 368 bytes (cuobjdump --dump-resource-usage).
+WARPS = {"gated_refresh": 4, "gated_step": 8, "pixelcnn_step": 4}
 
 
 def _tile(size: int) -> int:
@@ -134,7 +134,10 @@ def _refresh_into(shape: GatedShape, pixels, positions, labels, vertical, vertic
         if labels is None:
             raise RuntimeError("labels: a conditional model needs labels")
         _check(labels, torch.int64, 2, "labels", device)
-        if n and not bool(((labels >= 0) & (labels < shape.classes)).all()):
+        # The check reads the labels back, which a CUDA graph capture forbids (and a replay's labels
+        # are not the capture's): the engine checked them when the job was submitted.
+        capturing = labels.is_cuda and torch.cuda.is_current_stream_capturing()
+        if n and not capturing and not bool(((labels >= 0) & (labels < shape.classes)).all()):
             raise RuntimeError(f"labels: outside [0, {shape.classes})")
     if n == 0:
         return

@@ -73,3 +73,56 @@ def test_the_cuda_operators_refuse_tensors_on_another_device():
         torch.ops.genserve.gated_step(torch.zeros(1, 1, dtype=torch.long), torch.rand(1, 2, 1, device="cuda"),
                                       torch.ones(1, 1, device="cuda"), links, image_context, hidden_context, None,
                                       weights)
+
+
+def row_inputs(runner, n: int, row: int, generator: torch.Generator):
+    """Random controls for `n` slots starting image row `row`."""
+    spec = runner.spec
+    feeds = {
+        "pixels": torch.randint(0, spec.levels, (n, *spec.sample_shape), generator=generator, dtype=torch.uint8),
+        "positions": torch.full((n, 1), row * spec.sample_shape[-1], dtype=torch.int64),
+        "labels": torch.randint(0, spec.num_classes, (n, 1), generator=generator) if spec.num_classes else None,
+        "noise": torch.rand(n, spec.span, spec.sample_shape[0], generator=generator),
+        "temperature": torch.rand(n, 1, generator=generator),
+    }
+    return {name: None if tensor is None else tensor.cuda() for name, tensor in feeds.items()}
+
+
+@pytest.mark.parametrize("name", FUSED_MODELS)
+def test_row_calls_replayed_from_cuda_graphs_equal_launched_ones(name):
+    model = tiny(name)
+    replayed = fused_runner(model, device="cuda")
+    launched = fused_runner(model, device="cuda")
+    launched.row_graphs = None  # every row call launched, as without graphs
+    assert replayed.row_graphs is not None
+    g = torch.Generator().manual_seed(0)
+    # Slot counts as the engine's occupancy moves: each count's graph replays on new controls and states.
+    base = [torch.randn(5, *s.shape, generator=g).to(s.dtype.torch).cuda() for s in replayed.spec.states]
+    twin = [state.clone() for state in base]
+    for row, n in enumerate([1, 3, 5, 3, 1, 5]):
+        feeds = row_inputs(replayed, n, row % replayed.spec.sample_shape[1], g)
+        pixel = replayed.run_row(feeds, [state[:n] for state in base]).clone()
+        assert torch.equal(pixel, launched.run_row(feeds, [state[:n] for state in twin])), (row, n)
+        for state, other in zip(base, twin):
+            assert torch.equal(state, other), (row, n)
+    assert not replayed.row_graphs.failed and len(replayed.row_graphs.captured) == 3
+
+
+@pytest.mark.parametrize("name", FUSED_MODELS)
+def test_cuda_graph_sampling_with_samples_joining_midway_equals_naive_sampling(name):
+    model = tiny(name)
+    engine = SamplingEngine(fused_runner(model, device="cuda"), EngineConfig(num_slots=5))
+    first = engine.submit(7, 4, labels=labels_for(model, 4))
+    engine.step()  # one row in, the second job joins: occupancy 4, then 5, then the rest
+    late, late_labels = [5, 2, 9], labels_for(model, 3)
+    second = engine.submit(8, indices=late, labels=late_labels)
+    engine.run_until_idle()
+    assert first.error is None and second.error is None
+    assert np.array_equal(first.images, naive(model, 4, 7, labels=labels_for(model, 4)))
+    labels = None  # samples 0..9 of seed 8, those of `late` with their labels
+    if late_labels is not None:
+        labels = [0] * 10
+        for index, label in zip(late, late_labels):
+            labels[index] = label
+    assert np.array_equal(second.images, naive(model, 10, 8, labels=labels)[late])
+    assert engine.runner.row_graphs.captured and not engine.runner.row_graphs.failed
