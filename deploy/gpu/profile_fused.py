@@ -102,14 +102,17 @@ def profile_model(name: str, repository: Path, batches: list[int], variants: lis
     report(f"\n{name}: {rows_per_image} row calls per image, {spec.span} pixels each ({torch.cuda.get_device_name()})")
     report(f"{'variant':>7} {'batch':>5} {'wall us':>9} {'graph us':>9} {'kernels us':>10}  "
            f"{'ms/image wall':>13} {'ms/image graph':>14} {'images/s graph':>14}  kernels (us per call)")
-    for variant in variants:  # warps per program x slots per program
-        warps, slots = (int(v) for v in variant.split("x"))
-        triton_ops.WARPS = dict.fromkeys(triton_ops.WARPS, warps)
-        triton_ops.SLOTS_PER_PROGRAM = slots
+    defaults = dict(triton_ops.WARPS), triton_ops.SLOTS_PER_PROGRAM
+    for variant in variants:  # "default" (each kernel's own warps), or WARPSxSLOTS for every kernel
+        if variant == "default":
+            triton_ops.WARPS, triton_ops.SLOTS_PER_PROGRAM = dict(defaults[0]), defaults[1]
+        else:
+            warps, slots = (int(v) for v in variant.split("x"))
+            triton_ops.WARPS, triton_ops.SLOTS_PER_PROGRAM = dict.fromkeys(defaults[0], warps), slots
         for n in batches:
             feeds, states = row_call_inputs(runner, n, row=14)
 
-            call = functools.partial(runner.run_row, feeds, states)
+            call = functools.partial(runner.launch_row, feeds, states)  # captured here, not by the runner
             call()  # compiles this variant
             repeats = 50 if n <= 64 else 10
             wall = wall_us(call, repeats)
@@ -131,7 +134,8 @@ def main() -> None:
     parser.add_argument("--repository", type=Path, default=Path("model_repository"))
     parser.add_argument("--batch", type=int, action="append", help="default: 1, 16, 256, 1024, 4096, 16384")
     parser.add_argument("--variant", action="append",
-                        help="WARPSxSLOTS: warps and slots per program (default: 8x16, 4x16, 8x32)")
+                        help="'default' (triton_ops.WARPS) or WARPSxSLOTS: warps and slots per program for "
+                             "every kernel (default: default, 8x16, 4x16)")
     parser.add_argument("--out", type=Path, help="also append the lines to this file")
     args = parser.parse_args()
 
@@ -143,7 +147,7 @@ def main() -> None:
 
     for name in args.models:
         profile_model(name, args.repository, args.batch or [1, 16, 256, 1024, 4096, 16384],
-                      args.variant or ["8x16", "4x16", "8x32"], report)
+                      args.variant or ["default", "8x16", "4x16"], report)
 
 
 if __name__ == "__main__":

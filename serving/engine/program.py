@@ -155,7 +155,8 @@ class FusedStepRunner(StepRunner):
                 ("step", op.step, op.step_inputs, op.step_outputs),
             )
         }
-        self.row_graphs = RowGraphs(self._row_call, graph_slots) if self.device.type == "cuda" and graph_slots else None
+        on_cuda = self.device.type == "cuda"
+        self.row_graphs = RowGraphs(self.launch_row, graph_slots) if on_cuda and graph_slots else None
 
     @classmethod
     def load(cls, manifest: Manifest, version: int | None = None, device: str = "cpu") -> FusedStepRunner:
@@ -183,9 +184,10 @@ class FusedStepRunner(StepRunner):
         """As StepRunner.run_row; on CUDA the returned `pixel` is only valid until the next call."""
         if self.row_graphs is not None:
             return self.row_graphs(feeds, states)
-        return self._row_call(feeds, states)
+        return self.launch_row(feeds, states)
 
-    def _row_call(self, feeds, states):
+    def launch_row(self, feeds, states):
+        """The row call with its kernels launched, never from a CUDA graph."""
         with torch.inference_mode():
             return self.row(*(feeds.get(name) for name in self.row_inputs), states, self.weights)
 
@@ -203,7 +205,7 @@ class FusedStepRunner(StepRunner):
             "noise": zeros(1, spec.span, spec.sample_shape[0]),
             "temperature": torch.ones(1, 1, device=self.device),
         }
-        self._row_call(feeds, [zeros(1, *state.shape, dtype=state.dtype.torch) for state in spec.states])
+        self.launch_row(feeds, [zeros(1, *state.shape, dtype=state.dtype.torch) for state in spec.states])
 
     def _states(self, pattern: str) -> list[str]:
         """The program's states named `prefix*`, in order."""

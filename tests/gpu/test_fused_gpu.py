@@ -91,9 +91,7 @@ def row_inputs(runner, n: int, row: int, generator: torch.Generator):
 @pytest.mark.parametrize("name", FUSED_MODELS)
 def test_row_calls_replayed_from_cuda_graphs_equal_launched_ones(name):
     model = tiny(name)
-    replayed = fused_runner(model, device="cuda")
-    launched = fused_runner(model, device="cuda")
-    launched.row_graphs = None  # every row call launched, as without graphs
+    replayed, launched = fused_runner(model, device="cuda"), fused_runner(model, device="cuda")
     assert replayed.row_graphs is not None
     g = torch.Generator().manual_seed(0)
     # Slot counts as the engine's occupancy moves: each count's graph replays on new controls and states.
@@ -102,7 +100,7 @@ def test_row_calls_replayed_from_cuda_graphs_equal_launched_ones(name):
     for row, n in enumerate([1, 3, 5, 3, 1, 5]):
         feeds = row_inputs(replayed, n, row % replayed.spec.sample_shape[1], g)
         pixel = replayed.run_row(feeds, [state[:n] for state in base]).clone()
-        assert torch.equal(pixel, launched.run_row(feeds, [state[:n] for state in twin])), (row, n)
+        assert torch.equal(pixel, launched.launch_row(feeds, [state[:n] for state in twin])), (row, n)
         for state, other in zip(base, twin):
             assert torch.equal(state, other), (row, n)
     assert not replayed.row_graphs.failed and len(replayed.row_graphs.captured) == 3
