@@ -65,9 +65,9 @@ step 300 build-ops genserve build-ops || exit 1
 genserve build-ops --check | tee -a "$OUT/device.txt"
 step 150 export genserve export gated_pixelcnn_mnist pixelcnn_mnist --repository model_repository >/dev/null || exit 1
 
-bench() {  # bench MODEL [ARGS]: naive vs step graphs vs fused on the GPU, then continuous vs static batching
-  local model=$1 name=bench-$1${2:+-load}
-  shift
+bench() {  # bench NAME MODEL [ARGS]: naive vs step graphs vs fused on the GPU, then continuous vs static batching
+  local name=$1 model=$2
+  shift 2
   step 200 "$name" genserve bench-sampler "$model" --repository model_repository --runtime torchscript \
     --device cuda $(printf -- '--batch %s ' ${BENCH_BATCHES:-1 16 64 256 1024 4096}) --naive-steps 8 \
     --json "$OUT/$name.json" "$@" | tee "$OUT/$name.txt"
@@ -75,10 +75,10 @@ bench() {  # bench MODEL [ARGS]: naive vs step graphs vs fused on the GPU, then 
 for what in ${STEPS:-tests bench-gated profile bench-pixelcnn}; do
   case $what in
     tests) step 240 tests "$PYTHON" -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tee "$OUT/tests.log" ;;
-    bench-gated) bench gated_pixelcnn_mnist ;;
-    bench-pixelcnn) bench pixelcnn_mnist ;;
+    bench-gated) bench bench-gated_pixelcnn_mnist gated_pixelcnn_mnist ;;
+    bench-pixelcnn) bench bench-pixelcnn_mnist pixelcnn_mnist ;;
     batching-gated)  # the batching comparison again at a higher load, one small batch for the speed table
-      BENCH_BATCHES=1 bench gated_pixelcnn_mnist --load "${LOAD:-0.8}" ;;
+      BENCH_BATCHES=1 bench batching-gated_pixelcnn_mnist gated_pixelcnn_mnist --load "${LOAD:-0.8}" ;;
     profile) step 200 profile "$PYTHON" deploy/gpu/profile_fused.py --out "$OUT/profile.txt" ${PROFILE_ARGS:-} ;;
     *) echo "unknown step $what (tests, bench-gated, bench-pixelcnn, batching-gated, profile)"; exit 2 ;;
   esac
