@@ -2,9 +2,12 @@
 
 Cache states live in torch tensors on the step runner's device; the per-slot bookkeeping
 touched every step (positions, noise, pixels) lives in host numpy arrays, where a batch-1
-step costs microseconds of Python rather than a dozen tensor dispatches. Active slots are
-kept packed at the front of every per-slot array (a released slot takes the last active
-slot's row), so graphs run on plain leading slices, never on idle slots.
+step costs microseconds of Python rather than a dozen tensor dispatches. On a GPU the two
+large ones, the images so far and the noise, are mirrored on the device ("mirror"): the
+program reads them there and its output pixels are written there, instead of a batch-4096 row
+call uploading 3.2 MB of pixels and waiting for it. Active slots are kept packed at the front
+of every per-slot array (a released slot takes the last active slot's row), so graphs run on
+plain leading slices, never on idle slots.
 """
 
 from __future__ import annotations
@@ -21,9 +24,11 @@ from .program import StepRunner
 
 
 class SlotRunner:
-    def __init__(self, runner: StepRunner, num_slots: int) -> None:
+    def __init__(self, runner: StepRunner, num_slots: int, mirror: bool | None = None) -> None:
+        """`mirror`: keep the pixels and noise on the runner's device too; default: when it is not the CPU."""
         self.runner, self.spec = runner, runner.spec
         channels, height, width = self.spec.sample_shape
+        device = runner.device
         self.states = {
             s.name: torch.zeros((num_slots, *s.shape), dtype=s.dtype.torch, device=runner.device)
             for s in self.spec.states
@@ -32,8 +37,14 @@ class SlotRunner:
         self.temperature = np.zeros((num_slots, 1), dtype=np.float32)
         self.labels = np.zeros((num_slots, 1), dtype=np.int64)
         self.latents = np.zeros((num_slots, *(self.spec.latent_shape or (0,))), dtype=np.float32)
-        self.noise = np.zeros((num_slots, self.spec.length, channels), dtype=np.float32)  # per position: (C,)
         self.pixels = np.zeros((num_slots, channels, height * width), dtype=np.uint8)
+        self.mirror = device.type != "cpu" if mirror is None else mirror
+        # Per position: (C,). Read only by the program: on its device when mirrored, else here.
+        self.noise = (torch.zeros((num_slots, self.spec.length, channels), device=device) if self.mirror
+                      else np.zeros((num_slots, self.spec.length, channels), dtype=np.float32))
+        self.device_pixels = (torch.zeros((num_slots, channels, height * width), dtype=torch.uint8, device=device)
+                              if self.mirror else None)
+        self._span = torch.arange(self.spec.span, device=device)  # a step's offsets from its slots' positions
         self.slot_jobs: list[tuple[SampleJob, int] | None] = [None] * num_slots  # (job, k): sample k of job
         # The same as arrays, so that finishing rows works on all slots at once: id(job) (alive while it
         # holds a slot) and k.
@@ -51,6 +62,8 @@ class SlotRunner:
             state[first:last].zero_()
         self.positions[first:last] = 0
         self.pixels[first:last] = 0
+        if self.mirror:
+            self.device_pixels[first:last].zero_()
         self.temperature[first:last] = job.temperature
         if job.labels is not None:
             self.labels[first:last, 0] = [job.labels[k] for k in ks]
@@ -58,7 +71,7 @@ class SlotRunner:
             self.latents[first:last] = job.latents[ks.start:ks.stop]
         channels, height, width = self.spec.sample_shape
         noise = noise_for([(job.seed, job.indices[k]) for k in ks], (channels, height * width))  # (n, C, H*W)
-        self.noise[first:last] = noise.transpose(1, 2).numpy()
+        self.noise[first:last] = noise.transpose(1, 2) if self.mirror else noise.transpose(1, 2).numpy()
         for slot, k in zip(range(first, last), ks):
             self.slot_jobs[slot] = (job, k)
         self.job_ids[first:last] = id(job)
@@ -74,6 +87,8 @@ class SlotRunner:
             for array in (*self.states.values(), self.positions, self.temperature, self.labels, self.latents,
                           self.noise, self.pixels, self.job_ids, self.sample_indices):
                 array[slot] = array[last]
+            if self.mirror:
+                self.device_pixels[slot] = self.device_pixels[last]
             self.slot_jobs[slot] = self.slot_jobs[last]
         self.slot_jobs[last] = None
         self.active = last
@@ -97,10 +112,14 @@ class SlotRunner:
             elif len(starting):
                 self._run(REFRESH, starting)
             pixel = self._run("step", slice(0, n))[PIXEL]
+        if self.mirror:  # (n, C, span) of the mirror's (n, C, H * W), at each slot's positions
+            taken = self._taken(slice(0, n))[:, None, :].expand(-1, pixel.shape[2], -1)
+            self.device_pixels[:n].scatter_(2, taken, pixel.transpose(1, 2).to(torch.uint8))
         pixel = pixel.cpu().numpy()  # (n, span, C)
-        taken = positions[:, None] + np.arange(self.spec.span)  # (n, span)
-        self.pixels[np.arange(n)[:, None], :, taken] = pixel
-        positions += self.spec.span
+        span = self.spec.span  # which divides the length: a slot's positions are always a multiple of it
+        steps = self.pixels.reshape(len(self.pixels), pixel.shape[2], -1, span)  # a view: (slots, C, steps, span)
+        steps[np.arange(n), :, positions // span] = pixel.transpose(0, 2, 1)
+        positions += span
         return np.flatnonzero(positions % self.spec.sample_shape[2] == 0)
 
     def _states_of_first(self, n: int) -> list[torch.Tensor]:
@@ -144,9 +163,17 @@ class SlotRunner:
         channels, height, width = self.spec.sample_shape
         device = self.runner.device
         feeds = {}
+        on_device = slots if rows is None else rows  # what picks the slots of a tensor on the device
         for name in names:
             if name in self.states:
-                feeds[name] = self.states[name][slots if rows is None else rows]
+                feeds[name] = self.states[name][on_device]
+                continue
+            if self.mirror and name == "pixels":
+                feeds[name] = self.device_pixels[on_device].view(-1, channels, height, width)
+                continue
+            if self.mirror and name == "noise":
+                taken = self._taken(slots)[:, :, None].expand(-1, -1, channels)
+                feeds[name] = torch.gather(self.noise[on_device], 1, taken)
                 continue
             if name == "noise":  # the noise of the step's pixels, (n, span, C)
                 picked = self.noise[slots]
@@ -160,3 +187,7 @@ class SlotRunner:
                 value = getattr(self, name)[slots]
             feeds[name] = torch.from_numpy(np.ascontiguousarray(value)).to(device)
         return feeds
+
+    def _taken(self, slots: slice | np.ndarray) -> torch.Tensor:
+        """The positions a step call of `slots` takes, (n, span), on the runner's device."""
+        return torch.from_numpy(self.positions[slots]).to(self.runner.device)[:, None] + self._span

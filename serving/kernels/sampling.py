@@ -48,11 +48,13 @@ def noise_for(
         float32 tensor of shape (len(keys), *shape), uniform [0, 1) or standard normal.
     """
     draw = torch.randn if gaussian else torch.rand
-    rows = [
-        draw(tuple(shape), generator=torch.Generator().manual_seed(sample_stream_seed(seed, index, stream)))
-        for seed, index in keys
-    ]
-    return torch.stack(rows) if rows else torch.empty((0, *shape))
+    # One generator reseeded per row gives the same numbers as a fresh one per row, at about half the
+    # cost: the engine draws thousands of rows when a large batch is admitted.
+    generator = torch.Generator()
+    noise = torch.empty((len(keys), *shape))
+    for row, (seed, index) in enumerate(keys):
+        draw(tuple(shape), generator=generator.manual_seed(sample_stream_seed(seed, index, stream)), out=noise[row])
+    return noise
 
 
 def uniform_noise(seed: int, indices: Sequence[int], shape: Sequence[int], stream: int = 0) -> torch.Tensor:

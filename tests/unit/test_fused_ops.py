@@ -31,7 +31,7 @@ from genserve.serving.engine.program import fused_unavailable
 from tests.conftest import make_model
 from tests.rounding import assert_within_rounding, rounding_sigma
 from tests.unit.test_export import REPOSITORY
-from tests.unit.test_sampling_engine import MODELS, labels_for, naive, tiny
+from tests.unit.test_sampling_engine import MODELS, labels_for, mirrored, naive, tiny
 
 FUSED_MODELS = sorted(name for name, (family, _) in MODELS.items() if family in ("pixelcnn", "gated_pixelcnn"))
 
@@ -145,6 +145,17 @@ def test_fused_sampling_equals_naive_sampling_on_many_seeds(name, span):
         assert np.array_equal(engine.generate(seed, n, labels=labels), naive(model, n, seed, labels=labels)), seed
     assert np.array_equal(engine.generate(3, n, 0.0, labels), naive(model, n, 3, 0.0, labels))  # argmax image
     assert np.array_equal(engine.generate(3, n, 0.5, labels), naive(model, n, 3, 0.5, labels))
+
+
+@pytest.mark.parametrize("name", FUSED_MODELS)
+def test_row_calls_on_slots_mirrored_as_on_a_gpu_sample_exactly(name):
+    # A row-span program makes one in-place row call per step: it reads the mirror's pixels and noise.
+    model = tiny(name)
+    n = 6
+    labels = labels_for(model, n)
+    engine = mirrored(SamplingEngine(fused_runner(model), EngineConfig(num_slots=4)))
+    for seed in range(3):
+        assert np.array_equal(engine.generate(seed, n, labels=labels), naive(model, n, seed, labels=labels)), seed
 
 
 @pytest.mark.parametrize("name", FUSED_MODELS)

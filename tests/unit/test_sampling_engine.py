@@ -21,6 +21,8 @@ from genserve.serving.engine import (
     StaticScheduler,
     load_step_runner,
 )
+from genserve.serving.engine.runner import SlotRunner
+from genserve.serving.kernels.sampling import noise_for
 from tests.conftest import make_model
 from tests.rounding import assert_within_rounding, rounding_sigma
 from tests.unit.test_export import REPOSITORY
@@ -173,6 +175,50 @@ def test_a_sample_is_the_same_alone_batched_or_joining_midway():
             alone.run_until_idle()
             assert np.array_equal(single.images[0], job.images[k]), (job.seed, index)
     assert np.array_equal(first.images, naive(model, 4, 7, labels=[0, 1, 2, 3]))
+
+
+def mirrored(engine: SamplingEngine) -> SamplingEngine:
+    """`engine` with its pixels and noise mirrored on the runner's device, as a GPU engine keeps them
+    (runner.py): here the device is the CPU, so the suite runs that bookkeeping without a GPU."""
+    engine.slots = SlotRunner(engine.runner, engine.config.num_slots, mirror=True)
+    return engine
+
+
+def submit(engine, model, seed, n):
+    return engine.submit(seed, n, labels=labels_for(model, n), latents=latents_for(model, seed, n))
+
+
+@pytest.mark.parametrize("name, span", [("gated_conditional_3_levels", 1), ("gated", None), ("pixelcnn", 2),
+                                        ("pixel_vae", 2)])
+def test_mirrored_slots_sample_exactly_through_joins_and_cancellations(name, span):
+    # The cancelled job holds the first slots, so the kept job's samples move into them mid-image;
+    # the late job joins mid-row of the others, so a refresh runs on some slots only.
+    # After every step the mirror holds what the host holds: each slot's pixels so far and its own noise.
+    model = tiny(name)
+    engine = mirrored(make_engine(model, span, num_slots=5))
+    slots = engine.slots
+
+    def step_and_compare() -> bool:
+        stepped = engine.step()
+        n = slots.active
+        assert np.array_equal(slots.device_pixels[:n].numpy(), slots.pixels[:n])
+        for slot, (job, k) in enumerate(slots.slot_jobs[:n]):
+            noise = noise_for([(job.seed, job.indices[k])], (model.config.channels, slots.spec.length))
+            assert torch.equal(slots.noise[slot], noise[0].T), (slot, job.seed, k)
+        return stepped
+
+    doomed, kept = submit(engine, model, 3, 2), submit(engine, model, 4, 3)
+    for _ in range(5):
+        step_and_compare()
+    doomed.cancel()
+    step_and_compare()
+    late = submit(engine, model, 5, 2)
+    while step_and_compare():
+        pass
+    assert doomed.error == "cancelled" and kept.error is None and late.error is None
+    shape = (-1, *model.config.sample_shape)
+    assert np.array_equal(kept.images.reshape(shape), naive(model, 3, 4, labels=labels_for(model, 3)))
+    assert np.array_equal(late.images.reshape(shape), naive(model, 2, 5, labels=labels_for(model, 2)))
 
 
 def test_static_batching_admits_only_into_an_empty_engine():

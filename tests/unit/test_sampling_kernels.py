@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from genserve.serving.kernels.sampling import choose_pixels, gaussian_noise, sample_stream_seed, uniform_noise
+from genserve.serving.kernels.sampling import (
+    choose_pixels,
+    gaussian_noise,
+    noise_for,
+    sample_stream_seed,
+    uniform_noise,
+)
 
 
 def test_noise_of_a_sample_depends_only_on_seed_index_and_stream():
@@ -15,6 +21,16 @@ def test_noise_of_a_sample_depends_only_on_seed_index_and_stream():
     assert not torch.equal(uniform_noise(6, [0], (3, 3))[0], both[0])
     assert not torch.equal(uniform_noise(5, [0], (3, 3), stream=1)[0], both[0])
     assert gaussian_noise(5, [0, 1], (4,)).shape == (2, 4)
+
+
+def test_each_row_is_a_fresh_generator_seeded_with_its_stream_seed():
+    keys = [(5, 0), (9, 3), (5, 2)]
+    for gaussian, draw in ((False, torch.rand), (True, torch.randn)):
+        noise = noise_for(keys, (2, 3), stream=1, gaussian=gaussian)
+        for row, (seed, index) in enumerate(keys):
+            fresh = torch.Generator().manual_seed(sample_stream_seed(seed, index, 1))
+            assert torch.equal(noise[row], draw((2, 3), generator=fresh))
+    assert noise_for([], (2, 3)).shape == (0, 2, 3)
 
 
 def test_stream_seeds_are_distinct_and_in_range():
