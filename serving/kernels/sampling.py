@@ -13,6 +13,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from ..fused import load_ops
+
 _MASK64 = (1 << 64) - 1
 # The stream of z for a model whose pixels are drawn by the engine (which takes stream 0): a PixelVAE.
 LATENT_STREAM = 1
@@ -44,16 +46,28 @@ def noise_for(
 ) -> torch.Tensor:
     """Noise for arbitrary (seed, index) pairs, one row each: rows of different requests can share a batch.
 
+    Row k is what a fresh torch.Generator seeded with `sample_stream_seed(*keys[k], stream)` draws.
+    The engine draws the rows of every sample it admits, thousands at once at large batch sizes:
+    the fused operator library's `stream_noise` draws them on all cores, and without the library
+    a Python loop draws the same numbers.
+
     Returns:
         float32 tensor of shape (len(keys), *shape), uniform [0, 1) or standard normal.
     """
+    seeds = [sample_stream_seed(seed, index, stream) for seed, index in keys]
+    if seeds and load_ops():
+        return torch.ops.genserve.stream_noise(torch.tensor(seeds), list(shape), gaussian)
+    return noise_rows(seeds, shape, gaussian)
+
+
+def noise_rows(seeds: Sequence[int], shape: Sequence[int], gaussian: bool = False) -> torch.Tensor:
+    """`noise_for` of given stream seeds, drawn in Python: (len(seeds), *shape) float32."""
     draw = torch.randn if gaussian else torch.rand
-    # One generator reseeded per row gives the same numbers as a fresh one per row, at about half the
-    # cost: the engine draws thousands of rows when a large batch is admitted.
+    # One generator reseeded per row draws what a fresh one per row would, at about half the cost.
     generator = torch.Generator()
-    noise = torch.empty((len(keys), *shape))
-    for row, (seed, index) in enumerate(keys):
-        draw(tuple(shape), generator=generator.manual_seed(sample_stream_seed(seed, index, stream)), out=noise[row])
+    noise = torch.empty((len(seeds), *shape))
+    for row, seed in enumerate(seeds):
+        draw(tuple(shape), generator=generator.manual_seed(seed), out=noise[row])
     return noise
 
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from genserve.serving import fused
 from genserve.serving.kernels.sampling import (
     choose_pixels,
     gaussian_noise,
     noise_for,
+    noise_rows,
     sample_stream_seed,
     uniform_noise,
 )
@@ -23,14 +25,26 @@ def test_noise_of_a_sample_depends_only_on_seed_index_and_stream():
     assert gaussian_noise(5, [0, 1], (4,)).shape == (2, 4)
 
 
-def test_each_row_is_a_fresh_generator_seeded_with_its_stream_seed():
-    keys = [(5, 0), (9, 3), (5, 2)]
+@pytest.mark.parametrize("native", [True, False])
+def test_each_row_is_what_a_fresh_generator_seeded_with_its_stream_seed_draws(native):
+    # native: the operator library's parallel draw (`make setup` builds it); else the Python loop.
+    assert fused.load_ops(), fused.load_ops().reason
+    keys = [(5, 0), (9, 3), (5, 2), (2**64 - 1, 10**6)] * 10
+    seeds = [sample_stream_seed(seed, index, 1) for seed, index in keys]
     for gaussian, draw in ((False, torch.rand), (True, torch.randn)):
-        noise = noise_for(keys, (2, 3), stream=1, gaussian=gaussian)
-        for row, (seed, index) in enumerate(keys):
-            fresh = torch.Generator().manual_seed(sample_stream_seed(seed, index, 1))
-            assert torch.equal(noise[row], draw((2, 3), generator=fresh))
-    assert noise_for([], (2, 3)).shape == (0, 2, 3)
+        noise = noise_for(keys, (2, 30), 1, gaussian) if native else noise_rows(seeds, (2, 30), gaussian)
+        assert noise.shape == (len(keys), 2, 30) and noise.dtype == torch.float32
+        for row, seed in enumerate(seeds):
+            assert torch.equal(noise[row], draw((2, 30), generator=torch.Generator().manual_seed(seed)))
+    assert noise_for([], (2, 3)).shape == noise_rows([], (2, 3)).shape == (0, 2, 3)
+
+
+def test_the_native_draw_refuses_bad_seeds_naming_them():
+    assert fused.load_ops(), fused.load_ops().reason
+    with pytest.raises(RuntimeError, match="seeds: must be non-negative"):
+        torch.ops.genserve.stream_noise(torch.tensor([3, -1]), [2], False)
+    with pytest.raises(RuntimeError, match="seeds: expected a 1-dim int64 CPU tensor"):
+        torch.ops.genserve.stream_noise(torch.tensor([[3]]), [2], False)
 
 
 def test_stream_seeds_are_distinct_and_in_range():
