@@ -6,13 +6,16 @@
 #      (exact images against naive sampling, call parity, device errors);
 #   3. runs bench-sampler on the GPU for both (naive vs TorchScript step graphs vs fused,
 #      batch 1 .. 4096, continuous vs static);
-#   4. profiles the fused row call (deploy/gpu/profile_fused.py: wall, kernel and CUDA-graph time).
+#   4. profiles the fused row call (deploy/gpu/profile_fused.py: wall, kernel and CUDA-graph time)
+#      and the engine around it (profile-engine: deploy/gpu/profile_engine.py, the host's share).
 # Each step has its own time limit and a failed step does not stop the next: one lent GPU session
 # should bring back everything that works. Results go to $OUT (default /tmp/gpu-check): device.txt,
-# steps.log (each step's exit status and seconds), tests.log, bench-MODEL.txt and .json, profile.txt.
+# steps.log (each step's exit status and seconds), tests.log, bench-MODEL.txt and .json, profile.txt,
+# profile-engine.txt.
 # STEPS (default "tests bench-gated profile bench-pixelcnn") picks which of 2-4 run, in that order
 # (batching-gated: the batching comparison at LOAD, default 0.8); BENCH_BATCHES (default
-# "1 16 64 256 1024 4096") sets bench-sampler's batch sizes; PROFILE_ARGS go to profile_fused.py.
+# "1 16 64 256 1024 4096") sets bench-sampler's batch sizes; PROFILE_ARGS go to profile_fused.py,
+# ENGINE_ARGS to profile_engine.py.
 # Python packages the machine lacks can be put in .whl/ as wheels (installed into /tmp/site first).
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-check}
@@ -68,7 +71,7 @@ step 150 export genserve export gated_pixelcnn_mnist pixelcnn_mnist --repository
 bench() {  # bench NAME MODEL [ARGS]: naive vs step graphs vs fused on the GPU, then continuous vs static batching
   local name=$1 model=$2
   shift 2
-  step 200 "$name" genserve bench-sampler "$model" --repository model_repository --runtime torchscript \
+  step 300 "$name" genserve bench-sampler "$model" --repository model_repository --runtime torchscript \
     --device cuda $(printf -- '--batch %s ' ${BENCH_BATCHES:-1 16 64 256 1024 4096}) --naive-steps 8 \
     --json "$OUT/$name.json" "$@" | tee "$OUT/$name.txt"
 }
@@ -80,7 +83,10 @@ for what in ${STEPS:-tests bench-gated profile bench-pixelcnn}; do
     batching-gated)  # the batching comparison again at a higher load, one small batch for the speed table
       BENCH_BATCHES=1 bench batching-gated_pixelcnn_mnist gated_pixelcnn_mnist --load "${LOAD:-0.8}" ;;
     profile) step 200 profile "$PYTHON" deploy/gpu/profile_fused.py --out "$OUT/profile.txt" ${PROFILE_ARGS:-} ;;
-    *) echo "unknown step $what (tests, bench-gated, bench-pixelcnn, batching-gated, profile)"; exit 2 ;;
+    profile-engine) step 150 profile-engine "$PYTHON" deploy/gpu/profile_engine.py --out "$OUT/profile-engine.txt" \
+      ${ENGINE_ARGS:-} ;;
+    *) echo "unknown step $what (tests, bench-gated, bench-pixelcnn, batching-gated, profile, profile-engine)"
+       exit 2 ;;
   esac
 done
 cat "$OUT/steps.log"
