@@ -12,6 +12,15 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# xdist workers share the cores: each takes its part for its own threads and for the servers it starts.
+# With every worker's OpenMP pool as large as the machine, pools that wait spinning take the cores from
+# each other's computations: on a 2-core machine, 2 workers of 2 threads each ran the engine and fused
+# operator tests 16x slower than with a thread each (851 s against 54 s).
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ and "OMP_NUM_THREADS" not in os.environ:
+    threads = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    torch.set_num_threads(threads)
+
 from genserve.export.checkpoint import SHIPPED_DIR, load_checkpoint
 from genserve.export.models import build_model
 

@@ -1,13 +1,18 @@
 """The engine's slots: per-sample state, input building and the step program's calls.
 
-Cache states live in torch tensors on the step runner's device; the per-slot bookkeeping
-touched every step (positions, noise, pixels) lives in host numpy arrays, where a batch-1
-step costs microseconds of Python rather than a dozen tensor dispatches. On a GPU the two
-large ones, the images so far and the noise, are mirrored on the device ("mirror"): the
-program reads them there and its output pixels are written there, instead of a batch-4096 row
-call uploading 3.2 MB of pixels and waiting for it. Active slots are kept packed at the front
-of every per-slot array (a released slot takes the last active slot's row), so graphs run on
-plain leading slices, never on idle slots.
+Cache states live in torch tensors on the step runner's device. What else the program reads of
+a slot, its controls (position, temperature, label, latents, noise, image so far), lives where
+the program runs:
+- for a program on the CPU, in numpy arrays, where a batch-1 step costs microseconds of Python
+  rather than a dozen tensor dispatches;
+- for a program on a GPU, in tensors on the device ("mirrored"): the program reads them in place
+  and its pixels are written there, so a step uploads nothing and waits for nothing. The host
+  waits once per completed row, to copy that row out. (Uploading the controls for every row
+  call made each upload wait for the GPU's queue to drain: on an H200 the GPU stood idle for
+  30% of a batch of 4096.)
+The host keeps each slot's position in any case, to know when rows complete. Active slots are
+kept packed at the front of every per-slot array (a released slot takes the last active slot's
+row), so graphs run on plain leading slices, never on idle slots.
 """
 
 from __future__ import annotations
@@ -25,26 +30,31 @@ from .program import StepRunner
 
 class SlotRunner:
     def __init__(self, runner: StepRunner, num_slots: int, mirror: bool | None = None) -> None:
-        """`mirror`: keep the pixels and noise on the runner's device too; default: when it is not the CPU."""
+        """`mirror`: keep the controls on the runner's device (default: when that is not the CPU)."""
         self.runner, self.spec = runner, runner.spec
         channels, height, width = self.spec.sample_shape
-        device = runner.device
+        self.mirror = runner.device.type != "cpu" if mirror is None else mirror
         self.states = {
             s.name: torch.zeros((num_slots, *s.shape), dtype=s.dtype.torch, device=runner.device)
             for s in self.spec.states
         }
-        self.positions = np.zeros(num_slots, dtype=np.int64)
-        self.temperature = np.zeros((num_slots, 1), dtype=np.float32)
-        self.labels = np.zeros((num_slots, 1), dtype=np.int64)
-        self.latents = np.zeros((num_slots, *(self.spec.latent_shape or (0,))), dtype=np.float32)
-        self.pixels = np.zeros((num_slots, channels, height * width), dtype=np.uint8)
-        self.mirror = device.type != "cpu" if mirror is None else mirror
-        # Per position: (C,). Read only by the program: on its device when mirrored, else here.
-        self.noise = (torch.zeros((num_slots, self.spec.length, channels), device=device) if self.mirror
-                      else np.zeros((num_slots, self.spec.length, channels), dtype=np.float32))
-        self.device_pixels = (torch.zeros((num_slots, channels, height * width), dtype=torch.uint8, device=device)
-                              if self.mirror else None)
-        self._span = torch.arange(self.spec.span, device=device)  # a step's offsets from its slots' positions
+        self.positions = np.zeros(num_slots, dtype=np.int64)  # the host's own, to find completed rows
+
+        def control(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor | np.ndarray:
+            tensor = torch.zeros((num_slots, *shape), dtype=dtype, device=runner.device if self.mirror else "cpu")
+            return tensor if self.mirror else tensor.numpy()
+
+        self.controls = {  # by feed name; each (num_slots, ...)
+            # on the host, the program's positions are a view of the host's
+            "positions": control(1, dtype=torch.int64) if self.mirror else self.positions[:, None],
+            "temperature": control(1),
+            "labels": control(1, dtype=torch.int64),
+            "latents": control(*(self.spec.latent_shape or (0,))),
+            "noise": control(self.spec.length, channels),  # per position: (C,)
+            "pixels": control(channels, height * width, dtype=torch.uint8),
+        }
+        self._span = (torch.arange(self.spec.span, device=runner.device) if self.mirror
+                      else np.arange(self.spec.span))  # a step's offsets from its slots' positions
         self.slot_jobs: list[tuple[SampleJob, int] | None] = [None] * num_slots  # (job, k): sample k of job
         # The same as arrays, so that finishing rows works on all slots at once: id(job) (alive while it
         # holds a slot) and k.
@@ -58,37 +68,42 @@ class SlotRunner:
     def occupy(self, job: SampleJob, ks: range) -> None:
         """Puts samples `ks` of `job` into the next free slots, with fresh (zero) caches."""
         first, last = self.active, self.active + len(ks)
+        taken = slice(first, last)
         for state in self.states.values():
-            state[first:last].zero_()
-        self.positions[first:last] = 0
-        self.pixels[first:last] = 0
-        if self.mirror:
-            self.device_pixels[first:last].zero_()
-        self.temperature[first:last] = job.temperature
-        if job.labels is not None:
-            self.labels[first:last, 0] = [job.labels[k] for k in ks]
-        if job.latents is not None:
-            self.latents[first:last] = job.latents[ks.start:ks.stop]
+            state[taken].zero_()
+        self.positions[taken] = 0
         channels, height, width = self.spec.sample_shape
         noise = noise_for([(job.seed, job.indices[k]) for k in ks], (channels, height * width))  # (n, C, H*W)
-        self.noise[first:last] = noise.transpose(1, 2) if self.mirror else noise.transpose(1, 2).numpy()
+        self._set("positions", taken, 0)
+        self._set("pixels", taken, 0)
+        self._set("temperature", taken, job.temperature)
+        self._set("noise", taken, noise.transpose(1, 2))
+        if job.labels is not None:
+            self._set("labels", taken, torch.tensor([job.labels[k] for k in ks])[:, None])
+        if job.latents is not None:
+            self._set("latents", taken, torch.from_numpy(job.latents[ks.start:ks.stop]))
         for slot, k in zip(range(first, last), ks):
             self.slot_jobs[slot] = (job, k)
-        self.job_ids[first:last] = id(job)
-        self.sample_indices[first:last] = ks
+        self.job_ids[taken] = id(job)
+        self.sample_indices[taken] = ks
         self.active = last
         if START in self.spec.graphs:  # the samples' own states, from their latents
-            self._run(START, slice(first, last))
+            self._run(START, taken)
+
+    def _set(self, name: str, slots: slice, value: torch.Tensor | float) -> None:
+        """Writes `value` (a CPU tensor or a number) into control `name` of `slots`."""
+        if self.mirror:
+            self.controls[name][slots] = value
+        else:
+            self.controls[name][slots] = value.numpy() if isinstance(value, torch.Tensor) else value
 
     def release(self, slot: int) -> None:
         """Frees `slot`, moving the last active slot into its place to keep active slots packed."""
         last = self.active - 1
         if slot != last:
-            for array in (*self.states.values(), self.positions, self.temperature, self.labels, self.latents,
-                          self.noise, self.pixels, self.job_ids, self.sample_indices):
+            for array in (*self.states.values(), *self.controls.values(), self.positions, self.job_ids,
+                          self.sample_indices):
                 array[slot] = array[last]
-            if self.mirror:
-                self.device_pixels[slot] = self.device_pixels[last]
             self.slot_jobs[slot] = self.slot_jobs[last]
         self.slot_jobs[last] = None
         self.active = last
@@ -112,15 +127,22 @@ class SlotRunner:
             elif len(starting):
                 self._run(REFRESH, starting)
             pixel = self._run("step", slice(0, n))[PIXEL]
-        if self.mirror:  # (n, C, span) of the mirror's (n, C, H * W), at each slot's positions
-            taken = self._taken(slice(0, n))[:, None, :].expand(-1, pixel.shape[2], -1)
-            self.device_pixels[:n].scatter_(2, taken, pixel.transpose(1, 2).to(torch.uint8))
-        pixel = pixel.cpu().numpy()  # (n, span, C)
-        span = self.spec.span  # which divides the length: a slot's positions are always a multiple of it
-        steps = self.pixels.reshape(len(self.pixels), pixel.shape[2], -1, span)  # a view: (slots, C, steps, span)
-        steps[np.arange(n), :, positions // span] = pixel.transpose(0, 2, 1)
-        positions += span
+        self._write_pixels(pixel, n)
+        positions += self.spec.span  # on the host, also the program's positions
         return np.flatnonzero(positions % self.spec.sample_shape[2] == 0)
+
+    def _write_pixels(self, pixel: torch.Tensor, n: int) -> None:
+        """The step's pixels (n, span, C) into the images of slots 0..n-1, at each slot's positions;
+        on the device, the program's positions advance too."""
+        images, span = self.controls["pixels"], self.spec.span
+        if self.mirror:
+            program_positions = self.controls["positions"][:n]
+            taken = (program_positions + self._span)[:, None, :].expand(-1, pixel.shape[2], -1)  # (n, C, span)
+            images[:n].scatter_(2, taken, pixel.transpose(1, 2).to(torch.uint8))
+            program_positions += span
+        else:  # span divides the length, so positions are multiples of it: a step fills one (C, span) block
+            blocks = images.reshape(len(images), images.shape[1], -1, span)  # a view
+            blocks[np.arange(n), :, self.positions[:n] // span] = pixel.numpy().transpose(0, 2, 1)
 
     def _states_of_first(self, n: int) -> list[torch.Tensor]:
         """The program's states (in order) of slots 0..n-1, as views of the engine's own."""
@@ -134,14 +156,23 @@ class SlotRunner:
         """Per job among `slots` (which have just completed a row): (job, its slots there, their sample
         indices k, rows, the rows' pixels (m, C, W)). A loop over jobs, not slots: thousands of slots
         finish a row together at large batch sizes."""
-        channels, height, width = self.spec.sample_shape
-        rows = self.positions[slots] // width - 1
-        pixels = self.pixels.reshape(-1, channels, height, width)[slots, :, rows]  # (m, C, W)
+        rows = self.positions[slots] // self.spec.sample_shape[2] - 1
+        pixels = self._row_pixels(slots, rows)
         ids = self.job_ids[slots]
         for job_id in np.unique(ids):
             mine = np.flatnonzero(ids == job_id)
             job, _ = self.slot_jobs[slots[mine[0]]]
             yield job, slots[mine], self.sample_indices[slots[mine]], rows[mine], pixels[mine]
+
+    def _row_pixels(self, slots: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Row rows[i] of the image of slot slots[i], for every i: (m, C, W) uint8 on the host."""
+        channels, height, width = self.spec.sample_shape
+        images = self.controls["pixels"].reshape(-1, channels, height, width)
+        if not self.mirror:
+            return images[slots, :, rows]
+        # The upload of the indices waits for the GPU to finish the step: the engine's one wait per row.
+        index = torch.from_numpy(np.stack([slots, rows])).to(self.runner.device)
+        return images[index[0], :, index[1]].cpu().numpy()
 
     def _run(self, graph: str, slots: slice | np.ndarray) -> dict[str, torch.Tensor]:
         """Runs `graph` on `slots` (a leading slice, or indices) and stores the states it returns."""
@@ -159,35 +190,24 @@ class SlotRunner:
         return outputs
 
     def _feeds(self, names, slots: slice | np.ndarray, rows=None) -> dict[str, torch.Tensor]:
-        """The named inputs (states, or controls built from the slot bookkeeping) of `slots`."""
+        """The named inputs (states, or controls) of `slots`; `rows` picks them on the device (default: `slots`)."""
         channels, height, width = self.spec.sample_shape
         device = self.runner.device
+        on_device = slots if rows is None else rows
+        pick = on_device if self.mirror else slots  # what picks the slots of a control
         feeds = {}
-        on_device = slots if rows is None else rows  # what picks the slots of a tensor on the device
         for name in names:
             if name in self.states:
                 feeds[name] = self.states[name][on_device]
                 continue
-            if self.mirror and name == "pixels":
-                feeds[name] = self.device_pixels[on_device].view(-1, channels, height, width)
-                continue
-            if self.mirror and name == "noise":
-                taken = self._taken(slots)[:, :, None].expand(-1, -1, channels)
-                feeds[name] = torch.gather(self.noise[on_device], 1, taken)
-                continue
+            control = self.controls[name][pick]
             if name == "noise":  # the noise of the step's pixels, (n, span, C)
-                picked = self.noise[slots]
-                taken = self.positions[slots, None] + np.arange(self.spec.span)
-                value = picked[np.arange(len(picked))[:, None], taken]
-            elif name == "positions":
-                value = self.positions[slots, None]
+                taken = (self.controls["positions"][pick] + self._span)[:, :, None]  # (n, span, 1)
+                if self.mirror:
+                    control = torch.gather(control, 1, taken.expand(-1, -1, channels))
+                else:
+                    control = np.take_along_axis(control, taken, axis=1)
             elif name == "pixels":
-                value = self.pixels[slots].reshape(-1, channels, height, width)
-            else:  # temperature, labels, latents
-                value = getattr(self, name)[slots]
-            feeds[name] = torch.from_numpy(np.ascontiguousarray(value)).to(device)
+                control = control.reshape(-1, channels, height, width)
+            feeds[name] = control if self.mirror else torch.from_numpy(np.ascontiguousarray(control)).to(device)
         return feeds
-
-    def _taken(self, slots: slice | np.ndarray) -> torch.Tensor:
-        """The positions a step call of `slots` takes, (n, span), on the runner's device."""
-        return torch.from_numpy(self.positions[slots]).to(self.runner.device)[:, None] + self._span

@@ -184,8 +184,8 @@ def mirrored(engine: SamplingEngine) -> SamplingEngine:
     return engine
 
 
-def submit(engine, model, seed, n):
-    return engine.submit(seed, n, labels=labels_for(model, n), latents=latents_for(model, seed, n))
+def submit(engine, model, seed, n, temperature=1.0):
+    return engine.submit(seed, n, temperature, labels_for(model, n), latents=latents_for(model, seed, n))
 
 
 @pytest.mark.parametrize("name, span", [("gated_conditional_3_levels", 1), ("gated", None), ("pixelcnn", 2),
@@ -193,32 +193,35 @@ def submit(engine, model, seed, n):
 def test_mirrored_slots_sample_exactly_through_joins_and_cancellations(name, span):
     # The cancelled job holds the first slots, so the kept job's samples move into them mid-image;
     # the late job joins mid-row of the others, so a refresh runs on some slots only.
-    # After every step the mirror holds what the host holds: each slot's pixels so far and its own noise.
+    # After every step each slot's controls on the device are its own: the position the host counts,
+    # its temperature and its sample's noise.
     model = tiny(name)
     engine = mirrored(make_engine(model, span, num_slots=5))
     slots = engine.slots
+    temperatures = {3: 1.0, 4: 0.5, 5: 0.8}
 
     def step_and_compare() -> bool:
         stepped = engine.step()
         n = slots.active
-        assert np.array_equal(slots.device_pixels[:n].numpy(), slots.pixels[:n])
+        assert np.array_equal(slots.controls["positions"][:n, 0].numpy(), slots.positions[:n])
         for slot, (job, k) in enumerate(slots.slot_jobs[:n]):
             noise = noise_for([(job.seed, job.indices[k])], (model.config.channels, slots.spec.length))
-            assert torch.equal(slots.noise[slot], noise[0].T), (slot, job.seed, k)
+            assert torch.equal(slots.controls["noise"][slot], noise[0].T), (slot, job.seed, k)
+            assert slots.controls["temperature"][slot, 0] == temperatures[job.seed]
         return stepped
 
-    doomed, kept = submit(engine, model, 3, 2), submit(engine, model, 4, 3)
+    doomed, kept = (submit(engine, model, seed, n, temperatures[seed]) for seed, n in ((3, 2), (4, 3)))
     for _ in range(5):
         step_and_compare()
     doomed.cancel()
     step_and_compare()
-    late = submit(engine, model, 5, 2)
+    late = submit(engine, model, 5, 2, temperatures[5])
     while step_and_compare():
         pass
     assert doomed.error == "cancelled" and kept.error is None and late.error is None
     shape = (-1, *model.config.sample_shape)
-    assert np.array_equal(kept.images.reshape(shape), naive(model, 3, 4, labels=labels_for(model, 3)))
-    assert np.array_equal(late.images.reshape(shape), naive(model, 2, 5, labels=labels_for(model, 2)))
+    assert np.array_equal(kept.images.reshape(shape), naive(model, 3, 4, 0.5, labels_for(model, 3)))
+    assert np.array_equal(late.images.reshape(shape), naive(model, 2, 5, 0.8, labels_for(model, 2)))
 
 
 def test_static_batching_admits_only_into_an_empty_engine():
