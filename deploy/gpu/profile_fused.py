@@ -112,7 +112,7 @@ def profile_model(name: str, repository: Path, batches: list[int], variants: lis
         for n in batches:
             feeds, states = row_call_inputs(runner, n, row=14)
 
-            call = functools.partial(runner.launch_row, feeds, states)  # captured here, not by the runner
+            call = functools.partial(runner.run_row, feeds, states)  # launched: graph_us captures it
             call()  # compiles this variant
             repeats = 50 if n <= 64 else 10
             wall = wall_us(call, repeats)

@@ -5,10 +5,12 @@ checks and its kernel launches, during which the GPU waits. Captured once as a C
 costs one replay (on an H200 at batch 1, a Gated PixelCNN row call took 1270 µs launched and
 975 µs replayed, its kernels 971 µs).
 
-Occupancy changes only when samples join or finish, and the engine always passes the same
+Occupancy changes only when samples join or finish, and an engine always passes the same
 state views for the same slot count (leading slices of its own tensors), so one graph per
 slot count replays on exactly the tensors it was captured on. The controls (pixels,
 positions, noise, ...) are copied into the graph's own input tensors before each replay.
+Each engine has its own graphs (runner.py), captured when it is made: a capture while
+samples are in flight would stall them all.
 """
 
 from __future__ import annotations
@@ -45,9 +47,21 @@ class RowGraphs:
 
     def __call__(self, feeds: Mapping[str, torch.Tensor | None], states: list[torch.Tensor]) -> torch.Tensor:
         """The row call's `pixel`: a tensor that the next call may overwrite, so read it first."""
+        row = self.prepare(feeds, states)
+        if row is None:
+            return self.call(feeds, states)
+        for name, tensor in row.inputs.items():
+            if tensor is not None:
+                tensor.copy_(feeds[name])
+        row.graph.replay()
+        return row.pixel
+
+    def prepare(self, feeds: Mapping[str, torch.Tensor | None], states: list[torch.Tensor]) -> CapturedRow | None:
+        """The graph of a call on these states, captured now if it has not been; None: the call runs eagerly
+        (more than `max_slots` slots, or a capture has failed)."""
         n = feeds["positions"].shape[0]
         if n > self.max_slots or self.failed:
-            return self.call(feeds, states)
+            return None
         key = (n, *(state.data_ptr() for state in states))
         row = self.captured.get(key)
         if row is None:
@@ -57,12 +71,7 @@ class RowGraphs:
                 self.failed = f"{type(error).__name__}: {error}"
                 log.warning("CUDA graph capture of the row call failed; launching it eagerly from now on (%s)",
                             self.failed)
-                return self.call(feeds, states)
-        for name, tensor in row.inputs.items():
-            if tensor is not None:
-                tensor.copy_(feeds[name])
-        row.graph.replay()
-        return row.pixel
+        return row
 
     def _capture(self, feeds, states) -> CapturedRow:
         inputs = {name: None if tensor is None else tensor.clone() for name, tensor in feeds.items()}

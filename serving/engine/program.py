@@ -20,7 +20,6 @@ import torch
 from ..artifacts import NEXT, ArtifactIntegrityError, GraphSignature, Manifest, StepSection, TensorSpec, engine_shape
 from ..fused import load_ops
 from ..fused.weights import FUSED_OPS, FusedOp
-from .graphs import RowGraphs
 
 RUNTIMES = ("onnx", "torchscript")
 # Row calls of up to this many slots replay CUDA graphs. Launch overhead per row is fixed, so its share
@@ -75,6 +74,8 @@ class StepRunner(ABC):
     spec: StepSpec
     device: torch.device
     row_inputs: tuple[str, ...] = ()  # the controls `run_row` takes; empty: no `run_row`
+    # Row calls of up to this many slots may be replayed from CUDA graphs (graphs.py); 0: never.
+    row_graph_slots: int = 0
 
     @abstractmethod
     def run(self, graph: str, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -135,7 +136,7 @@ class FusedStepRunner(StepRunner):
                  namespace=None, graph_slots: int = GRAPH_SLOTS):
         """`namespace` holds the operator functions by name: torch.ops.genserve (default), or a module of
         functions with the same signatures (tests run the GPU launches that way under Triton's interpreter).
-        `graph_slots`: on CUDA, row calls of up to this many slots replay CUDA graphs (graphs.py); 0: never."""
+        `graph_slots`: on CUDA, row calls of up to this many slots may replay CUDA graphs (`row_graph_slots`)."""
         self.spec, self.op, self.weights, self.device = spec, op, weights, torch.device(device)
         if namespace is None:
             status = load_ops()
@@ -155,8 +156,7 @@ class FusedStepRunner(StepRunner):
                 ("step", op.step, op.step_inputs, op.step_outputs),
             )
         }
-        on_cuda = self.device.type == "cuda"
-        self.row_graphs = RowGraphs(self.launch_row, graph_slots) if on_cuda and graph_slots else None
+        self.row_graph_slots = graph_slots if self.device.type == "cuda" else 0
 
     @classmethod
     def load(cls, manifest: Manifest, version: int | None = None, device: str = "cpu") -> FusedStepRunner:
@@ -181,13 +181,6 @@ class FusedStepRunner(StepRunner):
         return dict(zip(outputs, results))
 
     def run_row(self, feeds, states):
-        """As StepRunner.run_row; on CUDA the returned `pixel` is only valid until the next call."""
-        if self.row_graphs is not None:
-            return self.row_graphs(feeds, states)
-        return self.launch_row(feeds, states)
-
-    def launch_row(self, feeds, states):
-        """The row call with its kernels launched, never from a CUDA graph."""
         with torch.inference_mode():
             return self.row(*(feeds.get(name) for name in self.row_inputs), states, self.weights)
 
@@ -205,7 +198,7 @@ class FusedStepRunner(StepRunner):
             "noise": zeros(1, spec.span, spec.sample_shape[0]),
             "temperature": torch.ones(1, 1, device=self.device),
         }
-        self.launch_row(feeds, [zeros(1, *state.shape, dtype=state.dtype.torch) for state in spec.states])
+        self.run_row(feeds, [zeros(1, *state.shape, dtype=state.dtype.torch) for state in spec.states])
 
     def _states(self, pattern: str) -> list[str]:
         """The program's states named `prefix*`, in order."""

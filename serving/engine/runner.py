@@ -24,6 +24,7 @@ import torch
 
 from ..artifacts import NEXT, PIXEL, REFRESH, START
 from ..kernels.sampling import noise_for
+from .graphs import RowGraphs
 from .jobs import SampleJob
 from .program import StepRunner
 
@@ -64,6 +65,11 @@ class SlotRunner:
         # The states' leading slices per slot count, made once: the state tensors are only ever
         # written in place, and a slice costs microseconds of dispatch on every row call.
         self._leading_states: dict[int, list[torch.Tensor]] = {}
+        self.row_graphs = None  # the row call's CUDA graphs, one per slot count, all captured now
+        if runner.row_graph_slots and runner.row_inputs:
+            self.row_graphs = RowGraphs(runner.run_row, runner.row_graph_slots)
+            for n in range(1, min(num_slots, runner.row_graph_slots) + 1):
+                self.row_graphs.prepare(self._feeds(runner.row_inputs, slice(0, n)), self._states_of_first(n))
 
     def occupy(self, job: SampleJob, ks: range) -> None:
         """Puts samples `ks` of `job` into the next free slots, with fresh (zero) caches."""
@@ -120,7 +126,7 @@ class SlotRunner:
         starting = np.flatnonzero(positions % self.spec.period == 0) if REFRESH in self.spec.graphs else []
         if len(starting) == n and self.runner.row_inputs:  # one in-place call: refresh, then step
             feeds = self._feeds(self.runner.row_inputs, slice(0, n))
-            pixel = self.runner.run_row(feeds, self._states_of_first(n))
+            pixel = (self.row_graphs or self.runner.run_row)(feeds, self._states_of_first(n))
         else:
             if len(starting) == n:
                 self._run(REFRESH, slice(0, n))

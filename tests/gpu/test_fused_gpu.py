@@ -16,7 +16,8 @@ from genserve.export.fused import fused_runner, gated_weights
 from genserve.serving import fused
 from genserve.serving.artifacts import load_manifest
 from genserve.serving.engine import EngineConfig, FusedStepRunner, SamplingEngine, load_step_runner
-from genserve.serving.engine.program import fused_unavailable
+from genserve.serving.engine.graphs import RowGraphs
+from genserve.serving.engine.program import GRAPH_SLOTS, fused_unavailable
 from tests.unit.test_export import REPOSITORY
 from tests.unit.test_fused_ops import FUSED_MODELS, assert_call_matches_the_graph
 from tests.unit.test_sampling_engine import labels_for, naive, tiny
@@ -91,25 +92,29 @@ def row_inputs(runner, n: int, row: int, generator: torch.Generator):
 @pytest.mark.parametrize("name", FUSED_MODELS)
 def test_row_calls_replayed_from_cuda_graphs_equal_launched_ones(name):
     model = tiny(name)
-    replayed, launched = fused_runner(model, device="cuda"), fused_runner(model, device="cuda")
-    assert replayed.row_graphs is not None
+    runner = fused_runner(model, device="cuda")
+    assert runner.row_graph_slots == GRAPH_SLOTS
+    graphs = RowGraphs(runner.run_row, max_slots=4)
     g = torch.Generator().manual_seed(0)
-    # Slot counts as the engine's occupancy moves: each count's graph replays on new controls and states.
-    base = [torch.randn(5, *s.shape, generator=g).to(s.dtype.torch).cuda() for s in replayed.spec.states]
+    # Slot counts as the engine's occupancy moves: each count's graph replays on new controls and states;
+    # 5 slots are over the graphs' limit, so those calls are launched.
+    base = [torch.randn(5, *s.shape, generator=g).to(s.dtype.torch).cuda() for s in runner.spec.states]
     twin = [state.clone() for state in base]
-    for row, n in enumerate([1, 3, 5, 3, 1, 5]):
-        feeds = row_inputs(replayed, n, row % replayed.spec.sample_shape[1], g)
-        pixel = replayed.run_row(feeds, [state[:n] for state in base]).clone()
-        assert torch.equal(pixel, launched.launch_row(feeds, [state[:n] for state in twin])), (row, n)
+    for row, n in enumerate([1, 3, 5, 3, 1, 5, 4]):
+        feeds = row_inputs(runner, n, row % runner.spec.sample_shape[1], g)
+        pixel = graphs(feeds, [state[:n] for state in base]).clone()
+        assert torch.equal(pixel, runner.run_row(feeds, [state[:n] for state in twin])), (row, n)
         for state, other in zip(base, twin):
             assert torch.equal(state, other), (row, n)
-    assert not replayed.row_graphs.failed and len(replayed.row_graphs.captured) == 3
+    assert not graphs.failed and sorted(key[0] for key in graphs.captured) == [1, 3, 4]
 
 
 @pytest.mark.parametrize("name", FUSED_MODELS)
 def test_cuda_graph_sampling_with_samples_joining_midway_equals_naive_sampling(name):
     model = tiny(name)
     engine = SamplingEngine(fused_runner(model, device="cuda"), EngineConfig(num_slots=5))
+    graphs = engine.slots.row_graphs
+    assert sorted(key[0] for key in graphs.captured) == [1, 2, 3, 4, 5]  # every slot count, before any sample
     first = engine.submit(7, 4, labels=labels_for(model, 4))
     engine.step()  # one row in, the second job joins: occupancy 4, then 5, then the rest
     late, late_labels = [5, 2, 9], labels_for(model, 3)
@@ -123,4 +128,4 @@ def test_cuda_graph_sampling_with_samples_joining_midway_equals_naive_sampling(n
         for index, label in zip(late, late_labels):
             labels[index] = label
     assert np.array_equal(second.images, naive(model, 10, 8, labels=labels)[late])
-    assert engine.runner.row_graphs.captured and not engine.runner.row_graphs.failed
+    assert len(graphs.captured) == 5 and not graphs.failed
