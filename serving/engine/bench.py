@@ -90,6 +90,7 @@ class BenchReport:
     arrival_rate_requests_per_s: float = 0.0
     batching_runner: str = ""  # "fused operators" or "step graphs"
     batching: list[BatchingRow] = field(default_factory=list)
+    out_of_memory_at: int | None = None  # the first batch size that did not fit; larger ones were not tried
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -227,27 +228,17 @@ def run_benchmark(config: BenchConfig, progress=print) -> BenchReport:
         "device": torch.cuda.get_device_name() if graphs.device.type == "cuda" else "cpu",
         "fused": why_not_fused or "fused operators timed",
     })
-    length, rate = graphs.spec.length, sample_rate(manifest.model_config)
-    steps = min(config.naive_steps, length)
+    audio_rate = sample_rate(manifest.model_config)  # None: images
     for batch in config.batches:
         progress(f"naive vs step vs fused at batch {batch} ...")
-        noise = torch.rand(batch, *graphs.spec.sample_shape, generator=torch.Generator().manual_seed(batch))
-        # Warm-up over several passes: TorchScript specialises a graph over its first calls. After one
-        # warm-up pass, an H200 timed 88.6 ms per pass at batch 1 against 5 ms per pass at batch 256.
-        naive.time_passes(noise, 3)
-        naive_ms = naive.time_passes(noise, steps) * (length / steps) / batch * 1e3
-        pass_ms = naive_ms / length
-        step_ms = time_cached(graphs, batch, config.seed) / batch * 1e3
-        row = SpeedupRow(batch, round(pass_ms, 3), round(naive_ms, 1), round(step_ms, 2),
-                         round(naive_ms / step_ms, 1), round(step_ms / pass_ms, 2))
-        if fused is not None:
-            fused_ms = time_cached(fused, batch, config.seed) / batch * 1e3
-            row.fused_ms_per_image, row.fused_vs_step = round(fused_ms, 2), round(step_ms / fused_ms, 1)
-            row.fused_passes, row.fused_images_per_s = round(fused_ms / pass_ms, 2), round(1e3 / fused_ms, 1)
-        if rate is not None:  # audio
-            clip_seconds = length / rate
-            row.real_time_factor = round(clip_seconds / (min(step_ms, row.fused_ms_per_image or step_ms) / 1e3), 3)
-        report.speedup.append(row)
+        try:
+            report.speedup.append(_speedup_row(config, naive, graphs, fused, batch, audio_rate))
+        except torch.OutOfMemoryError:  # batch sizes go up: neither this one nor the larger ones fit
+            progress(f"batch {batch}: out of {config.device} memory; larger batch sizes skipped")
+            report.out_of_memory_at = batch
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            break
 
     report.batching_runner = "fused operators" if fused is not None else "step graphs"
     progress(f"static batch of {config.slots} on the {report.batching_runner}: capacity ...")
@@ -264,6 +255,30 @@ def run_benchmark(config: BenchConfig, progress=print) -> BenchReport:
         progress(f"{batching} batching: {config.requests} Poisson arrivals at {rate:.2f} requests/s ...")
         report.batching.append(serve_poisson(runner, batching, config.slots, arrivals))
     return report
+
+
+def _speedup_row(config: BenchConfig, naive: NaiveSampler, graphs: StepRunner, fused: StepRunner | None,
+                 batch: int, audio_rate: int | None) -> SpeedupRow:
+    """Naive vs step graphs vs fused at one batch size."""
+    length = graphs.spec.length
+    steps = min(config.naive_steps, length)
+    noise = torch.rand(batch, *graphs.spec.sample_shape, generator=torch.Generator().manual_seed(batch))
+    # Warm-up over several passes: TorchScript specialises a graph over its first calls. After one
+    # warm-up pass, an H200 timed 88.6 ms per pass at batch 1 against 5 ms per pass at batch 256.
+    naive.time_passes(noise, 3)
+    naive_ms = naive.time_passes(noise, steps) * (length / steps) / batch * 1e3
+    pass_ms = naive_ms / length
+    step_ms = time_cached(graphs, batch, config.seed) / batch * 1e3
+    row = SpeedupRow(batch, round(pass_ms, 3), round(naive_ms, 1), round(step_ms, 2),
+                     round(naive_ms / step_ms, 1), round(step_ms / pass_ms, 2))
+    if fused is not None:
+        fused_ms = time_cached(fused, batch, config.seed) / batch * 1e3
+        row.fused_ms_per_image, row.fused_vs_step = round(fused_ms, 2), round(step_ms / fused_ms, 1)
+        row.fused_passes, row.fused_images_per_s = round(fused_ms / pass_ms, 2), round(1e3 / fused_ms, 1)
+    if audio_rate is not None:
+        clip_seconds = length / audio_rate
+        row.real_time_factor = round(clip_seconds / (min(step_ms, row.fused_ms_per_image or step_ms) / 1e3), 3)
+    return row
 
 
 def format_report(report: BenchReport) -> str:
@@ -286,6 +301,9 @@ def format_report(report: BenchReport) -> str:
             line += (f"  {r.fused_ms_per_image:>7.2f}  {r.fused_vs_step:>9.1f}x  {r.fused_passes:>9.2f}x  "
                      f"{r.fused_images_per_s:>8.1f}")
         lines.append(line)
+    if report.out_of_memory_at is not None:
+        lines.append(f"batch {report.out_of_memory_at} ran out of {c['device']} memory: the largest that fits is "
+                     "the last above")
     audio = [r for r in report.speedup if r.real_time_factor is not None]
     if audio:
         best = max(audio, key=lambda r: r.real_time_factor)

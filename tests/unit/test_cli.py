@@ -7,9 +7,11 @@ import subprocess
 import sys
 
 import numpy as np
+import torch
 from PIL import Image
 
 from genserve.clients.cli import load_verbs
+from tests.unit.test_export import REPOSITORY
 
 
 def genserve(*args: str) -> subprocess.CompletedProcess:
@@ -121,6 +123,29 @@ def test_train_then_resume_from_the_command_line(tmp_path):
     assert "epoch 2/2" in second.stderr and "epoch 1/2" not in second.stderr  # resumed, not restarted
     record = json.loads((out / "config.json").read_text())
     assert record["training"]["epochs_done"] == 2 and record["model"]["latent_dim"] == 2
+
+
+def test_bench_sampler_stops_at_the_first_batch_size_that_runs_out_of_memory(monkeypatch):
+    # On a GPU the table goes up to the largest batch that fits. No GPU here: from batch 4 on, the
+    # engine's timing raises what torch raises when a device's memory runs out.
+    from genserve.serving.engine import bench
+
+    timed = bench.time_cached
+
+    def time_cached(runner, batch, seed):
+        if batch >= 4:
+            raise torch.OutOfMemoryError("out of memory. Tried to allocate 2.00 GiB")
+        return timed(runner, batch, seed)
+
+    monkeypatch.setattr(bench, "time_cached", time_cached)
+    config = bench.BenchConfig(model="pixelcnn_mnist", repository=str(REPOSITORY), batches=(1, 2, 4, 8),
+                               naive_steps=2, slots=2, requests=2, max_request_size=1)
+    progress = []
+    report = bench.run_benchmark(config, progress=progress.append)
+    assert [row.batch for row in report.speedup] == [1, 2] and report.out_of_memory_at == 4
+    assert "batch 4: out of cpu memory; larger batch sizes skipped" in progress
+    assert "batch 4 ran out of cpu memory" in bench.format_report(report)
+    assert len(report.batching) == 2  # the batching comparison still runs
 
 
 def test_bench_serve_compares_batching_on_and_off_and_writes_json(tmp_path):
