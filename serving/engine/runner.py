@@ -54,8 +54,10 @@ class SlotRunner:
             "noise": control(self.spec.length, channels),  # per position: (C,)
             "pixels": control(channels, height * width, dtype=torch.uint8),
         }
-        self._span = (torch.arange(self.spec.span, device=runner.device) if self.mirror
-                      else np.arange(self.spec.span))  # a step's offsets from its slots' positions
+        # a step's offsets from its slots' positions, and each slot's index
+        self._span, self._slot_index = ((torch.arange(self.spec.span, device=runner.device),
+                                         torch.arange(num_slots, device=runner.device)) if self.mirror
+                                        else (np.arange(self.spec.span), np.arange(num_slots)))
         self.slot_jobs: list[tuple[SampleJob, int] | None] = [None] * num_slots  # (job, k): sample k of job
         # The same as arrays, so that finishing rows works on all slots at once: id(job) (alive while it
         # holds a slot) and k.
@@ -65,6 +67,7 @@ class SlotRunner:
         # The states' leading slices per slot count, made once: the state tensors are only ever
         # written in place, and a slice costs microseconds of dispatch on every row call.
         self._leading_states: dict[int, list[torch.Tensor]] = {}
+        self._leading_controls: dict[int, dict[str, torch.Tensor]] = {}  # the same for the row call's controls
         self.row_graphs = None  # the row call's CUDA graphs, one per slot count, all captured now
         if runner.row_graph_slots and runner.row_inputs:
             self.row_graphs = RowGraphs(runner.run_row, runner.row_graph_slots)
@@ -125,8 +128,7 @@ class SlotRunner:
         positions = self.positions[:n]
         starting = np.flatnonzero(positions % self.spec.period == 0) if REFRESH in self.spec.graphs else []
         if len(starting) == n and self.runner.row_inputs:  # one in-place call: refresh, then step
-            feeds = self._feeds(self.runner.row_inputs, slice(0, n))
-            pixel = (self.row_graphs or self.runner.run_row)(feeds, self._states_of_first(n))
+            pixel = (self.row_graphs or self.runner.run_row)(self._row_feeds(n), self._states_of_first(n))
         else:
             if len(starting) == n:
                 self._run(REFRESH, slice(0, n))
@@ -148,7 +150,16 @@ class SlotRunner:
             program_positions += span
         else:  # span divides the length, so positions are multiples of it: a step fills one (C, span) block
             blocks = images.reshape(len(images), images.shape[1], -1, span)  # a view
-            blocks[np.arange(n), :, self.positions[:n] // span] = pixel.numpy().transpose(0, 2, 1)
+            blocks[self._slot_index[:n], :, self.positions[:n] // span] = pixel.numpy().transpose(0, 2, 1)
+
+    def _row_feeds(self, n: int) -> dict[str, torch.Tensor]:
+        """The row call's controls of slots 0..n-1: views of the controls but for the noise, which depends on
+        the positions. The views are made once per slot count: the controls are only written in place."""
+        views = self._leading_controls.get(n)
+        if views is None:
+            views = self._leading_controls[n] = self._feeds([name for name in self.runner.row_inputs
+                                                             if name != "noise"], slice(0, n))
+        return {**views, **self._feeds([name for name in self.runner.row_inputs if name == "noise"], slice(0, n))}
 
     def _states_of_first(self, n: int) -> list[torch.Tensor]:
         """The program's states (in order) of slots 0..n-1, as views of the engine's own."""
@@ -165,6 +176,10 @@ class SlotRunner:
         rows = self.positions[slots] // self.spec.sample_shape[2] - 1
         pixels = self._row_pixels(slots, rows)
         ids = self.job_ids[slots]
+        if (ids == ids[0]).all():  # one job: at batch 1, or a single large request
+            job, _ = self.slot_jobs[slots[0]]
+            yield job, slots, self.sample_indices[slots], rows, pixels
+            return
         for job_id in np.unique(ids):
             mine = np.flatnonzero(ids == job_id)
             job, _ = self.slot_jobs[slots[mine[0]]]
@@ -206,14 +221,13 @@ class SlotRunner:
             if name in self.states:
                 feeds[name] = self.states[name][on_device]
                 continue
-            control = self.controls[name][pick]
-            if name == "noise":  # the noise of the step's pixels, (n, span, C)
-                taken = (self.controls["positions"][pick] + self._span)[:, :, None]  # (n, span, 1)
-                if self.mirror:
-                    control = torch.gather(control, 1, taken.expand(-1, -1, channels))
-                else:
-                    control = np.take_along_axis(control, taken, axis=1)
-            elif name == "pixels":
-                control = control.reshape(-1, channels, height, width)
+            if name == "noise":  # of the step's pixels, (n, span, C): a block of `span` positions per slot
+                span = self.spec.span
+                blocks = self.controls["noise"].reshape(len(self._slot_index), -1, span, channels)
+                control = blocks[self._slot_index[pick], self.controls["positions"][pick, 0] // span]
+            else:
+                control = self.controls[name][pick]
+                if name == "pixels":
+                    control = control.reshape(-1, channels, height, width)
             feeds[name] = control if self.mirror else torch.from_numpy(np.ascontiguousarray(control)).to(device)
         return feeds
