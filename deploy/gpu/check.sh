@@ -5,7 +5,7 @@
 #   2. exports the shipped Gated PixelCNN and PixelCNN into model_repository/ and runs tests/gpu
 #      (exact images against naive sampling, call parity, device errors);
 #   3. runs bench-sampler on the GPU for both (naive vs TorchScript step graphs vs fused,
-#      batch 1 .. 4096, continuous vs static);
+#      batch 1 .. 16384, continuous vs static);
 #   4. profiles the fused row call (deploy/gpu/profile_fused.py: wall, kernel and CUDA-graph time)
 #      and the engine around it (profile-engine: deploy/gpu/profile_engine.py, the host's share).
 # Each step has its own time limit and a failed step does not stop the next: one lent GPU session
@@ -14,7 +14,7 @@
 # profile-engine.txt.
 # STEPS (default "tests bench-gated profile bench-pixelcnn") picks which of 2-4 run, in that order
 # (batching-gated: the batching comparison at LOAD, default 0.8); BENCH_BATCHES (default
-# "1 16 64 256 1024 4096") sets bench-sampler's batch sizes; PROFILE_ARGS go to profile_fused.py,
+# "1 16 64 256 1024 4096 16384") sets bench-sampler's batch sizes; PROFILE_ARGS go to profile_fused.py,
 # ENGINE_ARGS to profile_engine.py.
 # Python packages the machine lacks can be put in .whl/ as wheels (installed into /tmp/site first).
 set -uo pipefail
@@ -72,7 +72,7 @@ bench() {  # bench NAME MODEL [ARGS]: naive vs step graphs vs fused on the GPU, 
   local name=$1 model=$2
   shift 2
   step 300 "$name" genserve bench-sampler "$model" --repository model_repository --runtime torchscript \
-    --device cuda $(printf -- '--batch %s ' ${BENCH_BATCHES:-1 16 64 256 1024 4096}) --naive-steps 8 \
+    --device cuda $(printf -- '--batch %s ' ${BENCH_BATCHES:-1 16 64 256 1024 4096 16384}) --naive-steps 8 \
     --json "$OUT/$name.json" "$@" | tee "$OUT/$name.txt"
 }
 for what in ${STEPS:-tests bench-gated profile bench-pixelcnn}; do

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import torch
+from profile_fused import reporter  # this folder's: the scripts run as files
 
 from genserve.serving.artifacts import load_manifest
 from genserve.serving.engine import EngineConfig, FusedStepRunner, SamplingEngine, load_step_runner
@@ -61,13 +62,7 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=12, help="host functions listed per batch size")
     parser.add_argument("--out", type=Path, help="also append the lines to this file")
     args = parser.parse_args()
-
-    def report(line: str) -> None:
-        print(line, flush=True)
-        if args.out:
-            with args.out.open("a") as f:
-                f.write(line + "\n")
-
+    report = reporter(args.out)
     runner = load_step_runner(load_manifest(args.repository / f"{args.model}_sample"), "torchscript", "cuda")
     if not isinstance(runner, FusedStepRunner):
         raise SystemExit(f"{args.model}: the fused operators do not run on cuda here")

@@ -128,6 +128,18 @@ def profile_model(name: str, repository: Path, batches: list[int], variants: lis
                    + ", ".join(f"{k} {v:.1f}" for k, v in sorted(kernels.items(), key=lambda kv: -kv[1])[:4]))
 
 
+def reporter(out: Path | None):
+    """A function that prints a line as soon as it is measured and, with `out`, appends it there."""
+
+    def report(line: str) -> None:
+        print(line, flush=True)
+        if out:
+            with out.open("a") as f:
+                f.write(line + "\n")
+
+    return report
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("models", nargs="*", default=["gated_pixelcnn_mnist", "pixelcnn_mnist"])
@@ -138,13 +150,7 @@ def main() -> None:
                              "every kernel (default: default, 8x16, 4x16)")
     parser.add_argument("--out", type=Path, help="also append the lines to this file")
     args = parser.parse_args()
-
-    def report(line: str) -> None:
-        print(line, flush=True)
-        if args.out:
-            with args.out.open("a") as f:
-                f.write(line + "\n")
-
+    report = reporter(args.out)
     for name in args.models:
         profile_model(name, args.repository, args.batch or [1, 16, 256, 1024, 4096, 16384],
                       args.variant or ["default", "8x16", "4x16"], report)

@@ -54,10 +54,8 @@ class SlotRunner:
             "noise": control(self.spec.length, channels),  # per position: (C,)
             "pixels": control(channels, height * width, dtype=torch.uint8),
         }
-        # a step's offsets from its slots' positions, and each slot's index
-        self._span, self._slot_index = ((torch.arange(self.spec.span, device=runner.device),
-                                         torch.arange(num_slots, device=runner.device)) if self.mirror
-                                        else (np.arange(self.spec.span), np.arange(num_slots)))
+        self._slot_index = torch.arange(num_slots, device=runner.device) if self.mirror else np.arange(num_slots)
+        self._span = torch.arange(self.spec.span, device=runner.device)  # a step's offsets from its positions
         self.slot_jobs: list[tuple[SampleJob, int] | None] = [None] * num_slots  # (job, k): sample k of job
         # The same as arrays, so that finishing rows works on all slots at once: id(job) (alive while it
         # holds a slot) and k.
@@ -153,13 +151,12 @@ class SlotRunner:
             blocks[self._slot_index[:n], :, self.positions[:n] // span] = pixel.numpy().transpose(0, 2, 1)
 
     def _row_feeds(self, n: int) -> dict[str, torch.Tensor]:
-        """The row call's controls of slots 0..n-1: views of the controls but for the noise, which depends on
-        the positions. The views are made once per slot count: the controls are only written in place."""
+        """The row call's controls of slots 0..n-1: views of the controls, made once per slot count (the
+        controls are only written in place), but for the noise, picked anew at the slots' positions."""
         views = self._leading_controls.get(n)
         if views is None:
-            views = self._leading_controls[n] = self._feeds([name for name in self.runner.row_inputs
-                                                             if name != "noise"], slice(0, n))
-        return {**views, **self._feeds([name for name in self.runner.row_inputs if name == "noise"], slice(0, n))}
+            views = self._leading_controls[n] = self._feeds(self.runner.row_inputs, slice(0, n))
+        return {**views, **self._feeds(("noise",), slice(0, n))}
 
     def _states_of_first(self, n: int) -> list[torch.Tensor]:
         """The program's states (in order) of slots 0..n-1, as views of the engine's own."""
