@@ -3,8 +3,8 @@
 `python deploy/gpu/profile_engine.py [MODEL] --batch N ...` (after `genserve export`; check.sh runs
 it) samples warm batches through the engine on its fused operators and reports, per batch size:
 - wall: one batch, ms per image and images/s;
-- GPU: the time of every kernel the batch launched (torch.profiler), and so the share of the wall
-  time in which the GPU had nothing to run (the host's share);
+- GPU: the time of every kernel the next batch launched (torch.profiler), and so the share of the
+  wall time in which the GPU had nothing to run (the host's share);
 - the host functions that took the most time in one more batch (cProfile, by own time).
 """
 
