@@ -5,7 +5,10 @@ step, in the shape schedule → execute → update:
   1. retire slots whose job was cancelled or ran past its deadline;
   2. schedule: the scheduler (scheduler.py) plans which waiting samples take free slots;
   3. execute: the slot runner (runner.py) calls the step program once on every active slot
-     (one call advances every slot by the program's span: a whole row for the exported programs);
+     (one call advances every slot by the program's span: a whole row for the exported programs;
+     the fused operators on the CPU run several whole rows per call while no sample waits for a
+     slot, as many as fit `call_budget_ms`: the Python between row calls cost ~40% of a batch-1
+     row there);
   4. update: copy completed rows to their jobs, retire finished samples, end finished jobs.
 
 A sample's noise depends only on (seed, sample index) (kernels.sampling.noise_for), so the
@@ -41,10 +44,16 @@ class EngineConfig:
     num_slots: int = 64
     batching: str = "continuous"  # or "static": admit only into an empty engine (the baseline)
     name: str = "sampler"  # the model it samples, for log lines
+    # Where the program runs several whole rows per call (the fused operators on the CPU), a call runs
+    # as many rows as fit in about this time, while no sample waits for a free slot: a sample that
+    # arrives meanwhile waits at most about this long to join. 0: one row per call.
+    call_budget_ms: float = 4.0
 
     def __post_init__(self) -> None:
         if self.num_slots < 1:
             raise ValueError(f"num_slots must be >= 1, got {self.num_slots}")
+        if not self.call_budget_ms >= 0:
+            raise ValueError(f"call_budget_ms must be >= 0, got {self.call_budget_ms}")
         if self.batching not in SCHEDULERS:
             raise ValueError(f"batching must be one of {tuple(SCHEDULERS)}, got {self.batching!r}")
 
@@ -58,6 +67,7 @@ class SamplingEngine:
         self.scheduler = SCHEDULERS[self.config.batching]()
         self.slots = SlotRunner(runner, self.config.num_slots)
         self.steps_run = 0
+        self._row_seconds = 0.0  # the last call's time per row; 0 before the first
         self.samples_finished = 0
         self.runs = 0  # busy periods: an idle engine that admits samples starts a run; joiners share it
         self._waiting: deque[SampleJob] = deque()
@@ -229,11 +239,27 @@ class SamplingEngine:
         if self.active == 0:
             return False
         self.runs += idle
-        ended_rows = self.slots.execute()
+        rows = self._rows_per_call()
+        started = time.perf_counter()
+        ended_rows = self.slots.execute(rows)
+        self._row_seconds = (time.perf_counter() - started) / rows
         self.steps_run += 1
         if len(ended_rows):
-            self._finish_rows(ended_rows)
+            self._finish_rows(ended_rows, rows)
         return True
+
+    def _rows_per_call(self) -> int:
+        """Whole rows for the next call (module docstring): 1 unless the program runs several per call.
+        No more than the fewest rows any slot has left (a finished sample frees its slot at once),
+        nor than fit the time budget at the last call's time per row; 1 while a sample waits for a
+        free slot, so that it joins at the next row."""
+        # The queue is read without the lock: a job queued just after this only joins a call later.
+        if not self.slots.whole_rows or self.active < self.config.num_slots and self._waiting:
+            return 1
+        height, width = self.spec.sample_shape[1:]
+        left = height - int(self.slots.positions[:self.active].max()) // width
+        fit = int(self.config.call_budget_ms / 1e3 / self._row_seconds) if self._row_seconds else 1
+        return max(1, min(left, fit))
 
     def _schedule(self) -> StepPlan:
         """Admissions for this step; dropped jobs already left the queue in `_retire_dropped`."""
@@ -252,14 +278,14 @@ class SamplingEngine:
                 with self._wake:
                     self._waiting.remove(job)
 
-    def _finish_rows(self, slots: np.ndarray) -> None:
-        """Copies each slot's just-completed row to its job; retires finished samples."""
+    def _finish_rows(self, slots: np.ndarray, count: int = 1) -> None:
+        """Copies each slot's `count` just-completed rows to its job; retires finished samples."""
         height = self.spec.sample_shape[1]
         finished = []
-        for job, job_slots, ks, rows, pixels in self.slots.completed_rows(slots):
-            job.images[ks, :, rows] = pixels
-            job.rows_done[ks] = rows + 1
-            finished.extend(job_slots[rows + 1 == height].tolist())
+        for job, job_slots, ks, rows, pixels in self.slots.completed_rows(slots, count):
+            job.images[ks[:, None], :, rows] = pixels
+            job.rows_done[ks] = rows[:, -1] + 1
+            finished.extend(job_slots[rows[:, -1] + 1 == height].tolist())
             if job.on_progress is not None:
                 job.on_progress(job)
         for slot in sorted(finished, reverse=True):

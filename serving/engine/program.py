@@ -74,6 +74,7 @@ class StepRunner(ABC):
     spec: StepSpec
     device: torch.device
     row_inputs: tuple[str, ...] = ()  # the controls `run_row` takes; empty: no `run_row`
+    runs_rows: bool = False  # whether `run_rows` runs (on the CPU, for fused programs)
     # Row calls of up to this many slots may be replayed from CUDA graphs (graphs.py); 0: never.
     row_graph_slots: int = 0
 
@@ -85,6 +86,13 @@ class StepRunner(ABC):
         """Refresh then step in one call, for slots that all start a row: `states` (the program's
         states in order, leading slices of the engine's own) are updated in place; returns `pixel`."""
         raise NotImplementedError(f"{type(self).__name__} has no row call")
+
+    def run_rows(self, feeds: Mapping[str, torch.Tensor | None], states: list[torch.Tensor], rows: int) -> None:
+        """`rows` row calls in one, for slots that each start a row with that many left, in place: the
+        states; `pixels` (n, C, H, W), each call's pixels written in; `positions` (n, 1), advanced a row
+        per call. `noise` is each sample's over its whole image, (n, H * W, C); `labels` None for an
+        unconditional model. A program whose span is a whole row only."""
+        raise NotImplementedError(f"{type(self).__name__} runs one row per call")
 
 
 class TorchStepRunner(StepRunner):
@@ -144,6 +152,9 @@ class FusedStepRunner(StepRunner):
                 raise RuntimeError(f"the fused operators are not available: {status.reason}")
             namespace = torch.ops.genserve
         self.row, self.row_inputs = getattr(namespace, op.row), op.row_inputs
+        # The multi-row call exists on the CPU only, where it saves the Python between row calls.
+        self.rows = getattr(namespace, op.rows, None) if self.device.type == "cpu" else None
+        self.runs_rows = self.rows is not None and spec.span == spec.sample_shape[2]
         # Per graph: the operator, its arguments (a state-list pattern expanded to its names) and
         # its outputs' names, worked out once here rather than on every call.
         self.calls = {
@@ -183,6 +194,11 @@ class FusedStepRunner(StepRunner):
     def run_row(self, feeds, states):
         with torch.inference_mode():
             return self.row(*(feeds.get(name) for name in self.row_inputs), states, self.weights)
+
+    def run_rows(self, feeds, states, rows):
+        with torch.inference_mode():
+            self.rows(feeds["pixels"], feeds["positions"], feeds.get("labels"), feeds["noise"], feeds["temperature"],
+                      states, self.weights, rows)
 
     def warm_up(self) -> None:
         """One row call on a slot of zeros: every kernel a sampling run launches is then compiled."""

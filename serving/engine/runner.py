@@ -56,6 +56,8 @@ class SlotRunner:
         }
         self._slot_index = torch.arange(num_slots, device=runner.device) if self.mirror else np.arange(num_slots)
         self._span = torch.arange(self.spec.span, device=runner.device)  # a step's offsets from its positions
+        # Several whole rows per call through the runner's `run_rows`, on the host's own controls.
+        self.whole_rows = runner.runs_rows and not self.mirror
         self.slot_jobs: list[tuple[SampleJob, int] | None] = [None] * num_slots  # (job, k): sample k of job
         # The same as arrays, so that finishing rows works on all slots at once: id(job) (alive while it
         # holds a slot) and k.
@@ -115,14 +117,20 @@ class SlotRunner:
         self.slot_jobs[last] = None
         self.active = last
 
-    def execute(self) -> np.ndarray:
-        """One call of the program on every active slot; returns the slots that just completed a row.
+    def execute(self, rows: int = 1) -> np.ndarray:
+        """One call of the program on every active slot; returns the slots that just completed `rows` rows.
 
         `refresh` (where the program has one) runs on the slots starting a row, then `step` on all
         (one in-place `run_row` call instead where the runner has one and every slot starts a row);
-        each slot's pixels are written and its position advances by the program's span.
+        each slot's pixels are written and its position advances by the program's span. Where
+        `whole_rows`, one `run_rows` call runs `rows` whole rows (otherwise `rows` must be 1).
         """
         n = self.active
+        if self.whole_rows:  # every slot starts a row at every call: all complete `rows` rows
+            self.runner.run_rows(self._row_feeds(n), self._states_of_first(n), rows)
+            return self._slot_index[:n]
+        if rows != 1:
+            raise ValueError(f"this program runs one row per call, not {rows}")
         positions = self.positions[:n]
         starting = np.flatnonzero(positions % self.spec.period == 0) if REFRESH in self.spec.graphs else []
         if len(starting) == n and self.runner.row_inputs:  # one in-place call: refresh, then step
@@ -152,11 +160,20 @@ class SlotRunner:
 
     def _row_feeds(self, n: int) -> dict[str, torch.Tensor]:
         """The row call's controls of slots 0..n-1: views of the controls, made once per slot count (the
-        controls are only written in place), but for the noise, picked anew at the slots' positions."""
+        controls are only written in place), but for the noise, picked anew at the slots' positions
+        (for `run_rows`, the noise too is a view: of the whole images' noise)."""
         views = self._leading_controls.get(n)
         if views is None:
-            views = self._leading_controls[n] = self._feeds(self.runner.row_inputs, slice(0, n))
-        return {**views, **self._feeds(("noise",), slice(0, n))}
+            views = self._leading_controls[n] = self._control_views(n)
+        return views if self.whole_rows else {**views, **self._feeds(("noise",), slice(0, n))}
+
+    def _control_views(self, n: int) -> dict[str, torch.Tensor | None]:
+        if not self.whole_rows:
+            return self._feeds(self.runner.row_inputs, slice(0, n))
+        views = self._feeds(("pixels", "positions", "temperature"), slice(0, n))
+        views["noise"] = torch.from_numpy(self.controls["noise"][:n])
+        views["labels"] = self._feeds(("labels",), slice(0, n))["labels"] if self.spec.num_classes else None
+        return views
 
     def _states_of_first(self, n: int) -> list[torch.Tensor]:
         """The program's states (in order) of slots 0..n-1, as views of the engine's own."""
@@ -165,12 +182,12 @@ class SlotRunner:
             views = self._leading_states[n] = [self.states[s.name][:n] for s in self.spec.states]
         return views
 
-    def completed_rows(self, slots: np.ndarray) -> Iterator[tuple[SampleJob, np.ndarray, np.ndarray, np.ndarray,
-                                                                   np.ndarray]]:
-        """Per job among `slots` (which have just completed a row): (job, its slots there, their sample
-        indices k, rows, the rows' pixels (m, C, W)). A loop over jobs, not slots: thousands of slots
-        finish a row together at large batch sizes."""
-        rows = self.positions[slots] // self.spec.sample_shape[2] - 1
+    def completed_rows(self, slots: np.ndarray, count: int = 1) -> Iterator[
+            tuple[SampleJob, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+        """Per job among `slots` (which have just completed `count` rows each): (job, its slots there,
+        their sample indices k, the rows (m, count), their pixels (m, count, C, W)). A loop over jobs,
+        not slots: thousands of slots finish a row together at large batch sizes."""
+        rows = self.positions[slots, None] // self.spec.sample_shape[2] - np.arange(count, 0, -1)
         pixels = self._row_pixels(slots, rows)
         ids = self.job_ids[slots]
         if (ids == ids[0]).all():  # one job: at batch 1, or a single large request
@@ -183,14 +200,15 @@ class SlotRunner:
             yield job, slots[mine], self.sample_indices[slots[mine]], rows[mine], pixels[mine]
 
     def _row_pixels(self, slots: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        """Row rows[i] of the image of slot slots[i], for every i: (m, C, W) uint8 on the host."""
+        """Rows rows[i] of the image of slot slots[i], for every i: (m, count, C, W) uint8 on the host."""
         channels, height, width = self.spec.sample_shape
         images = self.controls["pixels"].reshape(-1, channels, height, width)
         if not self.mirror:
-            return images[slots, :, rows]
+            return images[slots[:, None], :, rows]
         # The upload of the indices waits for the GPU to finish the step: the engine's one wait per row.
-        index = torch.from_numpy(np.stack([slots, rows])).to(self.runner.device)
-        return images[index[0], :, index[1]].cpu().numpy()
+        # (A mirrored engine runs one row per call: rows is (m, 1).)
+        index = torch.from_numpy(np.stack([slots, rows[:, 0]])).to(self.runner.device)
+        return images[index[0], :, index[1]].cpu().numpy()[:, None]
 
     def _run(self, graph: str, slots: slice | np.ndarray) -> dict[str, torch.Tensor]:
         """Runs `graph` on `slots` (a leading slice, or indices) and stores the states it returns."""

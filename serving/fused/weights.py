@@ -36,6 +36,7 @@ class FusedOp:
     step_outputs: tuple[str, ...]  # "logits" comes back only when a teacher is given
     row: str  # refresh then step in one call, the states updated in place (every slot at a row start)
     row_inputs: tuple[str, ...]  # controls, then the list of states in the program's order
+    rows: str  # CPU only: several row calls in one, the engine's per-row bookkeeping included (csrc/rows.h)
     weights: tuple[str, ...]
 
 
@@ -49,6 +50,7 @@ FUSED_OPS = {
         step_outputs=("pixel", "next_image_context", "next_hidden_context", "logits"),
         row="gated_row",
         row_inputs=("pixels", "positions", "labels", "noise", "temperature"),
+        rows="gated_rows",
         weights=GATED_WEIGHTS,
     ),
     "pixelcnn": FusedOp(
@@ -60,6 +62,7 @@ FUSED_OPS = {
         step_outputs=("pixel", "next_image_rows", "next_block*", "logits"),
         row="pixelcnn_row",
         row_inputs=("positions", "noise", "temperature"),
+        rows="pixelcnn_rows",
         weights=PIXELCNN_WEIGHTS,
     ),
 }

@@ -27,11 +27,12 @@ from genserve.serving.engine import (
     load_step_runner,
 )
 from genserve.serving.engine import program as engine_program
+from genserve.serving.engine.jobs import JobStatus
 from genserve.serving.engine.program import fused_unavailable
 from tests.conftest import make_model
 from tests.rounding import assert_within_rounding, rounding_sigma
 from tests.unit.test_export import REPOSITORY
-from tests.unit.test_sampling_engine import MODELS, labels_for, mirrored, naive, tiny
+from tests.unit.test_sampling_engine import MODELS, labels_for, mirrored, naive, submit, tiny
 
 FUSED_MODELS = sorted(name for name, (family, _) in MODELS.items() if family in ("pixelcnn", "gated_pixelcnn"))
 
@@ -74,7 +75,7 @@ def assert_teacher_forced_logits_equal_the_network(model, runner, span: int) -> 
         return outputs
 
     runner.run = teacher_forced
-    runner.row_inputs = ()  # every call through `run`, where the teacher is fed
+    runner.row_inputs, runner.runs_rows = (), False  # every call through `run`, where the teacher is fed
     engine = SamplingEngine(runner, EngineConfig(num_slots=n))
     job = engine.submit(0, n, labels=labels)
     engine.run_until_idle()
@@ -169,6 +170,111 @@ def test_each_fused_call_matches_the_step_graph_it_replaces(name, graph):
 def test_the_in_place_row_call_equals_refresh_then_step(name):
     model = tiny(name)
     assert_row_call_equals_refresh_then_step(fused_runner(model), model)
+
+
+def row_call_arguments(model, n: int = 3):
+    """A row call's controls and states for slots at rows 0, 1 and 3 of random images, as the engine keeps
+    them (positions (n, 1), the whole images' noise (n, H * W, 1)), and the program's states (random)."""
+    program, c = step_program(model), model.config
+    generator = torch.Generator().manual_seed(2)
+    width = c.image_size
+    controls = {
+        "pixels": torch.randint(0, c.pixel_levels, (n, 1, width, width), dtype=torch.uint8, generator=generator),
+        "positions": torch.tensor([[0], [width], [3 * width]])[:n],
+        "labels": torch.tensor([[k % c.num_classes] for k in range(n)]) if c.num_classes else None,
+        "noise": torch.rand(n, width * width, 1, generator=generator),
+        "temperature": torch.tensor([[1.0], [0.5], [0.0]])[:n],
+    }
+    states = [torch.randn(n, *s.shape, generator=generator) for s in program.states]
+    return controls, states
+
+
+@pytest.mark.parametrize("name", FUSED_MODELS)
+def test_a_multi_row_call_equals_row_calls_with_the_engines_bookkeeping(name):
+    # run_rows(k) must do exactly what k row calls do with the engine's Python around each: the row's
+    # noise picked at each slot's position, its pixels written into the images, the positions advanced.
+    model = tiny(name)
+    runner = fused_runner(model)
+    assert runner.runs_rows
+    width, rows = model.config.image_size, 2
+    controls, states = row_call_arguments(model)
+    want_controls = {k: None if v is None else v.clone() for k, v in controls.items()}
+    want_states = [state.clone() for state in states]
+    slots = torch.arange(3)[:, None]
+    for _ in range(rows):
+        taken = want_controls["positions"] + torch.arange(width)  # (n, W): this row's pixels
+        feeds = {**want_controls, "noise": want_controls["noise"][slots, taken]}
+        pixel = runner.run_row(feeds, want_states)  # (n, W, 1)
+        want_controls["pixels"].view(3, -1)[slots, taken] = pixel[..., 0].to(torch.uint8)
+        want_controls["positions"] += width
+    runner.run_rows(controls, states, rows)
+    for key in ("pixels", "positions"):
+        assert torch.equal(controls[key], want_controls[key]), key
+    for got, want in zip(states, want_states):
+        assert torch.equal(got, want)
+
+
+def test_a_multi_row_call_refuses_slots_off_a_row_start_or_out_of_rows():
+    model = tiny("gated")
+    runner, width = fused_runner(model), model.config.image_size
+    controls, states = row_call_arguments(model)
+    with pytest.raises(RuntimeError, match="positions: slot 2 at 18 does not start one of 4 rows left"):
+        runner.run_rows(controls, states, 4)  # slot 2 is at row 3 of 6
+    controls["positions"][1] += 1
+    with pytest.raises(RuntimeError, match="positions: slot 1 at 7 does not start"):
+        runner.run_rows(controls, states, 1)
+    controls["positions"][1] -= 1
+    with pytest.raises(RuntimeError, match=r"pixels, noise: expected \(n, 1, H, W\) and \(n, H \* W, 1\)"):
+        runner.run_rows({**controls, "noise": controls["noise"][:, :width].contiguous()}, states, 1)
+    with pytest.raises(RuntimeError, match="rows: must be >= 0"):
+        runner.run_rows(controls, states, -1)
+    pixelcnn = tiny("pixelcnn")
+    controls, states = row_call_arguments(pixelcnn)
+    with pytest.raises(RuntimeError, match="labels: PixelCNN is unconditional"):
+        fused_runner(pixelcnn).run_rows({**controls, "labels": torch.zeros(3, 1, dtype=torch.long)}, states, 1)
+
+
+@pytest.mark.parametrize("name", FUSED_MODELS)
+def test_several_rows_per_call_sample_exactly_as_samples_join_mid_image(name):
+    # With an unbounded time budget a call runs until the first slot finishes, unless a sample waits for a
+    # free slot. The late job's first sample joins the first job's 3 a row in, and the call runs the
+    # rows the first job has left (its slots at row 1, the joiner's at row 0); the late job's second
+    # sample joins then, with the first one a row from its end.
+    model = tiny(name)
+    width = height = model.config.image_size
+    engine = SamplingEngine(fused_runner(model), EngineConfig(num_slots=4, call_budget_ms=1e9))
+    first = submit(engine, model, 3, 3, 0.5)
+    engine.step()  # one row: no time per row is known yet
+    late = submit(engine, model, 4, 2)
+    engine.step()
+    assert first.status is JobStatus.FINISHED and engine.slots.positions[:engine.active].tolist() == [
+        (height - 1) * width]
+    engine.run_until_idle()
+    assert first.error is None and late.error is None
+    assert engine.steps_run < height  # one row per call would take a call per row of the first job alone
+    assert np.array_equal(first.images, naive(model, 3, 3, 0.5, labels_for(model, 3)))
+    assert np.array_equal(late.images, naive(model, 2, 4, 1.0, labels_for(model, 2)))
+
+
+def test_progress_after_a_multi_row_call_reports_its_rows_with_the_partial_image():
+    model = tiny("pixelcnn")
+    height = model.config.image_size
+    engine = SamplingEngine(fused_runner(model), EngineConfig(num_slots=2, call_budget_ms=1e9))
+    seen = []
+    job = engine.submit(5, 2, on_progress=lambda j: seen.append((j.rows_done.copy(), j.images.copy())))
+    engine.run_until_idle()
+    assert [rows.tolist() for rows, _ in seen] == [[1, 1], [height, height]]  # a row, then all the rest
+    rows, partial = seen[0]
+    assert np.array_equal(partial[:, :, :1], job.images[:, :, :1]) and not partial[:, :, 1:].any()
+    assert np.array_equal(job.images, naive(model, 2, 5))
+
+
+def test_a_zero_time_budget_runs_one_row_per_call():
+    model = tiny("gated")
+    engine = SamplingEngine(fused_runner(model), EngineConfig(num_slots=2, call_budget_ms=0))
+    images = engine.generate(5, 2)
+    assert engine.steps_run == model.config.image_size
+    assert np.array_equal(images, naive(model, 2, 5))
 
 
 def test_the_shipped_sampler_runs_fused_and_reproduces_naive_sampling(shipped):

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "kernels.h"
+#include "rows.h"
 
 namespace genserve {
 namespace {
@@ -328,6 +329,15 @@ Tensor gated_row(const Tensor& pixels, const Tensor& positions, const std::optio
   return pixel;
 }
 
+// `rows` whole rows in one call (rows.h): the images and positions advanced in place.
+void gated_rows(const Tensor& pixels, const Tensor& positions, const std::optional<Tensor>& labels,
+                const Tensor& noise, const Tensor& temperature, at::TensorList states, at::TensorList weights,
+                int64_t rows) {
+  for_rows(pixels, positions, noise, rows, [&](const Tensor& step_noise) {
+    return gated_row(pixels, positions, labels, step_noise, temperature, states, weights);
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(genserve, m) {
@@ -337,12 +347,15 @@ TORCH_LIBRARY_FRAGMENT(genserve, m) {
         " Tensor hidden_context, Tensor? teacher, Tensor[] weights) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("gated_row(Tensor pixels, Tensor positions, Tensor? labels, Tensor noise, Tensor temperature,"
         " Tensor(a!)[] states, Tensor[] weights) -> Tensor");
+  m.def("gated_rows(Tensor(a!) pixels, Tensor(b!) positions, Tensor? labels, Tensor noise, Tensor temperature,"
+        " Tensor(c!)[] states, Tensor[] weights, int rows) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(genserve, CPU, m) {
   m.impl("gated_refresh", &gated_refresh);
   m.impl("gated_step", &gated_step);
   m.impl("gated_row", &gated_row);
+  m.impl("gated_rows", &gated_rows);
 }
 
 }  // namespace genserve

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "kernels.h"
+#include "rows.h"
 
 namespace genserve {
 namespace {
@@ -171,6 +172,17 @@ Tensor pixelcnn_row(const Tensor& positions, const Tensor& noise, const Tensor& 
   return pixel;
 }
 
+// `rows` whole rows in one call (rows.h): the images and positions advanced in place. An
+// unconditional family: `labels` is accepted for the engine's one signature and must be None.
+void pixelcnn_rows(const Tensor& pixels, const Tensor& positions, const std::optional<Tensor>& labels,
+                   const Tensor& noise, const Tensor& temperature, at::TensorList states, at::TensorList weights,
+                   int64_t rows) {
+  TORCH_CHECK(!labels.has_value(), "labels: PixelCNN is unconditional");
+  for_rows(pixels, positions, noise, rows, [&](const Tensor& step_noise) {
+    return pixelcnn_row(positions, step_noise, temperature, states, weights);
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(genserve, m) {
@@ -179,12 +191,15 @@ TORCH_LIBRARY_FRAGMENT(genserve, m) {
         " Tensor? teacher, Tensor[] weights) -> Tensor[]");
   m.def("pixelcnn_row(Tensor positions, Tensor noise, Tensor temperature, Tensor(a!)[] states, Tensor[] weights)"
         " -> Tensor");
+  m.def("pixelcnn_rows(Tensor(a!) pixels, Tensor(b!) positions, Tensor? labels, Tensor noise, Tensor temperature,"
+        " Tensor(c!)[] states, Tensor[] weights, int rows) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(genserve, CPU, m) {
   m.impl("pixelcnn_refresh", &pixelcnn_refresh);
   m.impl("pixelcnn_step", &pixelcnn_step);
   m.impl("pixelcnn_row", &pixelcnn_row);
+  m.impl("pixelcnn_rows", &pixelcnn_rows);
 }
 
 }  // namespace genserve
