@@ -20,6 +20,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="batch sizes, ascending (default: 1, 16, 64; on a GPU also 256, 1024, 4096 and 16384, "
                              "up to the first that runs out of memory)")
     parser.add_argument("--naive-steps", type=int, default=28, help="naive pixels timed per batch, then scaled")
+    parser.add_argument("--min-seconds", type=float, default=1.0,
+                        help="each engine timing repeats whole batches for at least this long and takes the "
+                             "median (a batch-1 image takes milliseconds on a CPU); 0: one batch")
     parser.add_argument("--slots", type=int, default=16, help="engine slots in the batching comparison")
     parser.add_argument("--requests", type=int, default=40, help="Poisson-arriving requests per batching mode")
     parser.add_argument("--max-request-size", type=int, default=4, help="requests ask for 1..this many samples")
@@ -52,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     config = BenchConfig(
         model=args.model, repository=args.repository, runtime=args.runtime, device=args.device,
         batches=tuple(args.batch or (GPU_BATCHES if args.device.startswith("cuda") else (1, 16, 64))),
-        naive_steps=args.naive_steps, slots=args.slots,
+        naive_steps=args.naive_steps, min_seconds=args.min_seconds, slots=args.slots,
         requests=args.requests, max_request_size=args.max_request_size, load=args.load, seed=args.seed,
         fused=args.fused,
     )

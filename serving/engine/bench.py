@@ -6,7 +6,8 @@ these machines are noisy: ratios taken minutes apart mean little.
   (what `model.sample` does), timed over a prefix of `naive_steps` pixels and scaled to the
   whole image (each naive pass costs the same wherever it is in the image). One pass (naive
   ÷ pixels) is the yardstick: cached sampling does the arithmetic of about one full pass;
-- step: the exported step graphs in the sampling engine, whole images;
+- step: the exported step graphs in the sampling engine, whole images (the median of repeated
+  batches over at least a second: `time_cached`);
 - fused: the fused operators (serving/fused) in the same engine, where built for the device;
 - batching: requests of 1..max_request_size samples arriving as a Poisson process at a fixed
   rate (the same arrival schedule for both modes), served by an engine that admits at every
@@ -39,6 +40,7 @@ class BenchConfig:
     device: str = "cpu"  # torchscript only: cpu or cuda
     batches: tuple[int, ...] = (1, 16, 64)
     naive_steps: int = 28  # naive passes timed per batch size (one 28-pixel row by default)
+    min_seconds: float = 1.0  # engine timings repeat whole batches for this long, at least once (median)
     slots: int = 16  # engine slots for the batching comparison
     requests: int = 40
     max_request_size: int = 4
@@ -52,6 +54,8 @@ class BenchConfig:
                if v < 1}
         if bad or not self.batches or min(self.batches) < 1:
             raise ValueError(f"counts must be >= 1, got {bad or {'batches': self.batches}}")
+        if not self.min_seconds >= 0:
+            raise ValueError(f"min_seconds must be >= 0, got {self.min_seconds}")
         if not 0 < self.load <= 1:
             raise ValueError(f"load must lie in (0, 1], got {self.load}")
 
@@ -174,15 +178,21 @@ def _conditions(runner: StepRunner, seed: int, n: int) -> dict:
     return {"labels": [k % classes for k in range(n)] if classes else None, "latents": latents}
 
 
-def time_cached(runner: StepRunner, batch: int, seed: int) -> float:
-    """Seconds to sample `batch` whole images with `batch` engine slots."""
+def time_cached(runner: StepRunner, batch: int, seed: int, min_seconds: float = 1.0) -> float:
+    """Seconds to sample `batch` whole images with `batch` engine slots: the median over repeated
+    batches, as many as run in `min_seconds` (at least one). One batch-1 image takes milliseconds
+    on a CPU, where a single timing moved by a third between runs on these shared machines."""
     engine = SamplingEngine(runner, EngineConfig(num_slots=batch))
     engine.generate(seed, batch, **_conditions(runner, seed, batch))  # warm-up (allocations, graph optimisation)
-    _sync(runner.device)
-    start = time.perf_counter()
-    engine.generate(seed + 1, batch, **_conditions(runner, seed + 1, batch))
-    _sync(runner.device)
-    return time.perf_counter() - start
+    times: list[float] = []
+    while not times or sum(times) < min_seconds:
+        conditions = _conditions(runner, seed + 1 + len(times), batch)
+        _sync(runner.device)
+        start = time.perf_counter()
+        engine.generate(seed + 1 + len(times), batch, **conditions)
+        _sync(runner.device)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
 
 
 def serve_poisson(runner: StepRunner, batching: str, slots: int, arrivals: list[tuple[float, int]]) -> BatchingRow:
@@ -242,7 +252,8 @@ def run_benchmark(config: BenchConfig, progress=print) -> BenchReport:
 
     report.batching_runner = "fused operators" if fused is not None else "step graphs"
     progress(f"static batch of {config.slots} on the {report.batching_runner}: capacity ...")
-    report.capacity_images_per_s = round(config.slots / time_cached(runner, config.slots, config.seed), 2)
+    static_batch_s = time_cached(runner, config.slots, config.seed, config.min_seconds)
+    report.capacity_images_per_s = round(config.slots / static_batch_s, 2)
     rng = random.Random(config.seed)
     mean_size = (1 + config.max_request_size) / 2
     rate = config.load * report.capacity_images_per_s / mean_size  # requests per second
@@ -268,11 +279,11 @@ def _speedup_row(config: BenchConfig, naive: NaiveSampler, graphs: StepRunner, f
     naive.time_passes(noise, 3)
     naive_ms = naive.time_passes(noise, steps) * (length / steps) / batch * 1e3
     pass_ms = naive_ms / length
-    step_ms = time_cached(graphs, batch, config.seed) / batch * 1e3
+    step_ms = time_cached(graphs, batch, config.seed, config.min_seconds) / batch * 1e3
     row = SpeedupRow(batch, round(pass_ms, 3), round(naive_ms, 1), round(step_ms, 2),
                      round(naive_ms / step_ms, 1), round(step_ms / pass_ms, 2))
     if fused is not None:
-        fused_ms = time_cached(fused, batch, config.seed) / batch * 1e3
+        fused_ms = time_cached(fused, batch, config.seed, config.min_seconds) / batch * 1e3
         row.fused_ms_per_image, row.fused_vs_step = round(fused_ms, 2), round(step_ms / fused_ms, 1)
         row.fused_passes, row.fused_images_per_s = round(fused_ms / pass_ms, 2), round(1e3 / fused_ms, 1)
     if audio_rate is not None:

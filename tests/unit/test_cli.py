@@ -66,7 +66,7 @@ def test_bench_sampler_prints_a_table_and_writes_json(tmp_path):
     assert "step/fused" in result.stdout and "continuous vs static" in result.stdout
     # Without the fused operators the table says why and batching runs on the step graphs.
     result = genserve("bench-sampler", "pixelcnn_mnist", "--batch", "2", "--naive-steps", "2", "--slots", "2",
-                      "--requests", "2", "--max-request-size", "1", "--no-fused", "--json", "-")
+                      "--requests", "2", "--max-request-size", "1", "--min-seconds", "0", "--no-fused", "--json", "-")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["speedup"][0]["fused_ms_per_image"] is None and report["batching_runner"] == "step graphs"
@@ -132,14 +132,14 @@ def test_bench_sampler_stops_at_the_first_batch_size_that_runs_out_of_memory(mon
 
     timed = bench.time_cached
 
-    def time_cached(runner, batch, seed):
+    def time_cached(runner, batch, seed, min_seconds):
         if batch >= 4:
             raise torch.OutOfMemoryError("out of memory. Tried to allocate 2.00 GiB")
-        return timed(runner, batch, seed)
+        return timed(runner, batch, seed, min_seconds)
 
     monkeypatch.setattr(bench, "time_cached", time_cached)
     config = bench.BenchConfig(model="pixelcnn_mnist", repository=str(REPOSITORY), batches=(1, 2, 4, 8),
-                               naive_steps=2, slots=2, requests=2, max_request_size=1)
+                               naive_steps=2, min_seconds=0, slots=2, requests=2, max_request_size=1)
     progress = []
     report = bench.run_benchmark(config, progress=progress.append)
     assert [row.batch for row in report.speedup] == [1, 2] and report.out_of_memory_at == 4
