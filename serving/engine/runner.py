@@ -4,7 +4,8 @@ Cache states live in torch tensors on the step runner's device. What else the pr
 a slot, its controls (position, temperature, label, latents, noise, image so far), lives where
 the program runs:
 - for a program on the CPU, in numpy arrays, where a batch-1 step costs microseconds of Python
-  rather than a dozen tensor dispatches;
+  rather than a dozen tensor dispatches; the fused operators' multi-row call (`run_rows`) reads
+  the noise, writes the pixels and advances the positions there itself, in place;
 - for a program on a GPU, in tensors on the device ("mirrored"): the program reads them in place
   and its pixels are written there, so a step uploads nothing and waits for nothing. The host
   waits once per completed row, to copy that row out. (Uploading the controls for every row
