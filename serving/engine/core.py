@@ -251,10 +251,12 @@ class SamplingEngine:
     def _rows_per_call(self) -> int:
         """Whole rows for the next call (module docstring): 1 unless the program runs several per call.
         No more than the fewest rows any slot has left (a finished sample frees its slot at once),
-        nor than fit the time budget at the last call's time per row; 1 while a sample waits for a
-        free slot, so that it joins at the next row."""
+        nor than fit the time budget at the last call's time per row; 1 while a waiting sample would
+        join at the next row (continuous batching with a free slot)."""
+        if not self.slots.whole_rows:
+            return 1
         # The queue is read without the lock: a job queued just after this only joins a call later.
-        if not self.slots.whole_rows or self.active < self.config.num_slots and self._waiting:
+        if self._waiting and self.scheduler.joins_running_batch(self.active, self.config.num_slots):
             return 1
         height, width = self.spec.sample_shape[1:]
         left = height - int(self.slots.positions[:self.active].max()) // width

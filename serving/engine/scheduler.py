@@ -37,6 +37,10 @@ class Scheduler(ABC):
     def plan(self, waiting: Iterable[SampleJob], active: int, num_slots: int) -> StepPlan:
         """The admissions for the next step; `waiting` holds live jobs in arrival order."""
 
+    @abstractmethod
+    def joins_running_batch(self, active: int, num_slots: int) -> bool:
+        """Whether a waiting sample would join the `active` running samples at the next step."""
+
 
 class ContinuousScheduler(Scheduler):
     """Every free slot is filled at every step, first come first served."""
@@ -51,12 +55,18 @@ class ContinuousScheduler(Scheduler):
             free -= len(samples)
         return StepPlan(tuple(admit))
 
+    def joins_running_batch(self, active, num_slots):
+        return active < num_slots
+
 
 class StaticScheduler(ContinuousScheduler):
     """Admits only into an empty engine: each batch runs to completion before the next starts."""
 
     def plan(self, waiting, active, num_slots):
         return super().plan(waiting, active, num_slots) if active == 0 else StepPlan()
+
+    def joins_running_batch(self, active, num_slots):
+        return False
 
 
 SCHEDULERS: dict[str, type[Scheduler]] = {"continuous": ContinuousScheduler, "static": StaticScheduler}

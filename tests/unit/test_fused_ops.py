@@ -256,6 +256,21 @@ def test_several_rows_per_call_sample_exactly_as_samples_join_mid_image(name):
     assert np.array_equal(late.images, naive(model, 2, 4, 1.0, labels_for(model, 2)))
 
 
+def test_a_static_batch_runs_several_rows_per_call_while_a_job_waits_for_it_to_end():
+    # Static batching admits nothing into a running batch, so a waiting job does not cut calls to a row.
+    model = tiny("gated")
+    height = model.config.image_size
+    engine = SamplingEngine(fused_runner(model), EngineConfig(num_slots=3, batching="static", call_budget_ms=1e9))
+    first = engine.submit(1, 2)
+    engine.step()  # one row: no time per row is known yet
+    second = engine.submit(2, 1)
+    engine.step()  # the rest of the first batch in one call, a slot free and the second job waiting
+    assert first.status is JobStatus.FINISHED and engine.steps_run == 2
+    engine.run_until_idle()  # the second job whole in one call: 3 calls, where a row per call makes 2 * height
+    assert engine.steps_run == 3 < 2 * height and second.status is JobStatus.FINISHED
+    assert np.array_equal(first.images, naive(model, 2, 1)) and np.array_equal(second.images, naive(model, 1, 2))
+
+
 def test_progress_after_a_multi_row_call_reports_its_rows_with_the_partial_image():
     model = tiny("pixelcnn")
     height = model.config.image_size

@@ -386,6 +386,9 @@ def test_schedulers_fill_free_slots_in_arrival_order_and_static_waits_for_an_emp
     assert plan.admitted == 4
     assert StaticScheduler().plan([first, second], active=1, num_slots=6).admit == ()
     assert StaticScheduler().plan([first, second], active=0, num_slots=4).admitted == 4
+    assert ContinuousScheduler().joins_running_batch(active=3, num_slots=4)
+    assert not ContinuousScheduler().joins_running_batch(active=4, num_slots=4)
+    assert not StaticScheduler().joins_running_batch(active=1, num_slots=4)
 
 
 def test_a_job_ends_with_the_status_of_how_it_ended():
