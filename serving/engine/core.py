@@ -6,8 +6,8 @@ step, in the shape schedule → execute → update:
   2. schedule: the scheduler (scheduler.py) plans which waiting samples take free slots;
   3. execute: the slot runner (runner.py) calls the step program once on every active slot
      (one call advances every slot by the program's span: a whole row for the exported programs;
-     the fused operators on the CPU run several whole rows per call while no sample waits for a
-     slot, as many as fit `call_budget_ms`: the Python between row calls cost ~40% of a batch-1
+     the fused operators on the CPU run several whole rows per call while no waiting sample would
+     join the running batch, as many as fit `call_budget_ms`: the Python between row calls cost ~40% of a batch-1
      row there);
   4. update: copy completed rows to their jobs, retire finished samples, end finished jobs.
 
@@ -45,8 +45,8 @@ class EngineConfig:
     batching: str = "continuous"  # or "static": admit only into an empty engine (the baseline)
     name: str = "sampler"  # the model it samples, for log lines
     # Where the program runs several whole rows per call (the fused operators on the CPU), a call runs
-    # as many rows as fit in about this time, while no sample waits for a free slot: a sample that
-    # arrives meanwhile waits at most about this long to join. 0: one row per call.
+    # as many rows as fit in about this time, while no waiting sample would join the running batch: a
+    # sample that arrives meanwhile waits at most about this long to join. 0: one row per call.
     call_budget_ms: float = 4.0
 
     def __post_init__(self) -> None:

@@ -4,7 +4,7 @@
 // row's noise, writing its pixels into the images, advancing the positions, finding the rows
 // that completed) took ~150 µs more: the call evicts the interpreter's working set from the
 // caches, so every Python statement after it runs cold. When nothing needs the engine between
-// rows (no sample waiting for a free slot), it runs `rows` rows per call through this loop.
+// rows (no waiting sample would join the running batch), it runs `rows` rows per call through this loop.
 #pragma once
 
 #include <ATen/ATen.h>
