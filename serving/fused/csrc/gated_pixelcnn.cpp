@@ -51,12 +51,6 @@ struct GatedWeights {
   float scale(int64_t level) const { return level_value(level, levels); }
 };
 
-void check_cpu(const Tensor& t, at::ScalarType type, int64_t dim, const char* name) {
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == type && t.dim() == dim && t.is_contiguous(), name,
-              ": expected a contiguous CPU tensor of ", dim, " dims and type ", type, ", got ", t.sizes(), " ",
-              t.scalar_type());
-}
-
 // The refresh into given outputs: `vertical_out` may be `vertical` itself (each slot's cache is read
 // before it is written); `links` is overwritten whole.
 void refresh_into(const GatedWeights& w, const Tensor& pixels, const Tensor& positions,

@@ -13,6 +13,12 @@
 
 namespace genserve {
 
+inline void check_cpu(const at::Tensor& t, at::ScalarType type, int64_t dim, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == type && t.dim() == dim && t.is_contiguous(), name,
+              ": expected a contiguous CPU tensor of ", dim, " dims and type ", type, ", got ", t.sizes(), " ",
+              t.scalar_type());
+}
+
 // `rows` row calls for slots that each start a row: before each, the row's noise is picked at the
 // slots' positions; after, its pixels go into `pixels` and the positions advance by a row.
 // pixels: (n, 1, H, W) uint8; positions: (n, 1) int64, each a row start with `rows` rows left;
@@ -21,14 +27,9 @@ namespace genserve {
 template <class RowCall>
 void for_rows(const at::Tensor& pixels, const at::Tensor& positions, const at::Tensor& noise, int64_t rows,
               RowCall row) {
-  auto check = [](const at::Tensor& t, at::ScalarType type, int64_t dim, const char* name) {
-    TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == type && t.dim() == dim && t.is_contiguous(), name,
-                ": expected a contiguous CPU tensor of ", dim, " dims and type ", type, ", got ", t.sizes(), " ",
-                t.scalar_type());
-  };
-  check(pixels, at::kByte, 4, "pixels");
-  check(positions, at::kLong, 2, "positions");
-  check(noise, at::kFloat, 3, "noise");
+  check_cpu(pixels, at::kByte, 4, "pixels");
+  check_cpu(positions, at::kLong, 2, "positions");
+  check_cpu(noise, at::kFloat, 3, "noise");
   const int64_t n = positions.size(0), width = pixels.size(3), length = pixels.size(2) * width;
   TORCH_CHECK(pixels.size(0) == n && pixels.size(1) == 1 && noise.size(0) == n && noise.size(1) == length &&
                   noise.size(2) == 1,
