@@ -43,7 +43,7 @@ run: setup
 	$(BIN)/genserve serve --repository $(REPOSITORY) --port 50051 --metrics-port 9095
 
 # Two workers, a test file each at a time (module-scoped servers stay within one), each with its
-# share of the cores for its thread pools (tests/conftest.py): 15-17 minutes on a 2-core machine,
+# share of the cores for its thread pools (tests/conftest.py): 12-17 minutes on a 2-core machine,
 # whose tests wait on servers and subprocesses as much as they compute; they share one tritonserver
 # (tests/integration/conftest.py). TEST_WORKERS=0 runs them in this process.
 TEST_WORKERS ?= 2
