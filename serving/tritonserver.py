@@ -10,6 +10,7 @@ environment's genserve, torch and onnxruntime), waits until it is ready, and sto
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -41,9 +42,17 @@ class TritonServerConfig:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` distinct ports free now. The sockets stay bound until all are picked: closed one at
+    a time, the kernel may hand the same port out twice."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
 
 
 def pytriton_server_dir() -> Path:
@@ -82,13 +91,16 @@ class TritonServer:
         cannot report a port it picked, so a free one is taken and, if another process binds it
         first, the start is retried on fresh ports; `config` then holds the ports in use."""
         wanted = self.config
+        names = ("grpc_port", "http_port", "metrics_port")
         for attempt in range(attempts):
-            self.config = replace(wanted, **{name: getattr(wanted, name) or free_port()
-                                             for name in ("grpc_port", "http_port", "metrics_port")})
+            picked = iter(free_ports(len(names)))
+            self.config = replace(wanted, **{name: getattr(wanted, name) or next(picked) for name in names})
             try:
                 return self._start_once()
             except RuntimeError as error:
-                lost_a_port = "already in use" in str(error)  # in Triton's log, which the error carries
+                # Triton's log, which the error carries, says which: another process took a picked
+                # port, or a picked port equals one the caller gave.
+                lost_a_port = any(m in str(error) for m in ("already in use", "at the same address and port"))
                 if not lost_a_port or attempt == attempts - 1 or self.config == wanted:
                     raise
         raise ValueError(f"attempts must be >= 1, got {attempts}")
