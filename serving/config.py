@@ -41,12 +41,17 @@ class RuntimeConfig:
     fused: bool = True  # embedded sampling: the fused operators where built for the device
     triton_url: str | None = None  # HOST:PORT of Triton's gRPC endpoint
     max_waiting_samples: int = 4096  # sampling queue bound (embedded engine)
+    # embedded sampling, where a call runs several rows (the fused CPU operators): the longest a sample
+    # that arrives mid-call waits to join the running batch; 0 runs one row per call
+    call_budget_ms: float = 4.0
 
     def __post_init__(self) -> None:
         if self.kind not in RUNTIMES:
             raise ValueError(f"runtime must be one of {RUNTIMES}, got {self.kind!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if not self.call_budget_ms >= 0:
+            raise ValueError(f"call_budget_ms must be >= 0, got {self.call_budget_ms}")
         if self.kind == "triton" and not self.triton_url:
             raise ValueError("the triton runtime needs triton_url (HOST:PORT)")
 

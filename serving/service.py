@@ -198,13 +198,12 @@ class GenerativeService(pb_grpc.GenerativeServicer):
     async def SampleStream(self, request, context):
         updates: asyncio.Queue[Progress] = asyncio.Queue()
         task = asyncio.ensure_future(self._sample(request, context, on_progress=updates.put_nowait))
-        height = None
+        getter = None
         try:
             while True:
                 getter = asyncio.ensure_future(updates.get())
                 await asyncio.wait({task, getter}, return_when=asyncio.FIRST_COMPLETED)
                 if not getter.done():
-                    getter.cancel()
                     break
                 latest = getter.result()
                 while not updates.empty():  # a slow reader gets the newest snapshot, not a backlog
@@ -217,7 +216,11 @@ class GenerativeService(pb_grpc.GenerativeServicer):
                 ))
             yield pb.SampleStreamResponse(result=await task)
         finally:
-            task.cancel()  # the client went away or the stream failed: stop the samples' compute
+            # the client went away or the stream failed: stop the samples' compute, and the wait for
+            # their next progress, which would otherwise be left pending when the loop closes
+            task.cancel()
+            if getter is not None:
+                getter.cancel()
 
     @unary
     async def Encode(self, request, context):

@@ -20,6 +20,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="embedded TorchScript and sampling steps: cpu or cuda")
     parser.add_argument("--no-fused", dest="fused", action="store_false",
                         help="embedded sampling: run the exported step graphs even where the fused operators are built")
+    parser.add_argument("--call-budget-ms", type=float, default=4.0,
+                        help="embedded fused CPU sampling: run as many rows per call as fit in about this many ms "
+                        "(a sample arriving mid-call waits at most about this long to join); 0: one row per call")
     parser.add_argument("--max-batch-size", type=int, help="dynamic batcher: rows per batch (default: each manifest's)")
     parser.add_argument("--max-queue-delay-us", type=int,
                         help="dynamic batcher: longest wait for a batch to fill (default: each manifest's)")
@@ -50,7 +53,7 @@ def config_from(args: argparse.Namespace):
         tls_cert=Path(args.tls_cert) if args.tls_cert else None, tls_key=Path(args.tls_key) if args.tls_key else None,
         auth_token=Path(args.auth_token_file).read_text().strip() if args.auth_token_file else None,
         runtime=RuntimeConfig(kind=args.runtime, backend=args.backend, device=args.device, fused=args.fused,
-                              triton_url=args.triton_url),
+                              triton_url=args.triton_url, call_budget_ms=args.call_budget_ms),
         batcher=BatcherConfig(enabled=not args.no_batching, max_batch_size=args.max_batch_size,
                               max_queue_delay_us=args.max_queue_delay_us),
     )

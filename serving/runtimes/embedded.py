@@ -60,7 +60,8 @@ class EmbeddedRuntime(Runtime):
     def _load(self, manifest: Manifest) -> None:
         if manifest.step is not None:
             runner = load_step_runner(manifest, self.config.backend, self.config.device, fused=self.config.fused)
-            config = EngineConfig(num_slots=manifest.batching.max_batch_size, name=manifest.triton_name)
+            config = EngineConfig(num_slots=manifest.batching.max_batch_size, name=manifest.triton_name,
+                                  call_budget_ms=self.config.call_budget_ms)
             engine = SamplingEngine(runner, config)
             engine.start()
             self.engines[manifest.triton_name] = engine

@@ -6,6 +6,7 @@ every server is real, on loopback, called by real gRPC clients.
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import threading
 import time
@@ -142,6 +143,17 @@ def test_a_full_sampling_queue_answers_resource_exhausted(connect):
     assert images_of(api.stub.Sample(pb.SampleRequest(model="pixelcnn_mnist", num_samples=2, seed=0))).shape[0] == 2
 
 
+@pytest.mark.parametrize("budget_ms, calls", [(0.0, 28), (60_000.0, 2)])
+def test_the_call_budget_sets_the_rows_per_sampling_call(connect, budget_ms, calls):
+    # One 28-row image on the fused CPU operators. The engine has no time per row before its first
+    # call, so that call runs one row; the budget then sets the rest: 0 → one row per call, a minute →
+    # the 27 rows left in one call.
+    api = connect(runtime_config=RuntimeConfig(call_budget_ms=budget_ms))
+    engine = api.server.runtime.engines["gated_pixelcnn_mnist_sample"]
+    assert images_of(api.stub.Sample(pb.SampleRequest(model="gated_pixelcnn_mnist", num_samples=1))).shape[0] == 1
+    assert engine.steps_run == calls
+
+
 def test_messages_over_the_size_limit_are_refused_and_the_server_keeps_serving(connect):
     api = connect(max_message_bytes=16 * 1024)
     with pytest.raises(grpc.RpcError) as caught:  # 32 images = 25 KB in
@@ -167,6 +179,11 @@ def test_an_expired_deadline_frees_the_sampling_slots(connect):
     assert engine.steps_run - before < batches * (engine.spec.length // engine.spec.span)
 
 
+async def progress_waits() -> list[asyncio.Task]:
+    """The server loop's tasks that wait for a stream's next progress update."""
+    return [task for task in asyncio.all_tasks() if task.get_coro().__qualname__ == "Queue.get"]
+
+
 def test_a_cancelled_stream_stops_its_samples(connect):
     api = connect()
     engine = api.server.runtime.engines["gated_pixelcnn_mnist_sample"]
@@ -176,6 +193,7 @@ def test_a_cancelled_stream_stops_its_samples(connect):
     assert first.WhichOneof("event") == "progress" and max(first.progress.rows_done) < 28
     stream.cancel()
     assert wait_until(lambda: engine.active == 0 and engine.queued_samples == 0)  # idle: it steps no more
+    assert wait_until(lambda: not api.thread.call(progress_waits()))  # nothing left pending on the loop
     assert engine.steps_run - before < engine.spec.length // engine.spec.span
     assert images_of(api.stub.Sample(pb.SampleRequest(model="gated_pixelcnn_mnist", num_samples=1))).shape[0] == 1
     stream_labels = (("method", "SampleStream"), ("model", "gated_pixelcnn_mnist"))

@@ -164,6 +164,8 @@ def test_serve_refuses_bad_flags_in_one_line(tmp_path):
     assert result.returncode == 2 and "triton_url" in result.stderr and "Traceback" not in result.stderr
     result = genserve("serve", "--repository", str(tmp_path / "missing"), "--port", "0")
     assert result.returncode == 2 and "no model repository" in result.stderr
+    result = genserve("serve", "--call-budget-ms", "-1", "--port", "0")
+    assert result.returncode == 2 and "call_budget_ms must be >= 0" in result.stderr
 
 
 def test_serve_says_in_one_line_when_triton_does_not_answer():
