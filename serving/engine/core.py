@@ -9,7 +9,8 @@ step, in the shape schedule → execute → update:
      the fused operators on the CPU run several whole rows per call while no waiting sample would
      join the running batch, as many as fit `call_budget_ms`: the Python between row calls cost ~40% of a batch-1
      row there);
-  4. update: copy completed rows to their jobs, retire finished samples, end finished jobs.
+  4. update: count completed rows, copy images out where someone looks (every row of a job that
+     reports progress, each finished sample), retire finished samples, end finished jobs.
 
 A sample's noise depends only on (seed, sample index) (kernels.sampling.noise_for), so the
 images do not depend on what else shares the batch, or when the sample joined it.
@@ -245,7 +246,7 @@ class SamplingEngine:
         self._row_seconds = (time.perf_counter() - started) / rows
         self.steps_run += 1
         if len(ended_rows):
-            self._finish_rows(ended_rows, rows)
+            self._finish_rows(ended_rows)
         return True
 
     def _rows_per_call(self) -> int:
@@ -280,16 +281,28 @@ class SamplingEngine:
                 with self._wake:
                     self._waiting.remove(job)
 
-    def _finish_rows(self, slots: np.ndarray, count: int = 1) -> None:
-        """Copies each slot's `count` just-completed rows to its job; retires finished samples."""
+    def _finish_rows(self, slots: np.ndarray) -> None:
+        """Records the rows `slots` just completed; copies out the images that someone looks at now
+        (every sample of a job that reports progress, every sample that finished) and retires
+        finished samples. Only those copies wait for a GPU: rows that nobody watches leave the
+        device once, with their image, so the host queues row calls back to back meanwhile."""
         height = self.spec.sample_shape[1]
-        finished = []
-        for job, job_slots, ks, rows, pixels in self.slots.completed_rows(slots, count):
-            job.images[ks[:, None], :, rows] = pixels
-            job.rows_done[ks] = rows[:, -1] + 1
-            finished.extend(job_slots[rows[:, -1] + 1 == height].tolist())
-            if job.on_progress is not None:
-                job.on_progress(job)
+        finished, shown = [], []
+        for job, job_slots, ks, rows_done in self.slots.completed_rows(slots):
+            job.rows_done[ks] = rows_done
+            ending = rows_done == height
+            finished.extend(job_slots[ending].tolist())
+            wanted = np.ones_like(ending) if job.on_progress is not None else ending
+            if wanted.any():
+                shown.append((job, job_slots[wanted], ks[wanted]))
+        if shown:
+            images = self.slots.images(np.concatenate([job_slots for _, job_slots, _ in shown]))
+            start = 0
+            for job, _, ks in shown:
+                job.images[ks] = images[start:start + len(ks)]
+                start += len(ks)
+                if job.on_progress is not None:
+                    job.on_progress(job)
         for slot in sorted(finished, reverse=True):
             job, _ = self.slots.slot_jobs[slot]
             self.slots.release(slot)

@@ -33,7 +33,9 @@ class SampleJob:
     temperature: float
     labels: tuple[int, ...] | None
     latents: np.ndarray | None  # (count, *latent shape) float32: each sample's z, for programs that take latents
-    images: np.ndarray  # (count, C, H, W) uint8; row r of sample k is final once rows_done[k] > r
+    # (count, C, H, W) uint8: each sample's image once it finishes; with on_progress, row r of sample
+    # k is final once rows_done[k] > r (without, rows are not copied out as they complete)
+    images: np.ndarray
     rows_done: np.ndarray  # (count,) rows completed per sample
     deadline: float | None = None  # time.monotonic() after which the job is dropped
     on_progress: Callable[[SampleJob], None] | None = None  # engine thread: after a step that finished rows

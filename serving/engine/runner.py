@@ -8,9 +8,9 @@ the program runs:
   the noise, writes the pixels and advances the positions there itself, in place;
 - for a program on a GPU, in tensors on the device ("mirrored"): the program reads them in place
   and its pixels are written there, so a step uploads nothing and waits for nothing. The host
-  waits once per completed row, to copy that row out. (Uploading the controls for every row
-  call made each upload wait for the GPU's queue to drain: on an H200 the GPU stood idle for
-  30% of a batch of 4096.)
+  waits only to copy images out: after each row for a job that reports progress, else once per
+  sample, when it finishes. (Uploading the controls for every row call made each upload wait for
+  the GPU's queue to drain: on an H200 the GPU stood idle for 30% of a batch of 4096.)
 The host keeps each slot's position in any case, to know when rows complete. Active slots are
 kept packed at the front of every per-slot array (a released slot takes the last active slot's
 row), so graphs run on plain leading slices, never on idle slots.
@@ -183,33 +183,29 @@ class SlotRunner:
             views = self._leading_states[n] = [self.states[s.name][:n] for s in self.spec.states]
         return views
 
-    def completed_rows(self, slots: np.ndarray, count: int = 1) -> Iterator[
-            tuple[SampleJob, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
-        """Per job among `slots` (which have just completed `count` rows each): (job, its slots there,
-        their sample indices k, the rows (m, count), their pixels (m, count, C, W)). A loop over jobs,
-        not slots: thousands of slots finish a row together at large batch sizes."""
-        rows = self.positions[slots, None] // self.spec.sample_shape[2] - np.arange(count, 0, -1)
-        pixels = self._row_pixels(slots, rows)
+    def completed_rows(self, slots: np.ndarray) -> Iterator[tuple[SampleJob, np.ndarray, np.ndarray, np.ndarray]]:
+        """Per job among `slots` (which have just completed rows): (job, its slots there, their sample
+        indices k, the rows each has done). A loop over jobs, not slots: thousands of slots finish a
+        row together at large batch sizes."""
+        rows_done = self.positions[slots] // self.spec.sample_shape[2]
         ids = self.job_ids[slots]
         if (ids == ids[0]).all():  # one job: at batch 1, or a single large request
             job, _ = self.slot_jobs[slots[0]]
-            yield job, slots, self.sample_indices[slots], rows, pixels
+            yield job, slots, self.sample_indices[slots], rows_done
             return
         for job_id in np.unique(ids):
             mine = np.flatnonzero(ids == job_id)
             job, _ = self.slot_jobs[slots[mine[0]]]
-            yield job, slots[mine], self.sample_indices[slots[mine]], rows[mine], pixels[mine]
+            yield job, slots[mine], self.sample_indices[slots[mine]], rows_done[mine]
 
-    def _row_pixels(self, slots: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        """Rows rows[i] of the image of slot slots[i], for every i: (m, count, C, W) uint8 on the host."""
+    def images(self, slots: np.ndarray) -> np.ndarray:
+        """The images so far of `slots`: (m, C, H, W) uint8 on the host. Mirrored, this waits for the
+        device to finish every call made so far."""
         channels, height, width = self.spec.sample_shape
-        images = self.controls["pixels"].reshape(-1, channels, height, width)
         if not self.mirror:
-            return images[slots[:, None], :, rows]
-        # The upload of the indices waits for the GPU to finish the step: the engine's one wait per row.
-        # (A mirrored engine runs one row per call: rows is (m, 1).)
-        index = torch.from_numpy(np.stack([slots, rows[:, 0]])).to(self.runner.device)
-        return images[index[0], :, index[1]].cpu().numpy()[:, None]
+            return self.controls["pixels"][slots].reshape(-1, channels, height, width)
+        index = torch.from_numpy(slots).to(self.runner.device)
+        return self.controls["pixels"][index].cpu().numpy().reshape(-1, channels, height, width)
 
     def _run(self, graph: str, slots: slice | np.ndarray) -> dict[str, torch.Tensor]:
         """Runs `graph` on `slots` (a leading slice, or indices) and stores the states it returns."""

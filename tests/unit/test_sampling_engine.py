@@ -284,9 +284,11 @@ def test_a_job_past_its_deadline_is_dropped():
     assert on_time.error is None and np.array_equal(on_time.images, naive(model, 1, 2))
 
 
-def test_progress_is_reported_per_row_with_the_partial_image():
+@pytest.mark.parametrize("on_device", [False, True], ids=["host", "mirrored"])
+def test_progress_is_reported_per_row_with_the_partial_image(on_device):
     model = tiny("gated")
     engine = make_engine(model, span=2, num_slots=2)
+    engine = mirrored(engine) if on_device else engine
     seen = []
     job = engine.submit(5, 2, on_progress=lambda j: seen.append((j.rows_done.copy(), j.images.copy())))
     engine.run_until_idle()
@@ -295,6 +297,30 @@ def test_progress_is_reported_per_row_with_the_partial_image():
     for rows, partial in seen:  # finished rows are final; rows not yet done are still empty
         assert np.array_equal(partial[:, :, : rows[0]], job.images[:, :, : rows[0]])
         assert not partial[:, :, rows[0] :].any()
+
+
+@pytest.mark.parametrize("on_device", [False, True], ids=["host", "mirrored"])
+def test_rows_nobody_watches_leave_the_slots_once_with_their_image(on_device):
+    # On a GPU every copy out waits for the device: a job without progress must cost one copy per
+    # batch of finishing samples, not one per row. The late job finishes a row later than the first.
+    model = tiny("gated")
+    engine = make_engine(model, num_slots=3)
+    engine = mirrored(engine) if on_device else engine
+    copies = []
+    copy_images = engine.slots.images
+    engine.slots.images = lambda slots: copies.append(sorted(slots.tolist())) or copy_images(slots)
+    first = engine.submit(5, 2)
+    engine.step()
+    late = engine.submit(6, 1)
+    height = model.config.image_size
+    for _ in range(height - 1):
+        engine.step()
+    assert first.rows_done.tolist() == [height] * 2 and late.rows_done.tolist() == [height - 1]
+    assert not late.images.any() and copies == [[0, 1]]  # rows done, none copied out while unfinished
+    engine.run_until_idle()
+    assert copies == [[0, 1], [0]]  # the late sample moved into slot 0 when the first job's left
+    assert np.array_equal(first.images, naive(model, 2, 5))
+    assert np.array_equal(late.images, naive(model, 1, 6))
 
 
 def test_the_engine_thread_serves_concurrent_submissions():
