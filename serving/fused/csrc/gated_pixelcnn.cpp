@@ -87,8 +87,12 @@ void refresh_into(const GatedWeights& w, const Tensor& pixels, const Tensor& pos
   const int64_t window_cols = std::max((p0 + 1) * k0, (p + 1) * k * C);
   // Layer l's gated outputs go to v_out[l % 3]: while threads compute layer l, the previous
   // layer's outputs are still read (its im2col) and so are those of the one before (its cache's shift).
-  std::vector<float> col(rows * window_cols), pre(rows * C2), link(L * rows * C2), v_out(3 * rows * C);
-  auto gated = [&](int64_t l) { return v_out.data() + l % 3 * rows * C; };
+  // Every element of these is written before it is read: no zeroing.
+  float* const col = thread_scratch(rows * (window_cols + C2 + L * C2 + 3 * C));
+  float* const pre = col + rows * window_cols;
+  float* const link = pre + rows * C2;
+  float* const v_out = link + L * rows * C2;
+  auto gated = [&](int64_t l) { return v_out + l % 3 * rows * C; };
 
   // The shift of layer l's cache (rows i-p..i-1 of layer l-1's outputs) up one row, layer l-1's
   // outputs at row i entering last: a (slot, channel) per iteration, shared among the threads of
@@ -128,7 +132,7 @@ void refresh_into(const GatedWeights& w, const Tensor& pixels, const Tensor& pos
         if (l == 0) {
           for (int64_t r = r0; r < r1; ++r) {  // im2col: image rows i-1-p0..i-1 around column j
             const int64_t s = r / width, j = r % width, i = pos[s] / width;
-            float* dst = col.data() + r * window_cols;
+            float* dst = col + r * window_cols;
             for (int64_t rr = 0; rr <= p0; ++rr)
               for (int64_t cc = 0; cc < k0; ++cc) {
                 const int64_t ii = i - 1 - p0 + rr, jj = j - p0 + cc;
@@ -152,13 +156,13 @@ void refresh_into(const GatedWeights& w, const Tensor& pixels, const Tensor& pos
             }
             for (int64_t j = ja; j < jb; ++j, ++r)
               for (int64_t rr = 0; rr <= p; ++rr)
-                std::memcpy(col.data() + r * window_cols + rr * k * C, window.data() + (rr * cols + j - ja) * C,
+                std::memcpy(col + r * window_cols + rr * k * C, window.data() + (rr * cols + j - ja) * C,
                             k * C * sizeof(float));
           }
         }
-        float* v = pre.data() + r0 * C2;
-        float* h = link.data() + (l * rows + r0) * C2;
-        dense(col.data() + r0 * window_cols, window_cols, wv, in, C2, bv, v, C2, m);
+        float* v = pre + r0 * C2;
+        float* h = link + (l * rows + r0) * C2;
+        dense(col + r0 * window_cols, window_cols, wv, in, C2, bv, v, C2, m);
         const float* hb = w.h_b + l * C2;
         for (int64_t r = r0; r < r1; ++r) {
           const int64_t s = r / width, j = r % width;
@@ -181,7 +185,7 @@ void refresh_into(const GatedWeights& w, const Tensor& pixels, const Tensor& pos
 #pragma omp for schedule(static)
     for (int64_t row = 0; row < n * L * C2; ++row) {
       const int64_t s = row / (L * C2), l = row / C2 % L, o = row % C2;
-      const float* src = link.data() + (l * rows + s * width) * C2 + o;
+      const float* src = link + (l * rows + s * width) * C2 + o;
       float* dst = link_out + row * width;
       for (int64_t j = 0; j < width; ++j) dst[j] = src[j * C2];
     }
