@@ -5,8 +5,9 @@ The `<model>_sample` entry point takes one row per sample: (seed, index, tempera
 temperature draw together); `RequestProgress` gathers the batches' progress back into the
 request's row order and says when a response is due: each time every row has one more image row
 done. A request for H-row images therefore gets at most H responses, each with `images` (rows not
-yet done are zeros) and `rows_done`, and the last one holds the finished images. Triton's decoupled
-sampler model and genserve's KServe v2 front end both answer this way.
+yet done are zeros) and `rows_done`, and the last one holds the finished images. A request whose
+parameter `progress` is false gets that last response only: no partial images to copy and send.
+Triton's decoupled sampler model and genserve's KServe v2 front end both answer this way.
 """
 
 from __future__ import annotations
@@ -18,6 +19,16 @@ from .runtimes.base import SampleBatch
 from .sampling_args import check_sampling
 
 PROGRESS_OUTPUT = "rows_done"  # (N, 1) int64: image rows completed per sample
+PROGRESS_PARAMETER = "progress"  # request parameter, bool, default true: false sends the final response only
+
+
+def wants_progress(value: object) -> bool:
+    """A request's `progress` parameter (None when absent), checked."""
+    if value is None:
+        return True
+    if not isinstance(value, bool):
+        raise InvalidArgument(f"parameter {PROGRESS_PARAMETER}", f"must be a bool, got {value!r}")
+    return value
 
 
 def check_sampler_feeds(feeds: dict[str, np.ndarray], num_classes: int | None) -> None:

@@ -9,6 +9,7 @@ inside Triton's stub process, so it is imported in `initialize`.
 from __future__ import annotations
 
 import functools
+import json
 import threading
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from .entry_runner import OnnxEntryPoint
 from .errors import InvalidArgument
 from .limits import check_free_axes
 from .metrics import ENGINE_ACTIVE, ENGINE_RUNS, ENGINE_SAMPLES
-from .sampler_rows import RequestProgress, check_sampler_feeds, sample_batches
+from .sampler_rows import PROGRESS_PARAMETER, RequestProgress, check_sampler_feeds, sample_batches, wants_progress
 
 
 class _TritonModel:
@@ -102,9 +103,10 @@ class SamplingModel(_TritonModel):
     arrives while others are sampling joins them at the next step (continuous batching, as in
     genserve's embedded runtime). `execute` only submits: each request's responses stream from the
     engine thread, one each time all its samples have one more row done (`sampler_rows`), the last
-    one flagged final. `request.is_cancelled()` is asked every step, so a cancelled request (the
-    client cancelled its stream) leaves the engine and frees its slots at once. The engine's runs,
-    finished samples and busy slots are custom metrics on Triton's /metrics.
+    one flagged final (only that one where the request's parameter `progress` is false).
+    `request.is_cancelled()` is asked every step, so a cancelled request (the client cancelled its
+    stream) leaves the engine and frees its slots at once. The engine's runs, finished samples and
+    busy slots are custom metrics on Triton's /metrics.
     """
 
     def setup(self) -> None:
@@ -124,13 +126,16 @@ class SamplingModel(_TritonModel):
             sender = request.get_response_sender()
             try:
                 feeds = self.check(self._inputs(request))
+                streams = wants_progress(json.loads(request.parameters() or "{}").get(PROGRESS_PARAMETER))
             except Exception as error:  # noqa: BLE001 - a bad request is answered alone
                 sender.send(self._error(error), flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
                 continue
-            self._submit(request, sender, feeds)
+            self._submit(request, sender, feeds, streams)
         return None  # decoupled: the responses go through each request's sender
 
-    def _submit(self, request, sender, feeds: dict[str, np.ndarray]) -> None:
+    def _submit(self, request, sender, feeds: dict[str, np.ndarray], streams: bool) -> None:
+        """Runs the request's samples; `streams`: a response each time every sample has another row
+        done, else the final response only."""
         final = self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         batches = sample_batches(feeds)
         progress = RequestProgress(len(feeds["seed"]), self.sample_shape)
@@ -151,12 +156,13 @@ class SamplingModel(_TritonModel):
                 if progress.update(positions, job.rows_done, job.images) and not progress.complete:
                     send(self._respond(progress.outputs()))
 
-        def ended(job) -> None:
+        def ended(positions, job) -> None:
             with lock:
                 self.metrics.update(self.engine)
                 if state["ended"]:
                     return
                 if job.status is JobStatus.FINISHED:
+                    progress.update(positions, job.rows_done, job.images)  # not streaming: the only update
                     state["running"] -= 1
                     if state["running"] == 0:
                         state["ended"] = True
@@ -174,7 +180,8 @@ class SamplingModel(_TritonModel):
             jobs.append(self.engine.submit(
                 batch.seed, temperature=batch.temperature, labels=batch.labels, indices=batch.indices,
                 latents=batch.latents,
-                on_progress=functools.partial(progressed, positions), on_done=ended, cancelled=request.is_cancelled,
+                on_progress=functools.partial(progressed, positions) if streams else None,
+                on_done=functools.partial(ended, positions), cancelled=request.is_cancelled,
             ))
 
     def finalize(self) -> None:

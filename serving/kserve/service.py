@@ -6,7 +6,8 @@ tensors and semantics, so a client written for Triton (tritonclient, KServe) wor
   runtime's dynamic batchers, or the Triton server behind genserve);
 - every sampler (`<model>_sample`) is decoupled, as in the Triton repository: ModelStreamInfer
   streams its progress (one response each time all the request's samples have another row done)
-  and ends with the finished images, flagged `triton_final_response`; ModelInfer refuses it as
+  and ends with the finished images, flagged `triton_final_response` (the request parameter
+  `progress: false` asks for that final response only); ModelInfer refuses it as
   Triton does. Samples run in genserve's engine, so stream requests join running ones at every
   step, and a cancelled stream frees its samples' slots.
 Refusals use Triton's wording and codes (INVALID_ARGUMENT, NOT_FOUND for unknown models); limits
@@ -31,9 +32,9 @@ from ..limits import check_free_axes
 from ..metrics import ServerMetrics
 from ..registry import ModelRegistry
 from ..runtimes.base import Progress, Runtime
-from ..sampler_rows import RequestProgress, check_sampler_feeds, sample_batches
+from ..sampler_rows import PROGRESS_PARAMETER, RequestProgress, check_sampler_feeds, sample_batches, wants_progress
 from ..service import RpcCall, deadline_of, model_label, parsed, unary
-from .tensors import infer_response, request_feeds, tensor_metadata
+from .tensors import infer_response, request_feeds, request_parameter, tensor_metadata
 
 SERVICE = "GRPCInferenceService"
 SERVICE_NAME = v2.DESCRIPTOR.services_by_name[SERVICE].full_name  # "inference.GRPCInferenceService"
@@ -168,8 +169,9 @@ class KServeService:
                 outputs = await self.runtime.infer(entry, feeds, None)
                 send(v2.ModelStreamInferResponse(infer_response=infer_response(request, entry, outputs, final=True)))
                 return
-            outputs = await self._sample(entry, feeds, lambda partial: send(v2.ModelStreamInferResponse(
-                infer_response=infer_response(request, entry, partial, final=False))))
+            streams = wants_progress(request_parameter(request, PROGRESS_PARAMETER))
+            outputs = await self._sample(entry, feeds, (lambda partial: send(v2.ModelStreamInferResponse(
+                infer_response=infer_response(request, entry, partial, final=False)))) if streams else None)
             send(v2.ModelStreamInferResponse(infer_response=infer_response(request, entry, outputs, final=True)))
         except asyncio.CancelledError:
             call.code = grpc.StatusCode.CANCELLED
@@ -181,7 +183,8 @@ class KServeService:
             call.end()
 
     async def _sample(self, entry: Manifest, feeds: dict[str, np.ndarray], send_partial) -> dict[str, np.ndarray]:
-        """Runs the request's rows in the runtime's sampler; `send_partial` gets each progress response."""
+        """Runs the request's rows in the runtime's sampler; `send_partial` (None: no progress) gets each
+        progress response."""
         progress = RequestProgress(len(feeds["seed"]), entry.outputs[0].shape)
         height = progress.height
 
@@ -190,7 +193,7 @@ class KServeService:
                 if progress.update(positions, update.rows_done, update.images) and not progress.complete:
                     send_partial(progress.outputs())
 
-            images = await self.runtime.sample_sequential(entry, batch, None, progressed)
+            images = await self.runtime.sample_sequential(entry, batch, None, progressed if send_partial else None)
             progress.update(positions, np.full(len(positions), height), images)
 
         runs = [asyncio.ensure_future(run(positions, batch)) for positions, batch in sample_batches(feeds)]

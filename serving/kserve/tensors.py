@@ -102,6 +102,15 @@ def request_feeds(request: v2.ModelInferRequest, entry: Manifest) -> dict[str, n
     return feeds
 
 
+def request_parameter(request: v2.ModelInferRequest, name: str) -> bool | int | str | float | None:
+    """A request parameter's value (whichever of bool, int64, uint64, string, double it holds); None if absent."""
+    if name not in request.parameters:
+        return None
+    parameter = request.parameters[name]
+    kind = parameter.WhichOneof("parameter_choice")
+    return None if kind is None else getattr(parameter, kind)
+
+
 def infer_response(request: v2.ModelInferRequest, entry: Manifest, outputs: dict[str, np.ndarray],
                    final: bool | None = None) -> v2.ModelInferResponse:
     """The response carrying `outputs` (those the request asked for, or all), as raw little-endian bytes.

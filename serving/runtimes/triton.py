@@ -20,7 +20,7 @@ from ..artifacts import Manifest, dtype_of
 from ..config import RuntimeConfig
 from ..errors import DeadlineExceeded, InvalidArgument, Unavailable
 from ..registry import ModelRegistry
-from ..sampler_rows import PROGRESS_OUTPUT
+from ..sampler_rows import PROGRESS_OUTPUT, PROGRESS_PARAMETER
 from .base import Progress, ProgressCallback, Runtime, SampleBatch
 
 
@@ -137,7 +137,10 @@ class TritonRuntime(Runtime):
         async def requests():
             for key, rows in chunks.items():
                 chunk = {name: a[rows] for name, a in feeds.items()}
-                yield {"model_name": sampler.triton_name, "inputs": self._inputs(chunk), "request_id": key}
+                # Without a progress callback only the final response is of use: the sampler then
+                # sends no partial images.
+                yield {"model_name": sampler.triton_name, "inputs": self._inputs(chunk), "request_id": key,
+                       "parameters": {PROGRESS_PARAMETER: on_progress is not None}}
             await answered.wait()  # the stream stays open until every final response is in
 
         stream = self.client.stream_infer(requests(), stream_timeout=self._timeout(deadline))

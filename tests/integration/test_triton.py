@@ -131,8 +131,8 @@ class Stream:
         self.client, self.answers = client, queue.Queue()
         client.start_stream(callback=lambda result, error: self.answers.put((result, error)))
 
-    def send(self, model: str, inputs, request_id: str = "") -> None:
-        self.client.async_stream_infer(model, inputs, request_id=request_id)
+    def send(self, model: str, inputs, request_id: str = "", parameters: dict | None = None) -> None:
+        self.client.async_stream_infer(model, inputs, request_id=request_id, parameters=parameters)
 
     def next(self):
         result, error = self.answers.get(timeout=600)
@@ -245,6 +245,23 @@ def test_cancelling_the_stream_frees_the_samples_slots(server):
     assert engine_metric(server, "genserve_engine_samples_total", SAMPLER) == finished  # none ran to the end
     assert sample_stream(server.client, SAMPLER, sampler_inputs(32, [0]))[-1].as_numpy("images").shape == \
         (1, 1, 28, 28)  # and the sampler serves the next caller
+
+
+def test_a_request_without_progress_gets_only_its_final_response(server):
+    stream = Stream(server.client)
+    try:
+        stream.send(SAMPLER, sampler_inputs(41, [0, 1]), "quiet", parameters={"progress": False})
+        stream.send(SAMPLER, sampler_inputs(41, [0, 1]), "streamed")
+        responses = stream.until_final({"quiet", "streamed"})
+        stream.send(SAMPLER, sampler_inputs(41, [0]), "bad", parameters={"progress": "no"})
+        with pytest.raises(InferenceServerException, match="parameter progress: must be a bool"):
+            stream.next()
+    finally:
+        stream.close()
+    (quiet,), streamed = responses["quiet"], responses["streamed"]
+    assert len(streamed) > 1 and quiet.get_response().parameters["triton_final_response"].bool_param
+    assert quiet.as_numpy("rows_done")[:, 0].tolist() == [28, 28]
+    assert np.array_equal(quiet.as_numpy("images"), streamed[-1].as_numpy("images"))
 
 
 def test_the_pixel_vae_sampler_draws_from_the_latents_each_sample_brings(client):
