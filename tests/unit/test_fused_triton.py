@@ -29,7 +29,7 @@ from tests.unit.test_fused_ops import (
     assert_teacher_forced_logits_equal_the_network,
     gated_step_arguments,
 )
-from tests.unit.test_sampling_engine import labels_for, naive, tiny
+from tests.unit.test_sampling_engine import labels_for, mirrored, naive, tiny
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="compiled GPU kernels are tested in tests/gpu")
@@ -87,6 +87,21 @@ def test_a_job_joining_midway_samples_what_it_samples_alone():
     assert np.array_equal(first.images, naive(model, 3, 7, labels=[0, 1, 2]))
     want = naive(model, 6, 8, labels=[0, 0, 1, 0, 0, 2])  # sample k is index k of its seed
     assert np.array_equal(second.images, want[[5, 2]])
+
+
+@pytest.mark.parametrize("name", ["gated_conditional_3_levels", "pixelcnn_3_levels"])
+def test_row_kernels_on_slots_mirrored_as_on_a_gpu_sample_exactly(name):
+    # A GPU engine's own path: whole-row calls of the kernels on controls kept as device tensors
+    # (here CPU tensors), a job joining mid-image, images copied out only as samples finish.
+    model = tiny(name)
+    engine = mirrored(engine_for(model, span=None, num_slots=3))
+    first = engine.submit(7, 2, labels=labels_for(model, 2))
+    for _ in range(3):
+        engine.step()
+    second = engine.submit(8, 2, labels=labels_for(model, 2))  # one sample joins now, one when a slot frees
+    engine.run_until_idle()
+    assert np.array_equal(first.images, naive(model, 2, 7, labels=labels_for(model, 2)))
+    assert np.array_equal(second.images, naive(model, 2, 8, labels=labels_for(model, 2)))
 
 
 @pytest.mark.parametrize("name", ["gated_conditional_3_levels", "pixelcnn_3_levels"])
