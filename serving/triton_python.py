@@ -162,7 +162,8 @@ class SamplingModel(_TritonModel):
                 if state["ended"]:
                     return
                 if job.status is JobStatus.FINISHED:
-                    progress.update(positions, job.rows_done, job.images)  # not streaming: the only update
+                    if not streams:  # no progress callbacks: this is the batch's only update
+                        progress.update(positions, job.rows_done, job.images)
                     state["running"] -= 1
                     if state["running"] == 0:
                         state["ended"] = True

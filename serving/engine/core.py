@@ -292,9 +292,10 @@ class SamplingEngine:
             job.rows_done[ks] = rows_done
             ending = rows_done == height
             finished.extend(job_slots[ending].tolist())
-            wanted = np.ones_like(ending) if job.on_progress is not None else ending
-            if wanted.any():
-                shown.append((job, job_slots[wanted], ks[wanted]))
+            if job.on_progress is not None:
+                shown.append((job, job_slots, ks))
+            elif ending.any():
+                shown.append((job, job_slots[ending], ks[ending]))
         if shown:
             images = self.slots.images(np.concatenate([job_slots for _, job_slots, _ in shown]))
             start = 0
