@@ -2,28 +2,41 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
 class DType:
-    """An element type as every layer spells it; `name` is Triton's (and the manifest's)."""
+    """An element type as every layer spells it; `name` is Triton's (and the manifest's).
+
+    torch's dtype is looked up by name when asked for, so what needs only numpy (Triton's ONNX
+    entry-point models) never imports torch: a second of start-up and ~230 MB per process."""
 
     name: str
     numpy: np.dtype
-    torch: torch.dtype
+    torch_name: str  # the attribute of the torch module
+
+    @property
+    def torch(self) -> torch.dtype:
+        import torch
+
+        return getattr(torch, self.torch_name)
 
     def __repr__(self) -> str:
         return self.name
 
 
-UINT8 = DType("UINT8", np.dtype(np.uint8), torch.uint8)
-INT64 = DType("INT64", np.dtype(np.int64), torch.int64)
-FP32 = DType("FP32", np.dtype(np.float32), torch.float32)
-FP64 = DType("FP64", np.dtype(np.float64), torch.float64)  # step-program states that must not round (MAF)
+UINT8 = DType("UINT8", np.dtype(np.uint8), "uint8")
+INT64 = DType("INT64", np.dtype(np.int64), "int64")
+FP32 = DType("FP32", np.dtype(np.float32), "float32")
+FP64 = DType("FP64", np.dtype(np.float64), "float64")  # step-program states that must not round (MAF)
 DTYPES = {d.name: d for d in (UINT8, INT64, FP32, FP64)}
 
 
@@ -37,7 +50,8 @@ def dtype_named(name: str) -> DType:
 
 def dtype_of(array: np.ndarray | torch.Tensor) -> DType:
     """The DType of a numpy array or torch tensor; KeyError for any other element type."""
-    if isinstance(array, torch.Tensor):
+    torch = sys.modules.get("torch")  # a tensor exists only where torch was imported
+    if torch is not None and isinstance(array, torch.Tensor):
         found = [d for d in DTYPES.values() if d.torch == array.dtype]
     else:
         found = [d for d in DTYPES.values() if d.numpy == np.dtype(array.dtype).newbyteorder("=")]
