@@ -64,16 +64,24 @@ def test_a_streamed_clip_arrives_frame_by_frame_and_equals_the_eager_engines(api
     assert picture.size == (640, 72) and np.asarray(picture).min() == 0  # one strip, with the trace drawn
 
 
-def test_scores_are_the_models_exact_log_likelihood_per_clip(api, shipped):
+@pytest.fixture(scope="module")
+def held_out_clips(shipped):
+    """3 held-out clips, their labels, the model's eager log p(x) of each and its rounding σ: once for
+    both runtimes (the σ alone is 17 runs of the model over the clips)."""
     model = shipped(MODEL).model
     held = load_dataset("spoken_digits").held_out
     x, labels = held.images[:3], held.labels[:3]
-    response = api.stub.Score(pb.ScoreRequest(model=MODEL, images=tensor(x.numpy()), labels=labels.tolist()))
-    (score,) = response.scores
-    assert score.method == "exact" and pb.ScoreKind.Name(score.kind) == "SCORE_KIND_EXACT"
     with torch.inference_mode():
         expected = model.log_prob(x.long(), labels).numpy()
     (sigma,) = rounding_sigma(lambda clips: [model.log_prob(clips, labels)], [x.long()])
+    return x, labels, expected, sigma
+
+
+def test_scores_are_the_models_exact_log_likelihood_per_clip(api, held_out_clips):
+    x, labels, expected, sigma = held_out_clips
+    response = api.stub.Score(pb.ScoreRequest(model=MODEL, images=tensor(x.numpy()), labels=labels.tolist()))
+    (score,) = response.scores
+    assert score.method == "exact" and pb.ScoreKind.Name(score.kind) == "SCORE_KIND_EXACT"
     assert_within_rounding(np.asarray(score.values), expected, sigma, "log p(x)")
     np.testing.assert_allclose(score.bits_per_dim, -np.asarray(score.values) / (math.log(2) * 6400))
 

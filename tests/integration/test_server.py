@@ -8,6 +8,7 @@ served answer must equal what the model itself says, whichever runtime computed 
 
 from __future__ import annotations
 
+import functools
 import math
 
 import grpc
@@ -260,21 +261,36 @@ def test_dcgan_decode_is_the_generator_on_given_latents(api, shipped):
     np.testing.assert_array_equal(images_of(response), expected.numpy())
 
 
+@pytest.fixture(scope="module")
+def eager_scores(shipped, digits):
+    """name → (8 digits, their labels, the model's own scores of them, each score's rounding σ): once per
+    model for both runtimes (the σ alone is 17 runs of the model's scoring)."""
+
+    @functools.cache
+    def reference(name: str):
+        m = shipped(name).model
+        x = digits(m.config.pixel_levels)
+        labels = [int(v) for v in np.arange(8) % 10] if m.config.num_classes else []
+
+        def scores(images):
+            return m.scores(images, torch.tensor(labels) if labels else None, seed=3)
+
+        with torch.inference_mode():
+            expected = scores(torch.from_numpy(x))
+        return x, labels, expected, rounding_sigma(lambda images: [s.values for s in scores(images)],
+                                                   [torch.from_numpy(x)])
+
+    return reference
+
+
 @pytest.mark.parametrize("model", ["pixelcnn_mnist", "gated_pixelcnn_mnist", "vae_mnist", "realnvp_mnist",
                                    "dcgan_mnist", "iaf_vae_mnist", "aae_mnist", "vae_gan_mnist",
                                    "flow_gan_mnist", "maf_mnist", "pixelcnn_pp_mnist"])  # pixel_vae_mnist: below
-def test_scores_equal_the_models_own_with_methods_named(api, shipped, digits, model):
-    m = shipped(model).model
-    x = digits(m.config.pixel_levels)
-    labels = [int(v) for v in np.arange(8) % 10] if m.config.num_classes else []
+def test_scores_equal_the_models_own_with_methods_named(api, eager_scores, model):
+    x, labels, expected, sigmas = eager_scores(model)
     response = api.stub.Score(pb.ScoreRequest(model=model, images=tensor(x), labels=labels, seed=3))
-    def scores(images):
-        return [s.values for s in m.scores(images, torch.tensor(labels) if labels else None, seed=3)]
-
-    with torch.inference_mode():
-        expected = m.scores(torch.from_numpy(x), torch.tensor(labels) if labels else None, seed=3)
     assert [s.method for s in response.scores] == [e.method for e in expected]
-    for got, want, sigma in zip(response.scores, expected, rounding_sigma(scores, [torch.from_numpy(x)])):
+    for got, want, sigma in zip(response.scores, expected, sigmas):
         assert_within_rounding(got.values, want.values.numpy(), sigma, want.method)
         if want.is_likelihood:
             kind = "SCORE_KIND_LOWER_BOUND" if want.is_bound else "SCORE_KIND_EXACT"
@@ -285,20 +301,33 @@ def test_scores_equal_the_models_own_with_methods_named(api, shipped, digits, mo
         assert pb.ScoreKind.Name(got.kind) == kind
 
 
+@pytest.fixture(scope="module")
+def eager_bounds(shipped, digits):
+    """name → (3 digits, the model's ELBO and IWAE at K = 7 of them, their rounding σ), once per model.
+
+    (The PixelVAE's default K = 100 costs 100 PixelCNN passes per image, times the rounding model's
+    16 perturbed runs: its Score is checked here, at K = 7.)"""
+
+    @functools.cache
+    def reference(name: str):
+        x = digits(2)[:3]
+        model = shipped(name).model
+        with torch.inference_mode():
+            elbo, iwae = model.bounds(torch.from_numpy(x), 7, seed=0)
+        sigmas = rounding_sigma(lambda images: [b.values for b in model.bounds(images, 7, seed=0)],
+                                [torch.from_numpy(x)])
+        return x, elbo.values.numpy(), iwae.values.numpy(), sigmas
+
+    return reference
+
+
 @pytest.mark.parametrize("name", ["vae_mnist", "iaf_vae_mnist", "vae_gan_mnist", "pixel_vae_mnist"])
-def test_vae_score_takes_the_number_of_importance_samples(api, shipped, digits, name):
-    # (The PixelVAE's default K = 100 costs 100 PixelCNN passes per image, times the rounding model's
-    # 16 perturbed runs: its Score is checked here, at K = 7.)
-    x = digits(2)[:3]
+def test_vae_score_takes_the_number_of_importance_samples(api, eager_bounds, name):
+    x, elbo, iwae, (sigma_elbo, sigma) = eager_bounds(name)
     response = api.stub.Score(pb.ScoreRequest(model=name, images=tensor(x), importance_samples=7))
-    model = shipped(name).model
-    with torch.inference_mode():
-        elbo, iwae = model.bounds(torch.from_numpy(x), 7, seed=0)
-    (sigma_elbo, sigma) = rounding_sigma(lambda images: [b.values for b in model.bounds(images, 7, seed=0)],
-                                         [torch.from_numpy(x)])
     assert [s.method for s in response.scores][:2] == ["elbo", "iwae-7"]
-    assert_within_rounding(response.scores[0].values, elbo.values.numpy(), sigma_elbo, "elbo")
-    assert_within_rounding(response.scores[1].values, iwae.values.numpy(), sigma, "iwae-7")
+    assert_within_rounding(response.scores[0].values, elbo, sigma_elbo, "elbo")
+    assert_within_rounding(response.scores[1].values, iwae, sigma, "iwae-7")
 
 
 # ---- client mistakes: one test per branch, and the server keeps serving ---------------------------

@@ -7,6 +7,7 @@ from both. The samplers are decoupled on both: ModelStreamInfer streams progress
 
 from __future__ import annotations
 
+import functools
 import queue
 import re
 import time
@@ -91,16 +92,24 @@ def test_every_model_in_the_repository_is_ready(client):
     assert {n: index.get(n) for n in names} == {n: "READY" for n in names}
 
 
-@pytest.mark.parametrize("triton_name", entry_point_models())
-def test_triton_matches_eager_pytorch(triton_name, client):
+@functools.cache
+def eager_reference(triton_name: str) -> tuple:
+    """A model's entry point, real inputs, its eager outputs and their rounding σ: computed once for both
+    servers (the σ alone is 17 perturbed runs of the model)."""
     manifest = load_manifest(REPOSITORY / triton_name)
     model = load_checkpoint(manifest.model).model
     entry = next(e for e in entry_points(model) if e.name == manifest.entry_point)
     inputs = real_inputs(entry, model, n=5)
-    result = client.infer(triton_name, [infer_input(s.name, t.numpy()) for s, t in zip(entry.inputs, inputs)])
     with torch.no_grad():
         eager = as_list(entry.module(*inputs))
-    for spec, expected, sigma in zip(entry.outputs, eager, rounding_sigma(entry.module, inputs)):
+    return entry, inputs, eager, rounding_sigma(entry.module, inputs)
+
+
+@pytest.mark.parametrize("triton_name", entry_point_models())
+def test_triton_matches_eager_pytorch(triton_name, client):
+    entry, inputs, eager, sigmas = eager_reference(triton_name)
+    result = client.infer(triton_name, [infer_input(s.name, t.numpy()) for s, t in zip(entry.inputs, inputs)])
+    for spec, expected, sigma in zip(entry.outputs, eager, sigmas):
         got = result.as_numpy(spec.name)
         assert got.shape == expected.shape and got.dtype == expected.dtype, spec.name
         if spec.dtype == torch.uint8:
@@ -357,17 +366,24 @@ def test_conditional_generation_takes_a_label_per_sample(client):
     assert np.array_equal(images.as_numpy("images"), expected)
 
 
-def test_exact_log_likelihood_through_triton_matches_eager(client):
-    # Scoring = one parallel logits pass: Triton's exact log p(x) for 64 real held-out digits
-    # (summed from its logits) agrees with eager PyTorch's.
-    held = fixed_held_out(load_mnist5k(), 2)
-    images = held.images[:64].numpy()  # the configured max batch size
-    logits = client.infer("gated_pixelcnn_mnist_logits", [infer_input("images", images)]).as_numpy("logits")
-    targets = torch.from_numpy(images).long()
-    nll = torch.nn.functional.cross_entropy(torch.from_numpy(logits.copy()), targets, reduction="none")
+@functools.cache
+def held_out_nll() -> tuple[np.ndarray, torch.Tensor, np.ndarray]:
+    """64 real held-out digits (the configured max batch size), the Gated PixelCNN's eager -log p(x) of
+    each and its rounding σ, computed once for both servers."""
+    images = fixed_held_out(load_mnist5k(), 2).images[:64].numpy()
     model = load_checkpoint("gated_pixelcnn_mnist").model
     with torch.no_grad():
         eager = -model.log_prob(torch.from_numpy(images))
     # 8 draws, not 16: 64 full-image passes per draw; the t quantile widens the tolerance to match.
     (sigma,) = rounding_sigma(lambda x: -model.log_prob(x), [torch.from_numpy(images)], draws=8)
+    return images, eager, sigma
+
+
+def test_exact_log_likelihood_through_triton_matches_eager(client):
+    # Scoring = one parallel logits pass: Triton's exact log p(x) for 64 real held-out digits
+    # (summed from its logits) agrees with eager PyTorch's.
+    images, eager, sigma = held_out_nll()
+    logits = client.infer("gated_pixelcnn_mnist_logits", [infer_input("images", images)]).as_numpy("logits")
+    targets = torch.from_numpy(images).long()
+    nll = torch.nn.functional.cross_entropy(torch.from_numpy(logits.copy()), targets, reduction="none")
     assert_within_rounding(nll.flatten(1).sum(1).numpy(), eager.numpy(), sigma, "nll", draws=8)
