@@ -13,7 +13,8 @@
 # steps.log (each step's exit status and seconds), tests.log, bench-MODEL.txt and .json, profile.txt,
 # profile-engine.txt.
 # STEPS (default "tests bench-gated profile bench-pixelcnn") picks which of 2-4 run, in that order
-# (batching-gated: the batching comparison at LOAD, default 0.8); BENCH_BATCHES (default
+# (batching-gated: the batching comparison at LOAD, default 0.8; profile-batch1: the step kernel's
+# launch variants at batch 1, profile-batch1.txt); BENCH_BATCHES (default
 # "1 16 64 256 1024 4096 16384") sets bench-sampler's batch sizes; PROFILE_ARGS go to profile_fused.py,
 # ENGINE_ARGS to profile_engine.py.
 # Python packages the machine lacks can be put in .whl/ as wheels (installed into /tmp/site first).
@@ -83,9 +84,13 @@ for what in ${STEPS:-tests bench-gated profile bench-pixelcnn}; do
     batching-gated)  # the batching comparison again at a higher load, one small batch for the speed table
       BENCH_BATCHES=1 bench batching-gated_pixelcnn_mnist gated_pixelcnn_mnist --load "${LOAD:-0.8}" ;;
     profile) step 200 profile "$PYTHON" deploy/gpu/profile_fused.py --out "$OUT/profile.txt" ${PROFILE_ARGS:-} ;;
+    profile-batch1)  # the step kernel's launch at batch 1: warps x slots per program, 16 slot rows vs 1-2
+      step 240 profile-batch1 "$PYTHON" deploy/gpu/profile_fused.py gated_pixelcnn_mnist --out "$OUT/profile-batch1.txt" \
+        --batch 1 --batch 2 --variant default --variant 8x1 --variant 4x1 --variant 1x1 --variant 4x2 ;;
     profile-engine) step 150 profile-engine "$PYTHON" deploy/gpu/profile_engine.py --out "$OUT/profile-engine.txt" \
       ${ENGINE_ARGS:-} ;;
-    *) echo "unknown step $what (tests, bench-gated, bench-pixelcnn, batching-gated, profile, profile-engine)"
+    *) echo "unknown step $what (tests, bench-gated, bench-pixelcnn, batching-gated, profile, profile-batch1," \
+         "profile-engine)"
        exit 2 ;;
   esac
 done

@@ -16,7 +16,10 @@ import torch
 from . import triton_gated, triton_pixelcnn
 from .weights import GATED_WEIGHTS, PIXELCNN_WEIGHTS
 
-SLOTS_PER_PROGRAM = 16  # rows of a step program's tiles: tl.dot's smallest
+# Slots per step program: the rows of its tiles. tl.dot takes float32 tiles of any power-of-two row
+# count; 16 is what was measured on an H200. Fewer rows do less padded work at batch 1: the variants
+# deploy/gpu/check.sh's profile-batch1 step compares (not measured on a GPU yet).
+SLOTS_PER_PROGRAM = 16
 TILE = 16  # tl.dot's smallest side; every tile is padded to at least this
 # A multiply then an add may become one fused multiply-add (one rounding fewer): within the float32
 # tolerance every parity test allows. Said explicitly: Triton 3.9 warns that its default will change.

@@ -185,3 +185,14 @@ def test_every_kernel_compiles_for_an_h100_with_tritons_own_compiler(tmp_path):
         "pixelcnn_mnist: pixelcnn_step_kernel",
     ], result.stdout
     assert all(line.endswith("bytes shared)") and "sm_90" in line for line in result.stdout.splitlines())
+
+
+@pytest.mark.parametrize("name", ["gated_conditional_3_levels", "pixelcnn_3_levels"])
+def test_step_programs_of_one_slot_sample_exactly(monkeypatch, name):
+    # The batch-1 launch variants deploy/gpu/check.sh profiles: every tile one slot row, tl.dot on (1, K).
+    monkeypatch.setattr(triton_ops, "SLOTS_PER_PROGRAM", 1)
+    model = tiny(name)
+    assert_call_matches_the_graph(fused_runner(model, namespace=triton_ops), model, "step", n=3)
+    engine = mirrored(engine_for(model, span=None, num_slots=3))
+    images = engine.generate(4, 3, 1.0, labels_for(model, 3))
+    assert np.array_equal(images, naive(model, 3, 4, labels=labels_for(model, 3)))
