@@ -16,11 +16,11 @@ import torch
 from . import triton_gated, triton_pixelcnn
 from .weights import GATED_WEIGHTS, PIXELCNN_WEIGHTS
 
-# Slots per step program: the rows of its tiles. tl.dot takes float32 tiles of any power-of-two row
-# count; 16 is what was measured on an H200. Fewer rows do less padded work at batch 1: the variants
-# deploy/gpu/check.sh's profile-batch1 step compares (not measured on a GPU yet).
+# Slots per step program: the rows of its tiles. 16 is what was measured on an H200. Triton 3.9's
+# tl.dot also takes float32 tiles of 1 or 2 rows (compiled for sm_90 here), less padded work at
+# batch 1: the variants deploy/gpu/check.sh's profile-batch1 step compares (not yet run on a GPU).
 SLOTS_PER_PROGRAM = 16
-TILE = 16  # tl.dot's smallest side; every tile is padded to at least this
+TILE = 16  # every other tile side is padded to at least this
 # A multiply then an add may become one fused multiply-add (one rounding fewer): within the float32
 # tolerance every parity test allows. Said explicitly: Triton 3.9 warns that its default will change.
 LAUNCH = {"enable_fp_fusion": True}
