@@ -32,7 +32,7 @@ def start_server(log_path: Path) -> TritonServer:
 @pytest.fixture(scope="session")
 def triton_server(tmp_path_factory, worker_id) -> Iterator[RunningServer]:
     """One tritonserver for the whole run. Under xdist the workers share it (`shared_server`): its
-    start-up loads every shipped model into a Python stub of its own, minutes of CPU on 2 cores."""
+    start-up loads every shipped model into a Python stub of its own, about 40 s of CPU on 2 cores."""
     if worker_id == "master":
         server = start_server(tmp_path_factory.mktemp("triton") / "tritonserver.log")
         yield RunningServer(server.config)
