@@ -90,3 +90,14 @@ class OnnxEntryPointModel(TritonModel):
 
     def compute(self, feeds):
         return self.runner.run_merged(feeds)
+
+
+def __getattr__(name: str):
+    """`SamplingModel`, for repositories exported before the sampler moved to triton_sampler.py: their
+    model.py imports it from here. Imported on that request only, so an entry point's stub stays
+    without torch."""
+    if name == "SamplingModel":
+        from .triton_sampler import SamplingModel
+
+        return SamplingModel
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -59,3 +59,12 @@ def test_an_entry_points_triton_model_loads_and_answers_without_torch():
     done = subprocess.run([sys.executable, "-c", ENTRY_POINT_STUB, str(folder)], capture_output=True, text=True,
                           check=True)
     assert done.stdout.split("\n")[0] == "['log_var', 'mean'] []"
+
+
+def test_a_sampler_model_py_from_an_earlier_export_still_finds_its_class():
+    # Repositories exported before the sampler moved to triton_sampler.py import it from triton_python.
+    from genserve.serving.triton_sampler import SamplingModel
+
+    earlier_model_py: dict = {}
+    exec("from genserve.serving.triton_python import SamplingModel as TritonPythonModel", earlier_model_py)
+    assert earlier_model_py["TritonPythonModel"] is SamplingModel
