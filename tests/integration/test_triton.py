@@ -95,7 +95,7 @@ def test_every_model_in_the_repository_is_ready(client):
 @functools.cache
 def eager_reference(triton_name: str) -> tuple:
     """A model's entry point, real inputs, its eager outputs and their rounding σ: computed once for both
-    servers (the σ alone is 17 perturbed runs of the model)."""
+    servers (the σ alone is 17 runs of the model, 16 of them perturbed)."""
     manifest = load_manifest(REPOSITORY / triton_name)
     model = load_checkpoint(manifest.model).model
     entry = next(e for e in entry_points(model) if e.name == manifest.entry_point)
