@@ -6,6 +6,7 @@ take the library away from one process to check what a machine without a build d
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import subprocess
 import sys
@@ -173,17 +174,18 @@ def test_the_in_place_row_call_equals_refresh_then_step(name):
 
 
 def row_call_arguments(model, n: int = 3):
-    """A row call's controls and states for slots at rows 0, 1 and 3 of random images, as the engine keeps
-    them (positions (n, 1), the whole images' noise (n, H * W, 1)), and the program's states (random)."""
+    """A row call's controls and states for slots at rows 0, 1 and 3 (then again) of random images, as the
+    engine keeps them (positions (n, 1), the whole images' noise (n, H * W, 1)), and the program's states
+    (random)."""
     program, c = step_program(model), model.config
     generator = torch.Generator().manual_seed(2)
     width = c.image_size
     controls = {
         "pixels": torch.randint(0, c.pixel_levels, (n, 1, width, width), dtype=torch.uint8, generator=generator),
-        "positions": torch.tensor([[0], [width], [3 * width]])[:n],
+        "positions": torch.tensor([[(0, 1, 3)[k % 3] * width] for k in range(n)]),
         "labels": torch.tensor([[k % c.num_classes] for k in range(n)]) if c.num_classes else None,
         "noise": torch.rand(n, width * width, 1, generator=generator),
-        "temperature": torch.tensor([[1.0], [0.5], [0.0]])[:n],
+        "temperature": torch.tensor([[(1.0, 0.5, 0.0)[k % 3]] for k in range(n)]),
     }
     states = [torch.randn(n, *s.shape, generator=generator) for s in program.states]
     return controls, states
@@ -212,6 +214,53 @@ def test_a_multi_row_call_equals_row_calls_with_the_engines_bookkeeping(name):
         assert torch.equal(controls[key], want_controls[key]), key
     for got, want in zip(states, want_states):
         assert torch.equal(got, want)
+
+
+@contextlib.contextmanager
+def intra_op_threads(count: int):
+    """torch's intra-op threads (the operators' too) set to `count` for the block: the suite's xdist
+    workers run on one thread each (tests/conftest.py), which would leave the threaded paths untested."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("name", FUSED_MODELS)
+def test_a_multi_row_call_gives_the_same_bits_on_one_thread_or_several(name):
+    # The operators hand their work out as tasks to whichever thread is free: the step in blocks of 8
+    # slots and, while it runs, the next row's refresh part per layer and slot; the rest of the refresh
+    # in blocks of (slot, column) rows. No task's arithmetic may depend on the thread count or on
+    # which thread takes it. 11 slots: two step blocks, the second partial; 3 threads, more than the cores.
+    model = tiny(name)
+    controls, states = row_call_arguments(model, n=11)
+    results = []
+    for threads in (1, 3):
+        got_controls = {k: None if v is None else v.clone() for k, v in controls.items()}
+        got_states = [state.clone() for state in states]
+        with intra_op_threads(threads):
+            fused_runner(model).run_rows(got_controls, got_states, 2)
+        results.append([got_controls["pixels"], got_controls["positions"], *got_states])
+    one, several = results
+    assert not torch.equal(one[0], controls["pixels"])  # it sampled
+    for got, want in zip(several, one):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("name", FUSED_MODELS)
+def test_fused_sampling_on_several_threads_equals_naive_sampling(name):
+    # All rows after the first in one call (an unbounded time budget): each row's step runs while the
+    # next row's refresh part is prepared on the other threads.
+    model = tiny(name)
+    n = 11
+    labels = labels_for(model, n)
+    engine = SamplingEngine(fused_runner(model), EngineConfig(num_slots=n, call_budget_ms=1e9))
+    with intra_op_threads(3):
+        images = engine.generate(6, n, labels=labels)
+    assert engine.steps_run == 2
+    assert np.array_equal(images, naive(model, n, 6, labels=labels))
 
 
 def test_a_multi_row_call_refuses_slots_off_a_row_start_or_out_of_rows():

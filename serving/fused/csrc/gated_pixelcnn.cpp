@@ -6,6 +6,12 @@
 //   into the horizontal stack (a GEMM over (slot, column) rows), empty left contexts;
 // - gated_step: `span` pixels per slot, each through every layer's horizontal stack, the skip
 //   and output layers and the inverse-CDF choice, with no dispatch between layers.
+// The refresh runs in two parts. A later layer's vertical kernel reads p + 1 rows of the layer
+// before's vertical outputs: p from its cache, written by earlier refreshes, and the row being
+// started. The cache's part (for the shipped model two thirds of the refresh's arithmetic) needs
+// nothing of the row above's pixels, so `prepare` computes it while that row's step still runs
+// (gated_rows), on the cores a batch-1 step leaves idle; `finish_refresh` adds the rest once the
+// row above is complete.
 // Weights arrive packed by `genserve export` (export/fused.py), every dense layer as (in, out).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -22,8 +28,9 @@ namespace {
 
 using at::Tensor;
 
-constexpr int64_t kBlock = 14;  // (slot, column) rows per refresh block: half a 28-pixel row, in L1/L2
-constexpr int64_t kGrain = 14;  // fewest rows worth a thread (a batch-1 row splits in two)
+constexpr int64_t kBlock = 14;     // (slot, column) rows per finishing block: half a 28-pixel row, in L1/L2
+constexpr int64_t kGrain = 14;     // fewest rows worth a thread in the finish (a batch-1 row splits in two)
+constexpr int64_t kStepSlots = 8;  // slots per step task, taken layer by layer by one thread
 
 // The packed weights, in the order export/fused.py writes them.
 struct GatedWeights {
@@ -51,19 +58,183 @@ struct GatedWeights {
   float scale(int64_t level) const { return level_value(level, levels); }
 };
 
-// The refresh into given outputs: `vertical_out` may be `vertical` itself (each slot's cache is read
-// before it is written); `links` is overwritten whole.
-void refresh_into(const GatedWeights& w, const Tensor& pixels, const Tensor& positions,
-                  const std::optional<Tensor>& labels, const Tensor& vertical, Tensor& vertical_out, Tensor& links) {
+// The vertical caches: (n, L - 1, C, p, W), the rows i-p..i-1 of each later layer's input.
+void check_vertical(const GatedWeights& w, const Tensor& vertical) {
+  check_cpu(vertical, at::kFloat, 5, "vertical");
+  TORCH_CHECK(vertical.size(1) == w.layers - 1 && vertical.size(2) == w.channels && vertical.size(3) == w.p,
+              "vertical: shape ", vertical.sizes(), " does not match the weights");
+}
+
+// The cache's part of layer l's vertical pre-activations for every column j of slot s:
+// prepared[l - 1, s * W + j] = the layer's bias + its kernel rows 0..p-1 over the cache (rows i-p..i-1
+// of layer l-1's vertical outputs, zero outside the image).
+void prepare_layer(const GatedWeights& w, const float* vertical, int64_t n, int64_t width, int64_t s, int64_t l,
+                   float* prepared) {
+  const int64_t C = w.channels, C2 = 2 * C, L = w.layers, p = w.p, k = 2 * p + 1, padded = width + 2 * p;
+  // The cache (C, p, W) as p rows of `padded` columns, channels last, p zero columns either side:
+  // a kernel row's window around column j is then the k * C floats from padded column j on.
+  float* rows = thread_scratch(p * padded * C);
+  const float* cache = vertical + (s * (L - 1) + l - 1) * C * p * width;
+  for (int64_t rr = 0; rr < p; ++rr) {
+    float* row = rows + rr * padded * C;
+    std::fill_n(row, p * C, 0.f);
+    std::fill_n(row + (width + p) * C, p * C, 0.f);
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t j = 0; j < width; ++j) row[(j + p) * C + c] = cache[(c * p + rr) * width + j];
+  }
+  const float* kernel = w.v_w + (l - 1) * (p + 1) * k * C * C2;  // (kernel row, tap, channel) rows of C2
+  float* y = prepared + ((l - 1) * n + s) * width * C2;
+  for (int64_t j = 0; j < width; ++j) std::copy_n(w.v_b + (l - 1) * C2, C2, y + j * C2);
+  for (int64_t rr = 0; rr < p; ++rr)
+    dense(rows + rr * padded * C, C, kernel + rr * k * C * C2, k * C, C2, nullptr, y, C2, width, true);
+}
+
+// What a step call reads and writes, checked once (step_call) and shared by its tasks.
+struct StepCall {
+  const int64_t* pos;
+  const float *eps, *temp, *link, *hidden_in;
+  float *context, *hidden_state, *logits_record;
+  int64_t* chosen;
+  const int64_t* forced;  // the teacher's pixels, or null
+  int64_t n, span, width;
+};
+
+// The step's outputs: `image_out` holds the image context on entry and is advanced in place;
+// `hidden_out` may be `hidden_context` itself (each slot's task reads its part before writing it).
+StepCall step_call(const GatedWeights& w, const Tensor& positions, const Tensor& noise, const Tensor& temperature,
+                   const Tensor& links, Tensor& image_out, const Tensor& hidden_context, Tensor& hidden_out,
+                   const std::optional<Tensor>& teacher, Tensor& pixel, Tensor& logits_out) {
+  const Tensor& image_context = image_out;
+  check_cpu(positions, at::kLong, 2, "positions");
+  check_cpu(noise, at::kFloat, 3, "noise");
+  check_cpu(temperature, at::kFloat, 2, "temperature");
+  check_cpu(links, at::kFloat, 4, "links");
+  check_cpu(image_context, at::kFloat, 2, "image_context");
+  check_cpu(hidden_context, at::kFloat, 3, "hidden_context");
+  const int64_t n = positions.size(0), span = noise.size(1), C2 = 2 * w.channels, L = w.layers;
+  TORCH_CHECK(noise.size(2) == 1, "noise: single-channel images only");
+  TORCH_CHECK(links.size(1) == L && links.size(2) == C2, "links: shape ", links.sizes(), " does not match the weights");
+  TORCH_CHECK(image_context.size(1) == w.p0 + 1 && hidden_context.size(1) == L - 1 &&
+                  hidden_context.size(2) == w.p * w.channels,
+              "contexts: shapes ", image_context.sizes(), " and ", hidden_context.sizes(), " do not match the weights");
+  const int64_t* forced = nullptr;
+  if (teacher.has_value()) {
+    check_cpu(*teacher, at::kLong, 3, "teacher");
+    forced = teacher->data_ptr<int64_t>();
+  }
+  TORCH_CHECK(pixel.sizes() == at::IntArrayRef({n, span, 1}) && hidden_out.sizes() == hidden_context.sizes() &&
+                  hidden_out.is_contiguous() && logits_out.numel() == (forced ? n * span * w.levels : 0),
+              "pixel, hidden_context, logits: outputs of the wrong shape");
+  return {positions.data_ptr<int64_t>(), noise.data_ptr<float>(), temperature.data_ptr<float>(),
+          links.data_ptr<float>(), hidden_context.data_ptr<float>(), image_out.data_ptr<float>(),
+          hidden_out.data_ptr<float>(), logits_out.data_ptr<float>(), pixel.data_ptr<int64_t>(), forced, n, span,
+          links.size(3)};
+}
+
+// `span` pixels of slots b0..b1-1, each through every layer with nothing dispatched between them.
+void step_slots(const GatedWeights& w, const StepCall& call, int64_t b0, int64_t b1) {
+  const int64_t C = w.channels, C2 = 2 * C, L = w.layers, p0 = w.p0, p = w.p, O = w.output_channels;
+  const int64_t levels = w.levels, hidden = (p + 1) * C, span = call.span, width = call.width, m = b1 - b0;
+  const int64_t* pos = call.pos;
+  const std::array<float*, 7> buffers = scratch_arrays<7>(
+      {(L - 1) * m * hidden, m * C2, m * L * C, m * C, m * C, m * O, m * levels});
+  float *windows = buffers[0], *pre = buffers[1], *gated = buffers[2], *h_out = buffers[3], *skips = buffers[4],
+        *out_hidden = buffers[5], *logits = buffers[6];
+  for (int64_t l = 0; l < L - 1; ++l)  // layer l+1's window: layer l's last p outputs, then its current one
+    for (int64_t s = 0; s < m; ++s)
+      std::memcpy(windows + (l * m + s) * hidden, call.hidden_in + ((b0 + s) * (L - 1) + l) * p * C,
+                  p * C * sizeof(float));
+  float* ctx = call.context + b0 * (p0 + 1);
+  auto gather_links = [&](int64_t l, int64_t offset) {  // the link of column j of layer l, per slot
+    for (int64_t s = 0; s < m; ++s) {
+      const int64_t j = pos[b0 + s] % width + offset;
+      const float* src = call.link + ((b0 + s) * L + l) * C2 * width + j;
+      for (int64_t o = 0; o < C2; ++o) pre[s * C2 + o] = src[o * width];
+    }
+  };
+  for (int64_t t = 0; t < span; ++t) {
+    gather_links(0, t);
+    dense(ctx, p0 + 1, w.h0_w, p0 + 1, C2, nullptr, pre, C2, m, true);
+    gate_rows(pre, C2, gated, L * C, C, m);
+    dense(gated, L * C, w.hout_w, C, C, w.hout_b, h_out, C, m);
+    for (int64_t l = 1; l < L; ++l) {
+      float* win = windows + (l - 1) * m * hidden;
+      for (int64_t s = 0; s < m; ++s) std::memcpy(win + s * hidden + p * C, h_out + s * C, C * sizeof(float));
+      gather_links(l, t);
+      dense(win, hidden, w.h_w + (l - 1) * hidden * C2, hidden, C2, nullptr, pre, C2, m, true);
+      for (int64_t s = 0; s < m; ++s)  // drop the oldest column
+        std::memmove(win + s * hidden, win + s * hidden + C, p * C * sizeof(float));
+      gate_rows(pre, C2, gated + l * C, L * C, C, m);
+      if (l < L - 1)  // residual: h_out += horizontal_out(gated); the last layer's feeds nothing
+        dense(gated + l * C, L * C, w.hout_w + l * C * C, C, C, w.hout_b + l * C, h_out, C, m, true);
+    }
+    dense(gated, L * C, w.skip_w, L * C, C, w.skip_b, skips, C, m);
+    relu_rows(skips, C, C, m);
+    dense(skips, C, w.oh_w, C, O, w.oh_b, out_hidden, O, m);
+    relu_rows(out_hidden, O, O, m);
+    dense(out_hidden, O, w.lg_w, O, levels, w.lg_b, logits, levels, m);
+    for (int64_t s = 0; s < m; ++s) {
+      const int64_t slot = b0 + s;
+      const int64_t value = call.chosen[slot * span + t] = pick_level(
+          logits + s * levels, levels, slot * span + t, call.forced, call.eps, call.temp[slot],
+          call.logits_record);
+      float* c = ctx + s * (p0 + 1);
+      std::memmove(c, c + 1, p0 * sizeof(float));
+      c[p0] = w.scale(value);
+    }
+  }
+  for (int64_t l = 0; l < L - 1; ++l)
+    for (int64_t s = 0; s < m; ++s)
+      std::memcpy(call.hidden_state + ((b0 + s) * (L - 1) + l) * p * C, windows + (l * m + s) * hidden,
+                  p * C * sizeof(float));
+}
+
+// A step's slots (tasks of kStepSlots) and, where `prepared` is given, the cache's part of the next
+// refresh over `vertical` (a task per later layer and slot): independent work, handed to the
+// intra-op threads as each comes free. A batch-1 step is one serial chain through the layers;
+// meanwhile the other cores prepare the next row.
+void run_tasks(const GatedWeights& w, const StepCall* step, const float* vertical, float* prepared, int64_t n,
+               int64_t width) {
+  const int64_t step_tasks = step ? (step->n + kStepSlots - 1) / kStepSlots : 0;
+  const int64_t tasks = step_tasks + (prepared ? (w.layers - 1) * n : 0);
+  auto run = [&](int64_t task) {
+    if (task < step_tasks) return step_slots(w, *step, task * kStepSlots, std::min(step->n, (task + 1) * kStepSlots));
+    const int64_t layer_slot = task - step_tasks;  // layer by layer: a thread's next task uses the same weights
+    prepare_layer(w, vertical, n, width, layer_slot % n, 1 + layer_slot / n, prepared);
+  };
+  const int threads = at::in_parallel_region() ? 1 : static_cast<int>(std::min<int64_t>(at::get_num_threads(), tasks));
+  if (threads <= 1) {
+    for (int64_t task = 0; task < tasks; ++task) run(task);
+    return;
+  }
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+  for (int64_t task = 0; task < tasks; ++task) run(task);
+}
+
+// The cache's part of the refresh over `vertical` (see prepare_layer): (L - 1, n * W, 2C).
+Tensor prepare(const GatedWeights& w, const Tensor& vertical) {
+  check_vertical(w, vertical);
+  const int64_t n = vertical.size(0), width = vertical.size(4);
+  Tensor prepared = at::empty({w.layers - 1, n * width, 2 * w.channels}, vertical.options());
+  run_tasks(w, nullptr, vertical.data_ptr<float>(), prepared.data_ptr<float>(), n, width);
+  return prepared;
+}
+
+// The rest of the refresh once the row above is complete, `prepared` holding the cache's part
+// (prepare): the first layer over the image, each later layer's last kernel row over the new row's
+// outputs of the layer before, the links, the gates and the caches' shift. `vertical_out` may be
+// `vertical` itself; `links` is overwritten whole; `prepared` is used up.
+void finish_refresh(const GatedWeights& w, const Tensor& pixels, const Tensor& positions,
+                    const std::optional<Tensor>& labels, const Tensor& vertical, Tensor& vertical_out, Tensor& links,
+                    const Tensor& prepared) {
   check_cpu(pixels, at::kByte, 4, "pixels");
   check_cpu(positions, at::kLong, 2, "positions");
-  check_cpu(vertical, at::kFloat, 5, "vertical");
+  check_vertical(w, vertical);
   const int64_t n = pixels.size(0), height = pixels.size(2), width = pixels.size(3);
   const int64_t C = w.channels, C2 = 2 * C, L = w.layers, p0 = w.p0, p = w.p, k0 = 2 * p0 + 1, k = 2 * p + 1;
   TORCH_CHECK(pixels.size(1) == 1, "pixels: single-channel images only");
-  TORCH_CHECK(vertical.size(0) == n && vertical.size(1) == L - 1 && vertical.size(2) == C && vertical.size(3) == p &&
-                  vertical.size(4) == width,
-              "vertical: shape ", vertical.sizes(), " does not match the weights");
+  TORCH_CHECK(vertical.size(0) == n && vertical.size(4) == width, "vertical: shape ", vertical.sizes(),
+              " does not match pixels of shape ", pixels.sizes());
   const int64_t* label = nullptr;
   if (w.classes) {
     TORCH_CHECK(labels.has_value(), "labels: a conditional model needs labels");
@@ -75,6 +246,7 @@ void refresh_into(const GatedWeights& w, const Tensor& pixels, const Tensor& pos
   TORCH_CHECK(links.sizes() == at::IntArrayRef({n, L, C2, width}) && links.is_contiguous() &&
                   vertical_out.sizes() == vertical.sizes() && vertical_out.is_contiguous(),
               "links, vertical: outputs of the wrong shape");
+  TORCH_CHECK(prepared.sizes() == at::IntArrayRef({L - 1, n * width, C2}), "prepared: wrong shape");
   if (n == 0) return;
 
   const uint8_t* pix = pixels.data_ptr<uint8_t>();
@@ -82,21 +254,25 @@ void refresh_into(const GatedWeights& w, const Tensor& pixels, const Tensor& pos
   const float* vin = vertical.data_ptr<float>();
   float* vout_state = vertical_out.data_ptr<float>();
   float* link_out = links.data_ptr<float>();
+  float* later = prepared.data_ptr<float>();
 
-  const int64_t rows = n * width;  // one per (slot, column)
-  const int64_t window_cols = std::max((p0 + 1) * k0, (p + 1) * k * C);
-  // Layer l's gated outputs go to v_out[l % 3]: while threads compute layer l, the previous
-  // layer's outputs are still read (its im2col) and so are those of the one before (its cache's shift).
-  // Every element of these is written before it is read: no zeroing.
-  float* const col = thread_scratch(rows * (window_cols + C2 + L * C2 + 3 * C));
-  float* const pre = col + rows * window_cols;
-  float* const link = pre + rows * C2;
-  float* const v_out = link + L * rows * C2;
-  auto gated = [&](int64_t l) { return v_out + l % 3 * rows * C; };
+  const int64_t rows = n * width, in0 = (p0 + 1) * k0, padded = width + 2 * p;
+  // Layer l's gated outputs go to current(l): per slot `padded` columns, channels last, p zero
+  // columns either side, so layer l+1's last kernel row reads its window in place. Two alternate:
+  // while layer l+1 is computed from layer l's outputs, the cache shift reads them too.
+  float* const col = thread_scratch(rows * (in0 + C2 + L * C2) + 2 * n * padded * C);
+  float* const first = col + rows * in0;
+  float* const link = first + rows * C2;
+  float* const current_rows = link + L * rows * C2;
+  auto current = [&](int64_t l) { return current_rows + l % 2 * n * padded * C; };
+  for (int64_t s = 0; s < 2 * n; ++s) {
+    std::fill_n(current_rows + s * padded * C, p * C, 0.f);
+    std::fill_n(current_rows + (s * padded + width + p) * C, p * C, 0.f);
+  }
 
-  // The shift of layer l's cache (rows i-p..i-1 of layer l-1's outputs) up one row, layer l-1's
-  // outputs at row i entering last: a (slot, channel) per iteration, shared among the threads of
-  // the enclosing region, which go on without waiting.
+  // Layer l's cache (rows i-p..i-1 of layer l-1's outputs) moves up one row, layer l-1's outputs at
+  // row i entering last: a (slot, channel) per iteration, shared among the threads of the
+  // enclosing region, which go on without waiting.
   auto shift_cache = [&](int64_t l) {
 #pragma omp for schedule(static) nowait
     for (int64_t sc = 0; sc < n * C; ++sc) {
@@ -104,8 +280,16 @@ void refresh_into(const GatedWeights& w, const Tensor& pixels, const Tensor& pos
       const float* cache = vin + ((s * (L - 1) + l - 1) * C + c) * p * width;  // (p, W)
       float* next = vout_state + ((s * (L - 1) + l - 1) * C + c) * p * width;
       for (int64_t r = 0; r + 1 < p; ++r) std::memmove(next + r * width, cache + (r + 1) * width, width * sizeof(float));
-      const float* newest = gated(l - 1) + s * width * C + c;
+      const float* newest = current(l - 1) + (s * padded + p) * C + c;
       for (int64_t j = 0; j < width; ++j) next[(p - 1) * width + j] = newest[j * C];
+    }
+  };
+  // f(s, ja, jb, r) for each slot's run of columns ja..jb-1 among rows r0..r1-1, r its first row.
+  auto slot_runs = [width](int64_t r0, int64_t r1, auto f) {
+    for (int64_t r = r0; r < r1;) {
+      const int64_t s = r / width, ja = r % width, jb = std::min(width, ja + (r1 - r));
+      f(s, ja, jb, r);
+      r += jb - ja;
     }
   };
 
@@ -117,22 +301,17 @@ void refresh_into(const GatedWeights& w, const Tensor& pixels, const Tensor& pos
                                                                                         (rows + kGrain - 1) / kGrain));
 #pragma omp parallel num_threads(threads)
   {
-    // This thread's window of a layer's input around one slot's columns ja..jb-1: rows i-p..i,
-    // columns ja-p..jb+p-1 (zero outside the image), channels last.
-    const int64_t span_cols = std::min(kBlock, width) + 2 * p;
-    std::vector<float> window((p + 1) * span_cols * C);
     for (int64_t l = 0; l < L; ++l) {
-      if (l >= 2) shift_cache(l - 1);  // the previous layer's cache: every thread has finished reading it
-      const int64_t in = l == 0 ? (p0 + 1) * k0 : (p + 1) * k * C;
-      const float* wv = l == 0 ? w.v0_w : w.v_w + (l - 1) * in * C2;
-      const float* bv = l == 0 ? w.v0_b : w.v_b + (l - 1) * C2;
+      if (l >= 1) shift_cache(l);  // layer l-1's outputs are complete: the barrier below
+      const float* last_row = w.v_w + ((l - 1) * (p + 1) + p) * k * C * C2;  // layer l's kernel row over row i
 #pragma omp for schedule(static) nowait
       for (int64_t block = 0; block < blocks; ++block) {  // blocks small enough to stay in cache
         const int64_t r0 = block * kBlock, r1 = std::min(rows, r0 + kBlock), m = r1 - r0;
+        float* v = l == 0 ? first + r0 * C2 : later + ((l - 1) * rows + r0) * C2;
         if (l == 0) {
           for (int64_t r = r0; r < r1; ++r) {  // im2col: image rows i-1-p0..i-1 around column j
             const int64_t s = r / width, j = r % width, i = pos[s] / width;
-            float* dst = col + r * window_cols;
+            float* dst = col + r * in0;
             for (int64_t rr = 0; rr <= p0; ++rr)
               for (int64_t cc = 0; cc < k0; ++cc) {
                 const int64_t ii = i - 1 - p0 + rr, jj = j - p0 + cc;
@@ -140,34 +319,19 @@ void refresh_into(const GatedWeights& w, const Tensor& pixels, const Tensor& pos
                     ii >= 0 && jj >= 0 && jj < width ? w.scale(pix[(s * height + ii) * width + jj]) : 0.f;
               }
           }
+          dense(col + r0 * in0, in0, w.v0_w, in0, C2, w.v0_b, v, C2, m);
+          for (int64_t r = r0; r < r1; ++r)  // shift down: row 0 sees nothing above
+            if (pos[r / width] < width) std::fill_n(v + (r - r0) * C2, C2, 0.f);
         } else {
-          for (int64_t r = r0; r < r1;) {  // per slot within the block: its window, then im2col
-            const int64_t s = r / width, ja = r % width, jb = std::min(width, ja + (r1 - r)), cols = jb - ja + 2 * p;
-            const float* cache = vin + ((s * (L - 1) + l - 1) * C) * p * width;  // (C, p, W)
-            const float* below = gated(l - 1) + s * width * C;                   // row i: (W, C)
-            for (int64_t jj = ja - p; jj < jb + p; ++jj) {
-              float* column = window.data() + (jj - ja + p) * C;
-              const bool inside = jj >= 0 && jj < width;
-              for (int64_t rr = 0; rr < p; ++rr)
-                for (int64_t c = 0; c < C; ++c)
-                  column[rr * cols * C + c] = inside ? cache[(c * p + rr) * width + jj] : 0.f;
-              if (inside) std::memcpy(column + p * cols * C, below + jj * C, C * sizeof(float));
-              else std::fill_n(column + p * cols * C, C, 0.f);
-            }
-            for (int64_t j = ja; j < jb; ++j, ++r)
-              for (int64_t rr = 0; rr <= p; ++rr)
-                std::memcpy(col + r * window_cols + rr * k * C, window.data() + (rr * cols + j - ja) * C,
-                            k * C * sizeof(float));
-          }
+          slot_runs(r0, r1, [&](int64_t s, int64_t ja, int64_t jb, int64_t r) {
+            dense(current(l - 1) + (s * padded + ja) * C, C, last_row, k * C, C2, nullptr, v + (r - r0) * C2, C2,
+                  jb - ja, true);
+          });
         }
-        float* v = pre + r0 * C2;
         float* h = link + (l * rows + r0) * C2;
-        dense(col + r0 * window_cols, window_cols, wv, in, C2, bv, v, C2, m);
         const float* hb = w.h_b + l * C2;
         for (int64_t r = r0; r < r1; ++r) {
-          const int64_t s = r / width, j = r % width;
-          if (l == 0 && pos[s] < width) std::fill_n(v + (r - r0) * C2, C2, 0.f);  // shift down: row 0 is zero
-          const bool horizontal_bias = l > 0 || j > 0;  // the first layer's shift right: column 0 has no bias
+          const bool horizontal_bias = l > 0 || r % width > 0;  // the first layer's shift right: column 0 has no bias
           for (int64_t o = 0; o < C2; ++o) h[(r - r0) * C2 + o] = horizontal_bias ? hb[o] : 0.f;
         }
         dense(v, C2, w.link_w + l * C2 * C2, C2, C2, w.link_b + l * C2, h, C2, m, true);
@@ -176,11 +340,13 @@ void refresh_into(const GatedWeights& w, const Tensor& pixels, const Tensor& pos
             const float* cb = w.class_bias + (l * w.classes + label[r / width]) * 2 * C2;
             for (int64_t o = 0; o < C2; ++o) v[(r - r0) * C2 + o] += cb[o], h[(r - r0) * C2 + o] += cb[C2 + o];
           }
-        if (l < L - 1) gate_rows(v, C2, gated(l) + r0 * C, C, C, m);
+        if (l < L - 1)
+          slot_runs(r0, r1, [&](int64_t s, int64_t ja, int64_t jb, int64_t r) {
+            gate_rows(v + (r - r0) * C2, C2, current(l) + (s * padded + p + ja) * C, C, C, jb - ja);
+          });
       }
 #pragma omp barrier
     }
-    if (L >= 2) shift_cache(L - 1);
     // The links into their (slot, layer, channel, column) layout, a channel's columns by one thread.
 #pragma omp for schedule(static)
     for (int64_t row = 0; row < n * L * C2; ++row) {
@@ -196,104 +362,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gated_refresh(const Tensor& pixels, c
                                                          const std::optional<Tensor>& labels, const Tensor& vertical,
                                                          at::TensorList weights) {
   const GatedWeights w(weights);
-  check_cpu(vertical, at::kFloat, 5, "vertical");
+  const Tensor prepared = prepare(w, vertical);
   const int64_t n = vertical.size(0), width = vertical.size(4), L = w.layers, C = w.channels;
   Tensor vertical_out = at::empty_like(vertical);
   Tensor links = at::empty({n, L, 2 * C, width}, vertical.options());
-  refresh_into(w, pixels, positions, labels, vertical, vertical_out, links);
+  finish_refresh(w, pixels, positions, labels, vertical, vertical_out, links, prepared);
   return {vertical_out, links, at::zeros({n, w.p0 + 1}, vertical.options()),
           at::zeros({n, L - 1, w.p * C}, vertical.options())};
-}
-
-// The step into given outputs: `image_out` holds the image context on entry and is advanced in
-// place; `hidden_out` may be `hidden_context` itself (each slot block reads it before writing).
-void step_into(const GatedWeights& w, const Tensor& positions, const Tensor& noise, const Tensor& temperature,
-               const Tensor& links, Tensor& image_out, const Tensor& hidden_context, Tensor& hidden_out,
-               const std::optional<Tensor>& teacher, Tensor& pixel, Tensor& logits_out) {
-  const Tensor& image_context = image_out;
-  check_cpu(positions, at::kLong, 2, "positions");
-  check_cpu(noise, at::kFloat, 3, "noise");
-  check_cpu(temperature, at::kFloat, 2, "temperature");
-  check_cpu(links, at::kFloat, 4, "links");
-  check_cpu(image_context, at::kFloat, 2, "image_context");
-  check_cpu(hidden_context, at::kFloat, 3, "hidden_context");
-  const int64_t n = positions.size(0), span = noise.size(1), width = links.size(3);
-  const int64_t C = w.channels, C2 = 2 * C, L = w.layers, p0 = w.p0, p = w.p, O = w.output_channels;
-  const int64_t levels = w.levels, hidden = (p + 1) * C;
-  TORCH_CHECK(noise.size(2) == 1, "noise: single-channel images only");
-  TORCH_CHECK(links.size(1) == L && links.size(2) == C2, "links: shape ", links.sizes(), " does not match the weights");
-  TORCH_CHECK(image_context.size(1) == p0 + 1 && hidden_context.size(1) == L - 1 && hidden_context.size(2) == p * C,
-              "contexts: shapes ", image_context.sizes(), " and ", hidden_context.sizes(), " do not match the weights");
-  const int64_t* forced = nullptr;
-  if (teacher.has_value()) {
-    check_cpu(*teacher, at::kLong, 3, "teacher");
-    forced = teacher->data_ptr<int64_t>();
-  }
-  TORCH_CHECK(pixel.sizes() == at::IntArrayRef({n, span, 1}) && hidden_out.sizes() == hidden_context.sizes() &&
-                  hidden_out.is_contiguous() && logits_out.numel() == (forced ? n * span * levels : 0),
-              "pixel, hidden_context, logits: outputs of the wrong shape");
-  const int64_t* pos = positions.data_ptr<int64_t>();
-  const float* eps = noise.data_ptr<float>();
-  const float* temp = temperature.data_ptr<float>();
-  const float* link = links.data_ptr<float>();
-  const float* hidden_in = hidden_context.data_ptr<float>();
-  float* context = image_out.data_ptr<float>();
-  float* hidden_state = hidden_out.data_ptr<float>();
-  int64_t* chosen = pixel.data_ptr<int64_t>();
-  float* logits_record = logits_out.data_ptr<float>();
-
-  // Slots are independent: blocks of slots run on the intra-op threads, each block layer by layer.
-  at::parallel_for(0, n, 8, [&](int64_t b0, int64_t b1) {
-    const int64_t m = b1 - b0;
-    std::vector<float> windows((L - 1) * m * hidden), pre(m * C2), gated(m * L * C), h_out(m * C), skips(m * C),
-        out_hidden(m * O), logits(m * levels);
-    for (int64_t l = 0; l < L - 1; ++l)  // layer l+1's window: layer l's last p outputs, then its current one
-      for (int64_t s = 0; s < m; ++s)
-        std::memcpy(windows.data() + (l * m + s) * hidden, hidden_in + ((b0 + s) * (L - 1) + l) * p * C,
-                    p * C * sizeof(float));
-    float* ctx = context + b0 * (p0 + 1);
-    auto gather_links = [&](int64_t l, int64_t offset) {  // the link of column j of layer l, per slot
-      for (int64_t s = 0; s < m; ++s) {
-        const int64_t j = pos[b0 + s] % width + offset;
-        const float* src = link + ((b0 + s) * L + l) * C2 * width + j;
-        for (int64_t o = 0; o < C2; ++o) pre[s * C2 + o] = src[o * width];
-      }
-    };
-    for (int64_t t = 0; t < span; ++t) {
-      gather_links(0, t);
-      dense(ctx, p0 + 1, w.h0_w, p0 + 1, C2, nullptr, pre.data(), C2, m, true);
-      gate_rows(pre.data(), C2, gated.data(), L * C, C, m);
-      dense(gated.data(), L * C, w.hout_w, C, C, w.hout_b, h_out.data(), C, m);
-      for (int64_t l = 1; l < L; ++l) {
-        float* win = windows.data() + (l - 1) * m * hidden;
-        for (int64_t s = 0; s < m; ++s) std::memcpy(win + s * hidden + p * C, h_out.data() + s * C, C * sizeof(float));
-        gather_links(l, t);
-        dense(win, hidden, w.h_w + (l - 1) * hidden * C2, hidden, C2, nullptr, pre.data(), C2, m, true);
-        for (int64_t s = 0; s < m; ++s)  // drop the oldest column
-          std::memmove(win + s * hidden, win + s * hidden + C, p * C * sizeof(float));
-        gate_rows(pre.data(), C2, gated.data() + l * C, L * C, C, m);
-        if (l < L - 1)  // residual: h_out += horizontal_out(gated); the last layer's feeds nothing
-          dense(gated.data() + l * C, L * C, w.hout_w + l * C * C, C, C, w.hout_b + l * C, h_out.data(), C, m, true);
-      }
-      dense(gated.data(), L * C, w.skip_w, L * C, C, w.skip_b, skips.data(), C, m);
-      relu_rows(skips.data(), C, C, m);
-      dense(skips.data(), C, w.oh_w, C, O, w.oh_b, out_hidden.data(), O, m);
-      relu_rows(out_hidden.data(), O, O, m);
-      dense(out_hidden.data(), O, w.lg_w, O, levels, w.lg_b, logits.data(), levels, m);
-      for (int64_t s = 0; s < m; ++s) {
-        const int64_t slot = b0 + s;
-        const int64_t value = chosen[slot * span + t] = pick_level(
-            logits.data() + s * levels, levels, slot * span + t, forced, eps, temp[slot], logits_record);
-        float* c = ctx + s * (p0 + 1);
-        std::memmove(c, c + 1, p0 * sizeof(float));
-        c[p0] = w.scale(value);
-      }
-    }
-    for (int64_t l = 0; l < L - 1; ++l)
-      for (int64_t s = 0; s < m; ++s)
-        std::memcpy(hidden_state + ((b0 + s) * (L - 1) + l) * p * C, windows.data() + (l * m + s) * hidden,
-                    p * C * sizeof(float));
-  });
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> gated_step(const Tensor& positions, const Tensor& noise,
@@ -306,33 +381,54 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gated_step(const Tensor& positions, c
   Tensor image_out = image_context.clone();
   Tensor hidden_out = at::empty_like(hidden_context);
   Tensor logits_out = at::empty({teacher.has_value() ? n : 0, span, w.levels}, links.options());
-  step_into(w, positions, noise, temperature, links, image_out, hidden_context, hidden_out, teacher, pixel, logits_out);
+  const StepCall call = step_call(w, positions, noise, temperature, links, image_out, hidden_context, hidden_out,
+                                  teacher, pixel, logits_out);
+  run_tasks(w, &call, nullptr, nullptr, 0, 0);
   return {pixel, image_out, hidden_out, logits_out};
 }
 
-// A whole row for slots that all start one: the refresh and the step in one call, the states
-// (vertical, links, image_context, hidden_context) updated in place. Returns the pixels.
-Tensor gated_row(const Tensor& pixels, const Tensor& positions, const std::optional<Tensor>& labels,
-                 const Tensor& noise, const Tensor& temperature, at::TensorList states, at::TensorList weights) {
-  const GatedWeights w(weights);
-  TORCH_CHECK(states.size() == 4, "states: expected vertical, links, image_context, hidden_context");
+// A whole row for slots that all start one: the refresh and the step, the states (vertical, links,
+// image_context, hidden_context) updated in place. `prepared` holds the row's cache part on entry
+// and, with `prepare_next`, the next row's on return. Returns the pixels.
+Tensor row_in_place(const GatedWeights& w, const Tensor& pixels, const Tensor& positions,
+                    const std::optional<Tensor>& labels, const Tensor& noise, const Tensor& temperature,
+                    at::TensorList states, const Tensor& prepared, bool prepare_next) {
   Tensor vertical = states[0], links = states[1], image_context = states[2], hidden_context = states[3];
-  refresh_into(w, pixels, positions, labels, vertical, vertical, links);
+  finish_refresh(w, pixels, positions, labels, vertical, vertical, links, prepared);
   image_context.zero_();
   hidden_context.zero_();
   Tensor pixel = at::empty({positions.size(0), noise.size(1), 1}, positions.options());
   Tensor no_logits = at::empty({0}, links.options());
-  step_into(w, positions, noise, temperature, links, image_context, hidden_context, hidden_context, std::nullopt,
-            pixel, no_logits);
+  const StepCall call = step_call(w, positions, noise, temperature, links, image_context, hidden_context,
+                                  hidden_context, std::nullopt, pixel, no_logits);
+  if (prepare_next)
+    run_tasks(w, &call, vertical.data_ptr<float>(), prepared.data_ptr<float>(), vertical.size(0), vertical.size(4));
+  else
+    run_tasks(w, &call, nullptr, nullptr, 0, 0);
   return pixel;
 }
 
-// `rows` whole rows in one call (rows.h): the images and positions advanced in place.
+void check_states(at::TensorList states) {
+  TORCH_CHECK(states.size() == 4, "states: expected vertical, links, image_context, hidden_context");
+}
+
+Tensor gated_row(const Tensor& pixels, const Tensor& positions, const std::optional<Tensor>& labels,
+                 const Tensor& noise, const Tensor& temperature, at::TensorList states, at::TensorList weights) {
+  const GatedWeights w(weights);
+  check_states(states);
+  return row_in_place(w, pixels, positions, labels, noise, temperature, states, prepare(w, states[0]), false);
+}
+
+// `rows` whole rows in one call (rows.h): the images and positions advanced in place, each row's
+// cache part prepared during the step of the row before.
 void gated_rows(const Tensor& pixels, const Tensor& positions, const std::optional<Tensor>& labels,
                 const Tensor& noise, const Tensor& temperature, at::TensorList states, at::TensorList weights,
                 int64_t rows) {
-  for_rows(pixels, positions, noise, rows, [&](const Tensor& step_noise) {
-    return gated_row(pixels, positions, labels, step_noise, temperature, states, weights);
+  const GatedWeights w(weights);
+  check_states(states);
+  const Tensor prepared = rows > 0 ? prepare(w, states[0]) : Tensor();
+  for_rows(pixels, positions, noise, rows, [&](const Tensor& step_noise, bool another_follows) {
+    return row_in_place(w, pixels, positions, labels, step_noise, temperature, states, prepared, another_follows);
   });
 }
 

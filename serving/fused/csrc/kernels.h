@@ -9,6 +9,7 @@
 // width on either.
 #pragma once
 
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -16,18 +17,36 @@
 
 namespace genserve {
 
-// `count` floats of scratch, uninitialised, owned by the calling thread and reused by its later
-// calls (each call must be done with it before the next starts). A per-call std::vector of
-// megabytes (the refresh's at batch 64) went back to the OS at every call: the page faults and
-// zeroing of fresh pages took ~5% of a batch-64 sampling run.
+// `count` floats of scratch, uninitialised, 64-byte aligned, owned by the calling thread and reused
+// by its later calls (each call must be done with it before the next starts). A per-call
+// std::vector of megabytes (the refresh's at batch 64) went back to the OS at every call: the page
+// faults and zeroing of fresh pages took ~5% of a batch-64 sampling run.
 inline float* thread_scratch(size_t count) {
-  thread_local std::unique_ptr<float[]> buffer;
+  struct alignas(64) Line {
+    float values[16];
+  };
+  thread_local std::unique_ptr<Line[]> buffer;
   thread_local size_t capacity = 0;
   if (capacity < count) {
-    buffer.reset(new float[count]);
-    capacity = count;
+    capacity = (count + 15) / 16 * 16;
+    buffer.reset(new Line[capacity / 16]);
   }
-  return buffer.get();
+  return buffer.get()->values;
+}
+
+// Consecutive arrays of the given float counts in one thread_scratch, each from a cache line's start:
+// a vector load or store never straddles two lines.
+template <size_t K>
+inline std::array<float*, K> scratch_arrays(const std::array<int64_t, K>& counts) {
+  size_t total = 0;
+  for (int64_t count : counts) total += (count + 15) / 16 * 16;
+  float* next = thread_scratch(total);
+  std::array<float*, K> arrays;
+  for (size_t i = 0; i < K; ++i) {
+    arrays[i] = next;
+    next += (counts[i] + 15) / 16 * 16;
+  }
+  return arrays;
 }
 
 #if defined(__AVX512F__)

@@ -178,7 +178,7 @@ void pixelcnn_rows(const Tensor& pixels, const Tensor& positions, const std::opt
                    const Tensor& noise, const Tensor& temperature, at::TensorList states, at::TensorList weights,
                    int64_t rows) {
   TORCH_CHECK(!labels.has_value(), "labels: PixelCNN is unconditional");
-  for_rows(pixels, positions, noise, rows, [&](const Tensor& step_noise) {
+  for_rows(pixels, positions, noise, rows, [&](const Tensor& step_noise, bool) {
     return pixelcnn_row(positions, step_noise, temperature, states, weights);
   });
 }

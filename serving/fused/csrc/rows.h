@@ -23,7 +23,8 @@ inline void check_cpu(const at::Tensor& t, at::ScalarType type, int64_t dim, con
 // slots' positions; after, its pixels go into `pixels` and the positions advance by a row.
 // pixels: (n, 1, H, W) uint8; positions: (n, 1) int64, each a row start with `rows` rows left;
 // noise: (n, H * W, 1) float32, each sample's noise over its whole image.
-// `row(step_noise)` makes one call on (n, W, 1) noise and returns its (n, W, 1) int64 pixels.
+// `row(step_noise, another_follows)` makes one call on (n, W, 1) noise and returns its (n, W, 1)
+// int64 pixels; `another_follows` says whether this call makes another row after it.
 template <class RowCall>
 void for_rows(const at::Tensor& pixels, const at::Tensor& positions, const at::Tensor& noise, int64_t rows,
               RowCall row) {
@@ -47,7 +48,7 @@ void for_rows(const at::Tensor& pixels, const at::Tensor& positions, const at::T
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t s = 0; s < n; ++s)
       std::memcpy(step + s * width, all_noise + s * length + pos[s], width * sizeof(float));
-    const at::Tensor pixel = row(step_noise);
+    const at::Tensor pixel = row(step_noise, r + 1 < rows);
     const int64_t* chosen = pixel.data_ptr<int64_t>();
     for (int64_t s = 0; s < n; ++s) {
       for (int64_t j = 0; j < width; ++j) images[s * length + pos[s] + j] = static_cast<uint8_t>(chosen[s * width + j]);
