@@ -410,6 +410,26 @@ def test_the_operators_refuse_mismatched_tensors_naming_them():
         torch.ops.genserve.gated_step(*good, None, weights[:-1])
 
 
+def test_the_pixelcnn_step_refuses_a_span_past_the_row_and_unmasked_kernels():
+    # The step applies each masked kernel's rows above once per call, for the columns it steps, and
+    # skips the centre row's taps right of the centre, which the mask zeroes.
+    assert fused.load_ops()
+    model = tiny("pixelcnn")
+    positions, noise, temperature, image_rows, *blocks = step_program(model).step.example(2)  # a whole row each
+    weights = list(packed_weights(model)[1].values())
+    step = torch.ops.genserve.pixelcnn_step
+    assert step(positions, noise, temperature, image_rows, blocks, None, weights)[0].shape == (2, 6, 1)
+    with pytest.raises(RuntimeError, match="positions: slot 1 at 7 has fewer than 6 pixels left in its row"):
+        step(positions + torch.tensor([[0], [1]]), noise, temperature, image_rows, blocks, None, weights)
+    with pytest.raises(RuntimeError, match="block rows: 3 rows do not match the masked kernels' 48 taps"):
+        three_rows = [torch.zeros(2, 8, 3, 10) for _ in blocks]
+        step(positions, noise, temperature, image_rows, three_rows, None, weights)
+    unmasked = [w.clone() for w in weights]
+    unmasked[4][0, -1, 0] = 0.5  # block 0: the last channel's centre row, rightmost tap
+    with pytest.raises(RuntimeError, match="masked_w: the centre row's taps right of the centre must be masked"):
+        step(positions, noise, temperature, image_rows, blocks, None, unmasked)
+
+
 def test_build_ops_check_reports_the_loaded_library():
     result = subprocess.run([sys.executable, "-m", "genserve.clients.cli", "build-ops", "--check"],
                             capture_output=True, text=True, timeout=120)

@@ -11,6 +11,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "kernels.h"
@@ -24,7 +25,7 @@ using at::Tensor;
 struct PixelCNNWeights {
   const float *in_w, *in_b, *reduce_w, *reduce_b, *masked_w, *masked_b, *expand_w, *expand_b, *oh_w, *oh_b, *lg_w,
       *lg_b;
-  int64_t blocks, hidden, output_channels, levels;
+  int64_t blocks, hidden, window, output_channels, levels;
 
   explicit PixelCNNWeights(at::TensorList w) {
     TORCH_CHECK(w.size() == 12, "pixelcnn weights: expected 12 tensors, got ", w.size());
@@ -36,6 +37,7 @@ struct PixelCNNWeights {
     for (size_t i = 0; i < w.size(); ++i) *fields[i] = w[i].data_ptr<float>();
     blocks = w[2].size(0);
     hidden = w[1].size(0) / 2;
+    window = w[4].dim() == 3 ? w[4].size(1) : 0;
     output_channels = w[8].size(1);
     levels = w[10].size(1);
     TORCH_CHECK(levels >= 2 && levels <= 256, "pixelcnn weights: 2..256 pixel levels, got ", levels);
@@ -78,10 +80,41 @@ void roll_rows(at::TensorList caches) {
   }
 }
 
+// The residual blocks' masked kernels (packed over (channel, row, column) windows of R = p + 1 rows
+// and k = 2p + 1 columns) split by what they see: the p rows above, which stay fixed while a row is
+// stepped, and the centre row up to the pixel (the mask zeroes its columns right of the centre).
+// A call applies the rows-above part to all its columns in one GEMM first; per pixel only the
+// centre part is left: for 3x3 kernels a third of the kernel's weights, each read from L2 at every pixel.
+struct MaskedSplit {
+  int64_t R, p, k, above_in, centre_in;
+  std::vector<float> above_w;   // (blocks, above_in, h): windows in (row, column, channel) order
+  std::vector<float> centre_w;  // (blocks, centre_in, h): (column, channel) over columns j-p..j
+
+  MaskedSplit(const PixelCNNWeights& w, int64_t rows)
+      : R(rows), p(rows - 1), k(2 * rows - 1), above_in(p * w.hidden * k), centre_in(w.hidden * rows),
+        above_w(w.blocks * above_in * w.hidden), centre_w(w.blocks * centre_in * w.hidden) {
+    const int64_t h = w.hidden;
+    TORCH_CHECK(!w.blocks || w.window == h * R * k, "block rows: ", R, " rows do not match the masked kernels' ",
+                w.window, " taps");
+    for (int64_t b = 0; b < w.blocks; ++b)
+      for (int64_t c = 0; c < h; ++c)
+        for (int64_t r = 0; r < R; ++r)
+          for (int64_t kk = 0; kk < k; ++kk) {
+            const float* from = w.masked_w + (b * w.window + (c * R + r) * k + kk) * h;
+            float* to = r < p ? above_w.data() + (b * above_in + (r * k + kk) * h + c) * h
+                              : kk <= p ? centre_w.data() + (b * centre_in + kk * h + c) * h : nullptr;
+            if (to) std::copy_n(from, h, to);
+            else
+              TORCH_CHECK(std::all_of(from, from + h, [](float v) { return v == 0.f; }),
+                          "masked_w: the centre row's taps right of the centre must be masked (zero)");
+          }
+  }
+};
+
 // The step on caches updated in place (contiguous float32): pixels into `pixel`, logits (teacher only).
 void step_into(const PixelCNNWeights& w, const Tensor& positions, const Tensor& noise, const Tensor& temperature,
                Tensor& image_rows, at::TensorList block_rows, const std::optional<Tensor>& teacher, Tensor& pixel,
-               Tensor& logits_out) {
+               Tensor& logits_out, const MaskedSplit& split) {
   TORCH_CHECK(positions.scalar_type() == at::kLong && positions.dim() == 2 && positions.is_contiguous(),
               "positions: expected (n, 1) int64");
   TORCH_CHECK(noise.scalar_type() == at::kFloat && noise.dim() == 3 && noise.size(2) == 1 && noise.is_contiguous(),
@@ -95,7 +128,8 @@ void step_into(const PixelCNNWeights& w, const Tensor& positions, const Tensor& 
   const int64_t n = positions.size(0), span = noise.size(1), h = w.hidden, h2 = 2 * h, O = w.output_channels;
   const int64_t levels = w.levels, R0 = image_rows.size(2), p0 = R0 - 1, k0 = 2 * p0 + 1;
   const int64_t padded0 = image_rows.size(3), width = padded0 - 2 * p0;
-  const int64_t R = w.blocks ? block_rows[0].size(2) : 1, p = R - 1, k = 2 * p + 1, padded = width + 2 * p;
+  const int64_t R = split.R, p = split.p, k = split.k, padded = width + 2 * p;
+  const int64_t above_in = split.above_in, centre_in = split.centre_in;
   for (const Tensor& rows : block_rows)
     TORCH_CHECK(rows.scalar_type() == at::kFloat && rows.dim() == 4 && rows.size(1) == h && rows.size(2) == R &&
                     rows.size(3) == padded && rows.is_contiguous(),
@@ -115,12 +149,36 @@ void step_into(const PixelCNNWeights& w, const Tensor& positions, const Tensor& 
   const int64_t* pos = positions.data_ptr<int64_t>();
   const float* eps = noise.data_ptr<float>();
   const float* temp = temperature.data_ptr<float>();
-  const int64_t in0 = R0 * k0, window = h * R * k;
+  const int64_t in0 = R0 * k0;
+  TORCH_CHECK(span <= width, "noise: ", span, " pixels per call, more than a row of ", width);
+  for (int64_t s = 0; s < n; ++s)
+    TORCH_CHECK(pos[s] >= 0 && pos[s] % width + span <= width, "positions: slot ", s, " at ", pos[s], " has fewer than ",
+                span, " pixels left in its row");
 
   at::parallel_for(0, n, 8, [&](int64_t b0, int64_t b1) {
     const int64_t m = b1 - b0;
-    std::vector<float> x(m * h2), act(m * h2), reduced(m * h), win(m * std::max(in0, window)), masked(m * h),
+    std::vector<float> x(m * h2), act(m * h2), reduced(m * h), win(m * std::max(in0, centre_in)),
+        above(w.blocks * m * span * h), rows_above(p * padded * h), centre(w.blocks * m * padded * h), masked(m * h),
         out_hidden(m * O), logits(m * levels);
+    // Each block's caches channels last, so that a window row's taps lie together: the rows above
+    // (one slot and block at a time), and the centre row (every block and slot, kept for the call).
+    auto channels_last = [&](const float* rows, int64_t r, float* to) {
+      for (int64_t c = 0; c < h; ++c)
+        for (int64_t col = 0; col < padded; ++col) to[col * h + c] = rows[(c * R + r) * padded + col];
+    };
+    // The rows-above part of every block's masked layer (bias included) at each column this call steps.
+    for (int64_t b = 0; b < w.blocks; ++b)
+      for (int64_t s = 0; s < m; ++s) {
+        const float* rows = caches[b] + (b0 + s) * h * R * padded;
+        float* y = above.data() + (b * m + s) * span * h;
+        for (int64_t t = 0; t < span; ++t) std::copy_n(w.masked_b + b * h, h, y + t * h);
+        for (int64_t r = 0; r < p; ++r) {
+          channels_last(rows, r, rows_above.data() + r * padded * h);
+          dense(rows_above.data() + (r * padded + pos[b0 + s] % width) * h, h,
+                split.above_w.data() + (b * above_in + r * k * h) * h, k * h, h, nullptr, y, h, span, true);
+        }
+        channels_last(rows, p, centre.data() + (b * m + s) * padded * h);
+      }
     for (int64_t t = 0; t < span; ++t) {
       for (int64_t s = 0; s < m; ++s)
         gather_window(image + (b0 + s) * R0 * padded0, 1, R0, padded0, pos[b0 + s] % width + t, k0,
@@ -134,10 +192,14 @@ void step_into(const PixelCNNWeights& w, const Tensor& positions, const Tensor& 
         for (int64_t s = 0; s < m; ++s) {  // the block's input at this pixel joins its row cache, then its window
           float* rows = caches[b] + (b0 + s) * h * R * padded;
           const int64_t j = pos[b0 + s] % width + t;
+          float* centre_row = centre.data() + (b * m + s) * padded * h;
           for (int64_t c = 0; c < h; ++c) rows[(c * R + p) * padded + j + p] = reduced[s * h + c];
-          gather_window(rows, h, R, padded, j, k, win.data() + s * window);
+          std::copy_n(reduced.data() + s * h, h, centre_row + (j + p) * h);
+          std::copy_n(centre_row + j * h, centre_in, win.data() + s * centre_in);  // the centre row's columns j-p..j
+          std::copy_n(above.data() + ((b * m + s) * span + t) * h, h, masked.data() + s * h);
         }
-        dense(win.data(), window, w.masked_w + b * window * h, window, h, w.masked_b + b * h, masked.data(), h, m);
+        dense(win.data(), centre_in, split.centre_w.data() + b * centre_in * h, centre_in, h, nullptr, masked.data(), h,
+              m, true);
         relu_rows(masked.data(), h, h, m);
         dense(masked.data(), h, w.expand_w + b * h * h2, h, h2, w.expand_b + b * h2, x.data(), h2, m, true);
       }
@@ -155,6 +217,13 @@ void step_into(const PixelCNNWeights& w, const Tensor& positions, const Tensor& 
   });
 }
 
+// The rows each residual block's cache holds (R = p + 1); 1 where there are no blocks.
+int64_t block_cache_rows(at::TensorList block_rows) {
+  if (block_rows.empty()) return 1;
+  TORCH_CHECK(block_rows[0].dim() == 4, "block rows: expected (n, h, R, W + 2p) tensors, got ", block_rows[0].sizes());
+  return block_rows[0].size(2);
+}
+
 std::vector<Tensor> pixelcnn_step(const Tensor& positions, const Tensor& noise, const Tensor& temperature,
                                   const Tensor& image_rows, at::TensorList block_rows,
                                   const std::optional<Tensor>& teacher, at::TensorList weights) {
@@ -166,32 +235,45 @@ std::vector<Tensor> pixelcnn_step(const Tensor& positions, const Tensor& noise, 
   for (const Tensor& rows : block_rows) out.push_back(rows.contiguous().clone());
   out.push_back(at::empty({teacher.has_value() ? n : 0, span, w.levels}, image_rows.options()));
   step_into(w, positions, noise, temperature, out[1], at::TensorList(out).slice(2, block_rows.size()), teacher,
-            out[0], out.back());
+            out[0], out.back(), MaskedSplit(w, block_cache_rows(block_rows)));
   return out;
+}
+
+void check_states(const PixelCNNWeights& w, at::TensorList states) {
+  TORCH_CHECK(static_cast<int64_t>(states.size()) == w.blocks + 1, "states: image_rows and one cache per block");
 }
 
 // A whole row for slots that all start one: the caches roll up a row and the step runs, in place
 // on `states` (image_rows, then each block's rows). Returns the pixels.
-Tensor pixelcnn_row(const Tensor& positions, const Tensor& noise, const Tensor& temperature, at::TensorList states,
-                    at::TensorList weights) {
-  const PixelCNNWeights w(weights);
-  TORCH_CHECK(static_cast<int64_t>(states.size()) == w.blocks + 1, "states: image_rows and one cache per block");
+Tensor row_in_place(const PixelCNNWeights& w, const MaskedSplit& split, const Tensor& positions, const Tensor& noise,
+                    const Tensor& temperature, at::TensorList states) {
   roll_rows(states);
   Tensor image_rows = states[0];
   Tensor pixel = at::empty({positions.size(0), noise.size(1), 1}, positions.options());
   Tensor no_logits = at::empty({0}, image_rows.options());
-  step_into(w, positions, noise, temperature, image_rows, states.slice(1), std::nullopt, pixel, no_logits);
+  step_into(w, positions, noise, temperature, image_rows, states.slice(1), std::nullopt, pixel, no_logits, split);
   return pixel;
 }
 
-// `rows` whole rows in one call (rows.h): the images and positions advanced in place. An
-// unconditional family: `labels` is accepted for the engine's one signature and must be None.
+Tensor pixelcnn_row(const Tensor& positions, const Tensor& noise, const Tensor& temperature, at::TensorList states,
+                    at::TensorList weights) {
+  const PixelCNNWeights w(weights);
+  check_states(w, states);
+  return row_in_place(w, MaskedSplit(w, block_cache_rows(states.slice(1))), positions, noise, temperature, states);
+}
+
+// `rows` whole rows in one call (rows.h): the images and positions advanced in place, the masked
+// kernels split once. An unconditional family: `labels` is accepted for the engine's one
+// signature and must be None.
 void pixelcnn_rows(const Tensor& pixels, const Tensor& positions, const std::optional<Tensor>& labels,
                    const Tensor& noise, const Tensor& temperature, at::TensorList states, at::TensorList weights,
                    int64_t rows) {
   TORCH_CHECK(!labels.has_value(), "labels: PixelCNN is unconditional");
+  const PixelCNNWeights w(weights);
+  check_states(w, states);
+  const MaskedSplit split(w, block_cache_rows(states.slice(1)));
   for_rows(pixels, positions, noise, rows, [&](const Tensor& step_noise, bool) {
-    return pixelcnn_row(positions, step_noise, temperature, states, weights);
+    return row_in_place(w, split, positions, step_noise, temperature, states);
   });
 }
 
