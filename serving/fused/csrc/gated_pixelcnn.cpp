@@ -18,6 +18,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <optional>
 #include <vector>
 
 #include "kernels.h"
@@ -89,10 +90,40 @@ void prepare_layer(const GatedWeights& w, const float* vertical, int64_t n, int6
     dense(rows + rr * padded * C, C, kernel + rr * k * C * C2, k * C, C2, nullptr, y, C2, width, true);
 }
 
+// The links into the horizontal stack, wherever they are: link (slot s, layer l, channel o, column j) at
+// data + s * slot + l * layer + o * channel + j * column.
+struct LinkView {
+  const float* data;
+  int64_t slot, layer, channel, column;
+};
+
+// The links state (n, L, 2C, W): what the exported graphs read.
+LinkView state_links(const Tensor& links) {
+  const int64_t L = links.size(1), C2 = links.size(2), width = links.size(3);
+  return {links.data_ptr<float>(), L * C2 * width, C2 * width, width, 1};
+}
+
+// The links as the refresh computes them, (L, n * W, 2C): a pixel's 2C links of a layer lie together.
+LinkView row_links(const Tensor& links, int64_t width) {
+  const int64_t rows = links.size(1), C2 = links.size(2);
+  return {links.data_ptr<float>(), width * C2, rows * C2, 1, C2};
+}
+
+// The links from the refresh's layout into the state's, for slot s.
+void store_links(const Tensor& from, Tensor& to, int64_t s) {
+  const int64_t L = to.size(1), C2 = to.size(2), width = to.size(3), rows = from.size(1);
+  const float* src = from.data_ptr<float>() + s * width * C2;
+  float* dst = to.data_ptr<float>() + s * L * C2 * width;
+  for (int64_t l = 0; l < L; ++l)
+    for (int64_t o = 0; o < C2; ++o)
+      for (int64_t j = 0; j < width; ++j) dst[(l * C2 + o) * width + j] = src[(l * rows + j) * C2 + o];
+}
+
 // What a step call reads and writes, checked once (step_call) and shared by its tasks.
 struct StepCall {
   const int64_t* pos;
-  const float *eps, *temp, *link, *hidden_in;
+  const float *eps, *temp, *hidden_in;
+  LinkView links;
   float *context, *hidden_state, *logits_record;
   int64_t* chosen;
   const int64_t* forced;  // the teacher's pixels, or null
@@ -126,7 +157,7 @@ StepCall step_call(const GatedWeights& w, const Tensor& positions, const Tensor&
                   hidden_out.is_contiguous() && logits_out.numel() == (forced ? n * span * w.levels : 0),
               "pixel, hidden_context, logits: outputs of the wrong shape");
   return {positions.data_ptr<int64_t>(), noise.data_ptr<float>(), temperature.data_ptr<float>(),
-          links.data_ptr<float>(), hidden_context.data_ptr<float>(), image_out.data_ptr<float>(),
+          hidden_context.data_ptr<float>(), state_links(links), image_out.data_ptr<float>(),
           hidden_out.data_ptr<float>(), logits_out.data_ptr<float>(), pixel.data_ptr<int64_t>(), forced, n, span,
           links.size(3)};
 }
@@ -145,11 +176,14 @@ void step_slots(const GatedWeights& w, const StepCall& call, int64_t b0, int64_t
       std::memcpy(windows + (l * m + s) * hidden, call.hidden_in + ((b0 + s) * (L - 1) + l) * p * C,
                   p * C * sizeof(float));
   float* ctx = call.context + b0 * (p0 + 1);
+  const LinkView& links = call.links;
   auto gather_links = [&](int64_t l, int64_t offset) {  // the link of column j of layer l, per slot
     for (int64_t s = 0; s < m; ++s) {
       const int64_t j = pos[b0 + s] % width + offset;
-      const float* src = call.link + ((b0 + s) * L + l) * C2 * width + j;
-      for (int64_t o = 0; o < C2; ++o) pre[s * C2 + o] = src[o * width];
+      const float* src = links.data + (b0 + s) * links.slot + l * links.layer + j * links.column;
+      if (links.channel == 1) std::copy_n(src, C2, pre + s * C2);
+      else
+        for (int64_t o = 0; o < C2; ++o) pre[s * C2 + o] = src[o * links.channel];
     }
   };
   for (int64_t t = 0; t < span; ++t) {
@@ -189,18 +223,29 @@ void step_slots(const GatedWeights& w, const StepCall& call, int64_t b0, int64_t
                   p * C * sizeof(float));
 }
 
-// A step's slots (tasks of kStepSlots) and, where `prepared` is given, the cache's part of the next
-// refresh over `vertical` (a task per later layer and slot): independent work, handed to the
-// intra-op threads as each comes free. A batch-1 step is one serial chain through the layers;
-// meanwhile the other cores prepare the next row.
-void run_tasks(const GatedWeights& w, const StepCall* step, const float* vertical, float* prepared, int64_t n,
-               int64_t width) {
-  const int64_t step_tasks = step ? (step->n + kStepSlots - 1) / kStepSlots : 0;
-  const int64_t tasks = step_tasks + (prepared ? (w.layers - 1) * n : 0);
+// Independent work of a call over n slots, each part optional: the step's slots (tasks of
+// kStepSlots), the links from the refresh's layout into the state's (a task per slot) and the cache's
+// part of the next refresh over `vertical` (a task per later layer and slot). Handed to the intra-op
+// threads as each comes free: a batch-1 step is one serial chain through the layers, and meanwhile
+// the other cores store the links and prepare the next row.
+struct RowTasks {
+  const StepCall* step = nullptr;
+  const Tensor* refreshed_links = nullptr;  // (L, n * W, 2C), into...
+  Tensor* links = nullptr;                  // ...the state (n, L, 2C, W)
+  const float* vertical = nullptr;
+  float* prepared = nullptr;
+  int64_t n = 0, width = 0;
+};
+
+void run_tasks(const GatedWeights& w, const RowTasks& work) {
+  const int64_t n = work.n, step_tasks = work.step ? (work.step->n + kStepSlots - 1) / kStepSlots : 0;
+  const int64_t link_tasks = work.links ? n : 0, tasks = step_tasks + link_tasks + (work.prepared ? (w.layers - 1) * n : 0);
   auto run = [&](int64_t task) {
-    if (task < step_tasks) return step_slots(w, *step, task * kStepSlots, std::min(step->n, (task + 1) * kStepSlots));
-    const int64_t layer_slot = task - step_tasks;  // layer by layer: a thread's next task uses the same weights
-    prepare_layer(w, vertical, n, width, layer_slot % n, 1 + layer_slot / n, prepared);
+    if (task < step_tasks)
+      return step_slots(w, *work.step, task * kStepSlots, std::min(work.step->n, (task + 1) * kStepSlots));
+    if (task < step_tasks + link_tasks) return store_links(*work.refreshed_links, *work.links, task - step_tasks);
+    const int64_t layer_slot = task - step_tasks - link_tasks;  // layer by layer: a thread's next task uses the same weights
+    prepare_layer(w, work.vertical, n, work.width, layer_slot % n, 1 + layer_slot / n, work.prepared);
   };
   const int threads = at::in_parallel_region() ? 1 : static_cast<int>(std::min<int64_t>(at::get_num_threads(), tasks));
   if (threads <= 1) {
@@ -216,17 +261,23 @@ Tensor prepare(const GatedWeights& w, const Tensor& vertical) {
   check_vertical(w, vertical);
   const int64_t n = vertical.size(0), width = vertical.size(4);
   Tensor prepared = at::empty({w.layers - 1, n * width, 2 * w.channels}, vertical.options());
-  run_tasks(w, nullptr, vertical.data_ptr<float>(), prepared.data_ptr<float>(), n, width);
+  RowTasks work;
+  work.vertical = vertical.data_ptr<float>();
+  work.prepared = prepared.data_ptr<float>();
+  work.n = n;
+  work.width = width;
+  run_tasks(w, work);
   return prepared;
 }
 
 // The rest of the refresh once the row above is complete, `prepared` holding the cache's part
 // (prepare): the first layer over the image, each later layer's last kernel row over the new row's
 // outputs of the layer before, the links, the gates and the caches' shift. `vertical_out` may be
-// `vertical` itself; `links` is overwritten whole; `prepared` is used up.
+// `vertical` itself; `prepared` is used up. The links go to `refreshed_links` (L, n * W, 2C), whole,
+// and with `store` into the state `links` too (else the caller does: store_links).
 void finish_refresh(const GatedWeights& w, const Tensor& pixels, const Tensor& positions,
                     const std::optional<Tensor>& labels, const Tensor& vertical, Tensor& vertical_out, Tensor& links,
-                    const Tensor& prepared) {
+                    const Tensor& prepared, Tensor& refreshed_links, bool store) {
   check_cpu(pixels, at::kByte, 4, "pixels");
   check_cpu(positions, at::kLong, 2, "positions");
   check_vertical(w, vertical);
@@ -246,24 +297,25 @@ void finish_refresh(const GatedWeights& w, const Tensor& pixels, const Tensor& p
   TORCH_CHECK(links.sizes() == at::IntArrayRef({n, L, C2, width}) && links.is_contiguous() &&
                   vertical_out.sizes() == vertical.sizes() && vertical_out.is_contiguous(),
               "links, vertical: outputs of the wrong shape");
-  TORCH_CHECK(prepared.sizes() == at::IntArrayRef({L - 1, n * width, C2}), "prepared: wrong shape");
+  TORCH_CHECK(prepared.sizes() == at::IntArrayRef({L - 1, n * width, C2}) &&
+                  refreshed_links.sizes() == at::IntArrayRef({L, n * width, C2}),
+              "prepared, refreshed links: wrong shapes");
   if (n == 0) return;
 
   const uint8_t* pix = pixels.data_ptr<uint8_t>();
   const int64_t* pos = positions.data_ptr<int64_t>();
   const float* vin = vertical.data_ptr<float>();
   float* vout_state = vertical_out.data_ptr<float>();
-  float* link_out = links.data_ptr<float>();
   float* later = prepared.data_ptr<float>();
+  float* const link = refreshed_links.data_ptr<float>();
 
   const int64_t rows = n * width, in0 = (p0 + 1) * k0, padded = width + 2 * p;
   // Layer l's gated outputs go to current(l): per slot `padded` columns, channels last, p zero
   // columns either side, so layer l+1's last kernel row reads its window in place. Two alternate:
   // while layer l+1 is computed from layer l's outputs, the cache shift reads them too.
-  float* const col = thread_scratch(rows * (in0 + C2 + L * C2) + 2 * n * padded * C);
+  float* const col = thread_scratch(rows * (in0 + C2) + 2 * n * padded * C);
   float* const first = col + rows * in0;
-  float* const link = first + rows * C2;
-  float* const current_rows = link + L * rows * C2;
+  float* const current_rows = first + rows * C2;
   auto current = [&](int64_t l) { return current_rows + l % 2 * n * padded * C; };
   for (int64_t s = 0; s < 2 * n; ++s) {
     std::fill_n(current_rows + s * padded * C, p * C, 0.f);
@@ -347,13 +399,9 @@ void finish_refresh(const GatedWeights& w, const Tensor& pixels, const Tensor& p
       }
 #pragma omp barrier
     }
-    // The links into their (slot, layer, channel, column) layout, a channel's columns by one thread.
+    if (store) {
 #pragma omp for schedule(static)
-    for (int64_t row = 0; row < n * L * C2; ++row) {
-      const int64_t s = row / (L * C2), l = row / C2 % L, o = row % C2;
-      const float* src = link + (l * rows + s * width) * C2 + o;
-      float* dst = link_out + row * width;
-      for (int64_t j = 0; j < width; ++j) dst[j] = src[j * C2];
+      for (int64_t s = 0; s < n; ++s) store_links(refreshed_links, links, s);
     }
   }
 }
@@ -366,7 +414,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gated_refresh(const Tensor& pixels, c
   const int64_t n = vertical.size(0), width = vertical.size(4), L = w.layers, C = w.channels;
   Tensor vertical_out = at::empty_like(vertical);
   Tensor links = at::empty({n, L, 2 * C, width}, vertical.options());
-  finish_refresh(w, pixels, positions, labels, vertical, vertical_out, links, prepared);
+  Tensor refreshed_links = at::empty({L, n * width, 2 * C}, vertical.options());
+  finish_refresh(w, pixels, positions, labels, vertical, vertical_out, links, prepared, refreshed_links, true);
   return {vertical_out, links, at::zeros({n, w.p0 + 1}, vertical.options()),
           at::zeros({n, L - 1, w.p * C}, vertical.options())};
 }
@@ -383,28 +432,50 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gated_step(const Tensor& positions, c
   Tensor logits_out = at::empty({teacher.has_value() ? n : 0, span, w.levels}, links.options());
   const StepCall call = step_call(w, positions, noise, temperature, links, image_out, hidden_context, hidden_out,
                                   teacher, pixel, logits_out);
-  run_tasks(w, &call, nullptr, nullptr, 0, 0);
+  RowTasks work;
+  work.step = &call;
+  run_tasks(w, work);
   return {pixel, image_out, hidden_out, logits_out};
 }
 
+// What in-place row calls keep beside the states: the next refresh's cache part (prepare) and the
+// links in the refresh's layout, where the step reads them.
+struct RowBuffers {
+  Tensor prepared, refreshed_links;
+
+  RowBuffers(const GatedWeights& w, const Tensor& vertical)
+      : prepared(prepare(w, vertical)),
+        refreshed_links(at::empty({w.layers, vertical.size(0) * vertical.size(4), 2 * w.channels}, vertical.options())) {}
+};
+
 // A whole row for slots that all start one: the refresh and the step, the states (vertical, links,
-// image_context, hidden_context) updated in place. `prepared` holds the row's cache part on entry
-// and, with `prepare_next`, the next row's on return. Returns the pixels.
+// image_context, hidden_context) updated in place. `buffers.prepared` holds the row's cache part on
+// entry and, with `prepare_next`, the next row's on return. Returns the pixels.
 Tensor row_in_place(const GatedWeights& w, const Tensor& pixels, const Tensor& positions,
                     const std::optional<Tensor>& labels, const Tensor& noise, const Tensor& temperature,
-                    at::TensorList states, const Tensor& prepared, bool prepare_next) {
+                    at::TensorList states, RowBuffers& buffers, bool prepare_next) {
   Tensor vertical = states[0], links = states[1], image_context = states[2], hidden_context = states[3];
-  finish_refresh(w, pixels, positions, labels, vertical, vertical, links, prepared);
+  finish_refresh(w, pixels, positions, labels, vertical, vertical, links, buffers.prepared, buffers.refreshed_links,
+                 false);
   image_context.zero_();
   hidden_context.zero_();
   Tensor pixel = at::empty({positions.size(0), noise.size(1), 1}, positions.options());
   Tensor no_logits = at::empty({0}, links.options());
-  const StepCall call = step_call(w, positions, noise, temperature, links, image_context, hidden_context,
-                                  hidden_context, std::nullopt, pixel, no_logits);
-  if (prepare_next)
-    run_tasks(w, &call, vertical.data_ptr<float>(), prepared.data_ptr<float>(), vertical.size(0), vertical.size(4));
-  else
-    run_tasks(w, &call, nullptr, nullptr, 0, 0);
+  StepCall call = step_call(w, positions, noise, temperature, links, image_context, hidden_context, hidden_context,
+                            std::nullopt, pixel, no_logits);
+  const int64_t width = vertical.size(4);
+  call.links = row_links(buffers.refreshed_links, width);
+  RowTasks work;
+  work.step = &call;
+  work.refreshed_links = &buffers.refreshed_links;
+  work.links = &links;
+  if (prepare_next) {
+    work.vertical = vertical.data_ptr<float>();
+    work.prepared = buffers.prepared.data_ptr<float>();
+  }
+  work.n = vertical.size(0);
+  work.width = width;
+  run_tasks(w, work);
   return pixel;
 }
 
@@ -416,7 +487,8 @@ Tensor gated_row(const Tensor& pixels, const Tensor& positions, const std::optio
                  const Tensor& noise, const Tensor& temperature, at::TensorList states, at::TensorList weights) {
   const GatedWeights w(weights);
   check_states(states);
-  return row_in_place(w, pixels, positions, labels, noise, temperature, states, prepare(w, states[0]), false);
+  RowBuffers buffers(w, states[0]);
+  return row_in_place(w, pixels, positions, labels, noise, temperature, states, buffers, false);
 }
 
 // `rows` whole rows in one call (rows.h): the images and positions advanced in place, each row's
@@ -426,9 +498,10 @@ void gated_rows(const Tensor& pixels, const Tensor& positions, const std::option
                 int64_t rows) {
   const GatedWeights w(weights);
   check_states(states);
-  const Tensor prepared = rows > 0 ? prepare(w, states[0]) : Tensor();
+  std::optional<RowBuffers> buffers;
+  if (rows > 0) buffers.emplace(w, states[0]);
   for_rows(pixels, positions, noise, rows, [&](const Tensor& step_noise, bool another_follows) {
-    return row_in_place(w, pixels, positions, labels, step_noise, temperature, states, prepared, another_follows);
+    return row_in_place(w, pixels, positions, labels, step_noise, temperature, states, *buffers, another_follows);
   });
 }
 
