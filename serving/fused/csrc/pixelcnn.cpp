@@ -22,6 +22,8 @@ namespace {
 
 using at::Tensor;
 
+constexpr int64_t kStepSlots = 8;  // slots per step task, taken pixel by pixel by one thread
+
 struct PixelCNNWeights {
   const float *in_w, *in_b, *reduce_w, *reduce_b, *masked_w, *masked_b, *expand_w, *expand_b, *oh_w, *oh_b, *lg_w,
       *lg_b;
@@ -155,7 +157,7 @@ void step_into(const PixelCNNWeights& w, const Tensor& positions, const Tensor& 
     TORCH_CHECK(pos[s] >= 0 && pos[s] % width + span <= width, "positions: slot ", s, " at ", pos[s], " has fewer than ",
                 span, " pixels left in its row");
 
-  at::parallel_for(0, n, 8, [&](int64_t b0, int64_t b1) {
+  auto step_slots = [&](int64_t b0, int64_t b1) {
     const int64_t m = b1 - b0;
     std::vector<float> x(m * h2), act(m * h2), reduced(m * h), win(m * std::max(in0, centre_in)),
         above(w.blocks * m * span * h), rows_above(p * padded * h), centre(w.blocks * m * padded * h), masked(m * h),
@@ -214,6 +216,12 @@ void step_into(const PixelCNNWeights& w, const Tensor& positions, const Tensor& 
         image[(slot * R0 + p0) * padded0 + pos[slot] % width + t + p0] = w.scale(value);
       }
     }
+  };
+  // Slots in blocks of kStepSlots, a block per task, as in the Gated step: a task's buffers stay small
+  // whatever n is, and no slot's arithmetic depends on how the blocks are shared among the threads.
+  at::parallel_for(0, (n + kStepSlots - 1) / kStepSlots, 1, [&](int64_t first_block, int64_t last_block) {
+    for (int64_t block = first_block; block < last_block; ++block)
+      step_slots(block * kStepSlots, std::min(n, (block + 1) * kStepSlots));
   });
 }
 
