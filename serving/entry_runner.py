@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import functools
+import logging
 from abc import ABC, abstractmethod
 from pathlib import Path
 
 import numpy as np
 
-from .artifacts import Manifest
-from .limits import MAX_WORK_PER_RUN
+from .artifacts import ArtifactIntegrityError, Manifest
+from .limits import MAX_RUN_BYTES, MAX_WORK_PER_RUN
+
+log = logging.getLogger("genserve.runtime")
 
 
 def onnx_session(path: str | Path):
@@ -22,11 +26,33 @@ def onnx_session(path: str | Path):
     return ort.InferenceSession(str(path), options, providers=providers)
 
 
+def intermediate_bytes(onnx_path: str | Path, manifest: Manifest) -> int:
+    """The bytes of every tensor a run of the entry point's ONNX graph makes, summed, on one unit of work
+    (one row, every free axis of length 1), found by running it so with every tensor as an output."""
+    import onnx
+    import onnxruntime as ort
+
+    model = onnx.load(str(onnx_path))
+    named = {output.name for output in model.graph.output}
+    for node in model.graph.node:
+        for name in node.output:
+            if name and name not in named:
+                model.graph.output.append(onnx.ValueInfoProto(name=name))
+                named.add(name)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    feeds = {spec.name: np.zeros((1, *(1 if size == -1 else size for size in spec.shape)), spec.dtype.numpy)
+             for spec in manifest.inputs}
+    return sum(np.asarray(output).nbytes for output in session.run(None, feeds))
+
+
 class EntryPointRunner(ABC):
     """One entry point's artifact with the manifest's signature: named inputs in, named outputs out."""
 
-    def __init__(self, manifest: Manifest) -> None:
-        self.manifest = manifest
+    def __init__(self, manifest: Manifest, version: int | None = None) -> None:
+        """`version`: the one loaded (default: the newest), whose ONNX graph sizes the pieces of large batches."""
+        self.manifest, self.version = manifest, version
 
     @abstractmethod
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -53,13 +79,34 @@ class EntryPointRunner(ABC):
                 start += rows
         return results  # type: ignore[return-value]
 
+    @functools.cached_property
+    def bytes_per_unit(self) -> int | None:
+        """intermediate_bytes of this entry point's ONNX graph (the TorchScript one's too: the same network),
+        measured on first use (about 0.01-0.2 s); None where the version has no intact ONNX graph."""
+        version = self.version if self.version is not None else self.manifest.versions[-1]
+        if f"{version}/model.onnx" not in self.manifest.artifacts:
+            return None
+        try:
+            path = self.manifest.artifact("model.onnx", version)
+        except ArtifactIntegrityError as error:
+            log.warning("%s; its runs are sized by their work alone", error)
+            return None
+        measured = intermediate_bytes(path, self.manifest)
+        log.info("%s: a run's tensors take %.1f MB per unit of work; merged batches run in pieces of at most %d "
+                 "units", self.manifest.triton_name, measured / 2**20, max(1, MAX_RUN_BYTES // max(1, measured)))
+        return measured
+
     def run_in_pieces(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """`run`, over as many row ranges as keep each run's work within MAX_WORK_PER_RUN."""
+        """`run`, over as many row ranges as keep each run's work within MAX_WORK_PER_RUN (rows times the
+        sizes of free axes) and its tensors within MAX_RUN_BYTES (bytes_per_unit times the work)."""
         per_row = 1
         for spec in self.manifest.inputs:  # -1 in a manifest shape is a free axis; axis 0 of a feed is rows
             per_row *= int(np.prod([n for n, s in zip(feeds[spec.name].shape[1:], spec.shape) if s == -1]))
+        per_row = max(1, per_row)
         rows = len(next(iter(feeds.values())))
-        step = max(1, MAX_WORK_PER_RUN // max(1, per_row))
+        step = max(1, MAX_WORK_PER_RUN // per_row)
+        if rows > 1 and self.bytes_per_unit:  # (a single row cannot be split)
+            step = min(step, max(1, MAX_RUN_BYTES // (self.bytes_per_unit * per_row)))
         if rows <= step:
             return self.run(feeds)
         pieces = [self.run({k: a[i : i + step] for k, a in feeds.items()}) for i in range(0, rows, step)]
@@ -69,13 +116,13 @@ class EntryPointRunner(ABC):
 class OnnxEntryPoint(EntryPointRunner):
     """The entry point's `model.onnx` in an ONNX Runtime session (CUDA EP when present)."""
 
-    def __init__(self, manifest: Manifest, session) -> None:
-        super().__init__(manifest)
+    def __init__(self, manifest: Manifest, session, version: int | None = None) -> None:
+        super().__init__(manifest, version)
         self.session = session
 
     @classmethod
     def load(cls, manifest: Manifest, version: int | None = None) -> OnnxEntryPoint:
-        return cls(manifest, onnx_session(manifest.artifact("model.onnx", version)))
+        return cls(manifest, onnx_session(manifest.artifact("model.onnx", version)), version)
 
     def run(self, feeds):
         names = [t.name for t in self.manifest.outputs]
@@ -85,15 +132,16 @@ class OnnxEntryPoint(EntryPointRunner):
 class TorchScriptEntryPoint(EntryPointRunner):
     """The entry point's traced `model.pt` on `device`; inputs are passed in manifest order."""
 
-    def __init__(self, manifest: Manifest, module, device: str = "cpu") -> None:
-        super().__init__(manifest)
+    def __init__(self, manifest: Manifest, module, device: str = "cpu", version: int | None = None) -> None:
+        super().__init__(manifest, version)
         self.module, self.device = module, device
 
     @classmethod
     def load(cls, manifest: Manifest, version: int | None = None, device: str = "cpu") -> TorchScriptEntryPoint:
         import torch
 
-        return cls(manifest, torch.jit.load(str(manifest.artifact("model.pt", version)), map_location=device), device)
+        module = torch.jit.load(str(manifest.artifact("model.pt", version)), map_location=device)
+        return cls(manifest, module, device, version)
 
     def run(self, feeds):
         import torch

@@ -13,6 +13,15 @@ MAX_IMPORTANCE_SAMPLES = 1000  # K of a VAE bound: the size of the score entry p
 # activations per importance sample: ~300 MB at this bound), so larger merged batches run in pieces.
 MAX_WORK_PER_RUN = 4096
 
+# The bytes of every tensor one run makes, summed, beyond which a merged batch runs in more pieces
+# (measured per entry point: entry_runner.intermediate_bytes). Work alone misjudges heavy entry points:
+# a PixelVAE score's importance sample is a whole PixelCNN pass over the image (~10 MB of tensors, 50x
+# the VAE's), and 4096 of them in one run took the embedded server from 1.6 to 12.9 GB resident, which
+# ONNX Runtime's arena then kept for the process's life. The sum overstates the peak (the buffers of
+# dead tensors are reused), so a run's arena stays near 100 MB; a single row of a free axis (one
+# image's K importance samples) is not split, and may take more.
+MAX_RUN_BYTES = 1 << 28
+
 
 def check_free_axes(inputs, feeds: dict[str, np.ndarray]) -> None:
     """Refuses a free (-1) axis longer than MAX_IMPORTANCE_SAMPLES: rows are bounded by max_batch_size, a
