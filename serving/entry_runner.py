@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .artifacts import ArtifactIntegrityError, Manifest
+from .artifacts import Manifest
 from .limits import MAX_RUN_BYTES, MAX_WORK_PER_RUN
 
 log = logging.getLogger("genserve.runtime")
@@ -87,11 +87,11 @@ class EntryPointRunner(ABC):
         if f"{version}/model.onnx" not in self.manifest.artifacts:
             return None
         try:
-            path = self.manifest.artifact("model.onnx", version)
-        except ArtifactIntegrityError as error:
-            log.warning("%s; its runs are sized by their work alone", error)
+            measured = intermediate_bytes(self.manifest.artifact("model.onnx", version), self.manifest)
+        except Exception as error:  # a tampered artifact, or a graph whose tensors cannot all be outputs
+            log.warning("%s: its tensors could not be measured (%s); its runs are sized by their work alone",
+                        self.manifest.triton_name, error)
             return None
-        measured = intermediate_bytes(path, self.manifest)
         log.info("%s: a run's tensors take %.1f MB per unit of work; merged batches run in pieces of at most %d "
                  "units", self.manifest.triton_name, measured / 2**20, max(1, MAX_RUN_BYTES // max(1, measured)))
         return measured

@@ -177,7 +177,8 @@ def test_a_tampered_artifact_is_refused(tmp_path):
     artifact.write_bytes(artifact.read_bytes() + b"\0")
     with pytest.raises(ArtifactIntegrityError, match="refusing to load"):
         OnnxEntryPoint.load(manifest)
-    TorchScriptEntryPoint.load(manifest)  # the TorchScript artifact is checked on its own
+    scripted_runner = TorchScriptEntryPoint.load(manifest)  # the TorchScript artifact is checked on its own
+    assert scripted_runner.bytes_per_unit is None  # the tampered ONNX is not run to size its pieces either
     scripted = folders[0] / "1" / "model.pt"
     scripted.write_bytes(scripted.read_bytes() + b"\0")
     with pytest.raises(ArtifactIntegrityError, match="model.pt has sha256 .*refusing to load"):

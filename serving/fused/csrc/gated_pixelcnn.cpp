@@ -239,12 +239,14 @@ struct RowTasks {
 
 void run_tasks(const GatedWeights& w, const RowTasks& work) {
   const int64_t n = work.n, step_tasks = work.step ? (work.step->n + kStepSlots - 1) / kStepSlots : 0;
-  const int64_t link_tasks = work.links ? n : 0, tasks = step_tasks + link_tasks + (work.prepared ? (w.layers - 1) * n : 0);
+  const int64_t link_tasks = work.links ? n : 0;
+  const int64_t tasks = step_tasks + link_tasks + (work.prepared ? (w.layers - 1) * n : 0);
   auto run = [&](int64_t task) {
     if (task < step_tasks)
       return step_slots(w, *work.step, task * kStepSlots, std::min(work.step->n, (task + 1) * kStepSlots));
     if (task < step_tasks + link_tasks) return store_links(*work.refreshed_links, *work.links, task - step_tasks);
-    const int64_t layer_slot = task - step_tasks - link_tasks;  // layer by layer: a thread's next task uses the same weights
+    // Layer by layer: a thread's next task mostly uses the same weights.
+    const int64_t layer_slot = task - step_tasks - link_tasks;
     prepare_layer(w, work.vertical, n, work.width, layer_slot % n, 1 + layer_slot / n, work.prepared);
   };
   const int threads = at::in_parallel_region() ? 1 : static_cast<int>(std::min<int64_t>(at::get_num_threads(), tasks));
@@ -355,7 +357,7 @@ void finish_refresh(const GatedWeights& w, const Tensor& pixels, const Tensor& p
   {
     for (int64_t l = 0; l < L; ++l) {
       if (l >= 1) shift_cache(l);  // layer l-1's outputs are complete: the barrier below
-      const float* last_row = w.v_w + ((l - 1) * (p + 1) + p) * k * C * C2;  // layer l's kernel row over row i
+      const float* last_row = l ? w.v_w + ((l - 1) * (p + 1) + p) * k * C * C2 : nullptr;  // its kernel row over row i
 #pragma omp for schedule(static) nowait
       for (int64_t block = 0; block < blocks; ++block) {  // blocks small enough to stay in cache
         const int64_t r0 = block * kBlock, r1 = std::min(rows, r0 + kBlock), m = r1 - r0;
@@ -445,7 +447,8 @@ struct RowBuffers {
 
   RowBuffers(const GatedWeights& w, const Tensor& vertical)
       : prepared(prepare(w, vertical)),
-        refreshed_links(at::empty({w.layers, vertical.size(0) * vertical.size(4), 2 * w.channels}, vertical.options())) {}
+        refreshed_links(
+            at::empty({w.layers, vertical.size(0) * vertical.size(4), 2 * w.channels}, vertical.options())) {}
 };
 
 // A whole row for slots that all start one: the refresh and the step, the states (vertical, links,

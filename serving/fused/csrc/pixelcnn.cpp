@@ -154,8 +154,8 @@ void step_into(const PixelCNNWeights& w, const Tensor& positions, const Tensor& 
   const int64_t in0 = R0 * k0;
   TORCH_CHECK(span <= width, "noise: ", span, " pixels per call, more than a row of ", width);
   for (int64_t s = 0; s < n; ++s)
-    TORCH_CHECK(pos[s] >= 0 && pos[s] % width + span <= width, "positions: slot ", s, " at ", pos[s], " has fewer than ",
-                span, " pixels left in its row");
+    TORCH_CHECK(pos[s] >= 0 && pos[s] % width + span <= width, "positions: slot ", s, " at ", pos[s],
+                " has fewer than ", span, " pixels left in its row");
 
   auto step_slots = [&](int64_t b0, int64_t b1) {
     const int64_t m = b1 - b0;
