@@ -18,8 +18,9 @@ MAX_WORK_PER_RUN = 4096
 # a PixelVAE score's importance sample is a whole PixelCNN pass over the image (~10 MB of tensors, 50x
 # the VAE's), and 4096 of them in one run took the embedded server from 1.6 to 12.9 GB resident, which
 # ONNX Runtime's arena then kept for the process's life. The sum overstates the peak (the buffers of
-# dead tensors are reused), so a run's arena stays near 100 MB; a single row of a free axis (one
-# image's K importance samples) is not split, and may take more.
+# dead tensors are reused): under concurrent scores of every shipped model, each entry point's arena
+# grew by at most 0.5 GB at this bound. A single row of a free axis (one image's K importance samples)
+# is not split, and may take more.
 MAX_RUN_BYTES = 1 << 28
 
 

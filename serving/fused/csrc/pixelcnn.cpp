@@ -59,11 +59,10 @@ std::vector<Tensor> pixelcnn_refresh(const Tensor& image_rows, at::TensorList bl
 }
 
 // Copies the (C, R, k) window at padded columns j..j+k-1 of a (C, R, Wp) row cache, (channel, row, column) order.
-// A loop rather than a memcpy per (channel, row): a call per k (3 to 7) floats cost ~1.5 µs a pixel.
 inline void gather_window(const float* rows, int64_t channels, int64_t R, int64_t padded, int64_t j, int64_t k,
                           float* dst) {
-  for (int64_t cr = 0; cr < channels * R; ++cr)
-    for (int64_t kk = 0; kk < k; ++kk) dst[cr * k + kk] = rows[cr * padded + j + kk];
+  for (int64_t c = 0; c < channels; ++c)
+    for (int64_t r = 0; r < R; ++r) std::memcpy(dst + (c * R + r) * k, rows + (c * R + r) * padded + j, k * sizeof(float));
 }
 
 // Every row cache (n, C, R, Wp) moves up one row in place, the new last row zero: the refresh.
