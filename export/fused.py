@@ -9,6 +9,7 @@ to `fused.safetensors` beside the step graphs, and the manifest records its sha2
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
@@ -16,10 +17,17 @@ from safetensors.torch import save_file
 from torch import nn
 
 from genserve.serving.artifacts import FusedSection
-from genserve.serving.fused.weights import FUSED_OPS, GATED_WEIGHTS, PIXELCNN_WEIGHTS, WEIGHTS_FILE
+from genserve.serving.fused.weights import (
+    CONDITIONED_GATED_WEIGHTS,
+    FUSED_OPS,
+    GATED_WEIGHTS,
+    PIXELCNN_WEIGHTS,
+    WEIGHTS_FILE,
+)
 
 from .models.autoregressive import AutoregressiveModel
 from .models.gated_pixelcnn import GatedPixelCNN
+from .models.pixel_vae import PixelVAE
 from .models.pixelcnn import PixelCNN
 from .steps import masked_rows, step_program
 
@@ -64,6 +72,20 @@ def gated_weights(model: GatedPixelCNN) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
+def conditioned_gated_weights(model: PixelVAE) -> dict[str, torch.Tensor]:
+    """A PixelVAE decoder's: the Gated PixelCNN's, then each layer's 1x1s of m(z) split by stack,
+    cond_w (L, 2, Cc, 2C) and cond_b (L, 2, 2C) (vertical, then horizontal: the chunk the layer makes)."""
+    layers = model.pixelcnn.layers
+    packed = {
+        **gated_weights(model.pixelcnn),
+        "cond_w": torch.stack([torch.stack(_dense(layer.condition).chunk(2, dim=1)) for layer in layers]),
+        "cond_b": torch.stack([torch.stack(layer.condition.bias.chunk(2)) for layer in layers]),
+    }
+    assert tuple(packed) == CONDITIONED_GATED_WEIGHTS
+    return _contiguous(packed)
+
+
+@torch.no_grad()
 def pixelcnn_weights(model: PixelCNN) -> dict[str, torch.Tensor]:
     blocks, h = model.blocks, model.config.hidden_channels
 
@@ -93,12 +115,10 @@ def _contiguous(packed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {name: t.detach().float().contiguous().clone() for name, t in packed.items()}
 
 
-def packed_weights(model: AutoregressiveModel) -> tuple[str, dict[str, torch.Tensor]] | None:
-    """(operator family, weights) of a model with fused operators; None for the others.
-
-    A PixelVAE's decoder is a Gated PixelCNN but gets none: its refresh adds a per-slot conditioning
-    map to every layer, which the fused gated operators have no input for.
-    """
+def packed_weights(model: AutoregressiveModel | PixelVAE) -> tuple[str, dict[str, torch.Tensor]] | None:
+    """(operator family, weights) of a model with fused operators; None for the others."""
+    if isinstance(model, PixelVAE):
+        return "conditioned_gated_pixelcnn", conditioned_gated_weights(model)
     if isinstance(model, GatedPixelCNN):
         return "gated_pixelcnn", gated_weights(model)
     if isinstance(model, PixelCNN):
@@ -106,7 +126,7 @@ def packed_weights(model: AutoregressiveModel) -> tuple[str, dict[str, torch.Ten
     return None
 
 
-def write_fused_weights(model: AutoregressiveModel, folder: Path) -> tuple[FusedSection, Path] | None:
+def write_fused_weights(model: AutoregressiveModel | PixelVAE, folder: Path) -> tuple[FusedSection, Path] | None:
     """Writes `folder/fused.safetensors` for a family with fused operators; None for the others."""
     packed = packed_weights(model)
     if packed is None:
@@ -116,14 +136,20 @@ def write_fused_weights(model: AutoregressiveModel, folder: Path) -> tuple[Fused
     return FusedSection(packed[0], WEIGHTS_FILE), path
 
 
-def fused_runner(model: AutoregressiveModel, span: int | None = None, namespace=None, device: str = "cpu"):
-    """The engine's runner over the fused operators with weights packed from `model` (before export).
+def fused_runner(model: AutoregressiveModel | PixelVAE, span: int | None = None, namespace=None,
+                 device: str = "cpu"):
+    """The engine's runner over the fused operators with weights packed from `model` (before export);
+    a program's `start` graph (a PixelVAE's latents → m(z)) runs as the eager module.
 
     `namespace`: where the operator functions are found (FusedStepRunner); torch.ops.genserve by default.
     """
-    from genserve.serving.engine import FusedStepRunner, StepSpec
+    from genserve.serving.engine import FusedStepRunner, StepSpec, TorchStepRunner
 
     op, weights = packed_weights(model)
     program = step_program(model, span)
     spec = StepSpec.from_section(program.section(), model.config.to_dict())
-    return FusedStepRunner(spec, FUSED_OPS[op], [w.to(device) for w in weights.values()], device, namespace)
+    start = None
+    if program.start is not None:  # a copy: the module holds the whole model, which stays where it is
+        start = TorchStepRunner(spec, {"start": copy.deepcopy(program.start.module).to(device)}, device)
+    return FusedStepRunner(spec, FUSED_OPS[op], [w.to(device) for w in weights.values()], device, namespace,
+                           start=start)

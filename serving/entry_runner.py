@@ -15,12 +15,16 @@ from .limits import MAX_RUN_BYTES, MAX_WORK_PER_RUN
 log = logging.getLogger("genserve.runtime")
 
 
-def onnx_session(path: str | Path):
-    """An ONNX Runtime session on the best provider present: CUDA where available, else CPU."""
+def onnx_session(path: str | Path, intra_op_threads: int = 0):
+    """An ONNX Runtime session on the best provider present: CUDA where available, else CPU.
+
+    intra_op_threads: its thread pool's size; 0, ONNX Runtime's default (a thread per core).
+    """
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    options.intra_op_num_threads = intra_op_threads
     available = ort.get_available_providers()
     providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
     return ort.InferenceSession(str(path), options, providers=providers)

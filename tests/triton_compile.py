@@ -59,8 +59,9 @@ class CompileInstead:
 
 def compile_all(capability: int) -> None:
     target = GPUTarget("cuda", capability, 32)
-    models = [("tiny " + name, tiny(name)) for name in ("gated_conditional_3_levels", "pixelcnn_3_levels")]
-    models += [(name, load_checkpoint(name).model) for name in ("gated_pixelcnn_mnist", "pixelcnn_mnist")]
+    models = [("tiny " + name, tiny(name)) for name in ("gated_conditional_3_levels", "pixelcnn_3_levels", "pixel_vae")]
+    models += [(name, load_checkpoint(name).model) for name in ("gated_pixelcnn_mnist", "pixelcnn_mnist",
+                                                                 "pixel_vae_mnist")]
     for label, model in models:
         for module, name in KERNELS:
             kernel = getattr(module, name)
@@ -72,9 +73,9 @@ def compile_all(capability: int) -> None:
         refresh = dict(zip((s.name for s in program.refresh.inputs), program.refresh.example(2)))
         step = dict(zip((s.name for s in program.step.inputs), program.step.example(2)))
         controls = [step[k] for k in ("positions", "noise", "temperature")]
-        if family == "gated_pixelcnn":
+        if family.endswith("gated_pixelcnn"):  # a PixelVAE's decoder: conditioned on its map
             triton_ops.gated_refresh(refresh["pixels"], refresh["positions"], refresh.get("labels"),
-                                     refresh["vertical"], weights)
+                                     refresh["vertical"], refresh.get("condition"), weights)
             triton_ops.gated_step(*controls, step["links"], step["image_context"], step["hidden_context"], None,
                                   weights)
         else:

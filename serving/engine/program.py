@@ -17,7 +17,16 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..artifacts import NEXT, ArtifactIntegrityError, GraphSignature, Manifest, StepSection, TensorSpec, engine_shape
+from ..artifacts import (
+    NEXT,
+    START,
+    ArtifactIntegrityError,
+    GraphSignature,
+    Manifest,
+    StepSection,
+    TensorSpec,
+    engine_shape,
+)
 from ..fused import load_ops
 from ..fused.weights import FUSED_OPS, FusedOp
 
@@ -102,13 +111,15 @@ class TorchStepRunner(StepRunner):
         self.spec, self.graphs, self.device = spec, dict(graphs), torch.device(device)
 
     @classmethod
-    def load(cls, manifest: Manifest, version: int | None = None, device: str = "cpu") -> TorchStepRunner:
+    def load(cls, manifest: Manifest, version: int | None = None, device: str = "cpu",
+             graphs: tuple[str, ...] | None = None) -> TorchStepRunner:
+        """`graphs`: the program's graphs to load (default all)."""
         spec = StepSpec.from_manifest(manifest)
-        graphs = {}
-        for name in spec.graphs:
+        modules = {}
+        for name in graphs or spec.graphs:
             module = torch.jit.load(str(manifest.artifact(f"{name}.pt", version)), map_location=device)
-            graphs[name] = module.eval()
-        return cls(spec, graphs, device)
+            modules[name] = module.eval()
+        return cls(spec, modules, device)
 
     def run(self, graph, feeds):
         signature = self.spec.graphs[graph]
@@ -124,11 +135,15 @@ class OnnxStepRunner(StepRunner):
         self.spec, self.sessions, self.device = spec, dict(sessions), torch.device("cpu")
 
     @classmethod
-    def load(cls, manifest: Manifest, version: int | None = None) -> OnnxStepRunner:
+    def load(cls, manifest: Manifest, version: int | None = None, graphs: tuple[str, ...] | None = None,
+             intra_op_threads: int = 0) -> OnnxStepRunner:
+        """`graphs`: the program's graphs to load (default all); `intra_op_threads`: each session's (0: a
+        thread per core)."""
         from ..entry_runner import onnx_session
 
         spec = StepSpec.from_manifest(manifest)
-        return cls(spec, {name: onnx_session(manifest.artifact(f"{name}.onnx", version)) for name in spec.graphs})
+        return cls(spec, {name: onnx_session(manifest.artifact(f"{name}.onnx", version), intra_op_threads)
+                          for name in graphs or spec.graphs})
 
     def run(self, graph, feeds):
         signature = self.spec.graphs[graph]
@@ -141,11 +156,17 @@ class FusedStepRunner(StepRunner):
     """A family's fused operators (torch.ops.genserve.*) over the program's states, weights packed at export."""
 
     def __init__(self, spec: StepSpec, op: FusedOp, weights: list[torch.Tensor], device: str | torch.device = "cpu",
-                 namespace=None, graph_slots: int = GRAPH_SLOTS):
+                 namespace=None, graph_slots: int = GRAPH_SLOTS, start: StepRunner | None = None):
         """`namespace` holds the operator functions by name: torch.ops.genserve (default), or a module of
         functions with the same signatures (tests run the GPU launches that way under Triton's interpreter).
-        `graph_slots`: on CUDA, row calls of up to this many slots may replay CUDA graphs (`row_graph_slots`)."""
+        `graph_slots`: on CUDA, row calls of up to this many slots may replay CUDA graphs (`row_graph_slots`).
+        `start`: runs the program's `start` graph (once per sample, at admission: a PixelVAE's latents → m(z));
+        the exported graph, as nothing per pixel is gained by fusing it. Needed where the program has one."""
+        if (START in spec.graphs) != (start is not None):
+            raise ValueError(f"the program {'has' if START in spec.graphs else 'has no'} start graph: "
+                             f"start={start!r}")
         self.spec, self.op, self.weights, self.device = spec, op, weights, torch.device(device)
+        self.start = start
         if namespace is None:
             status = load_ops()
             if not status:
@@ -179,12 +200,21 @@ class FusedStepRunner(StepRunner):
         missing = [name for name in op.weights if name not in tensors]
         if missing:
             raise ArtifactIntegrityError(f"{manifest.triton_name}: {section.fused.weights} lacks weights {missing}")
-        runner = cls(spec, op, [tensors[name] for name in op.weights], device)
+        start = None
+        if START in spec.graphs and torch.device(device).type == "cpu":
+            # On one thread: a pool's threads spin for a while after each run, on the cores the operators'
+            # threads need (a PixelVAE at batch 1: a median 6.0 ms per image with the default pool, 2.1 alone).
+            start = OnnxStepRunner.load(manifest, version, graphs=(START,), intra_op_threads=1)
+        elif START in spec.graphs:  # TorchScript, where the states live on the GPU
+            start = TorchStepRunner.load(manifest, version, device, graphs=(START,))
+        runner = cls(spec, op, [tensors[name] for name in op.weights], device, start=start)
         if runner.device.type == "cuda":
             runner.warm_up()  # GPU kernels compile on their first launch: here, not on a request
         return runner
 
     def run(self, graph, feeds):
+        if graph == START:
+            return self.start.run(graph, feeds)
         function, inputs, outputs = self.calls[graph]
         arguments = [[feeds[s] for s in name] if isinstance(name, list) else feeds.get(name) for name in inputs]
         with torch.inference_mode():

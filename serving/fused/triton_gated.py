@@ -66,9 +66,23 @@ def _choose(logits, draw, temperature, LEVELS: tl.constexpr, LB: tl.constexpr):
 
 
 @triton.jit
-def _link_and_hand_on(pre_a, pre_b, layer, s, j, c, labels, links, scratch, link_w, link_bias, h_b, class_bias,
+def _conditioning(row, cond_w, cond_b, layer, stack, C: tl.constexpr, COND: tl.constexpr, CB: tl.constexpr,
+                  CCB: tl.constexpr):
+    """One stack's (0 vertical, 1 horizontal) 1x1 of the conditioning map's row (WB columns, CCB channels)
+    in `layer`: its two CB halves."""
+    C2: tl.constexpr = 2 * C
+    w = cond_w + (layer * 2 + stack) * COND * C2
+    bias = (layer * 2 + stack) * C2
+    content = _dot(row, _matrix(w, 0, COND, 0, C, C2, CCB, CB)) + _row(cond_b, bias, C, CB)
+    gate = _dot(row, _matrix(w, 0, COND, C, C, C2, CCB, CB)) + _row(cond_b, bias + C, C, CB)
+    return content, gate
+
+
+@triton.jit
+def _link_and_hand_on(pre_a, pre_b, layer, s, j, c, labels, condition_row, links, scratch, link_w, link_bias, h_b,
+                      class_bias, cond_w, cond_b,
                       WIDTH: tl.constexpr, LAYERS: tl.constexpr, C: tl.constexpr, CLASSES: tl.constexpr,
-                      WB: tl.constexpr, CB: tl.constexpr):
+                      COND: tl.constexpr, WB: tl.constexpr, CB: tl.constexpr, CCB: tl.constexpr):
     """A layer's vertical pre-activations (WB columns, two CB halves) → its links into the horizontal stack
     (stored) and its gated output, handed to the next layer through `scratch`."""
     C2: tl.constexpr = 2 * C
@@ -86,6 +100,13 @@ def _link_and_hand_on(pre_a, pre_b, layer, s, j, c, labels, links, scratch, link
         pre_b += _row(bias, C, C, CB)
         link_a += _row(bias, C2, C, CB)
         link_b += _row(bias, C2 + C, C, CB)
+    if COND > 0:  # the conditioning map's 1x1s, added as the class biases are
+        v_content, v_gate = _conditioning(condition_row, cond_w, cond_b, layer, 0, C, COND, CB, CCB)
+        h_content, h_gate = _conditioning(condition_row, cond_w, cond_b, layer, 1, C, COND, CB, CCB)
+        pre_a += v_content
+        pre_b += v_gate
+        link_a += h_content
+        link_b += h_gate
     out = links + (s * LAYERS + layer) * C2 * WIDTH
     tl.store(out + c * WIDTH + j, link_a, mask=ok)
     tl.store(out + (C + c) * WIDTH + j, link_b, mask=ok)
@@ -97,14 +118,15 @@ def _link_and_hand_on(pre_a, pre_b, layer, s, j, c, labels, links, scratch, link
 
 @triton.jit
 def gated_refresh_kernel(
-    pixels, positions, labels, vertical, vertical_out, links, scratch,
-    v0_w, v0_b, v_w, v_b, link_w, link_bias, h_b, class_bias,
+    pixels, positions, labels, vertical, condition, vertical_out, links, scratch,
+    v0_w, v0_b, v_w, v_b, link_w, link_bias, h_b, class_bias, cond_w, cond_b,
     level_scale,
     HEIGHT: tl.constexpr, WIDTH: tl.constexpr, LAYERS: tl.constexpr, C: tl.constexpr, P0: tl.constexpr,
-    P: tl.constexpr, CLASSES: tl.constexpr,
-    WB: tl.constexpr, CB: tl.constexpr, QB: tl.constexpr, VB: tl.constexpr,
+    P: tl.constexpr, CLASSES: tl.constexpr, COND: tl.constexpr,
+    WB: tl.constexpr, CB: tl.constexpr, QB: tl.constexpr, VB: tl.constexpr, CCB: tl.constexpr,
 ):
-    """One slot's row start. Tiles: WB columns, CB channels, QB first-layer window taps, VB cache entries.
+    """One slot's row start. Tiles: WB columns, CB channels, QB first-layer window taps, VB cache entries,
+    CCB conditioning channels (COND of them; 0 for a network without a conditioning map).
 
     The layers after the first run in a loop, not unrolled: unrolled, the shipped model's 7 layers
     of 15 taps made a kernel that Triton's compiler had not finished after 15 minutes."""
@@ -118,6 +140,9 @@ def gated_refresh_kernel(
     channel_ok = c < C
     position = tl.load(positions + s)
     i = position // WIDTH  # the row being started
+    k = tl.arange(0, CCB)[None, :]  # row i of the conditioning map, (WB, CCB); read only where COND > 0
+    condition_row = tl.load(condition + ((s * COND + k) * HEIGHT + i) * WIDTH + j, mask=column_ok & (k < COND),
+                            other=0.0)
 
     # The first layer: image rows i-1-P0..i-1 (zero outside the image), columns j-P0..j+P0.
     q = tl.arange(0, QB)[None, :]
@@ -131,8 +156,8 @@ def gated_refresh_kernel(
     first_row = position < WIDTH  # the shift down: the first row sees nothing above
     pre_a = tl.where(first_row, 0.0, pre_a)
     pre_b = tl.where(first_row, 0.0, pre_b)
-    _link_and_hand_on(pre_a, pre_b, 0, s, j, c, labels, links, scratch, link_w, link_bias, h_b, class_bias,
-                      WIDTH, LAYERS, C, CLASSES, WB, CB)
+    _link_and_hand_on(pre_a, pre_b, 0, s, j, c, labels, condition_row, links, scratch, link_w, link_bias, h_b,
+                      class_bias, cond_w, cond_b, WIDTH, LAYERS, C, CLASSES, COND, WB, CB, CCB)
 
     for layer in range(1, LAYERS):  # rows i-P..i of the previous layer's vertical output, columns j-P..j+P
         cache = vertical + (s * (LAYERS - 1) + layer - 1) * C * P * WIDTH  # (C, P, W)
@@ -159,8 +184,8 @@ def gated_refresh_kernel(
         moved = vertical_out + (s * (LAYERS - 1) + layer - 1) * C * P * WIDTH
         tl.store(moved + (v - 1) * WIDTH + j, old, mask=cached & (v % P > 0))
         tl.store(moved + (c * P + P - 1) * WIDTH + j, newest, mask=column_ok & channel_ok)
-        _link_and_hand_on(pre_a, pre_b, layer, s, j, c, labels, links, scratch, link_w, link_bias, h_b, class_bias,
-                          WIDTH, LAYERS, C, CLASSES, WB, CB)
+        _link_and_hand_on(pre_a, pre_b, layer, s, j, c, labels, condition_row, links, scratch, link_w, link_bias,
+                          h_b, class_bias, cond_w, cond_b, WIDTH, LAYERS, C, CLASSES, COND, WB, CB, CCB)
 
 
 @triton.jit(do_not_specialize=["n", "span"])

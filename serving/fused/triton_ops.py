@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import triton_gated, triton_pixelcnn
-from .weights import GATED_WEIGHTS, PIXELCNN_WEIGHTS
+from .weights import CONDITIONED_GATED_WEIGHTS, GATED_WEIGHTS, PIXELCNN_WEIGHTS
 
 # Slots per step program: the rows of its tiles. 16 is what was measured on an H200. Triton 3.9's
 # tl.dot also takes float32 tiles of 1 or 2 rows (compiled for sm_90 here), less padded work at
@@ -61,11 +61,13 @@ class GatedShape:
     classes: int
     output_channels: int
     levels: int
+    condition_channels: int  # of the conditioning map (a PixelVAE decoder's m(z)); 0 without one
     weights: dict[str, torch.Tensor] = field(repr=False)  # by name, checked
 
     @classmethod
     def of(cls, weights: list[torch.Tensor]) -> GatedShape:
-        named = _named_weights(weights, GATED_WEIGHTS, "gated")
+        names = CONDITIONED_GATED_WEIGHTS if len(weights) == len(CONDITIONED_GATED_WEIGHTS) else GATED_WEIGHTS
+        named = _named_weights(weights, names, "gated")
         channels = named["hout_w"].shape[1]
         shape = cls(
             layers=named["link_w"].shape[0],
@@ -75,6 +77,7 @@ class GatedShape:
             classes=named["class_bias"].shape[1] if named["class_bias"].dim() == 3 else 0,
             output_channels=named["oh_w"].shape[1],
             levels=named["lg_w"].shape[1],
+            condition_channels=named["cond_w"].shape[2] if "cond_w" in named else 0,
             weights=named,
         )
         if not 2 <= shape.levels <= 256 or shape.layers < 2 or shape.p < 1:
@@ -88,12 +91,12 @@ def _check(tensor: torch.Tensor, dtype: torch.dtype, dim: int, name: str, device
                            f"{tuple(tensor.shape)} {tensor.dtype} on {tensor.device}")
 
 
-def gated_refresh(pixels, positions, labels, vertical, weights):
+def gated_refresh(pixels, positions, labels, vertical, condition, weights):
     shape = GatedShape.of(weights)
     n, width = vertical.shape[0], vertical.shape[-1]
     vertical_out = torch.empty_like(vertical)
     links = torch.empty(n, shape.layers, 2 * shape.channels, width, device=vertical.device)
-    _refresh_into(shape, pixels, positions, labels, vertical, vertical_out, links)
+    _refresh_into(shape, pixels, positions, labels, vertical, condition, vertical_out, links)
     zeros = vertical.new_zeros
     return vertical_out, links, zeros(n, shape.p0 + 1), zeros(n, shape.layers - 1, shape.p * shape.channels)
 
@@ -110,10 +113,11 @@ def gated_step(positions, noise, temperature, links, image_context, hidden_conte
 
 def gated_row(pixels, positions, labels, noise, temperature, states, weights):
     shape = GatedShape.of(weights)
-    if len(states) != 4:
-        raise RuntimeError("states: expected vertical, links, image_context, hidden_context")
-    vertical, links, image_context, hidden_context = states
-    _refresh_into(shape, pixels, positions, labels, vertical, vertical, links)
+    if len(states) != (5 if shape.condition_channels else 4):
+        raise RuntimeError("states: expected vertical, links, image_context, hidden_context"
+                           f"{', condition' if shape.condition_channels else ''}; got {len(states)} tensors")
+    vertical, links, image_context, hidden_context, *condition = states
+    _refresh_into(shape, pixels, positions, labels, vertical, condition[0] if condition else None, vertical, links)
     image_context.zero_()
     hidden_context.zero_()
     pixel = positions.new_empty(positions.shape[0], noise.shape[1], 1)
@@ -122,7 +126,7 @@ def gated_row(pixels, positions, labels, noise, temperature, states, weights):
     return pixel
 
 
-def _refresh_into(shape: GatedShape, pixels, positions, labels, vertical, vertical_out, links):
+def _refresh_into(shape: GatedShape, pixels, positions, labels, vertical, condition, vertical_out, links):
     device = shape.weights["lg_w"].device  # every weight's (checked)
     _check(pixels, torch.uint8, 4, "pixels", device)
     _check(positions, torch.int64, 2, "positions", device)
@@ -142,16 +146,29 @@ def _refresh_into(shape: GatedShape, pixels, positions, labels, vertical, vertic
         capturing = labels.is_cuda and torch.cuda.is_current_stream_capturing()
         if n and not capturing and not bool(((labels >= 0) & (labels < shape.classes)).all()):
             raise RuntimeError(f"labels: outside [0, {shape.classes})")
+    cc = shape.condition_channels
+    if not cc and condition is not None:
+        raise RuntimeError("condition: this network takes no conditioning map")
+    if cc:
+        if condition is None:
+            raise RuntimeError("condition: a conditioned network needs its conditioning map")
+        _check(condition, torch.float32, 4, "condition", device)
+        if tuple(condition.shape) != (n, cc, height, width):
+            raise RuntimeError(f"condition: expected {(n, cc, height, width)}, got {tuple(condition.shape)}")
     if n == 0:
         return
     named = shape.weights
     scratch = torch.empty(n, C, width, device=device)  # each layer's vertical output, the next one's input
+    unused = named["lg_b"]  # where a network has no conditioning: a pointer the kernel never reads
     triton_gated.gated_refresh_kernel[(n,)](
-        pixels, positions, labels if shape.classes else positions, vertical, vertical_out, links, scratch,
+        pixels, positions, labels if shape.classes else positions, vertical, condition if cc else unused,
+        vertical_out, links, scratch,
         *(named[k] for k in ("v0_w", "v0_b", "v_w", "v_b", "link_w", "link_b", "h_b", "class_bias")),
+        named.get("cond_w", unused), named.get("cond_b", unused),
         _level_scale(shape.levels),
-        HEIGHT=height, WIDTH=width, LAYERS=L, C=C, P0=shape.p0, P=shape.p, CLASSES=shape.classes,
+        HEIGHT=height, WIDTH=width, LAYERS=L, C=C, P0=shape.p0, P=shape.p, CLASSES=shape.classes, COND=cc,
         WB=_tile(width), CB=_tile(C), QB=_tile((shape.p0 + 1) * (2 * shape.p0 + 1)), VB=_tile(C * shape.p),
+        CCB=_tile(cc),
         num_warps=WARPS["gated_refresh"], **LAUNCH,
     )
 

@@ -8,7 +8,7 @@ every state with that prefix, in the program's order: one list argument, or that
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 WEIGHTS_FILE = "fused.safetensors"
 
@@ -16,6 +16,9 @@ GATED_WEIGHTS = (
     "v0_w", "v0_b", "v_w", "v_b", "link_w", "link_b", "h_b", "class_bias", "h0_w", "h_w", "hout_w", "hout_b",
     "skip_w", "skip_b", "oh_w", "oh_b", "lg_w", "lg_b",
 )
+# A Gated PixelCNN conditioned on a map m(z) (a PixelVAE's decoder): every layer's 1x1s of the map into
+# its vertical and horizontal stacks, cond_w (L, 2, Cc, 2C) and cond_b (L, 2, 2C).
+CONDITIONED_GATED_WEIGHTS = (*GATED_WEIGHTS, "cond_w", "cond_b")
 
 
 PIXELCNN_WEIGHTS = (
@@ -40,19 +43,23 @@ class FusedOp:
     weights: tuple[str, ...]
 
 
+_GATED = FusedOp(
+    refresh="gated_refresh",
+    refresh_inputs=("pixels", "positions", "labels", "vertical", "condition"),
+    refresh_outputs=("next_vertical", "next_links", "next_image_context", "next_hidden_context"),
+    step="gated_step",
+    step_inputs=("positions", "noise", "temperature", "links", "image_context", "hidden_context", "teacher"),
+    step_outputs=("pixel", "next_image_context", "next_hidden_context", "logits"),
+    row="gated_row",
+    row_inputs=("pixels", "positions", "labels", "noise", "temperature"),
+    rows="gated_rows",
+    weights=GATED_WEIGHTS,
+)
+
 FUSED_OPS = {
-    "gated_pixelcnn": FusedOp(
-        refresh="gated_refresh",
-        refresh_inputs=("pixels", "positions", "labels", "vertical"),
-        refresh_outputs=("next_vertical", "next_links", "next_image_context", "next_hidden_context"),
-        step="gated_step",
-        step_inputs=("positions", "noise", "temperature", "links", "image_context", "hidden_context", "teacher"),
-        step_outputs=("pixel", "next_image_context", "next_hidden_context", "logits"),
-        row="gated_row",
-        row_inputs=("pixels", "positions", "labels", "noise", "temperature"),
-        rows="gated_rows",
-        weights=GATED_WEIGHTS,
-    ),
+    "gated_pixelcnn": _GATED,
+    # The same operators, given the conditioning 1x1s and the map (the program's `condition` state).
+    "conditioned_gated_pixelcnn": replace(_GATED, weights=CONDITIONED_GATED_WEIGHTS),
     "pixelcnn": FusedOp(
         refresh="pixelcnn_refresh",
         refresh_inputs=("image_rows", "block*"),

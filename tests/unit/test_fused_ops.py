@@ -33,17 +33,28 @@ from genserve.serving.engine.program import fused_unavailable
 from tests.conftest import make_model
 from tests.rounding import assert_within_rounding, rounding_sigma
 from tests.unit.test_export import REPOSITORY
-from tests.unit.test_sampling_engine import MODELS, labels_for, mirrored, naive, submit, tiny
+from tests.unit.test_sampling_engine import (
+    MODELS,
+    full_logits,
+    generate,
+    labels_for,
+    latents_for,
+    mirrored,
+    naive,
+    submit,
+    tiny,
+)
 
-FUSED_MODELS = sorted(name for name, (family, _) in MODELS.items() if family in ("pixelcnn", "gated_pixelcnn"))
+# A PixelVAE's decoder is a Gated PixelCNN conditioned on m(z): the gated operators with the map.
+FUSED_MODELS = sorted(name for name, (family, _) in MODELS.items()
+                      if family in ("pixelcnn", "gated_pixelcnn", "pixel_vae"))
 
 SAMPLER = REPOSITORY / "gated_pixelcnn_mnist_sample"
 
 
-@pytest.mark.parametrize("family", ["pixel_vae", "maf", "pixelcnn_pp", "wavenet"])
+@pytest.mark.parametrize("family", ["maf", "pixelcnn_pp", "wavenet"])
 def test_families_without_fused_operators_export_their_step_graphs_only(family):
-    # A PixelVAE's refresh adds a per-slot conditioning map the gated operators have no input for;
-    # a MAF's step is not a PixelCNN's at all, nor is PixelCNN++'s row strip through three resolutions
+    # A MAF's step is not a PixelCNN's at all, nor is PixelCNN++'s row strip through three resolutions
     # or WaveNet's queues: they run their exported graphs (manifest kind "graphs").
     model = make_model(family)
     assert packed_weights(model) is None and step_program(model).section().kind == "graphs"
@@ -56,19 +67,20 @@ def test_the_operator_library_is_built_and_loads():
         assert hasattr(torch.ops.genserve, op), op
 
 
-def assert_teacher_forced_logits_equal_the_network(model, runner, span: int) -> None:
+def assert_teacher_forced_logits_equal_the_network(model, runner) -> None:
     # The exactness claim: fed a given image, the fused step's logits at every pixel equal the
     # full network's there, within the float32 rounding of the network (tests/rounding.py).
     n = 3
     labels = labels_for(model, n)
     label_tensor = None if labels is None else torch.tensor(labels)
     image = torch.from_numpy(naive(model, n, seed=4, labels=labels))  # (n, C, H, W)
-    full = model.logits(image, label_tensor).detach()  # (n, L, C, H, W)
+    logits = full_logits(model, seed=0)  # a PixelVAE's given seed 0's latents, as the job below is
+    full = logits(image, label_tensor).detach()  # (n, L, C, H, W)
     run, recorded = runner.run, []
 
     def teacher_forced(graph, feeds):
         if graph == "step":  # one job of n samples in n slots: slot k holds sample k
-            taken = feeds["positions"] + torch.arange(span)  # (n, span)
+            taken = feeds["positions"] + torch.arange(runner.spec.span)  # (n, span)
             feeds = dict(feeds, teacher=image.flatten(1).gather(1, taken).unsqueeze(2))
         outputs = run(graph, feeds)
         if graph == "step":
@@ -78,10 +90,10 @@ def assert_teacher_forced_logits_equal_the_network(model, runner, span: int) -> 
     runner.run = teacher_forced
     runner.row_inputs, runner.runs_rows = (), False  # every call through `run`, where the teacher is fed
     engine = SamplingEngine(runner, EngineConfig(num_slots=n))
-    job = engine.submit(0, n, labels=labels)
+    job = engine.submit(0, n, labels=labels, latents=latents_for(model, 0, n))
     engine.run_until_idle()
     steps = torch.cat(recorded, 1).permute(0, 2, 1).reshape(full.shape)
-    (sigma,) = rounding_sigma(model.logits, [image, label_tensor])
+    (sigma,) = rounding_sigma(logits, [image, label_tensor])
     assert_within_rounding(steps.numpy(), full.numpy(), sigma, "fused logits")
     assert np.array_equal(job.images, image.numpy())
 
@@ -111,7 +123,7 @@ def assert_row_call_equals_refresh_then_step(runner, model) -> None:
     controls = {
         "pixels": torch.randint(0, c.pixel_levels, (n, 1, c.image_size, c.image_size), dtype=torch.uint8,
                                 generator=generator),
-        "positions": torch.tensor([[0], [6], [12], [30]]),
+        "positions": torch.tensor([[0], [1], [2], [5]]) * c.image_size,  # row starts
         "labels": torch.tensor([[k % (c.num_classes or 1)] for k in range(n)]),
         "noise": torch.rand(n, c.image_size, 1, generator=generator),
         "temperature": torch.tensor([[1.0], [0.5], [0.0], [2.0]]),
@@ -128,14 +140,14 @@ def assert_row_call_equals_refresh_then_step(runner, model) -> None:
 
 
 @pytest.mark.parametrize("name", FUSED_MODELS)
-@pytest.mark.parametrize("span", [1, 6])
+@pytest.mark.parametrize("span", [1, None])  # None: a whole row
 def test_teacher_forced_fused_logits_equal_the_full_network(name, span):
     model = tiny(name)
-    assert_teacher_forced_logits_equal_the_network(model, fused_runner(model, span), span)
+    assert_teacher_forced_logits_equal_the_network(model, fused_runner(model, span))
 
 
 @pytest.mark.parametrize("name", FUSED_MODELS)
-@pytest.mark.parametrize("span", [1, 2, 6])
+@pytest.mark.parametrize("span", [1, 2, None])
 def test_fused_sampling_equals_naive_sampling_on_many_seeds(name, span):
     # Exact equality of images, for the reason test_sampling_engine gives for the step graphs.
     # (The pixelcnn models cover an image row cache with 3 levels and kernel 5, and plain 3x3.)
@@ -144,9 +156,9 @@ def test_fused_sampling_equals_naive_sampling_on_many_seeds(name, span):
     labels = labels_for(model, n)
     engine = SamplingEngine(fused_runner(model, span), EngineConfig(num_slots=4))
     for seed in range(10):
-        assert np.array_equal(engine.generate(seed, n, labels=labels), naive(model, n, seed, labels=labels)), seed
-    assert np.array_equal(engine.generate(3, n, 0.0, labels), naive(model, n, 3, 0.0, labels))  # argmax image
-    assert np.array_equal(engine.generate(3, n, 0.5, labels), naive(model, n, 3, 0.5, labels))
+        assert np.array_equal(generate(engine, model, seed, n, labels=labels), naive(model, n, seed, labels=labels))
+    assert np.array_equal(generate(engine, model, 3, n, 0.0, labels), naive(model, n, 3, 0.0, labels))  # argmax
+    assert np.array_equal(generate(engine, model, 3, n, 0.5, labels), naive(model, n, 3, 0.5, labels))
 
 
 @pytest.mark.parametrize("name", FUSED_MODELS)
@@ -157,7 +169,7 @@ def test_row_calls_on_slots_mirrored_as_on_a_gpu_sample_exactly(name):
     labels = labels_for(model, n)
     engine = mirrored(SamplingEngine(fused_runner(model), EngineConfig(num_slots=4)))
     for seed in range(3):
-        assert np.array_equal(engine.generate(seed, n, labels=labels), naive(model, n, seed, labels=labels)), seed
+        assert np.array_equal(generate(engine, model, seed, n, labels=labels), naive(model, n, seed, labels=labels))
 
 
 @pytest.mark.parametrize("name", FUSED_MODELS)
@@ -258,7 +270,7 @@ def test_fused_sampling_on_several_threads_equals_naive_sampling(name):
     labels = labels_for(model, n)
     engine = SamplingEngine(fused_runner(model), EngineConfig(num_slots=n, call_budget_ms=1e9))
     with intra_op_threads(3):
-        images = engine.generate(6, n, labels=labels)
+        images = generate(engine, model, 6, n, labels=labels)
     assert engine.steps_run == 2
     assert np.array_equal(images, naive(model, n, 6, labels=labels))
 

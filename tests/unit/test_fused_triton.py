@@ -107,7 +107,7 @@ def test_row_kernels_on_slots_mirrored_as_on_a_gpu_sample_exactly(name):
 @pytest.mark.parametrize("name", ["gated_conditional_3_levels", "pixelcnn_3_levels"])
 def test_teacher_forced_kernel_logits_equal_the_full_network(name):
     model = tiny(name)
-    assert_teacher_forced_logits_equal_the_network(model, fused_runner(model, 6, namespace=triton_ops), span=6)
+    assert_teacher_forced_logits_equal_the_network(model, fused_runner(model, 6, namespace=triton_ops))
 
 
 @pytest.mark.parametrize("name", FUSED_MODELS)
@@ -135,7 +135,7 @@ def test_the_kernels_refuse_mismatched_tensors_naming_them():
         model = tiny("gated_conditional_3_levels")
         vertical = torch.zeros(1, *step_program(model).states[0].shape)
         pixels = torch.zeros(1, 1, model.config.image_size, model.config.image_size, dtype=torch.uint8)
-        triton_ops.gated_refresh(pixels, good[0], None, vertical, list(gated_weights(model).values()))
+        triton_ops.gated_refresh(pixels, good[0], None, vertical, None, list(gated_weights(model).values()))
 
 
 def test_registered_kernels_run_through_the_dispatcher():
@@ -181,8 +181,10 @@ def test_every_kernel_compiles_for_an_h100_with_tritons_own_compiler(tmp_path):
     assert compiled == [
         "tiny gated_conditional_3_levels: gated_refresh_kernel", "tiny gated_conditional_3_levels: gated_step_kernel",
         "tiny pixelcnn_3_levels: pixelcnn_step_kernel",
+        "tiny pixel_vae: gated_refresh_kernel", "tiny pixel_vae: gated_step_kernel",
         "gated_pixelcnn_mnist: gated_refresh_kernel", "gated_pixelcnn_mnist: gated_step_kernel",
         "pixelcnn_mnist: pixelcnn_step_kernel",
+        "pixel_vae_mnist: gated_refresh_kernel", "pixel_vae_mnist: gated_step_kernel",
     ], result.stdout
     assert all(line.endswith("bytes shared)") and "sm_90" in line for line in result.stdout.splitlines())
 

@@ -12,6 +12,9 @@
 // nothing of the row above's pixels, so `prepare` computes it while that row's step still runs
 // (gated_rows), on the cores a batch-1 step leaves idle; `finish_refresh` adds the rest once the
 // row above is complete.
+// A PixelVAE's decoder is this network conditioned on a map m(z) (n, Cc, H, W), a state written at
+// admission: every layer adds 1x1 convolutions of m(z)'s row i to both stacks. The refresh adds
+// them, so the step is the same with or without.
 // Weights arrive packed by `genserve export` (export/fused.py), every dense layer as (in, out).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -33,19 +36,21 @@ constexpr int64_t kBlock = 14;     // (slot, column) rows per finishing block: h
 constexpr int64_t kGrain = 14;     // fewest rows worth a thread in the finish (a batch-1 row splits in two)
 constexpr int64_t kStepSlots = 8;  // slots per step task, taken layer by layer by one thread
 
-// The packed weights, in the order export/fused.py writes them.
+// The packed weights, in the order export/fused.py writes them: 18, or 20 with the conditioning
+// 1x1s (cond_w (L, 2, Cc, 2C) and cond_b (L, 2, 2C): the vertical stack's, then the horizontal one's).
 struct GatedWeights {
   const float *v0_w, *v0_b, *v_w, *v_b, *link_w, *link_b, *h_b, *class_bias, *h0_w, *h_w, *hout_w, *hout_b,
-      *skip_w, *skip_b, *oh_w, *oh_b, *lg_w, *lg_b;
-  int64_t layers, channels, p0, p, classes, output_channels, levels;
+      *skip_w, *skip_b, *oh_w, *oh_b, *lg_w, *lg_b, *cond_w = nullptr, *cond_b = nullptr;
+  int64_t layers, channels, p0, p, classes, output_channels, levels, condition_channels = 0;
 
   explicit GatedWeights(at::TensorList w) {
-    TORCH_CHECK(w.size() == 18, "gated weights: expected 18 tensors, got ", w.size());
+    TORCH_CHECK(w.size() == 18 || w.size() == 20, "gated weights: expected 18 tensors (20 with conditioning), got ",
+                w.size());
     for (const Tensor& t : w)
       TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.device().is_cpu(),
                   "gated weights must be contiguous float32 CPU tensors");
-    const float** fields[] = {&v0_w, &v0_b, &v_w, &v_b, &link_w, &link_b, &h_b, &class_bias, &h0_w,
-                              &h_w,  &hout_w, &hout_b, &skip_w, &skip_b, &oh_w, &oh_b, &lg_w, &lg_b};
+    const float** fields[] = {&v0_w, &v0_b, &v_w,    &v_b,    &link_w, &link_b, &h_b,  &class_bias, &h0_w,  &h_w,
+                              &hout_w, &hout_b, &skip_w, &skip_b, &oh_w,   &oh_b,   &lg_w, &lg_b,       &cond_w, &cond_b};
     for (size_t i = 0; i < w.size(); ++i) *fields[i] = w[i].data_ptr<float>();
     layers = w[4].size(0);
     channels = w[10].size(1);
@@ -55,9 +60,31 @@ struct GatedWeights {
     output_channels = w[14].size(1);
     levels = w[16].size(1);
     TORCH_CHECK(levels >= 2 && levels <= 256, "gated weights: 2..256 pixel levels, got ", levels);
+    if (w.size() == 20) {
+      condition_channels = w[18].size(2);
+      TORCH_CHECK(w[18].dim() == 4 && w[18].size(0) == layers && w[18].size(1) == 2 && w[18].size(3) == 2 * channels &&
+                      w[19].sizes() == at::IntArrayRef({layers, 2, 2 * channels}),
+                  "gated weights: conditioning 1x1s of shapes ", w[18].sizes(), " and ", w[19].sizes(),
+                  " do not match the network");
+    }
   }
   float scale(int64_t level) const { return level_value(level, levels); }
 };
+
+// The conditioning map (n, Cc, H, W) of a conditioned network, or null for the others. The
+// conditioning is the network's: a map is refused by an unconditioned one and needed by a conditioned one.
+const float* condition_map(const GatedWeights& w, const std::optional<Tensor>& condition, int64_t n, int64_t height,
+                           int64_t width) {
+  if (!w.condition_channels) {
+    TORCH_CHECK(!condition.has_value(), "condition: this network takes no conditioning map");
+    return nullptr;
+  }
+  TORCH_CHECK(condition.has_value(), "condition: a conditioned network needs its conditioning map");
+  check_cpu(*condition, at::kFloat, 4, "condition");
+  TORCH_CHECK(condition->sizes() == at::IntArrayRef({n, w.condition_channels, height, width}), "condition: expected (",
+              n, ", ", w.condition_channels, ", ", height, ", ", width, "), got ", condition->sizes());
+  return condition->data_ptr<float>();
+}
 
 // The vertical caches: (n, L - 1, C, p, W), the rows i-p..i-1 of each later layer's input.
 void check_vertical(const GatedWeights& w, const Tensor& vertical) {
@@ -278,7 +305,8 @@ Tensor prepare(const GatedWeights& w, const Tensor& vertical) {
 // `vertical` itself; `prepared` is used up. The links go to `refreshed_links` (L, n * W, 2C), whole,
 // and with `store` into the state `links` too (else the caller does: store_links).
 void finish_refresh(const GatedWeights& w, const Tensor& pixels, const Tensor& positions,
-                    const std::optional<Tensor>& labels, const Tensor& vertical, Tensor& vertical_out, Tensor& links,
+                    const std::optional<Tensor>& labels, const Tensor& vertical,
+                    const std::optional<Tensor>& condition, Tensor& vertical_out, Tensor& links,
                     const Tensor& prepared, Tensor& refreshed_links, bool store) {
   check_cpu(pixels, at::kByte, 4, "pixels");
   check_cpu(positions, at::kLong, 2, "positions");
@@ -302,6 +330,7 @@ void finish_refresh(const GatedWeights& w, const Tensor& pixels, const Tensor& p
   TORCH_CHECK(prepared.sizes() == at::IntArrayRef({L - 1, n * width, C2}) &&
                   refreshed_links.sizes() == at::IntArrayRef({L, n * width, C2}),
               "prepared, refreshed links: wrong shapes");
+  const float* cond = condition_map(w, condition, n, height, width);
   if (n == 0) return;
 
   const uint8_t* pix = pixels.data_ptr<uint8_t>();
@@ -311,13 +340,14 @@ void finish_refresh(const GatedWeights& w, const Tensor& pixels, const Tensor& p
   float* later = prepared.data_ptr<float>();
   float* const link = refreshed_links.data_ptr<float>();
 
-  const int64_t rows = n * width, in0 = (p0 + 1) * k0, padded = width + 2 * p;
+  const int64_t rows = n * width, in0 = (p0 + 1) * k0, padded = width + 2 * p, Cc = w.condition_channels;
   // Layer l's gated outputs go to current(l): per slot `padded` columns, channels last, p zero
   // columns either side, so layer l+1's last kernel row reads its window in place. Two alternate:
   // while layer l+1 is computed from layer l's outputs, the cache shift reads them too.
-  float* const col = thread_scratch(rows * (in0 + C2) + 2 * n * padded * C);
+  float* const col = thread_scratch(rows * (in0 + C2 + Cc) + 2 * n * padded * C);
   float* const first = col + rows * in0;
   float* const current_rows = first + rows * C2;
+  float* const condition_rows = current_rows + 2 * n * padded * C;  // m(z) at row i, (slot, column) rows of Cc
   auto current = [&](int64_t l) { return current_rows + l % 2 * n * padded * C; };
   for (int64_t s = 0; s < 2 * n; ++s) {
     std::fill_n(current_rows + s * padded * C, p * C, 0.f);
@@ -372,6 +402,8 @@ void finish_refresh(const GatedWeights& w, const Tensor& pixels, const Tensor& p
                 dst[rr * k0 + cc] =
                     ii >= 0 && jj >= 0 && jj < width ? w.scale(pix[(s * height + ii) * width + jj]) : 0.f;
               }
+            for (int64_t c = 0; c < Cc; ++c)  // read by every layer, after this one's barrier
+              condition_rows[r * Cc + c] = cond[((s * Cc + c) * height + i) * width + j];
           }
           dense(col + r0 * in0, in0, w.v0_w, in0, C2, w.v0_b, v, C2, m);
           for (int64_t r = r0; r < r1; ++r)  // shift down: row 0 sees nothing above
@@ -394,6 +426,11 @@ void finish_refresh(const GatedWeights& w, const Tensor& pixels, const Tensor& p
             const float* cb = w.class_bias + (l * w.classes + label[r / width]) * 2 * C2;
             for (int64_t o = 0; o < C2; ++o) v[(r - r0) * C2 + o] += cb[o], h[(r - r0) * C2 + o] += cb[C2 + o];
           }
+        if (cond) {  // the conditioning map's 1x1s, added as the class biases are
+          const float* cw = w.cond_w + l * 2 * Cc * C2;
+          dense(condition_rows + r0 * Cc, Cc, cw, Cc, C2, w.cond_b + l * 2 * C2, v, C2, m, true);
+          dense(condition_rows + r0 * Cc, Cc, cw + Cc * C2, Cc, C2, w.cond_b + (l * 2 + 1) * C2, h, C2, m, true);
+        }
         if (l < L - 1)
           slot_runs(r0, r1, [&](int64_t s, int64_t ja, int64_t jb, int64_t r) {
             gate_rows(v + (r - r0) * C2, C2, current(l) + (s * padded + p + ja) * C, C, C, jb - ja);
@@ -410,6 +447,7 @@ void finish_refresh(const GatedWeights& w, const Tensor& pixels, const Tensor& p
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> gated_refresh(const Tensor& pixels, const Tensor& positions,
                                                          const std::optional<Tensor>& labels, const Tensor& vertical,
+                                                         const std::optional<Tensor>& condition,
                                                          at::TensorList weights) {
   const GatedWeights w(weights);
   const Tensor prepared = prepare(w, vertical);
@@ -417,7 +455,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gated_refresh(const Tensor& pixels, c
   Tensor vertical_out = at::empty_like(vertical);
   Tensor links = at::empty({n, L, 2 * C, width}, vertical.options());
   Tensor refreshed_links = at::empty({L, n * width, 2 * C}, vertical.options());
-  finish_refresh(w, pixels, positions, labels, vertical, vertical_out, links, prepared, refreshed_links, true);
+  finish_refresh(w, pixels, positions, labels, vertical, condition, vertical_out, links, prepared, refreshed_links,
+                 true);
   return {vertical_out, links, at::zeros({n, w.p0 + 1}, vertical.options()),
           at::zeros({n, L - 1, w.p * C}, vertical.options())};
 }
@@ -452,14 +491,15 @@ struct RowBuffers {
 };
 
 // A whole row for slots that all start one: the refresh and the step, the states (vertical, links,
-// image_context, hidden_context) updated in place. `buffers.prepared` holds the row's cache part on
+// image_context, hidden_context [, condition, read only]) updated in place. `buffers.prepared` holds the row's cache part on
 // entry and, with `prepare_next`, the next row's on return. Returns the pixels.
 Tensor row_in_place(const GatedWeights& w, const Tensor& pixels, const Tensor& positions,
                     const std::optional<Tensor>& labels, const Tensor& noise, const Tensor& temperature,
                     at::TensorList states, RowBuffers& buffers, bool prepare_next) {
   Tensor vertical = states[0], links = states[1], image_context = states[2], hidden_context = states[3];
-  finish_refresh(w, pixels, positions, labels, vertical, vertical, links, buffers.prepared, buffers.refreshed_links,
-                 false);
+  const std::optional<Tensor> condition = states.size() > 4 ? std::optional<Tensor>(states[4]) : std::nullopt;
+  finish_refresh(w, pixels, positions, labels, vertical, condition, vertical, links, buffers.prepared,
+                 buffers.refreshed_links, false);
   image_context.zero_();
   hidden_context.zero_();
   Tensor pixel = at::empty({positions.size(0), noise.size(1), 1}, positions.options());
@@ -482,14 +522,16 @@ Tensor row_in_place(const GatedWeights& w, const Tensor& pixels, const Tensor& p
   return pixel;
 }
 
-void check_states(at::TensorList states) {
-  TORCH_CHECK(states.size() == 4, "states: expected vertical, links, image_context, hidden_context");
+void check_states(const GatedWeights& w, at::TensorList states) {
+  TORCH_CHECK(states.size() == (w.condition_channels ? 5 : 4),
+              "states: expected vertical, links, image_context, hidden_context",
+              w.condition_channels ? ", condition" : "", "; got ", states.size(), " tensors");
 }
 
 Tensor gated_row(const Tensor& pixels, const Tensor& positions, const std::optional<Tensor>& labels,
                  const Tensor& noise, const Tensor& temperature, at::TensorList states, at::TensorList weights) {
   const GatedWeights w(weights);
-  check_states(states);
+  check_states(w, states);
   RowBuffers buffers(w, states[0]);
   return row_in_place(w, pixels, positions, labels, noise, temperature, states, buffers, false);
 }
@@ -500,7 +542,7 @@ void gated_rows(const Tensor& pixels, const Tensor& positions, const std::option
                 const Tensor& noise, const Tensor& temperature, at::TensorList states, at::TensorList weights,
                 int64_t rows) {
   const GatedWeights w(weights);
-  check_states(states);
+  check_states(w, states);
   std::optional<RowBuffers> buffers;
   if (rows > 0) buffers.emplace(w, states[0]);
   for_rows(pixels, positions, noise, rows, [&](const Tensor& step_noise, bool another_follows) {
@@ -511,8 +553,8 @@ void gated_rows(const Tensor& pixels, const Tensor& positions, const std::option
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(genserve, m) {
-  m.def("gated_refresh(Tensor pixels, Tensor positions, Tensor? labels, Tensor vertical, Tensor[] weights)"
-        " -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("gated_refresh(Tensor pixels, Tensor positions, Tensor? labels, Tensor vertical, Tensor? condition,"
+        " Tensor[] weights) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("gated_step(Tensor positions, Tensor noise, Tensor temperature, Tensor links, Tensor image_context,"
         " Tensor hidden_context, Tensor? teacher, Tensor[] weights) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("gated_row(Tensor pixels, Tensor positions, Tensor? labels, Tensor noise, Tensor temperature,"
