@@ -60,6 +60,21 @@ def test_families_without_fused_operators_export_their_step_graphs_only(family):
     assert packed_weights(model) is None and step_program(model).section().kind == "graphs"
 
 
+def test_a_pixel_vae_exports_the_gated_operators_with_its_conditioning():
+    # Its decoder is a Gated PixelCNN whose every layer adds 1x1s of m(z) to both stacks: the gated weights,
+    # then those 1x1s split by stack as the layer splits them (vertical, then horizontal).
+    model = tiny("pixel_vae")
+    op, weights = packed_weights(model)
+    assert op == "conditioned_gated_pixelcnn" and step_program(model).section().kind == "graphs"
+    layer = model.pixelcnn.layers[1]
+    c2 = 2 * model.config.decoder_channels
+    weight, bias = layer.condition.weight[:, :, 0, 0], layer.condition.bias  # (4C, Cc), (4C,)
+    assert torch.equal(weights["cond_w"][1, 0], weight[:c2].t())
+    assert torch.equal(weights["cond_w"][1, 1], weight[c2:].t())
+    assert torch.equal(weights["cond_b"][1].flatten(), bias)
+    assert list(weights)[:len(gated_weights(model.pixelcnn))] == list(gated_weights(model.pixelcnn))
+
+
 def test_the_operator_library_is_built_and_loads():
     status = fused.load_ops()
     assert status, status.reason  # `make setup` builds it; a failure here means setup did not
@@ -353,11 +368,14 @@ def test_a_zero_time_budget_runs_one_row_per_call():
     assert np.array_equal(images, naive(model, 2, 5))
 
 
-def test_the_shipped_sampler_runs_fused_and_reproduces_naive_sampling(shipped):
-    runner = load_step_runner(load_manifest(SAMPLER))
+@pytest.mark.parametrize("name", ["gated_pixelcnn_mnist", "pixel_vae_mnist"])
+def test_the_shipped_sampler_runs_fused_and_reproduces_naive_sampling(shipped, name):
+    # The PixelVAE's start graph (latents → m(z)) runs in ONNX Runtime beside the operators.
+    runner = load_step_runner(load_manifest(REPOSITORY / f"{name}_sample"))
     assert isinstance(runner, FusedStepRunner)
+    model = shipped(name).model
     engine = SamplingEngine(runner, EngineConfig(num_slots=2))
-    assert np.array_equal(engine.generate(21, 2), naive(shipped("gated_pixelcnn_mnist").model, 2, 21))
+    assert np.array_equal(generate(engine, model, 21, 3), naive(model, 3, 21))
 
 
 def test_without_the_operators_the_graphs_run_and_one_line_says_why(monkeypatch, caplog):
@@ -420,6 +438,40 @@ def test_the_operators_refuse_mismatched_tensors_naming_them():
         torch.ops.genserve.gated_step(good[0], good[1].double(), *good[2:], None, weights)
     with pytest.raises(RuntimeError, match="gated weights: expected 18 tensors"):
         torch.ops.genserve.gated_step(*good, None, weights[:-1])
+
+
+def conditioned_refresh_arguments(n: int = 2):
+    """gated_refresh's arguments for `n` slots of the tiny PixelVAE's decoder at row 1, and its weights."""
+    model = tiny("pixel_vae")
+    program = step_program(model)
+    states = {s.name: torch.randn(n, *s.shape) for s in program.states}
+    width = model.config.image_size
+    pixels = torch.zeros(n, 1, width, width, dtype=torch.uint8)
+    positions = torch.full((n, 1), width)
+    return (pixels, positions, None, states["vertical"], states["condition"]), list(packed_weights(model)[1].values())
+
+
+def assert_a_map_is_taken_exactly_where_the_network_has_one(namespace) -> None:
+    """`namespace`'s gated_refresh and gated_row (the CPU operators, or the GPU launches) on the tiny PixelVAE."""
+    (pixels, positions, labels, vertical, condition), weights = conditioned_refresh_arguments()
+    refresh = namespace.gated_refresh
+    links = refresh(pixels, positions, labels, vertical, condition, weights)[1]
+    assert links.shape == (2, *step_program(tiny("pixel_vae")).states[1].shape)
+    with pytest.raises(RuntimeError, match="condition: a conditioned network needs its conditioning map"):
+        refresh(pixels, positions, labels, vertical, None, weights)
+    with pytest.raises(RuntimeError, match=r"condition: expected \(2, 3, 8, 8\), got"):
+        refresh(pixels, positions, labels, vertical, condition[:, :2].contiguous(), weights)
+    with pytest.raises(RuntimeError, match="condition: this network takes no conditioning map"):
+        refresh(pixels, positions, labels, vertical, condition, weights[:-2])  # the decoder's own weights alone
+    states = [torch.zeros(2, *s.shape) for s in step_program(tiny("pixel_vae")).states]
+    with pytest.raises(RuntimeError, match="states: expected vertical, links, image_context, hidden_context, "
+                                           "condition; got 4 tensors"):
+        namespace.gated_row(pixels, positions, labels, torch.rand(2, 8, 1), torch.ones(2, 1), states[:4], weights)
+
+
+def test_the_refresh_takes_a_conditioning_map_exactly_where_the_network_has_one():
+    assert fused.load_ops()
+    assert_a_map_is_taken_exactly_where_the_network_has_one(torch.ops.genserve)
 
 
 def test_the_pixelcnn_step_refuses_a_span_past_the_row_and_unmasked_kernels():

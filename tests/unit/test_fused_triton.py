@@ -24,12 +24,13 @@ from genserve.serving.engine import EngineConfig, SamplingEngine
 from genserve.serving.fused import triton_ops
 from tests.unit.test_fused_ops import (
     FUSED_MODELS,
+    assert_a_map_is_taken_exactly_where_the_network_has_one,
     assert_call_matches_the_graph,
     assert_row_call_equals_refresh_then_step,
     assert_teacher_forced_logits_equal_the_network,
     gated_step_arguments,
 )
-from tests.unit.test_sampling_engine import labels_for, mirrored, naive, tiny
+from tests.unit.test_sampling_engine import generate, labels_for, mirrored, naive, tiny
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="compiled GPU kernels are tested in tests/gpu")
@@ -64,6 +65,7 @@ def test_the_kernels_handle_the_shipped_models_sizes(shipped, name, graph):
     ("gated_conditional_3_levels", 2, 0.5),
     ("pixelcnn", 1, 1.0),
     ("pixelcnn_3_levels", 6, 0.5),
+    ("pixel_vae", 8, 1.0),  # z per sample, m(z) made at admission by the start graph
 ])
 def test_kernel_sampling_equals_naive_sampling(name, span, temperature):
     # Exact images: the kernels' rounding differs from the network's only in the last bits, which
@@ -71,7 +73,7 @@ def test_kernel_sampling_equals_naive_sampling(name, span, temperature):
     model = tiny(name)
     n = 4  # one per slot: each engine call is seconds here (the joining test covers admission)
     labels = labels_for(model, n)
-    images = engine_for(model, span).generate(5, n, temperature, labels)
+    images = generate(engine_for(model, span), model, 5, n, temperature, labels)
     assert np.array_equal(images, naive(model, n, 5, temperature, labels))
 
 
@@ -136,6 +138,10 @@ def test_the_kernels_refuse_mismatched_tensors_naming_them():
         vertical = torch.zeros(1, *step_program(model).states[0].shape)
         pixels = torch.zeros(1, 1, model.config.image_size, model.config.image_size, dtype=torch.uint8)
         triton_ops.gated_refresh(pixels, good[0], None, vertical, None, list(gated_weights(model).values()))
+
+
+def test_the_kernels_take_a_conditioning_map_exactly_where_the_network_has_one():
+    assert_a_map_is_taken_exactly_where_the_network_has_one(triton_ops)
 
 
 def test_registered_kernels_run_through_the_dispatcher():
