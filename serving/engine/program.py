@@ -135,14 +135,13 @@ class OnnxStepRunner(StepRunner):
         self.spec, self.sessions, self.device = spec, dict(sessions), torch.device("cpu")
 
     @classmethod
-    def load(cls, manifest: Manifest, version: int | None = None, graphs: tuple[str, ...] | None = None,
-             intra_op_threads: int = 0) -> OnnxStepRunner:
-        """`graphs`: the program's graphs to load (default all); `intra_op_threads`: each session's (0: a
-        thread per core)."""
+    def load(cls, manifest: Manifest, version: int | None = None,
+             graphs: tuple[str, ...] | None = None) -> OnnxStepRunner:
+        """`graphs`: the program's graphs to load (default all)."""
         from ..entry_runner import onnx_session
 
         spec = StepSpec.from_manifest(manifest)
-        return cls(spec, {name: onnx_session(manifest.artifact(f"{name}.onnx", version), intra_op_threads)
+        return cls(spec, {name: onnx_session(manifest.artifact(f"{name}.onnx", version))
                           for name in graphs or spec.graphs})
 
     def run(self, graph, feeds):
@@ -201,12 +200,9 @@ class FusedStepRunner(StepRunner):
         if missing:
             raise ArtifactIntegrityError(f"{manifest.triton_name}: {section.fused.weights} lacks weights {missing}")
         start = None
-        if START in spec.graphs and torch.device(device).type == "cpu":
-            # On one thread: a pool's threads spin for a while after each run, on the cores the operators'
-            # threads need (a PixelVAE at batch 1: a median 6.0 ms per image with the default pool, 2.1 alone).
-            start = OnnxStepRunner.load(manifest, version, graphs=(START,), intra_op_threads=1)
-        elif START in spec.graphs:  # TorchScript, where the states live on the GPU
-            start = TorchStepRunner.load(manifest, version, device, graphs=(START,))
+        if START in spec.graphs:  # ONNX Runtime on the CPU; TorchScript where the states live on a GPU
+            start = (OnnxStepRunner.load(manifest, version, graphs=(START,)) if torch.device(device).type == "cpu"
+                     else TorchStepRunner.load(manifest, version, device, graphs=(START,)))
         runner = cls(spec, op, [tensors[name] for name in op.weights], device, start=start)
         if runner.device.type == "cuda":
             runner.warm_up()  # GPU kernels compile on their first launch: here, not on a request

@@ -253,6 +253,13 @@ def test_a_runs_tensors_are_measured_on_one_unit_of_work(tmp_path):
     assert intermediate_bytes(path, Inputs) == (8 + 8 + 2 + 2) * 4
 
 
+def test_sessions_do_not_spin_after_a_run():
+    # A server runs many sessions in turn; a pool spinning after its run takes the cores the next one needs
+    # (measured in onnx_session's comment). Checked on the session's own options, as ONNX Runtime reads them.
+    session = onnx_session(REPOSITORY / "vae_mnist_score" / "1" / "model.onnx")
+    assert session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
+
+
 def test_merged_batches_of_heavy_entry_points_run_in_pieces_of_bounded_tensors(monkeypatch):
     # A PixelVAE score's importance sample is a whole PixelCNN pass: work alone (rows x K <= 4096) let one
     # run of it grow to gigabytes. Bounded to 3 rows' tensors per run, 8 rows of K = 20 run as 3 + 3 + 2,
