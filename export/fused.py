@@ -21,15 +21,17 @@ from genserve.serving.fused.weights import (
     CONDITIONED_GATED_WEIGHTS,
     FUSED_OPS,
     GATED_WEIGHTS,
+    MAF_WEIGHTS,
     PIXELCNN_WEIGHTS,
     WEIGHTS_FILE,
 )
 
 from .models.autoregressive import AutoregressiveModel
 from .models.gated_pixelcnn import GatedPixelCNN
+from .models.maf import LOG_SCALE_BOUND, MAF
 from .models.pixel_vae import PixelVAE
 from .models.pixelcnn import PixelCNN
-from .steps import masked_rows, step_program
+from .steps import MAFStep, masked_rows, step_program
 
 
 def _dense(conv: nn.Conv2d) -> torch.Tensor:
@@ -111,12 +113,25 @@ def pixelcnn_weights(model: PixelCNN) -> dict[str, torch.Tensor]:
     return _contiguous(packed)
 
 
+@torch.no_grad()
+def maf_weights(model: MAF) -> dict[str, torch.Tensor]:
+    """The step graph's own tables (MAFStep: float64, indexed by the pixel first) and the constants of its
+    pixel map, in float64 as the inverse runs."""
+    step, c = MAFStep(model), model.config
+    constants = torch.tensor([c.alpha, c.pixel_levels, LOG_SCALE_BOUND, c.image_size], dtype=torch.float64)
+    packed = {name: getattr(step, name) for name in MAF_WEIGHTS[:-1]} | {"constants": constants}
+    assert tuple(packed) == MAF_WEIGHTS
+    return {name: t.detach().contiguous().clone() for name, t in packed.items()}
+
+
 def _contiguous(packed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {name: t.detach().float().contiguous().clone() for name, t in packed.items()}
 
 
-def packed_weights(model: AutoregressiveModel | PixelVAE) -> tuple[str, dict[str, torch.Tensor]] | None:
+def packed_weights(model: AutoregressiveModel | PixelVAE | MAF) -> tuple[str, dict[str, torch.Tensor]] | None:
     """(operator family, weights) of a model with fused operators; None for the others."""
+    if isinstance(model, MAF):
+        return "maf", maf_weights(model)
     if isinstance(model, PixelVAE):
         return "conditioned_gated_pixelcnn", conditioned_gated_weights(model)
     if isinstance(model, GatedPixelCNN):
@@ -126,7 +141,7 @@ def packed_weights(model: AutoregressiveModel | PixelVAE) -> tuple[str, dict[str
     return None
 
 
-def write_fused_weights(model: AutoregressiveModel | PixelVAE, folder: Path) -> tuple[FusedSection, Path] | None:
+def write_fused_weights(model: AutoregressiveModel | PixelVAE | MAF, folder: Path) -> tuple[FusedSection, Path] | None:
     """Writes `folder/fused.safetensors` for a family with fused operators; None for the others."""
     packed = packed_weights(model)
     if packed is None:
@@ -136,10 +151,11 @@ def write_fused_weights(model: AutoregressiveModel | PixelVAE, folder: Path) -> 
     return FusedSection(packed[0], WEIGHTS_FILE), path
 
 
-def fused_runner(model: AutoregressiveModel | PixelVAE, span: int | None = None, namespace=None,
+def fused_runner(model: AutoregressiveModel | PixelVAE | MAF, span: int | None = None, namespace=None,
                  device: str = "cpu"):
     """The engine's runner over the fused operators with weights packed from `model` (before export);
-    a program's `start` graph (a PixelVAE's latents → m(z)) runs as the eager module.
+    a program's `start` graph (a PixelVAE's latents → m(z), a MAF's → u and its hidden units) runs as the
+    eager module.
 
     `namespace`: where the operator functions are found (FusedStepRunner); torch.ops.genserve by default.
     """

@@ -171,7 +171,8 @@ class FusedStepRunner(StepRunner):
             if not status:
                 raise RuntimeError(f"the fused operators are not available: {status.reason}")
             namespace = torch.ops.genserve
-        self.row, self.row_inputs = getattr(namespace, op.row), op.row_inputs
+        self.row = None if op.row is None else getattr(namespace, op.row)
+        self.row_inputs = op.row_inputs
         # The multi-row call exists on the CPU only, where it saves the Python between row calls.
         self.rows = getattr(namespace, op.rows, None) if self.device.type == "cpu" else None
         self.runs_rows = self.rows is not None and spec.span == spec.sample_shape[2]
@@ -185,7 +186,7 @@ class FusedStepRunner(StepRunner):
             for graph, function, inputs, outputs in (
                 ("refresh", op.refresh, op.refresh_inputs, op.refresh_outputs),
                 ("step", op.step, op.step_inputs, op.step_outputs),
-            )
+            ) if function is not None
         }
         self.row_graph_slots = graph_slots if self.device.type == "cuda" else 0
 

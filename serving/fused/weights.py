@@ -27,17 +27,22 @@ PIXELCNN_WEIGHTS = (
 )
 
 
+# MAF's inverse, in float64: per pixel, layer and hidden unit the W1 column, the shift and scale rows
+# (D, K, H); the shift and scale biases (D, K); constants (alpha, pixel levels, log-scale bound, width).
+MAF_WEIGHTS = ("columns", "shift_rows", "scale_rows", "shift_bias", "scale_bias", "constants")
+
+
 @dataclass(frozen=True)
 class FusedOp:
-    """One family's operator pair under torch.ops.genserve."""
+    """One family's operators under torch.ops.genserve."""
 
-    refresh: str
+    refresh: str | None  # None where the program has no refresh graph
     refresh_inputs: tuple[str, ...]
     refresh_outputs: tuple[str, ...]
     step: str
     step_inputs: tuple[str, ...]  # "teacher" (forced pixels) is for tests; the engine leaves it None
     step_outputs: tuple[str, ...]  # "logits" comes back only when a teacher is given
-    row: str  # refresh then step in one call, the states updated in place (every slot at a row start)
+    row: str | None  # refresh then step in one call, the states updated in place (every slot at a row start)
     row_inputs: tuple[str, ...]  # controls, then the list of states in the program's order
     rows: str  # CPU only: several row calls in one, the engine's per-row bookkeeping included (csrc/rows.h)
     weights: tuple[str, ...]
@@ -71,5 +76,18 @@ FUSED_OPS = {
         row_inputs=("positions", "noise", "temperature"),
         rows="pixelcnn_rows",
         weights=PIXELCNN_WEIGHTS,
+    ),
+    # A step per row call already: no refresh, and so no refresh-then-step row call.
+    "maf": FusedOp(
+        refresh=None,
+        refresh_inputs=(),
+        refresh_outputs=(),
+        step="maf_step",
+        step_inputs=("positions", "u", "hidden"),
+        step_outputs=("pixel", "next_hidden"),
+        row=None,
+        row_inputs=(),
+        rows="maf_rows",
+        weights=MAF_WEIGHTS,
     ),
 }

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from genserve.export.models.maf import MAF
 from genserve.export.models.pixel_vae import PixelVAE, prior_latents
 from genserve.export.steps import eager_runner, step_program
 from genserve.serving.artifacts import GraphSignature, load_manifest
@@ -55,13 +56,16 @@ def labels_for(model, n):
     return [k % model.config.num_classes for k in range(n)] if model.config.num_classes else None
 
 
-def latents_for(model, seed, n):
-    """The prior draws a PixelVAE's `sample` makes (what its Sample feeds the engine); None for the others."""
+def latents_for(model, seed, n, temperature=1.0):
+    """The prior draws a PixelVAE's or a MAF's `sample` makes (what its Sample feeds the engine; a MAF's
+    temperature scales them); None for the others."""
+    if isinstance(model, MAF):
+        return model.prior_latents(seed, range(n), temperature).numpy()
     return prior_latents(model, seed, range(n)).numpy() if isinstance(model, PixelVAE) else None
 
 
 def generate(engine, model, seed, n, temperature=1.0, labels=None):
-    images = engine.generate(seed, n, temperature, labels, latents=latents_for(model, seed, n))
+    images = engine.generate(seed, n, temperature, labels, latents=latents_for(model, seed, n, temperature))
     return images.reshape(n, *model.config.sample_shape)  # the engine's rows: audio comes as frames
 
 
@@ -185,7 +189,7 @@ def mirrored(engine: SamplingEngine) -> SamplingEngine:
 
 
 def submit(engine, model, seed, n, temperature=1.0):
-    return engine.submit(seed, n, temperature, labels_for(model, n), latents=latents_for(model, seed, n))
+    return engine.submit(seed, n, temperature, labels_for(model, n), latents=latents_for(model, seed, n, temperature))
 
 
 @pytest.mark.parametrize("name, span", [("gated_conditional_3_levels", 1), ("gated", None), ("pixelcnn", 2),
