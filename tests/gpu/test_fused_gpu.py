@@ -20,7 +20,7 @@ from genserve.serving.engine.graphs import RowGraphs
 from genserve.serving.engine.program import GRAPH_SLOTS, fused_unavailable
 from tests.unit.test_export import REPOSITORY
 from tests.unit.test_fused_ops import FUSED_MODELS, assert_call_matches_the_graph
-from tests.unit.test_sampling_engine import labels_for, naive, tiny
+from tests.unit.test_sampling_engine import generate, labels_for, latents_for, naive, tiny
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
@@ -41,26 +41,34 @@ def test_each_cuda_call_matches_the_step_graph(name, graph):
 
 
 @pytest.mark.parametrize("name", FUSED_MODELS)
-@pytest.mark.parametrize("span", [1, 2, 6])
+@pytest.mark.parametrize("span", [1, 2, None])  # None: a whole row
 def test_cuda_sampling_equals_naive_sampling_on_many_seeds(name, span):
     model = tiny(name)
     n = 6
     labels = labels_for(model, n)
     engine = SamplingEngine(fused_runner(model, span, device="cuda"), EngineConfig(num_slots=4))
     for seed in range(10):
-        assert np.array_equal(engine.generate(seed, n, labels=labels), naive(model, n, seed, labels=labels)), seed
+        assert np.array_equal(generate(engine, model, seed, n, labels=labels), naive(model, n, seed, labels=labels))
     for temperature in (0.0, 0.5):
-        assert np.array_equal(engine.generate(3, n, temperature, labels), naive(model, n, 3, temperature, labels))
+        want = naive(model, n, 3, temperature, labels)
+        assert np.array_equal(generate(engine, model, 3, n, temperature, labels), want)
 
 
-@pytest.mark.parametrize("name", ["gated_pixelcnn_mnist", "pixelcnn_mnist"])
+@pytest.mark.parametrize("name", ["gated_pixelcnn_mnist", "pixelcnn_mnist", "pixel_vae_mnist"])
 def test_the_shipped_samplers_run_on_the_gpu_kernels_and_reproduce_naive_sampling(shipped, name):
     runner = load_step_runner(load_manifest(REPOSITORY / f"{name}_sample"), "torchscript", "cuda")
     assert isinstance(runner, FusedStepRunner) and runner.device.type == "cuda"
     engine = SamplingEngine(runner, EngineConfig(num_slots=3))
     model = shipped(name).model
     for temperature in (1.0, 0.5, 0.0):
-        assert np.array_equal(engine.generate(21, 3, temperature), naive(model, 3, 21, temperature)), temperature
+        want = naive(model, 3, 21, temperature)
+        assert np.array_equal(generate(engine, model, 21, 3, temperature), want), temperature
+
+
+def test_a_maf_samples_on_the_gpu_through_its_graphs_as_it_has_no_gpu_kernel():
+    manifest = load_manifest(REPOSITORY / "maf_mnist_sample")
+    assert "genserve::maf_step has no CUDA implementation" in fused_unavailable(manifest, "cuda")
+    assert not isinstance(load_step_runner(manifest, "torchscript", "cuda"), FusedStepRunner)
 
 
 def test_the_cuda_operators_refuse_tensors_on_another_device():
@@ -115,10 +123,11 @@ def test_cuda_graph_sampling_with_samples_joining_midway_equals_naive_sampling(n
     engine = SamplingEngine(fused_runner(model, device="cuda"), EngineConfig(num_slots=5))
     graphs = engine.slots.row_graphs
     assert sorted(key[0] for key in graphs.captured) == [1, 2, 3, 4, 5]  # every slot count, before any sample
-    first = engine.submit(7, 4, labels=labels_for(model, 4))
+    first = engine.submit(7, 4, labels=labels_for(model, 4), latents=latents_for(model, 7, 4))
     engine.step()  # one row in, the second job joins: occupancy 4, then 5, then the rest
     late, late_labels = [5, 2, 9], labels_for(model, 3)
-    second = engine.submit(8, indices=late, labels=late_labels)
+    latents = latents_for(model, 8, 10)
+    second = engine.submit(8, indices=late, labels=late_labels, latents=None if latents is None else latents[late])
     engine.run_until_idle()
     assert first.error is None and second.error is None
     assert np.array_equal(first.images, naive(model, 4, 7, labels=labels_for(model, 4)))
