@@ -3,8 +3,9 @@
 Every dense layer is stored (in, out), so the operator's inner loop runs along contiguous
 outputs; convolution kernels are flattened in the order of the windows the operator builds
 (Gated PixelCNN: rows, columns, channels; PixelCNN's masked kernels, cut to the rows they see:
-channels, rows, columns). The tensors are written, in the order serving.fused.weights names,
-to `fused.safetensors` beside the step graphs, and the manifest records its sha256.
+channels, rows, columns); MAF's are its step graph's own float64 tables. The tensors are written,
+in the order serving.fused.weights names, to `fused.safetensors` beside the step graphs, and the
+manifest records its sha256.
 """
 
 from __future__ import annotations

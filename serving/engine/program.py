@@ -159,11 +159,11 @@ class FusedStepRunner(StepRunner):
         """`namespace` holds the operator functions by name: torch.ops.genserve (default), or a module of
         functions with the same signatures (tests run the GPU launches that way under Triton's interpreter).
         `graph_slots`: on CUDA, row calls of up to this many slots may replay CUDA graphs (`row_graph_slots`).
-        `start`: runs the program's `start` graph (once per sample, at admission: a PixelVAE's latents → m(z));
-        the exported graph, as nothing per pixel is gained by fusing it. Needed where the program has one."""
+        `start`: runs the program's `start` graph (once per sample, at admission: a PixelVAE's latents → m(z),
+        a MAF's → u and its hidden units); the exported graph, as nothing per pixel is gained by fusing it.
+        Given exactly where the program has one."""
         if (START in spec.graphs) != (start is not None):
-            raise ValueError(f"the program {'has' if START in spec.graphs else 'has no'} start graph: "
-                             f"start={start!r}")
+            raise ValueError("start: a runner for the program's start graph is given exactly where it has one")
         self.spec, self.op, self.weights, self.device = spec, op, weights, torch.device(device)
         self.start = start
         if namespace is None:
