@@ -12,8 +12,8 @@ Tensor conventions (what the Triton configs and manifests declare):
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -36,6 +36,9 @@ class EntryPoint:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     example: Callable[[int], tuple[torch.Tensor, ...]]  # batch size → example inputs
+    # Output name → how it reduces over the inputs' free axis (the manifest's `free_axis`); empty where it
+    # does not: then a row's free axis always runs whole.
+    free_axis: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         # Exporters restore the wrapper's own train/eval flag to every child afterwards: a
@@ -260,7 +263,8 @@ def entry_points(model: GenerativeModel) -> list[EntryPoint]:
             encoder, codes = VAEEncode(model), (TensorSpec("mean", f32, (d,)), TensorSpec("log_var", f32, (d,)))
         encode = EntryPoint("encode", encoder, (image,), codes, lambda n: (_example_images(model, n),))
         score = EntryPoint("score", VAEScore(model), (image, eps), per_image,
-                           lambda n: (_example_images(model, n), torch.randn(n, 3, d)))
+                           lambda n: (_example_images(model, n), torch.randn(n, 3, d)),
+                           free_axis={"elbo": "mean", "iwae": "log_mean_exp"})
         if isinstance(model, PixelVAE):  # decoding is sequential: the sampler's step program (export/steps.py)
             logits = TensorSpec("logits", f32, (c.pixel_levels, c.channels, c.image_size, c.image_size))
             decoder = EntryPoint("logits", PixelVAELogits(model), (image, z), (logits,),

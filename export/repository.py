@@ -136,7 +136,8 @@ def export_entry_point(
     if backend == "python":
         (version_dir / "model.py").write_text(PYTHON_MODEL.format(module="triton_python", cls="OnnxEntryPointModel"))
     (folder / "config.pbtxt").write_text(render(_model_config(name, entry.inputs, entry.outputs, options, backend)))
-    manifest = _manifest(checkpoint, name, entry.name, options, entry.inputs, entry.outputs, torchscript=how)
+    manifest = _manifest(checkpoint, name, entry.name, options, entry.inputs, entry.outputs, torchscript=how,
+                         free_axis=entry.free_axis)
     write_manifest(folder, manifest, options.version, [onnx_path, torchscript_path])
     return folder
 

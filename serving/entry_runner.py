@@ -55,6 +55,22 @@ def intermediate_bytes(onnx_path: str | Path, manifest: Manifest) -> int:
     return sum(np.asarray(output).nbytes for output in session.run(None, feeds))
 
 
+def reduce_pieces(values: list[np.ndarray], weights: np.ndarray, how: str) -> np.ndarray:
+    """One output of a free axis run in pieces, from each piece's: `weights` are the pieces' shares of the
+    axis. The mean of per-element values is the weighted mean of the pieces' means; the log of the mean of
+    their exponentials is log sum_p weight_p exp(value_p), taken from the largest (log-sum-exp)."""
+    stacked = np.stack([v.astype(np.float64) for v in values])  # (pieces, ...)
+    shares = weights.reshape(-1, *[1] * (stacked.ndim - 1))
+    if how == "mean":
+        reduced = (shares * stacked).sum(0)
+    elif how == "log_mean_exp":
+        top = stacked.max(0)
+        reduced = top + np.log((shares * np.exp(stacked - top)).sum(0))
+    else:
+        raise ValueError(f"no reduction {how!r}")
+    return reduced.astype(values[0].dtype)
+
+
 class EntryPointRunner(ABC):
     """One entry point's artifact with the manifest's signature: named inputs in, named outputs out."""
 
@@ -106,19 +122,51 @@ class EntryPointRunner(ABC):
 
     def run_in_pieces(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """`run`, over as many row ranges as keep each run's work within MAX_WORK_PER_RUN (rows times the
-        sizes of free axes) and its tensors within MAX_RUN_BYTES (bytes_per_unit times the work)."""
+        sizes of free axes) and its tensors within MAX_RUN_BYTES (bytes_per_unit times the work). Where a
+        single row is more than that and the manifest says how its outputs reduce over the free axis, each
+        row runs alone, its free axis in pieces (run_free_axis_in_pieces)."""
         per_row = 1
         for spec in self.manifest.inputs:  # -1 in a manifest shape is a free axis; axis 0 of a feed is rows
             per_row *= int(np.prod([n for n, s in zip(feeds[spec.name].shape[1:], spec.shape) if s == -1]))
         per_row = max(1, per_row)
         rows = len(next(iter(feeds.values())))
+        if self.manifest.free_axis and per_row > 1 and per_row > self.units_per_run:
+            return self.run_free_axis_in_pieces(feeds, self.units_per_run)
         step = max(1, MAX_WORK_PER_RUN // per_row)
-        if rows > 1 and self.bytes_per_unit:  # (a single row cannot be split)
+        if rows > 1 and self.bytes_per_unit:  # (a single row is split only as above)
             step = min(step, max(1, MAX_RUN_BYTES // (self.bytes_per_unit * per_row)))
         if rows <= step:
             return self.run(feeds)
         pieces = [self.run({k: a[i : i + step] for k, a in feeds.items()}) for i in range(0, rows, step)]
         return {name: np.concatenate([p[name] for p in pieces]) for name in pieces[0]}
+
+    @property
+    def units_per_run(self) -> int:
+        """The most units of work one run may hold: MAX_WORK_PER_RUN, and MAX_RUN_BYTES of their tensors."""
+        if not self.bytes_per_unit:
+            return MAX_WORK_PER_RUN
+        return max(1, min(MAX_WORK_PER_RUN, MAX_RUN_BYTES // self.bytes_per_unit))
+
+    def run_free_axis_in_pieces(self, feeds: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
+        """Each row alone, the free axis of its inputs (one, of the same length in each) in pieces of `size`;
+        each output reduced over the pieces as the manifest's `free_axis` says, in float64, weighted by the
+        pieces' lengths: exactly what one run over the whole axis computes, but for rounding."""
+        axes = {spec.name: 1 + spec.shape.index(-1) for spec in self.manifest.inputs if -1 in spec.shape}
+        (length,) = {feeds[name].shape[axis] for name, axis in axes.items()}
+        rows = len(next(iter(feeds.values())))
+        starts = range(0, length, size)
+        weights = np.array([min(size, length - start) / length for start in starts])
+        results = []
+        for row in range(rows):
+            pieces = []
+            for start in starts:
+                piece = {name: a[row : row + 1] for name, a in feeds.items()}
+                for name, axis in axes.items():
+                    piece[name] = np.take(piece[name], np.arange(start, min(start + size, length)), axis=axis)
+                pieces.append(self.run(piece))
+            results.append({name: reduce_pieces([p[name] for p in pieces], weights, how)
+                            for name, how in self.manifest.free_axis.items()})
+        return {name: np.concatenate([r[name] for r in results]) for name in results[0]}
 
 
 class OnnxEntryPoint(EntryPointRunner):

@@ -22,6 +22,9 @@ MANIFEST = "genserve.json"
 # /2: the step section names its kind; TorchScript artifacts carry no debug source ranges.
 MANIFEST_FORMAT = "genserve-manifest/2"
 FLAVOURS = ("python", "native")  # python: pip-installable Triton (CPU); native: NVIDIA's containers
+# How an output reduces over its inputs' free axis (a VAE score's K importance samples): the mean of
+# per-sample values (the ELBO), or the log of the mean of their exponentials (the IWAE bound).
+FREE_AXIS_REDUCTIONS = ("mean", "log_mean_exp")
 
 
 class ArtifactIntegrityError(RuntimeError):
@@ -73,6 +76,9 @@ class Manifest:
     outputs: tuple[TensorSpec, ...]
     torchscript: str | None = None  # how the TorchScript artifact was made (entry points)
     step: StepSection | None = None  # the cached step program (samplers)
+    # Output name → its reduction over the free axis (FREE_AXIS_REDUCTIONS), given for every output or none:
+    # where given, a row's free axis may run in pieces whose outputs are then reduced as it says.
+    free_axis: Mapping[str, str] = field(default_factory=dict)
     artifacts: Mapping[str, str] = field(default_factory=dict)  # "VERSION/FILE" → sha256
     folder: Path | None = None
 
@@ -121,6 +127,8 @@ class Manifest:
             record["torchscript"] = self.torchscript
         if self.step is not None:
             record["step"] = self.step.to_dict()
+        if self.free_axis:
+            record["free_axis"] = dict(self.free_axis)
         return record
 
 
@@ -143,6 +151,11 @@ def _read(path: Path, data: Any) -> Manifest:
                                   batching.get("max_queue_delay_microseconds", int))
     except ValueError as error:
         raise top.error("batching", str(error)) from None
+    outputs = tuple(TensorSpec.read(t) for t in top.children("outputs"))
+    free_axis = top.get("free_axis", dict, {})
+    if free_axis and (set(free_axis) != {t.name for t in outputs}
+                      or not set(free_axis.values()) <= set(FREE_AXIS_REDUCTIONS)):
+        raise top.error("free_axis", f"must map every output to one of {FREE_AXIS_REDUCTIONS}, got {free_axis}")
     return Manifest(
         triton_name=top.get("triton_name", str),
         model=top.get("model", str),
@@ -155,9 +168,10 @@ def _read(path: Path, data: Any) -> Manifest:
         flavour=flavour,
         batching=batching_value,
         inputs=tuple(TensorSpec.read(t) for t in top.children("inputs")),
-        outputs=tuple(TensorSpec.read(t) for t in top.children("outputs")),
+        outputs=outputs,
         torchscript=top.get("torchscript", str, None),
         step=StepSection.read(top.child("step")) if "step" in top.data else None,
+        free_axis=free_axis,
         artifacts=artifacts,
         folder=path.parent,
     )

@@ -284,6 +284,30 @@ def test_merged_batches_of_heavy_entry_points_run_in_pieces_of_bounded_tensors(m
         np.testing.assert_allclose(pieces[spec.name], expected, rtol=1e-5)
 
 
+def test_a_row_heavier_than_a_run_runs_its_free_axis_in_pieces_reduced_as_the_manifest_says(monkeypatch):
+    # One PixelVAE image scored with K = 1000 was 1000 PixelCNN passes in one run (2.2 GB resident, kept by
+    # the arena). Its manifest says how the outputs reduce over K (ELBO: mean; IWAE: log-mean-exp), so a row
+    # over the bound runs alone, K in pieces. Bounded to 6 importance samples' tensors, 2 rows of K = 20
+    # run as 6 + 6 + 6 + 2 each, and give what one run gives.
+    manifest = load_manifest(REPOSITORY / "pixel_vae_mnist_score")
+    assert manifest.free_axis == {"elbo": "mean", "iwae": "log_mean_exp"}
+    score = OnnxEntryPoint.load(manifest)
+    monkeypatch.setattr(entry_runner, "MAX_RUN_BYTES", 6 * score.bytes_per_unit)
+    runs = []
+    run = score.run
+    monkeypatch.setattr(score, "run", lambda feeds: runs.append(feeds["eps"].shape[:2]) or run(feeds))
+    rng = np.random.default_rng(3)
+    feeds = {"images": rng.integers(0, 2, (2, 1, 28, 28)).astype(np.uint8),
+             "eps": rng.standard_normal((2, 20, 16)).astype(np.float32)}
+    (pieces,) = score.run_merged([feeds])
+    assert runs == [(1, 6), (1, 6), (1, 6), (1, 2)] * 2
+    whole = score.session.run(None, feeds)
+    for spec, expected in zip(manifest.outputs, whole):
+        # The graph sums 20 float32 terms (mean, log-sum-exp) where the pieces sum 6 and then reduce in float64:
+        # each order rounds by at most ~20 float32 ulps of the ~ -1,000-nat sum; rtol 1e-5 allows 8 times that.
+        np.testing.assert_allclose(pieces[spec.name], expected, rtol=1e-5)
+
+
 SUMS = REPOSITORY / "SHA256SUMS"
 
 
@@ -332,6 +356,7 @@ def test_check_sums_names_a_changed_a_missing_and_an_unlisted_file(tmp_path):
         (lambda m: m["step"].update(span=5), r"step\.span: 5 must divide period 28"),
         (lambda m: m["step"]["graphs"]["step"]["outputs"].append("x"), r"step\.graphs: outputs \['x'\]"),
         (lambda m: m.update(flavour=3), r"flavour: must be str, got 3"),
+        (lambda m: m.update(free_axis={"pixel": "sum"}), r"free_axis: must map every output to one of"),
     ],
 )
 def test_a_broken_manifest_is_refused_naming_the_file_and_the_field(tmp_path, change, message):
@@ -345,7 +370,8 @@ def test_a_broken_manifest_is_refused_naming_the_file_and_the_field(tmp_path, ch
     assert str(caught.value).startswith(str(folder / "genserve.json"))
 
 
-def test_a_manifest_reads_back_as_it_was_written():
-    text = (REPOSITORY / "gated_pixelcnn_mnist_sample" / "genserve.json").read_text()
-    manifest = load_manifest(REPOSITORY / "gated_pixelcnn_mnist_sample")
+@pytest.mark.parametrize("name", ["gated_pixelcnn_mnist_sample", "pixel_vae_mnist_score"])  # a step, a free axis
+def test_a_manifest_reads_back_as_it_was_written(name):
+    text = (REPOSITORY / name / "genserve.json").read_text()
+    manifest = load_manifest(REPOSITORY / name)
     assert json.dumps(manifest.to_dict(), indent=2, sort_keys=True) + "\n" == text
