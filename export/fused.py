@@ -24,6 +24,7 @@ from genserve.serving.fused.weights import (
     GATED_WEIGHTS,
     MAF_WEIGHTS,
     PIXELCNN_WEIGHTS,
+    WAVENET_WEIGHTS,
     WEIGHTS_FILE,
 )
 
@@ -32,10 +33,11 @@ from .models.gated_pixelcnn import GatedPixelCNN
 from .models.maf import LOG_SCALE_BOUND, MAF
 from .models.pixel_vae import PixelVAE
 from .models.pixelcnn import PixelCNN
+from .models.wavenet import WaveNet
 from .steps import MAFStep, masked_rows, step_program
 
 
-def _dense(conv: nn.Conv2d) -> torch.Tensor:
+def _dense(conv: nn.Conv1d | nn.Conv2d) -> torch.Tensor:
     """A 1x1 convolution as an (in, out) matrix."""
     return conv.weight.flatten(1).t()
 
@@ -125,6 +127,27 @@ def maf_weights(model: MAF) -> dict[str, torch.Tensor]:
     return {name: t.detach().contiguous().clone() for name, t in packed.items()}
 
 
+@torch.no_grad()
+def wavenet_weights(model: WaveNet) -> dict[str, torch.Tensor]:
+    layers, c = model.layers, model.config
+    packed = {
+        "in_w": model.input_conv.weight.flatten(1).t(),  # (C * 2 taps, R): the taps read x_{t-2}, x_{t-1}
+        "in_b": model.input_conv.bias,
+        "dilated_w": torch.stack([torch.cat([w.dilated.weight[:, :, 0], w.dilated.weight[:, :, 1]], 1).t()
+                                  for w in layers]),  # (L, 2R in: [oldest, newest], 2R out)
+        "dilated_b": torch.stack([w.dilated.bias for w in layers]),
+        "class_bias": (torch.stack([w.class_bias.weight for w in layers]) if c.num_classes else torch.zeros(0)),
+        "out_w": torch.stack([torch.cat([_dense(w.residual), _dense(w.skip)], 1) for w in layers]),
+        "out_b": torch.stack([torch.cat([w.residual.bias, w.skip.bias]) for w in layers]),
+        "oh_w": _dense(model.output_hidden),
+        "oh_b": model.output_hidden.bias,
+        "lg_w": _dense(model.output_logits),
+        "lg_b": model.output_logits.bias,
+    }
+    assert tuple(packed) == WAVENET_WEIGHTS
+    return _contiguous(packed)
+
+
 def _contiguous(packed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {name: t.detach().float().contiguous().clone() for name, t in packed.items()}
 
@@ -133,6 +156,8 @@ def packed_weights(model: AutoregressiveModel | PixelVAE | MAF) -> tuple[str, di
     """(operator family, weights) of a model with fused operators; None for the others."""
     if isinstance(model, MAF):
         return "maf", maf_weights(model)
+    if isinstance(model, WaveNet):
+        return "wavenet", wavenet_weights(model)
     if isinstance(model, PixelVAE):
         return "conditioned_gated_pixelcnn", conditioned_gated_weights(model)
     if isinstance(model, GatedPixelCNN):

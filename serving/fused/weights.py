@@ -31,6 +31,12 @@ PIXELCNN_WEIGHTS = (
 # (D, K, H); the shift and scale biases (D, K); constants (alpha, pixel levels, log-scale bound, width).
 MAF_WEIGHTS = ("columns", "shift_rows", "scale_rows", "shift_bias", "scale_bias", "constants")
 
+# WaveNet: the input convolution's taps (2, R); per layer the dilated kernel over [oldest, newest] input
+# (L, 2R, 2R), its bias, the class biases (L, classes, 2R) or empty, the residual and skip 1x1s side by
+# side (L, R, R + S) and their biases; the output layers.
+WAVENET_WEIGHTS = ("in_w", "in_b", "dilated_w", "dilated_b", "class_bias", "out_w", "out_b", "oh_w", "oh_b", "lg_w",
+                   "lg_b")
+
 
 @dataclass(frozen=True)
 class FusedOp:
@@ -46,6 +52,9 @@ class FusedOp:
     row_inputs: tuple[str, ...]  # controls, then the list of states in the program's order
     rows: str  # CPU only: several row calls in one, the engine's per-row bookkeeping included (csrc/rows.h)
     weights: tuple[str, ...]
+    # The step takes any span: the runner steps a whole row (a WaveNet frame) per call, whatever span the
+    # graphs were exported with (WaveNet's 4: a graph unrolled over a frame would be enormous).
+    any_span: bool = False
 
 
 _GATED = FusedOp(
@@ -89,5 +98,18 @@ FUSED_OPS = {
         row_inputs=(),
         rows="maf_rows",
         weights=MAF_WEIGHTS,
+    ),
+    "wavenet": FusedOp(
+        refresh=None,
+        refresh_inputs=(),
+        refresh_outputs=(),
+        step="wavenet_step",
+        step_inputs=("noise", "temperature", "labels", "recent", "queue*"),
+        step_outputs=("pixel", "next_recent", "next_queue*"),
+        row=None,
+        row_inputs=(),
+        rows="wavenet_rows",
+        weights=WAVENET_WEIGHTS,
+        any_span=True,
     ),
 }

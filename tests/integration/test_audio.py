@@ -29,7 +29,8 @@ MODEL = "wavenet_speech"
 
 @pytest.fixture(scope="module")
 def expected_clip(shipped):
-    """Sample 1 of seed 5 at temperature 0.9, label 7, from the eager step program."""
+    """Sample 1 of seed 5 at temperature 0.9, label 7, from the fused operator in this process (the eager
+    step program where it is not built)."""
     return cached_sample(shipped(MODEL).model, 2, 5, 0.9, torch.tensor([7, 7]))[1:].numpy()
 
 

@@ -396,7 +396,7 @@ def test_the_committed_step_artifacts_reproduce_naive_sampling_of_the_shipped_mo
 def test_the_committed_pixel_vae_sampler_reproduces_its_naive_decoding(runtime, shipped):
     # The shipped PixelVAE's start/refresh/step graphs in the engine, z from the prior as Sample draws it.
     model = shipped("pixel_vae_mnist").model
-    runner = load_step_runner(load_manifest(REPOSITORY / "pixel_vae_mnist_sample"), runtime)
+    runner = load_step_runner(load_manifest(REPOSITORY / "pixel_vae_mnist_sample"), runtime, fused=False)
     assert "start" in runner.spec.graphs and runner.spec.latent_shape == (model.config.latent_dim,)
     engine = SamplingEngine(runner, EngineConfig(num_slots=3))
     assert np.array_equal(generate(engine, model, 21, 3, temperature=0.9), naive(model, 3, 21, temperature=0.9))

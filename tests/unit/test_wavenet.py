@@ -7,13 +7,17 @@ import pytest
 import torch
 
 from genserve.clients.audio import mu_law_decode, mu_law_encode, read_audio, read_wav, write_audio, write_wav
+from genserve.export.fused import fused_runner, packed_weights
 from genserve.export.models import WaveNetConfig
 from genserve.export.speech import CorpusSpec, load_corpus, to_clip
 from genserve.export.steps import cached_sample, step_program
+from genserve.serving import fused
 from genserve.serving.artifacts import load_manifest
-from genserve.serving.engine import EngineConfig, SamplingEngine, load_step_runner
+from genserve.serving.engine import EngineConfig, FusedStepRunner, SamplingEngine, load_step_runner
 from tests.conftest import make_model
 from tests.unit.test_export import REPOSITORY
+from tests.unit.test_fused_ops import assert_call_matches_the_graph, intra_op_threads
+from tests.unit.test_sampling_engine import generate, labels_for, naive
 
 
 def test_the_dilations_and_receptive_field_follow_the_config():
@@ -125,14 +129,107 @@ def test_the_committed_corpus_matches_its_spec_and_digest(tmp_path):
 
 @pytest.fixture(scope="module")
 def eager_clip(shipped):
-    """Sample 0 of seed 2 at temperature 0.8, label 5, from the eager step program (naive sampling of a
-    6,400-sample clip is 6,400 full passes; the program is exact against it on tiny models)."""
+    """Sample 0 of seed 2 at temperature 0.8, label 5, from the fused operator (the eager step program where
+    it is not built): naive sampling of a 6,400-sample clip is 6,400 full passes; both are exact against
+    it on tiny models."""
     return cached_sample(shipped("wavenet_speech").model, 1, 2, 0.8, torch.tensor([5])).numpy()
 
 
 @pytest.mark.parametrize("runtime", ["onnx", "torchscript"])
 def test_the_committed_step_artifacts_draw_what_the_eager_program_does(runtime, eager_clip):
-    runner = load_step_runner(load_manifest(REPOSITORY / "wavenet_speech_sample"), runtime)
+    runner = load_step_runner(load_manifest(REPOSITORY / "wavenet_speech_sample"), runtime, fused=False)
     assert runner.spec.sample_shape == (1, 20, 320)  # the engine's rows: frames of 320 samples
     clip = SamplingEngine(runner, EngineConfig(num_slots=1)).generate(2, 1, 0.8, [5])
     np.testing.assert_array_equal(clip.reshape(1, 1, 6400), eager_clip)
+
+
+def fused_models():
+    """The tiny conditional WaveNet (frames of 8, dilations up to 4: every ring ends a call in order) and
+    one whose 12-sample frames leave dilation 8 mid-ring at a call's end, to be rotated back."""
+    return {"conditional": make_model("wavenet", num_classes=3),
+            "rings": make_model("wavenet", length=48, frame=12, max_dilation=8, seed=1)}
+
+
+@pytest.mark.parametrize("name", ["conditional", "rings"])
+def test_fused_sampling_equals_naive_sampling(name):
+    # The fused step runs a whole frame per call (its span is the frame, not the graphs' 4).
+    model = fused_models()[name]
+    runner = fused_runner(model)
+    assert runner.spec.span == model.config.frame and runner.runs_rows
+    n = 5
+    labels = labels_for(model, n)
+    engine = SamplingEngine(runner, EngineConfig(num_slots=3))
+    for seed in range(6):
+        assert np.array_equal(generate(engine, model, seed, n, labels=labels), naive(model, n, seed, labels=labels))
+    for temperature in (0.5, 0.0):
+        want = naive(model, n, 3, temperature, labels)
+        assert np.array_equal(generate(engine, model, 3, n, temperature, labels), want)
+
+
+@pytest.mark.parametrize("name", ["conditional", "rings"])
+def test_the_fused_step_matches_the_step_graph_it_replaces(name):
+    # On the exporter's examples (random queues, 4 samples per call): a 4-sample call leaves the rings of
+    # dilation 8 half way round, so their rotation back into the states' order is checked here too.
+    model = fused_models()[name]
+    assert_call_matches_the_graph(fused_runner(model), model, "step", n=5)
+
+
+def test_a_multi_frame_call_equals_frame_calls_on_any_thread_count():
+    # run_rows(k) must do what k step calls of a frame do with the engine's Python around them (noise picked
+    # at each slot's position, pixels written into the clips, positions advanced), bit for bit, and so on 3
+    # threads as on 1. 11 slots: two tasks of 8 slots, the second partial.
+    model = fused_models()["rings"]
+    runner, frame, n = fused_runner(model), model.config.frame, 11
+    program = step_program(model)
+    generator = torch.Generator().manual_seed(4)
+    controls = {
+        "pixels": torch.zeros(n, 1, model.config.length // frame, frame, dtype=torch.uint8),
+        "positions": torch.tensor([[(0, 1, 2)[k % 3] * frame] for k in range(n)]),
+        "labels": None,
+        "noise": torch.rand(n, model.config.length, 1, generator=generator),
+        "temperature": torch.tensor([[(1.0, 0.5, 0.0)[k % 3]] for k in range(n)]),
+    }
+    states = [torch.randn(n, *spec.shape, generator=generator) for spec in program.states]
+    want_pixels, want_positions = controls["pixels"].clone(), controls["positions"].clone()
+    want = {spec.name: state.clone() for spec, state in zip(program.states, states)}
+    slots = torch.arange(n)[:, None]
+    for _ in range(2):
+        taken = want_positions + torch.arange(frame)
+        feeds = {**want, "noise": controls["noise"][slots, taken], "temperature": controls["temperature"]}
+        out = runner.run("step", feeds)
+        want.update({name.removeprefix("next_"): value for name, value in out.items() if name != "pixel"})
+        want_pixels.view(n, -1)[slots, taken] = out["pixel"][..., 0].to(torch.uint8)
+        want_positions += frame
+    for threads in (1, 3):
+        got_controls = {k: None if v is None else v.clone() for k, v in controls.items()}
+        got_states = [state.clone() for state in states]
+        with intra_op_threads(threads):
+            runner.run_rows(got_controls, got_states, 2)
+        assert torch.equal(got_controls["pixels"], want_pixels)
+        assert torch.equal(got_controls["positions"], want_positions)
+        for spec, got in zip(program.states, got_states):
+            assert torch.equal(got, want[spec.name]), (threads, spec.name)
+
+
+def test_the_fused_operator_refuses_what_it_cannot_run_naming_it():
+    assert fused.load_ops()
+    model = fused_models()["conditional"]
+    weights = list(packed_weights(model)[1].values())
+    noise, temperature, labels, recent, *queues = step_program(model).step.example(2)
+    step = torch.ops.genserve.wavenet_step
+    with pytest.raises(RuntimeError, match="labels: a conditional model needs labels"):
+        step(noise, temperature, None, recent, queues, weights)
+    with pytest.raises(RuntimeError, match=r"labels: 3 outside \[0, 3\)"):
+        step(noise, temperature, labels + 2, recent, queues, weights)
+    with pytest.raises(RuntimeError, match="queues: 5 for 6 layers"):
+        step(noise, temperature, labels, recent, queues[:-1], weights)
+    with pytest.raises(RuntimeError, match="queue: shape"):
+        step(noise, temperature, labels, recent, [q[:, :2].contiguous() for q in queues], weights)
+    with pytest.raises(RuntimeError, match="wavenet weights must be contiguous float32"):
+        step(noise, temperature, labels, recent, queues, [w.double() for w in weights])
+
+
+def test_the_shipped_sampler_runs_fused_a_frame_per_call():
+    # What it samples is checked against the committed step graphs above (eager_clip).
+    runner = load_step_runner(load_manifest(REPOSITORY / "wavenet_speech_sample"))
+    assert isinstance(runner, FusedStepRunner) and runner.spec.span == 320 and runner.runs_rows
