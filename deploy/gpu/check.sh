@@ -2,17 +2,17 @@
 # The fused operators' GPU checks in one run, on a machine with a CUDA device, PyTorch, OpenAI
 # Triton and a C++ compiler, from the repository root, without installing genserve:
 #   1. builds the operator library (the CPU kernels and the operator schemas the GPU kernels attach to);
-#   2. exports the shipped Gated PixelCNN and PixelCNN into model_repository/ and runs tests/gpu
-#      (exact images against naive sampling, call parity, device errors);
-#   3. runs bench-sampler on the GPU for both (naive vs TorchScript step graphs vs fused,
-#      batch 1 .. 16384, continuous vs static);
+#   2. exports the shipped Gated PixelCNN, PixelCNN, PixelVAE and MAF into model_repository/ and runs
+#      tests/gpu (exact images against naive sampling, call parity, device errors, MAF's fallback);
+#   3. runs bench-sampler on the GPU for the image samplers with GPU kernels (naive vs TorchScript step
+#      graphs vs fused, batch 1 .. 16384, continuous vs static);
 #   4. profiles the fused row call (deploy/gpu/profile_fused.py: wall, kernel and CUDA-graph time)
 #      and the engine around it (profile-engine: deploy/gpu/profile_engine.py, the host's share).
 # Each step has its own time limit and a failed step does not stop the next: one lent GPU session
 # should bring back everything that works. Results go to $OUT (default /tmp/gpu-check): device.txt,
 # steps.log (each step's exit status and seconds), tests.log, bench-MODEL.txt and .json, profile.txt,
 # profile-engine.txt.
-# STEPS (default "tests bench-gated profile bench-pixelcnn") picks which of 2-4 run, in that order
+# STEPS (default "tests bench-gated profile bench-pixelcnn bench-pixel-vae") picks which of 2-4 run, in that order
 # (batching-gated: the batching comparison at LOAD, default 0.8; profile-batch1: the step kernel's
 # launch variants at batch 1, profile-batch1.txt); BENCH_BATCHES (default
 # "1 16 64 256 1024 4096 16384") sets bench-sampler's batch sizes; PROFILE_ARGS go to profile_fused.py,
@@ -67,7 +67,8 @@ step() {
 
 step 300 build-ops genserve build-ops || exit 1
 genserve build-ops --check | tee -a "$OUT/device.txt"
-step 150 export genserve export gated_pixelcnn_mnist pixelcnn_mnist --repository model_repository >/dev/null || exit 1
+step 150 export genserve export gated_pixelcnn_mnist pixelcnn_mnist pixel_vae_mnist maf_mnist \
+  --repository model_repository >/dev/null || exit 1
 
 bench() {  # bench NAME MODEL [ARGS]: naive vs step graphs vs fused on the GPU, then continuous vs static batching
   local name=$1 model=$2
@@ -76,11 +77,12 @@ bench() {  # bench NAME MODEL [ARGS]: naive vs step graphs vs fused on the GPU, 
     --device cuda $(printf -- '--batch %s ' ${BENCH_BATCHES:-1 16 64 256 1024 4096 16384}) --naive-steps 8 \
     --json "$OUT/$name.json" "$@" | tee "$OUT/$name.txt"
 }
-for what in ${STEPS:-tests bench-gated profile bench-pixelcnn}; do
+for what in ${STEPS:-tests bench-gated profile bench-pixelcnn bench-pixel-vae}; do
   case $what in
     tests) step 240 tests "$PYTHON" -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tee "$OUT/tests.log" ;;
     bench-gated) bench bench-gated_pixelcnn_mnist gated_pixelcnn_mnist ;;
     bench-pixelcnn) bench bench-pixelcnn_mnist pixelcnn_mnist ;;
+    bench-pixel-vae) bench bench-pixel_vae_mnist pixel_vae_mnist ;;  # the gated kernels with a conditioning map
     batching-gated)  # the batching comparison again at a higher load, one small batch for the speed table
       BENCH_BATCHES=1 bench batching-gated_pixelcnn_mnist gated_pixelcnn_mnist --load "${LOAD:-0.8}" ;;
     profile) step 200 profile "$PYTHON" deploy/gpu/profile_fused.py --out "$OUT/profile.txt" ${PROFILE_ARGS:-} ;;
@@ -89,8 +91,8 @@ for what in ${STEPS:-tests bench-gated profile bench-pixelcnn}; do
         --batch 1 --batch 2 --variant default --variant 8x1 --variant 4x1 --variant 1x1 --variant 4x2 ;;
     profile-engine) step 150 profile-engine "$PYTHON" deploy/gpu/profile_engine.py --out "$OUT/profile-engine.txt" \
       ${ENGINE_ARGS:-} ;;
-    *) echo "unknown step $what (tests, bench-gated, bench-pixelcnn, batching-gated, profile, profile-batch1," \
-         "profile-engine)"
+    *) echo "unknown step $what (tests, bench-gated, bench-pixelcnn, bench-pixel-vae, batching-gated, profile," \
+         "profile-batch1, profile-engine)"
        exit 2 ;;
   esac
 done
