@@ -5,8 +5,9 @@
 // queue's oldest input and the newest, the gate, the residual and skip 1x1s, the output layers and
 // the inverse-CDF choice, with nothing dispatched between. The graph advances a queue by copying
 // it whole each sample (a 256-dilation layer moves 8,160 floats per sample); here, within a call,
-// each queue is a ring whose oldest entry is overwritten by the newest, and the rings are rotated
-// back into the states' oldest-first order once at the call's end.
+// each queue is a ring, time-major so that an entry's channels lie together, whose oldest entry the
+// newest overwrites. The rings are copied from the states at the call's start and back, in the
+// states' channel-major, oldest-first order, at its end.
 // Weights arrive packed by `genserve export` (export/fused.py), every dense layer as (in, out).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -99,26 +100,38 @@ StepCall wavenet_call(const WaveNetWeights& w, const Tensor& noise, const Tensor
 }
 
 // `span` samples of slots b0..b1-1, in place on their states. Within the call a queue of dilation d is a
-// ring: at the call's sample t its oldest entry sits at t % d, and the newest input takes its place.
+// ring of d entries of R channels: at the call's sample t its oldest entry is entry t % d, and the newest
+// input takes its place. Strided across channels as the states keep them, a 64-slot batch's 256-dilation
+// queues touched a cache line per channel, slot and sample (8 MB of queues).
 void step_slots(const WaveNetWeights& w, const StepCall& call, int64_t b0, int64_t b1) {
   const int64_t R = w.residual, R2 = 2 * R, S = w.skip, O = w.output_channels, levels = w.levels, m = b1 - b0;
-  const std::array<float*, 7> buffers =
-      scratch_arrays<7>({m * R, m * R2, m * R2, m * R, m * (R + S), m * S, m * (O + levels)});
+  const int64_t L = w.layers;
+  std::vector<int64_t> ring_start(L + 1, 0);  // layer l's rings at rings + ring_start[l] * m * R
+  for (int64_t l = 0; l < L; ++l) ring_start[l + 1] = ring_start[l] + call.dilations[l];
+  const std::array<float*, 8> buffers = scratch_arrays<8>(
+      {m * R, m * R2, m * R2, m * R, m * (R + S), m * S, m * (O + levels), m * R * ring_start[L]});
   float *h = buffers[0], *x = buffers[1], *z = buffers[2], *g = buffers[3], *out = buffers[4], *skips = buffers[5],
-        *hidden = buffers[6], *logits = hidden + m * O;
+        *hidden = buffers[6], *logits = hidden + m * O, *rings = buffers[7];
+  auto ring = [&](int64_t l, int64_t s) { return rings + (ring_start[l] * m + s * call.dilations[l]) * R; };
+  for (int64_t l = 0; l < L; ++l)  // the states' (R, d), oldest first, into rings (d, R), oldest first
+    for (int64_t s = 0; s < m; ++s) {
+      const int64_t d = call.dilations[l];
+      const float* queue = call.queues[l] + (b0 + s) * R * d;
+      float* entries = ring(l, s);
+      for (int64_t c = 0; c < R; ++c)
+        for (int64_t j = 0; j < d; ++j) entries[j * R + c] = queue[c * d + j];
+    }
   float* recent = call.recent + b0 * 2;
   for (int64_t t = 0; t < call.span; ++t) {
     dense(recent, 2, w.in_w, 2, R, w.in_b, h, R, m);
     std::fill_n(skips, m * S, 0.f);
-    for (int64_t l = 0; l < w.layers; ++l) {
-      const int64_t d = call.dilations[l], at = t % d;
+    for (int64_t l = 0; l < L; ++l) {
+      const int64_t at = t % call.dilations[l];
       for (int64_t s = 0; s < m; ++s) {
-        float* queue = call.queues[l] + (b0 + s) * R * d + at;  // channel c's oldest at queue[c * d]
-        for (int64_t c = 0; c < R; ++c) {
-          x[s * R2 + c] = queue[c * d];
-          queue[c * d] = h[s * R + c];  // the newest input takes the oldest's place
-        }
+        float* oldest = ring(l, s) + at * R;
+        std::copy_n(oldest, R, x + s * R2);
         std::copy_n(h + s * R, R, x + s * R2 + R);
+        std::copy_n(h + s * R, R, oldest);  // the newest input takes the oldest's place
       }
       dense(x, R2, w.dilated_w + l * R2 * R2, R2, R2, w.dilated_b + l * R2, z, R2, m);
       if (call.labels)
@@ -145,14 +158,16 @@ void step_slots(const WaveNetWeights& w, const StepCall& call, int64_t b0, int64
       recent[s * 2 + 1] = w.scale(value);
     }
   }
-  for (int64_t l = 0; l < w.layers; ++l) {  // the rings back to oldest first
-    const int64_t d = call.dilations[l], oldest = call.span % d;
-    if (oldest == 0) continue;
-    for (int64_t row = b0 * R; row < b1 * R; ++row) {
-      float* queue = call.queues[l] + row * d;
-      std::rotate(queue, queue + oldest, queue + d);
+  for (int64_t l = 0; l < L; ++l)  // back into the states: the oldest entry now is entry span % d
+    for (int64_t s = 0; s < m; ++s) {
+      const int64_t d = call.dilations[l], oldest = call.span % d;
+      float* queue = call.queues[l] + (b0 + s) * R * d;
+      const float* entries = ring(l, s);
+      for (int64_t j = 0; j < d; ++j) {
+        const float* entry = entries + ((oldest + j) % d) * R;
+        for (int64_t c = 0; c < R; ++c) queue[c * d + j] = entry[c];
+      }
     }
-  }
 }
 
 void run_call(const WaveNetWeights& w, const StepCall& call) {
