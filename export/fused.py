@@ -47,6 +47,12 @@ def _window(conv: nn.Conv2d) -> torch.Tensor:
     return conv.weight.permute(2, 3, 1, 0).reshape(-1, conv.out_channels)
 
 
+def _output_layers(model: AutoregressiveModel) -> dict[str, torch.Tensor]:
+    """The two output 1x1s every autoregressive family ends with, as (in, out) matrices and biases."""
+    return {"oh_w": _dense(model.output_hidden), "oh_b": model.output_hidden.bias,
+            "lg_w": _dense(model.output_logits), "lg_b": model.output_logits.bias}
+
+
 @torch.no_grad()
 def gated_weights(model: GatedPixelCNN) -> dict[str, torch.Tensor]:
     layers, c = model.layers, model.config
@@ -67,10 +73,7 @@ def gated_weights(model: GatedPixelCNN) -> dict[str, torch.Tensor]:
         "hout_b": torch.stack([layer.horizontal_out.bias for layer in layers[:-1]]),
         "skip_w": torch.cat([_dense(layer.skip) for layer in layers]),
         "skip_b": sum(layer.skip.bias for layer in layers),
-        "oh_w": _dense(model.output_hidden),
-        "oh_b": model.output_hidden.bias,
-        "lg_w": _dense(model.output_logits),
-        "lg_b": model.output_logits.bias,
+        **_output_layers(model),
     }
     assert tuple(packed) == GATED_WEIGHTS
     return _contiguous(packed)
@@ -107,10 +110,7 @@ def pixelcnn_weights(model: PixelCNN) -> dict[str, torch.Tensor]:
         "masked_b": stacked([b.masked.bias for b in blocks], h),
         "expand_w": stacked([_dense(b.expand) for b in blocks], h, 2 * h),
         "expand_b": stacked([b.expand.bias for b in blocks], 2 * h),
-        "oh_w": _dense(model.output_hidden),
-        "oh_b": model.output_hidden.bias,
-        "lg_w": _dense(model.output_logits),
-        "lg_b": model.output_logits.bias,
+        **_output_layers(model),
     }
     assert tuple(packed) == PIXELCNN_WEIGHTS
     return _contiguous(packed)
@@ -139,10 +139,7 @@ def wavenet_weights(model: WaveNet) -> dict[str, torch.Tensor]:
         "class_bias": (torch.stack([w.class_bias.weight for w in layers]) if c.num_classes else torch.zeros(0)),
         "out_w": torch.stack([torch.cat([_dense(w.residual), _dense(w.skip)], 1) for w in layers]),
         "out_b": torch.stack([torch.cat([w.residual.bias, w.skip.bias]) for w in layers]),
-        "oh_w": _dense(model.output_hidden),
-        "oh_b": model.output_hidden.bias,
-        "lg_w": _dense(model.output_logits),
-        "lg_b": model.output_logits.bias,
+        **_output_layers(model),
     }
     assert tuple(packed) == WAVENET_WEIGHTS
     return _contiguous(packed)

@@ -254,6 +254,21 @@ def intra_op_threads(count: int):
         torch.set_num_threads(before)
 
 
+def assert_rows_on_any_thread_count(runner, controls, states, rows: int, want_pixels, want_positions,
+                                    want_states) -> None:
+    """run_rows(rows) on copies of `controls` and `states`, on 1 and on 3 threads: each time exactly the wanted
+    images, positions and states (what step calls with the engine's bookkeeping around them gave)."""
+    for threads in (1, 3):
+        got_controls = {k: None if v is None else v.clone() for k, v in controls.items()}
+        got_states = [state.clone() for state in states]
+        with intra_op_threads(threads):
+            runner.run_rows(got_controls, got_states, rows)
+        assert torch.equal(got_controls["pixels"], want_pixels), threads
+        assert torch.equal(got_controls["positions"], want_positions), threads
+        for k, (got, want) in enumerate(zip(got_states, want_states)):
+            assert torch.equal(got, want), (threads, k)
+
+
 @pytest.mark.parametrize("name", FUSED_MODELS)
 def test_a_multi_row_call_gives_the_same_bits_on_one_thread_or_several(name):
     # The operators hand their work out as tasks to whichever thread is free: the step in blocks of 8

@@ -17,7 +17,7 @@ from genserve.serving.artifacts import load_manifest
 from genserve.serving.engine import EngineConfig, FusedStepRunner, SamplingEngine, load_step_runner
 from tests.conftest import make_model
 from tests.unit.test_export import REPOSITORY
-from tests.unit.test_fused_ops import intra_op_threads
+from tests.unit.test_fused_ops import assert_rows_on_any_thread_count
 
 RUNNERS = {"graphs": eager_runner, "fused": fused_runner}  # the step graph's module, or the fused operator
 
@@ -134,14 +134,7 @@ def test_a_multi_row_call_equals_step_calls_with_the_engines_bookkeeping_on_any_
         taken = want_positions + torch.arange(width)
         want_pixels.view(n, -1)[slots, taken] = out["pixel"][..., 0].to(torch.uint8)
         want_positions += width
-    for threads in (1, 3):
-        got_controls = {k: None if v is None else v.clone() for k, v in controls.items()}
-        got_states = [state.clone() for state in states]
-        with intra_op_threads(threads):
-            runner.run_rows(got_controls, got_states, 2)
-        assert torch.equal(got_controls["pixels"], want_pixels) and torch.equal(got_controls["positions"],
-                                                                                want_positions)
-        assert torch.equal(got_states[0], want_states[0]) and torch.equal(got_states[1], want_states[1])
+    assert_rows_on_any_thread_count(runner, controls, states, 2, want_pixels, want_positions, want_states)
 
 
 def test_the_fused_operator_refuses_what_it_cannot_run_naming_it():

@@ -16,7 +16,7 @@ from genserve.serving.artifacts import load_manifest
 from genserve.serving.engine import EngineConfig, FusedStepRunner, SamplingEngine, load_step_runner
 from tests.conftest import make_model
 from tests.unit.test_export import REPOSITORY
-from tests.unit.test_fused_ops import assert_call_matches_the_graph, intra_op_threads
+from tests.unit.test_fused_ops import assert_call_matches_the_graph, assert_rows_on_any_thread_count
 from tests.unit.test_sampling_engine import generate, labels_for, naive
 
 
@@ -200,15 +200,8 @@ def test_a_multi_frame_call_equals_frame_calls_on_any_thread_count():
         want.update({name.removeprefix("next_"): value for name, value in out.items() if name != "pixel"})
         want_pixels.view(n, -1)[slots, taken] = out["pixel"][..., 0].to(torch.uint8)
         want_positions += frame
-    for threads in (1, 3):
-        got_controls = {k: None if v is None else v.clone() for k, v in controls.items()}
-        got_states = [state.clone() for state in states]
-        with intra_op_threads(threads):
-            runner.run_rows(got_controls, got_states, 2)
-        assert torch.equal(got_controls["pixels"], want_pixels)
-        assert torch.equal(got_controls["positions"], want_positions)
-        for spec, got in zip(program.states, got_states):
-            assert torch.equal(got, want[spec.name]), (threads, spec.name)
+    assert_rows_on_any_thread_count(runner, controls, states, 2, want_pixels, want_positions,
+                                    [want[spec.name] for spec in program.states])
 
 
 def test_the_fused_operator_refuses_what_it_cannot_run_naming_it():
