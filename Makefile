@@ -30,7 +30,7 @@ $(REPOSITORY)/.exported: $(BIN)/genserve $(REPOSITORY)/SHA256SUMS $(wildcard $(C
 	$(BIN)/genserve export shipped --repository $(REPOSITORY) --check-sums $(REPOSITORY)/SHA256SUMS
 	touch $@
 
-# The fused sampling operators, compiled for this machine (about 20 s); servers never compile.
+# The fused sampling operators, compiled for this machine (about 35 s); servers never compile.
 $(OPS): $(BIN)/genserve $(wildcard serving/fused/csrc/*)
 	$(BIN)/genserve build-ops
 	touch $@

@@ -26,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
         status = fused.load_ops()
         print(status.reason)
         return 0 if status else 1
-    print(f"building {', '.join(fused.SOURCES)} with {' '.join(fused.CFLAGS)} (about 20 s) ...", flush=True)
+    print(f"building {', '.join(fused.SOURCES)} with {' '.join(fused.CFLAGS)} (about 35 s) ...", flush=True)
     start = time.monotonic()
     try:
         path = fused.build(verbose=args.verbose)
