@@ -220,6 +220,10 @@ def test_the_fused_operator_refuses_what_it_cannot_run_naming_it():
         step(noise, temperature, labels, recent, [q[:, :2].contiguous() for q in queues], weights)
     with pytest.raises(RuntimeError, match="wavenet weights must be contiguous float32"):
         step(noise, temperature, labels, recent, queues, [w.double() for w in weights])
+    unconditional = fused_models()["rings"]
+    noise, temperature, recent, *queues = step_program(unconditional).step.example(2)
+    with pytest.raises(RuntimeError, match="labels: this WaveNet is unconditional"):
+        step(noise, temperature, labels, recent, queues, list(packed_weights(unconditional)[1].values()))
 
 
 def test_the_shipped_sampler_runs_fused_a_frame_per_call(shipped):
