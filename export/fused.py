@@ -23,6 +23,7 @@ from genserve.serving.fused.weights import (
     FUSED_OPS,
     GATED_WEIGHTS,
     MAF_WEIGHTS,
+    PIXELCNN_PP_WEIGHTS,
     PIXELCNN_WEIGHTS,
     WAVENET_WEIGHTS,
     WEIGHTS_FILE,
@@ -33,6 +34,7 @@ from .models.gated_pixelcnn import GatedPixelCNN
 from .models.maf import LOG_SCALE_BOUND, MAF
 from .models.pixel_vae import PixelVAE
 from .models.pixelcnn import PixelCNN
+from .models.pixelcnn_pp import PixelCNNPP
 from .models.wavenet import WaveNet
 from .steps import MAFStep, masked_rows, step_program
 
@@ -45,6 +47,11 @@ def _dense(conv: nn.Conv1d | nn.Conv2d) -> torch.Tensor:
 def _window(conv: nn.Conv2d) -> torch.Tensor:
     """An (out, in, kh, kw) kernel as ((row, column, channel), out), matching a window flattened that way."""
     return conv.weight.permute(2, 3, 1, 0).reshape(-1, conv.out_channels)
+
+
+def _stacked(tensors: list[torch.Tensor], *empty: int) -> torch.Tensor:
+    """The tensors stacked; (0, *empty) where there are none (a network without such a layer)."""
+    return torch.stack(tensors) if tensors else torch.zeros(0, *empty)
 
 
 def _output_layers(model: AutoregressiveModel) -> dict[str, torch.Tensor]:
@@ -97,22 +104,65 @@ def conditioned_gated_weights(model: PixelVAE) -> dict[str, torch.Tensor]:
 def pixelcnn_weights(model: PixelCNN) -> dict[str, torch.Tensor]:
     blocks, h = model.blocks, model.config.hidden_channels
 
-    def stacked(tensors: list[torch.Tensor], *empty: int) -> torch.Tensor:  # no residual blocks: (0, ...)
-        return torch.stack(tensors) if tensors else torch.zeros(0, *empty)
-
     window = h * (model.config.kernel_size // 2 + 1) * model.config.kernel_size
     packed = {
         "in_w": masked_rows(model.input_conv).t(),
         "in_b": model.input_conv.bias,
-        "reduce_w": stacked([_dense(b.reduce) for b in blocks], 2 * h, h),
-        "reduce_b": stacked([b.reduce.bias for b in blocks], h),
-        "masked_w": stacked([masked_rows(b.masked).t() for b in blocks], window, h),
-        "masked_b": stacked([b.masked.bias for b in blocks], h),
-        "expand_w": stacked([_dense(b.expand) for b in blocks], h, 2 * h),
-        "expand_b": stacked([b.expand.bias for b in blocks], 2 * h),
+        "reduce_w": _stacked([_dense(b.reduce) for b in blocks], 2 * h, h),
+        "reduce_b": _stacked([b.reduce.bias for b in blocks], h),
+        "masked_w": _stacked([masked_rows(b.masked).t() for b in blocks], window, h),
+        "masked_b": _stacked([b.masked.bias for b in blocks], h),
+        "expand_w": _stacked([_dense(b.expand) for b in blocks], h, 2 * h),
+        "expand_b": _stacked([b.expand.bias for b in blocks], 2 * h),
         **_output_layers(model),
     }
     assert tuple(packed) == PIXELCNN_WEIGHTS
+    return _contiguous(packed)
+
+
+def _transposed_rows(deconv: nn.ConvTranspose2d) -> torch.Tensor:
+    """An (in, out, kh, kw) transposed kernel as (kh, (kw, in), out): per output row, the taps a column reads."""
+    return deconv.weight.permute(2, 3, 0, 1).flatten(1, 2)
+
+
+@torch.no_grad()
+def pixelcnn_pp_weights(model: PixelCNNPP) -> dict[str, torch.Tensor]:
+    """Blocks in the order the network runs them: the up pass from the finest resolution, then the down pass
+    from the coarsest (models/pixelcnn_pp.mixture_params)."""
+    c, f = model.config, model.config.filters
+    coarsest_first = list(reversed(range(c.num_scales)))
+    up_u, up_ul = [b for blocks in model.up_u for b in blocks], [b for blocks in model.up_ul for b in blocks]
+    down_u = [b for s in coarsest_first for b in model.down_u[s]]
+    down_ul = [b for s in coarsest_first for b in model.down_ul[s]]
+
+    def convolutions(blocks, name):
+        convs = [getattr(b, name).conv for b in blocks]
+        return torch.stack([_window(conv) for conv in convs]), torch.stack([conv.bias for conv in convs])
+
+    def shortcuts(blocks):
+        return torch.stack([_dense(b.shortcut) for b in blocks]), torch.stack([b.shortcut.bias for b in blocks])
+
+    packed = {
+        "u_init_w": _window(model.u_init.conv), "u_init_b": model.u_init.conv.bias,
+        "ul_above_w": _window(model.ul_init_above), "ul_above_b": model.ul_init_above.bias,
+        "ul_left_w": _window(model.ul_init_left), "ul_left_b": model.ul_init_left.bias,
+    }
+    packed["u_in_w"], packed["u_in_b"] = convolutions(up_u + down_u, "conv_in")
+    packed["u_out_w"], packed["u_out_b"] = convolutions(up_u + down_u, "conv_out")
+    packed["u_short_w"], packed["u_short_b"] = shortcuts(down_u)
+    packed["ul_in_w"], packed["ul_in_b"] = convolutions(up_ul + down_ul, "conv_in")
+    packed["ul_out_w"], packed["ul_out_b"] = convolutions(up_ul + down_ul, "conv_out")
+    packed["ul_up_short_w"], packed["ul_up_short_b"] = shortcuts(up_ul)
+    packed["ul_down_short_w"], packed["ul_down_short_b"] = shortcuts(down_ul)
+    for stream, taps in (("u", 3), ("ul", 2)):  # the u stream's kernels are 3 columns wide, the ul stream's 2
+        downsample, upsample = getattr(model, f"downsample_{stream}"), getattr(model, f"upsample_{stream}")
+        packed[f"{stream}_down_w"] = _stacked([_window(d.conv) for d in downsample], 2 * taps * f, f)
+        packed[f"{stream}_down_b"] = _stacked([d.conv.bias for d in downsample], f)
+        packed[f"{stream}_up_w"] = _stacked([_transposed_rows(u.deconv) for u in upsample], 2, taps * f, f)
+        packed[f"{stream}_up_b"] = _stacked([u.deconv.bias for u in upsample], f)
+    packed |= {"out_w": _dense(model.output_params), "out_b": model.output_params.bias,
+               "constants": torch.tensor([float(c.pixel_levels)])}
+    packed = {name: packed[name] for name in PIXELCNN_PP_WEIGHTS}
     return _contiguous(packed)
 
 
@@ -161,6 +211,8 @@ def packed_weights(model: AutoregressiveModel | PixelVAE | MAF) -> tuple[str, di
         return "gated_pixelcnn", gated_weights(model)
     if isinstance(model, PixelCNN):
         return "pixelcnn", pixelcnn_weights(model)
+    if isinstance(model, PixelCNNPP):
+        return "pixelcnn_pp", pixelcnn_pp_weights(model)
     return None
 
 

@@ -164,7 +164,7 @@ class FusedStepRunner(StepRunner):
         Given exactly where the program has one."""
         if (START in spec.graphs) != (start is not None):
             raise ValueError("start: a runner for the program's start graph is given exactly where it has one")
-        if op.any_span:  # a row per call, the rows' Python between calls saved too (run_rows)
+        if op.row_span:  # a row per call, the rows' Python between calls saved too (run_rows)
             spec = replace(spec, span=spec.sample_shape[2])
         self.spec, self.op, self.weights, self.device = spec, op, weights, torch.device(device)
         self.start = start

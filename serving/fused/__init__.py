@@ -2,6 +2,7 @@
 
 The C++ sources in csrc/ register one operator per phase of a family's cached step program
 (Gated PixelCNN: `gated_refresh`, `gated_step`; PixelCNN: `pixelcnn_refresh`, `pixelcnn_step`;
+PixelCNN++: `pixelcnn_pp_refresh`, `pixelcnn_pp_step`;
 MAF and WaveNet, whose programs have no refresh: `maf_step`, `wavenet_step`)
 on the same state tensors as the exported graphs. `make setup` builds them (`genserve
 build-ops`) into a library beside this file, recording the sources' sha256; `load_ops` loads
@@ -23,7 +24,7 @@ import torch
 SOURCE_DIR = Path(__file__).parent / "csrc"
 BUILD_DIR = Path(__file__).parent / "_build"
 LIBRARY_NAME = "genserve_ops"
-SOURCES = ("gated_pixelcnn.cpp", "pixelcnn.cpp", "maf.cpp", "wavenet.cpp", "noise.cpp")
+SOURCES = ("gated_pixelcnn.cpp", "pixelcnn.cpp", "pixelcnn_pp.cpp", "maf.cpp", "wavenet.cpp", "noise.cpp")
 # Tuned for the machine that builds (setup builds on the machine that serves); an image built on one
 # machine and run on others names a portable target instead (GENSERVE_OPS_ARCH=x86-64-v3: AVX2 + FMA).
 # IEEE semantics kept: no -ffast-math.

@@ -31,6 +31,19 @@ PIXELCNN_WEIGHTS = (
 # (D, K, H); the shift and scale biases (D, K); constants (alpha, pixel levels, log-scale bound, width).
 MAF_WEIGHTS = ("columns", "shift_rows", "scale_rows", "shift_bias", "scale_bias", "constants")
 
+# PixelCNN++: the first layer's three convolutions; every gated resnet's two convolutions (windows
+# (rows, columns, channels), out) and shortcut 1x1s, blocks in the order the network runs them (the up
+# pass from the finest resolution, then the down pass from the coarsest; u_in_w (B, 12F, F), ul_in_w
+# (B, 8F, F)); the downsampling convolutions; the upsampling transposed convolutions per kernel row
+# (R - 1, 2, columns * F, F); the output 1x1; constants (pixel levels).
+PIXELCNN_PP_WEIGHTS = (
+    "u_init_w", "u_init_b", "ul_above_w", "ul_above_b", "ul_left_w", "ul_left_b",
+    "u_in_w", "u_in_b", "u_out_w", "u_out_b", "u_short_w", "u_short_b",
+    "ul_in_w", "ul_in_b", "ul_out_w", "ul_out_b", "ul_up_short_w", "ul_up_short_b", "ul_down_short_w", "ul_down_short_b",
+    "u_down_w", "u_down_b", "ul_down_w", "ul_down_b", "u_up_w", "u_up_b", "ul_up_w", "ul_up_b", "out_w", "out_b",
+    "constants",
+)
+
 # WaveNet: the input convolution's taps (2, R); per layer the dilated kernel over [oldest, newest] input
 # (L, 2R, 2R), its bias, the class biases (L, classes, 2R) or empty, the residual and skip 1x1s side by
 # side (L, R, R + S) and their biases; the output layers.
@@ -52,9 +65,10 @@ class FusedOp:
     row_inputs: tuple[str, ...]  # controls, then the list of states in the program's order
     rows: str  # CPU only: several row calls in one, the engine's per-row bookkeeping included (csrc/rows.h)
     weights: tuple[str, ...]
-    # The step takes any span: the runner steps a whole row (a WaveNet frame) per call, whatever span the
-    # graphs were exported with (WaveNet's 4: a graph unrolled over a frame would be enormous).
-    any_span: bool = False
+    # The runner steps a whole row per call, whatever span the graphs were exported with: WaveNet's step takes
+    # any span (its graphs' is 4: a graph unrolled over a 320-sample frame would be enormous); PixelCNN++'s
+    # takes whole rows only (it keeps the row so far within the call, where its graph recomputes it per pixel).
+    row_span: bool = False
 
 
 _GATED = FusedOp(
@@ -86,6 +100,19 @@ FUSED_OPS = {
         rows="pixelcnn_rows",
         weights=PIXELCNN_WEIGHTS,
     ),
+    "pixelcnn_pp": FusedOp(
+        refresh="pixelcnn_pp_refresh",
+        refresh_inputs=("pixels", "positions", "u_rows*"),
+        refresh_outputs=("next_u_rows*", "next_u_values*"),
+        step="pixelcnn_pp_step",
+        step_inputs=("positions", "pixels", "noise", "temperature", "ul_rows*", "u_values*", "teacher"),
+        step_outputs=("pixel", "next_ul_rows*", "logits"),
+        row="pixelcnn_pp_row",
+        row_inputs=("pixels", "positions", "noise", "temperature"),
+        rows="pixelcnn_pp_rows",
+        weights=PIXELCNN_PP_WEIGHTS,
+        row_span=True,
+    ),
     # A step per row call already: no refresh, and so no refresh-then-step row call.
     "maf": FusedOp(
         refresh=None,
@@ -110,6 +137,6 @@ FUSED_OPS = {
         row_inputs=(),
         rows="wavenet_rows",
         weights=WAVENET_WEIGHTS,
-        any_span=True,
+        row_span=True,
     ),
 }
