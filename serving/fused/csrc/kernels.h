@@ -210,6 +210,42 @@ inline typename Vec<N>::f expv(typename Vec<N>::f x) {
   return y * scale;
 }
 
+// exp(x) - 1 on every lane, to ~1 ulp of the result near 0 too (where exp(x) - 1 would lose the digits):
+// the Taylor series to x**8 / 8! below |x| = 0.35 (the first term left out is under 2e-9 of x there).
+template <int N>
+inline typename Vec<N>::f expm1v(typename Vec<N>::f x) {
+  typedef typename Vec<N>::f vf;
+  vf series = splat<N>(1.f / 40320.f);
+  for (float c : {1.f / 5040.f, 1.f / 720.f, 1.f / 120.f, 1.f / 24.f, 1.f / 6.f, 0.5f, 1.f}) series = series * x + splat<N>(c);
+  series = series * x;
+  const vf magnitude = x < splat<N>(0.f) ? -x : x;
+  return magnitude < splat<N>(0.35f) ? series : expv<N>(x) - splat<N>(1.f);
+}
+
+// Natural log on every lane of positive, finite inputs (Cephes' logf polynomial, ~1 ulp).
+template <int N>
+inline typename Vec<N>::f logv(typename Vec<N>::f x) {
+  typedef typename Vec<N>::f vf;
+  typedef typename Vec<N>::i vi;
+  vi bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  vi exponent = ((bits >> 23) & 0xff) - 126;
+  bits = (bits & 0x807fffff) | 0x3f000000;  // the mantissa, in [0.5, 1)
+  vf m;
+  std::memcpy(&m, &bits, sizeof bits);
+  const auto small = m < splat<N>(0.707106781186547524f);
+  exponent -= small ? vi{} + 1 : vi{};
+  m = (small ? m + m : m) - splat<N>(1.f);
+  vf e = __builtin_convertvector(exponent, vf);
+  const vf z = m * m;
+  vf y = splat<N>(7.0376836292E-2f);
+  for (float c : {-1.1514610310E-1f, 1.1676998740E-1f, -1.2420140846E-1f, 1.4249322787E-1f, -1.6668057665E-1f,
+                  2.0000714765E-1f, -2.4999993993E-1f, 3.3333331174E-1f})
+    y = y * m + splat<N>(c);
+  y = y * m * z + e * splat<N>(-2.12194440e-4f) - splat<N>(0.5f) * z;
+  return m + y + e * splat<N>(0.693359375f);
+}
+
 inline float exp1(float x) {
   float lanes[8] = {x};
   return expv<8>(loadv<8>(lanes))[0];

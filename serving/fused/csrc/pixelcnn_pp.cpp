@@ -32,6 +32,7 @@ using at::Tensor;
 
 constexpr int64_t kSlotBlock = 8;
 constexpr int kWeightCount = 31;
+constexpr int64_t kMaxMixtures = 32;
 
 struct PPWeights {
   const float *u_init_w, *u_init_b, *ul_above_w, *ul_above_b, *ul_left_w, *ul_left_b;
@@ -71,6 +72,8 @@ struct PPWeights {
                     w[28].sizes() == at::IntArrayRef({f, 3 * mixtures}),
                 "pixelcnn_pp weights: shapes do not fit ", f, " filters and ", mixtures, " mixtures");
     TORCH_CHECK(levels >= 2 && levels <= 256, "pixelcnn_pp weights: 2..256 levels, got ", levels);
+    TORCH_CHECK(mixtures >= 1 && mixtures <= kMaxMixtures, "pixelcnn_pp weights: 1..", kMaxMixtures,
+                " mixtures, got ", mixtures);
   }
 
   int64_t down_count(int64_t s) const { return per_scale + (s < scales - 1); }
@@ -147,20 +150,43 @@ inline void input_at(const Call& call, int64_t slot, int64_t row, int64_t column
 
 inline float elu(float x) { return x > 0.f ? x : std::expm1(x); }
 
+template <int N>
+inline typename Vec<N>::f eluv(typename Vec<N>::f x) {
+  return x > splat<N>(0.f) ? x : expm1v<N>(x);
+}
+
 // concat_elu over rows: out[r] = [elu(x[r]), elu(-x[r])], C channels each.
 void concat_elu(const float* x, int64_t ldx, int64_t C, int64_t rows, float* out, int64_t ldo) {
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < C; ++c) {
-      const float v = x[r * ldx + c];
-      out[r * ldo + c] = elu(v);
-      out[r * ldo + C + c] = elu(-v);
+  constexpr int N = 8;
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* in = x + r * ldx;
+    float* o = out + r * ldo;
+    int64_t c = 0;
+    for (; c + N <= C; c += N) {
+      const typename Vec<N>::f v = loadv<N>(in + c);
+      storev<N>(o + c, eluv<N>(v));
+      storev<N>(o + C + c, eluv<N>(-v));
     }
+    for (; c < C; ++c) {
+      o[c] = elu(in[c]);
+      o[C + c] = elu(-in[c]);
+    }
+  }
 }
 
 // x[r] += h[r, 0:C] * sigmoid(h[r, C:2C]): a gated resnet's output.
 void gate_add(const float* h, int64_t C, int64_t rows, float* x, int64_t ldx) {
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < C; ++c) x[r * ldx + c] += h[r * 2 * C + c] * (1.f / (1.f + std::exp(-h[r * 2 * C + C + c])));
+  constexpr int N = 8;
+  typedef typename Vec<N>::f vf;
+  for (int64_t r = 0; r < rows; ++r) {
+    const float *content = h + r * 2 * C, *gate = content + C;
+    float* out = x + r * ldx;
+    int64_t c = 0;
+    for (; c + N <= C; c += N)
+      storev<N>(out + c, loadv<N>(out + c) + loadv<N>(content + c) * (splat<N>(1.f) / (splat<N>(1.f) +
+                                                                                      expv<N>(-loadv<N>(gate + c)))));
+    for (; c < C; ++c) out[c] += content[c] * (1.f / (1.f + std::exp(-gate[c])));
+  }
 }
 
 // Rows (slot q, output column c in [c0, c1)) of the (2, taps) window over a recorded input of C channels:
@@ -369,50 +395,88 @@ void refresh_block(const PPWeights& w, const Call& call, const int64_t* slots, i
 // ---- the pixel choice ------------------------------------------------------------------------------------------
 inline float softplus(float x) { return std::max(x, 0.f) + std::log1p(std::exp(-std::fabs(x))); }
 
-// (3M) mixture parameters → the log-probability of every level, as models/pixelcnn_pp's
-// discretized_mixture_log_probs computes it (the same formulas, in the same float32 steps).
-void mixture_logits(const float* params, int64_t M, int64_t L, float* out) {
-  float log_weights[64], means[64], inv_scales[64], factors[64];
-  float top = params[0];
-  for (int64_t k = 1; k < M; ++k) top = std::max(top, params[k]);
-  float total = 0.f;
-  for (int64_t k = 0; k < M; ++k) total += std::exp(params[k] - top);
-  const float log_total = std::log(total);
-  const float half = static_cast<float>(1.0 / (L - 1)), two_half = static_cast<float>(2.0 / (L - 1));
-  const float log_two_half = static_cast<float>(std::log(2.0 / (L - 1)));
-  for (int64_t k = 0; k < M; ++k) {
-    log_weights[k] = params[k] - top - log_total;
-    means[k] = params[M + k];
-    const float log_scale = std::max(params[2 * M + k], -7.f);
-    inv_scales[k] = std::exp(-log_scale);
-    const float width = two_half * inv_scales[k];
-    // log(1 - exp(-d)) = log d + log((1 - exp(-d)) / d), the ratio's Taylor series below d = 0.1.
-    double factorial = 40320.0;
-    float terms = static_cast<float>(-1.0 / factorial);
-    for (int j = 7; j >= 2; --j) {
-      factorial /= (j + 1);
-      terms = static_cast<float>((j % 2 ? 1.0 : -1.0) / factorial) + width * terms;
-    }
-    factors[k] = width < 0.1f ? log_two_half - log_scale + std::log1p(width * terms)
-                              : std::log(1.f - std::exp(-std::max(width, 0.1f)));
-  }
-  for (int64_t l = 0; l < L; ++l) {
-    const float centre = level_value(l, L);
-    float terms[64], best = -INFINITY;
+// log(1 + exp(x)) on every lane: max(x, 0) + log1p(exp(-|x|)), log1p(t) = log(u) - ((u - 1) - t) / u for u = 1 + t
+// (the correction restores the digits of t that rounding u lost).
+template <int N>
+inline typename Vec<N>::f softplusv(typename Vec<N>::f x) {
+  typedef typename Vec<N>::f vf;
+  const vf zero = splat<N>(0.f), one = splat<N>(1.f);
+  const vf t = expv<N>(x < zero ? x : -x), u = one + t;
+  return (x > zero ? x : zero) + logv<N>(u) - ((u - one) - t) / u;
+}
+
+// The discretized logistic mixture of one pixel: the components' log weights, means, inverse scales and
+// middle-bin log-mass factors (the formulas of models/pixelcnn_pp.discretized_mixture_log_probs, in its float32 steps).
+struct Mixture {
+  float log_weights[kMaxMixtures], means[kMaxMixtures], inv_scales[kMaxMixtures], factors[kMaxMixtures];
+  float half, two_half;
+  int64_t M, L;
+
+  Mixture(const float* params, int64_t M, int64_t L)
+      : half(static_cast<float>(1.0 / (L - 1))), two_half(static_cast<float>(2.0 / (L - 1))), M(M), L(L) {
+    float top = params[0];
+    for (int64_t k = 1; k < M; ++k) top = std::max(top, params[k]);
+    float total = 0.f;
+    for (int64_t k = 0; k < M; ++k) total += std::exp(params[k] - top);
+    const float log_total = std::log(total), log_two_half = static_cast<float>(std::log(2.0 / (L - 1)));
     for (int64_t k = 0; k < M; ++k) {
-      const float upper = (centre + half - means[k]) * inv_scales[k];
-      const float lower = (centre - half - means[k]) * inv_scales[k];
-      const float mass = l == 0 ? -softplus(-upper)
-                         : l == L - 1 ? -softplus(lower)
-                                      : upper - softplus(upper) - softplus(lower) + factors[k];
+      log_weights[k] = params[k] - top - log_total;
+      means[k] = params[M + k];
+      const float log_scale = std::max(params[2 * M + k], -7.f);
+      inv_scales[k] = std::exp(-log_scale);
+      const float width = two_half * inv_scales[k];
+      // log(1 - exp(-d)) = log d + log((1 - exp(-d)) / d), the ratio's Taylor series below d = 0.1.
+      double factorial = 40320.0;
+      float terms = static_cast<float>(-1.0 / factorial);
+      for (int j = 7; j >= 2; --j) {
+        factorial /= (j + 1);
+        terms = static_cast<float>((j % 2 ? 1.0 : -1.0) / factorial) + width * terms;
+      }
+      factors[k] = width < 0.1f ? log_two_half - log_scale + std::log1p(width * terms)
+                                : std::log(1.f - std::exp(-std::max(width, 0.1f)));
+    }
+  }
+
+  // An edge level's log-probability: its bin takes the tail (level 0: log sigmoid(a); the last: log(1 - sigmoid(b))).
+  float edge(int64_t level) const {
+    const float centre = level_value(level, L);
+    float terms[kMaxMixtures], best = -INFINITY;
+    for (int64_t k = 0; k < M; ++k) {
+      const float mass = level == 0 ? -softplus(-(centre + half - means[k]) * inv_scales[k])
+                                    : -softplus((centre - half - means[k]) * inv_scales[k]);
       terms[k] = log_weights[k] + mass;
       best = std::max(best, terms[k]);
     }
     float sum = 0.f;
     for (int64_t k = 0; k < M; ++k) sum += std::exp(terms[k] - best);
-    out[l] = best + std::log(sum);
+    return best + std::log(sum);
   }
-}
+
+  // Every level's log-probability, the middle bins N levels at a time: a logsumexp over the components of
+  // log w + a - softplus(a) - softplus(b) + log(1 - exp(-(a - b))), a and b the bin's edges scaled.
+  void log_probs(float* out) const {
+    constexpr int N = kLanes;
+    typedef typename Vec<N>::f vf;
+    float lanes[N];
+    for (int64_t l0 = 0; l0 < L; l0 += N) {
+      for (int i = 0; i < N; ++i) lanes[i] = static_cast<float>(l0 + i);
+      const vf centre = loadv<N>(lanes) * splat<N>(two_half) - splat<N>(1.f);
+      vf terms[kMaxMixtures], best = splat<N>(-INFINITY);
+      for (int64_t k = 0; k < M; ++k) {
+        const vf upper = (centre + splat<N>(half) - splat<N>(means[k])) * splat<N>(inv_scales[k]);
+        const vf lower = (centre - splat<N>(half) - splat<N>(means[k])) * splat<N>(inv_scales[k]);
+        terms[k] = splat<N>(log_weights[k]) + (upper - softplusv<N>(upper) - softplusv<N>(lower) + splat<N>(factors[k]));
+        best = terms[k] > best ? terms[k] : best;
+      }
+      vf sum = splat<N>(0.f);
+      for (int64_t k = 0; k < M; ++k) sum += expv<N>(terms[k] - best);
+      storev<N>(lanes, best + logv<N>(sum));
+      std::copy_n(lanes, std::min<int64_t>(N, L - l0), out + l0);
+    }
+    out[0] = edge(0);
+    out[L - 1] = edge(L - 1);
+  }
+};
 
 // ---- the step: the ul stream, a column at a time ---------------------------------------------------------------
 void step_block(const PPWeights& w, const Call& call, const int64_t* slots, int64_t m, int64_t live) {
@@ -424,7 +488,7 @@ void step_block(const PPWeights& w, const Call& call, const int64_t* slots, int6
     counts.insert(counts.end(), {cells * layout.rows, cells * layout.rows, cells * layout.values, m * f * (r + 1)});
   }
   counts.insert(counts.end(), {m * W * 6, m * W * f, m * W * 2, m * 8 * f, m * 2 * f, m * f, m * 2 * f, m * 4 * f,
-                               m * f, m * 3 * M, L, m * f});
+                               m * f, m * 3 * M, L, m * f, m * 2 * f});
   const std::vector<float*> arrays = scratch(counts);
   auto above = [&](int64_t s) { return arrays[4 * s]; };
   auto current = [&](int64_t s) { return arrays[4 * s + 1]; };
@@ -433,7 +497,7 @@ void step_block(const PPWeights& w, const Call& call, const int64_t* slots, int6
   float *first = arrays[4 * S], *above_part = arrays[4 * S + 1], *inputs = arrays[4 * S + 2],
         *windows = arrays[4 * S + 3], *elus = arrays[4 * S + 4], *h = arrays[4 * S + 5], *h2 = arrays[4 * S + 6],
         *shortcut = arrays[4 * S + 7], *x = arrays[4 * S + 8], *params = arrays[4 * S + 9],
-        *logits = arrays[4 * S + 10], *coarse = arrays[4 * S + 11];
+        *logits = arrays[4 * S + 10], *coarse = arrays[4 * S + 11], *joined = arrays[4 * S + 12];
 
   for (int64_t s = 0; s < live; ++s) {
     const Layout& layout = call.layouts[s];
@@ -525,17 +589,11 @@ void step_block(const PPWeights& w, const Call& call, const int64_t* slots, int6
       }
       for (int64_t k = 0; k < w.down_count(s); ++k) {
         const int64_t d = w.down_index(s, k);
-        for (int64_t q = 0; q < m; ++q) {  // concat_elu of [u, ul]: [elu(u), elu(ul), elu(-u), elu(-ul)]
-          const float* u = u_value(s, c, q, layout.down_value[k]);
-          const float* ul = ups(s, w.popped(s, k)) + q * f;
-          float* out = shortcut + q * 4 * f;
-          for (int64_t ch = 0; ch < f; ++ch) {
-            out[ch] = elu(u[ch]);
-            out[f + ch] = elu(ul[ch]);
-            out[2 * f + ch] = elu(-u[ch]);
-            out[3 * f + ch] = elu(-ul[ch]);
-          }
+        for (int64_t q = 0; q < m; ++q) {  // the shortcut: concat_elu of [u, ul]
+          std::copy_n(u_value(s, c, q, layout.down_value[k]), f, joined + q * 2 * f);
+          std::copy_n(ups(s, w.popped(s, k)) + q * f, f, joined + q * 2 * f + f);
         }
+        concat_elu(joined, 2 * f, 2 * f, m, shortcut, 4 * f);
         block(s, c, w.up_blocks + d, layout.down_in[k], layout.down_out[k], x, w.ul_down_short_w + d * 4 * f * f,
               w.ul_down_short_b + d * f, 4 * f);
       }
@@ -544,11 +602,11 @@ void step_block(const PPWeights& w, const Call& call, const int64_t* slots, int6
           std::copy_n(x + q * f, f, current(s) + (q * width + c) * layout.rows + layout.carry);
     }
     // The output: a 1x1 of elu(ul) → the mixture → the level.
-    for (int64_t p = 0; p < m * f; ++p) h[p] = elu(x[p]);
-    dense(h, f, w.out_w, f, 3 * M, w.out_b, params, 3 * M, m);
+    concat_elu(x, f, f, m, joined, 2 * f);  // its first half: elu(ul)
+    dense(joined, 2 * f, w.out_w, f, 3 * M, w.out_b, params, 3 * M, m);
     for (int64_t q = 0; q < m; ++q) {
       const int64_t slot = slots[q], index = slot * W + j;
-      mixture_logits(params + q * 3 * M, M, L, logits);
+      Mixture(params + q * 3 * M, M, L).log_probs(logits);
       const int64_t level = call.pixel[index] =
           pick_level(logits, L, index, call.teacher, call.noise, call.temperature[slot], call.logits);
       inputs[(q * W + j) * 2] = level_value(level, L);
