@@ -39,7 +39,8 @@ MAF_WEIGHTS = ("columns", "shift_rows", "scale_rows", "shift_bias", "scale_bias"
 PIXELCNN_PP_WEIGHTS = (
     "u_init_w", "u_init_b", "ul_above_w", "ul_above_b", "ul_left_w", "ul_left_b",
     "u_in_w", "u_in_b", "u_out_w", "u_out_b", "u_short_w", "u_short_b",
-    "ul_in_w", "ul_in_b", "ul_out_w", "ul_out_b", "ul_up_short_w", "ul_up_short_b", "ul_down_short_w", "ul_down_short_b",
+    "ul_in_w", "ul_in_b", "ul_out_w", "ul_out_b", "ul_up_short_w", "ul_up_short_b",
+    "ul_down_short_w", "ul_down_short_b",
     "u_down_w", "u_down_b", "ul_down_w", "ul_down_b", "u_up_w", "u_up_b", "ul_up_w", "ul_up_b", "out_w", "out_b",
     "constants",
 )

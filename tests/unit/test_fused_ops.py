@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from genserve.export.fused import fused_runner, gated_weights, packed_weights
-from genserve.export.steps import step_program
+from genserve.export.steps import has_step_program, step_program
 from genserve.serving import fused
 from genserve.serving.artifacts import load_manifest
 from genserve.serving.engine import (
@@ -30,7 +30,8 @@ from genserve.serving.engine import (
 from genserve.serving.engine import program as engine_program
 from genserve.serving.engine.jobs import JobStatus
 from genserve.serving.engine.program import fused_unavailable
-from tests.conftest import make_model
+from genserve.serving.fused.weights import FUSED_OPS
+from tests.conftest import TINY, make_model
 from tests.rounding import assert_within_rounding, rounding_sigma
 from tests.unit.test_export import REPOSITORY
 from tests.unit.test_sampling_engine import (
@@ -52,11 +53,15 @@ FUSED_MODELS = sorted(name for name, (family, _) in MODELS.items()
 SAMPLER = REPOSITORY / "gated_pixelcnn_mnist_sample"
 
 
-def test_a_family_without_fused_operators_exports_its_step_graphs_only():
-    # PixelCNN++'s row strip through three resolutions is not a PixelCNN's step: it runs its exported
-    # graphs (manifest kind "graphs").
-    model = make_model("pixelcnn_pp")
-    assert packed_weights(model) is None and step_program(model).section().kind == "graphs"
+@pytest.mark.parametrize("family", sorted(TINY))
+def test_every_family_that_samples_through_the_engine_exports_fused_operators(family):
+    # The exported step program is where the fused operators fall back to; the others sample in one pass.
+    model = make_model(family)
+    packed = packed_weights(model)
+    assert (packed is not None) == has_step_program(model)
+    if packed is not None:
+        op, weights = packed
+        assert tuple(weights) == FUSED_OPS[op].weights
 
 
 def test_a_pixel_vae_exports_the_gated_operators_with_its_conditioning():
@@ -77,7 +82,8 @@ def test_a_pixel_vae_exports_the_gated_operators_with_its_conditioning():
 def test_the_operator_library_is_built_and_loads():
     status = fused.load_ops()
     assert status, status.reason  # `make setup` builds it; a failure here means setup did not
-    for op in ("gated_refresh", "gated_step", "pixelcnn_refresh", "pixelcnn_step"):
+    for op in ("gated_refresh", "gated_step", "pixelcnn_refresh", "pixelcnn_step", "pixelcnn_pp_refresh",
+               "pixelcnn_pp_step", "maf_step", "wavenet_step"):
         assert hasattr(torch.ops.genserve, op), op
 
 

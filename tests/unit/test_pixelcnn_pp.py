@@ -1,4 +1,5 @@
-"""PixelCNN++: the discretized logistic mixture, causality without a blind spot, and the row-strip step."""
+"""PixelCNN++: the discretized logistic mixture, causality without a blind spot, the row-strip step and its
+fused operators."""
 
 from __future__ import annotations
 
@@ -7,12 +8,22 @@ import pytest
 import torch
 
 from genserve.export.data import fixed_held_out, load_mnist5k
+from genserve.export.fused import fused_runner, packed_weights
 from genserve.export.models import PixelCNNPPConfig
 from genserve.export.models.pixelcnn_pp import DownRightShiftedConv, DownShiftedConv, discretized_mixture_log_probs
-from genserve.export.steps import eager_runner, step_program
-from genserve.serving.engine import EngineConfig, SamplingEngine
+from genserve.export.steps import PixelCNNPPLayout, eager_runner, step_program
+from genserve.serving import fused
+from genserve.serving.artifacts import load_manifest
+from genserve.serving.engine import EngineConfig, FusedStepRunner, SamplingEngine, load_step_runner
 from tests.conftest import make_model
 from tests.rounding import assert_within_rounding, rounding_sigma
+from tests.unit.test_export import REPOSITORY
+from tests.unit.test_fused_ops import (
+    assert_row_call_equals_refresh_then_step,
+    assert_rows_on_any_thread_count,
+    assert_teacher_forced_logits_equal_the_network,
+    row_call_arguments,
+)
 
 
 def reference_probs(params: torch.Tensor, levels: int) -> torch.Tensor:
@@ -124,12 +135,22 @@ def test_config_rejects_what_the_model_cannot_be(overrides, message):
         PixelCNNPPConfig(**overrides)
 
 
-def test_the_shipped_models_step_logits_equal_its_full_network_on_a_real_digit(shipped):
+@pytest.fixture(scope="module")
+def shipped_digit(shipped):
+    """The shipped model, a held-out digit (1, 1, 28, 28), its full network's logits and their rounding σ."""
+    model = shipped("pixelcnn_pp_mnist").model
+    digit = fixed_held_out(load_mnist5k(), 256).images[:1].long()
+    with torch.no_grad():
+        full = model.logits(digit)
+    (sigma,) = rounding_sigma(model.logits, [digit])
+    return model, digit, full, sigma
+
+
+def test_the_shipped_models_step_logits_equal_its_full_network_on_a_real_digit(shipped_digit):
     # The exactness claim on the shipped 256-level model: fed a held-out digit pixel by pixel, the
     # step program's log-probabilities of every level at every pixel are the full network's, within
     # the float32 rounding of the full network (tests/rounding.py).
-    model = shipped("pixelcnn_pp_mnist").model
-    digit = fixed_held_out(load_mnist5k(), 256).images[:1].long()
+    model, digit, full, sigma = shipped_digit
     size, levels = model.config.image_size, model.config.pixel_levels
     engine = SamplingEngine(eager_runner(model), EngineConfig(num_slots=1))
     recorded = []
@@ -143,8 +164,169 @@ def test_the_shipped_models_step_logits_equal_its_full_network_on_a_real_digit(s
     job = engine.submit(0, 1)
     engine.run_until_idle()
     steps = torch.stack(recorded, -1).view(1, levels, 1, size, size)
-    with torch.no_grad():
-        full = model.logits(digit)
-    (sigma,) = rounding_sigma(model.logits, [digit])
     assert_within_rounding(steps.numpy(), full.numpy(), sigma, "pixelcnn_pp_mnist step logits")
+    assert np.array_equal(job.images, digit.numpy())
+
+
+# ---- the fused operators (serving/fused/csrc/pixelcnn_pp.cpp) ------------------------------------------------
+# Tiny networks: 8x8 (resolutions 8, 4, 2: coarse rows carried through 1 and 3 image rows); two blocks per
+# resolution; one resolution; four (16x16 down to 2x2); the shipped 256 levels on 4x4.
+FUSED_SIZES = {
+    "three": dict(),
+    "two_blocks": dict(resnets_per_scale=2, seed=1),
+    "one_resolution": dict(num_scales=1),
+    "four": dict(image_size=16, num_scales=4, pixel_levels=7),
+    "levels_256": dict(image_size=4, pixel_levels=256),
+}
+
+
+def fused_model(name: str):
+    return make_model("pixelcnn_pp", **FUSED_SIZES[name])
+
+
+@pytest.mark.parametrize("name", sorted(FUSED_SIZES))
+def test_fused_sampling_equals_naive_sampling(name):
+    # A whole row per call (the runner's span is the row, not the graphs' 1 pixel). 5 samples in 3 slots:
+    # the last two join as others finish, on rows where other resolutions are live than the running slots'.
+    model = fused_model(name)
+    runner = fused_runner(model)
+    assert runner.spec.span == model.config.image_size and runner.runs_rows
+    engine = SamplingEngine(runner, EngineConfig(num_slots=3))
+    for seed in range(3):
+        assert np.array_equal(engine.generate(seed, 5), model.sample(5, seed).numpy()), seed
+    for temperature in (0.5, 0.0):
+        assert np.array_equal(engine.generate(3, 5, temperature), model.sample(5, 3, temperature).numpy())
+
+
+@pytest.mark.parametrize("name", ["three", "two_blocks"])
+def test_teacher_forced_fused_logits_equal_the_full_network(name):
+    model = fused_model(name)
+    assert_teacher_forced_logits_equal_the_network(model, fused_runner(model))
+
+
+def test_the_fused_refresh_matches_the_refresh_graph():
+    # The exporter's example: 5 slots on rows 0..4 (1, 3, 1, 2 and 1 resolutions live), random states.
+    # The u stream's rows, where each resolution is live and kept where not, and its values where live;
+    # a resolution's values on a row where it is not live are not read, and the operator leaves zeros.
+    model = fused_model("three")
+    entry, layout = step_program(model).refresh, PixelCNNPPLayout.of(model)
+    inputs = entry.example(5)
+    want = entry.module(*inputs)
+    got = fused_runner(model).run("refresh", {s.name: value for s, value in zip(entry.inputs, inputs)})
+    rows = inputs[1][:, 0] // model.config.image_size
+    for spec, value, sigma in zip(entry.outputs, want, rounding_sigma(entry.module, inputs)):
+        resolution = int(spec.name[-1])
+        live = rows % (model.config.image_size // layout.widths[resolution]) == 0
+        if spec.name.startswith("next_u_values"):
+            assert torch.equal(got[spec.name][~live], torch.zeros_like(got[spec.name][~live]))
+            got_value, value, sigma = got[spec.name][live], value[live], sigma[live]
+        else:
+            got_value = got[spec.name]
+        assert_within_rounding(got_value.numpy(), value.detach().numpy(), sigma, spec.name)
+
+
+def test_a_fused_row_matches_the_step_graph_pixel_by_pixel():
+    # One fused call samples the row that the step graph samples in W calls (each re-reading the row so far
+    # from the pixels): the same pixels, and the ul stream's rows for the row below within the rounding of
+    # the graph's last call (which recomputes the whole row strip).
+    model = fused_model("three")
+    program, width = step_program(model), model.config.image_size
+    positions, pixels, noise, temperature, *states = program.step.example(5)
+    positions = (torch.arange(5).view(5, 1) % width) * width  # row starts: rows 0..4
+    noise = torch.rand(5, width, 1, generator=torch.Generator().manual_seed(3))
+    scales = model.config.num_scales
+    got = fused_runner(model).run("step", {"positions": positions, "pixels": pixels, "noise": noise,
+                                           "temperature": temperature,
+                                           **{s.name: v for s, v in zip(program.step.inputs[4:], states)}})
+    pixels, ul_rows = pixels.clone(), states[:scales]
+    for t in range(width):
+        inputs = (positions + t, pixels, noise[:, t:t + 1], temperature, *ul_rows, *states[scales:])
+        pixel, *ul_rows = program.step.module(*inputs)
+        pixels.view(5, -1).scatter_(1, positions + t, pixel[:, :, 0].to(torch.uint8))
+        assert torch.equal(got["pixel"][:, t], pixel[:, 0]), t
+    sigmas = rounding_sigma(program.step.module, inputs)[1:]
+    for s, (value, sigma) in enumerate(zip(ul_rows, sigmas)):
+        assert_within_rounding(got[f"next_ul_rows{s}"].numpy(), value.detach().numpy(), sigma, f"ul_rows{s}")
+
+
+def test_the_in_place_row_call_equals_refresh_then_step():
+    model = fused_model("three")
+    assert_row_call_equals_refresh_then_step(fused_runner(model), model)
+
+
+def test_a_multi_row_call_equals_row_calls_on_any_thread_count():
+    # run_rows(k) does what k row calls do with the engine's Python around them, bit for bit, on 1 thread or
+    # 3. 11 slots on rows 0, 1 and 3: blocks by the resolutions live, one of them split in two.
+    model = fused_model("three")
+    runner, width, rows, n = fused_runner(model), model.config.image_size, 3, 11
+    controls, states = row_call_arguments(model, n)
+    want_controls = {k: None if v is None else v.clone() for k, v in controls.items()}
+    want_states = [state.clone() for state in states]
+    slots = torch.arange(n)[:, None]
+    for _ in range(rows):
+        taken = want_controls["positions"] + torch.arange(width)
+        pixel = runner.run_row({**want_controls, "noise": want_controls["noise"][slots, taken]}, want_states)
+        want_controls["pixels"].view(n, -1)[slots, taken] = pixel[..., 0].to(torch.uint8)
+        want_controls["positions"] += width
+    assert_rows_on_any_thread_count(runner, controls, states, rows, want_controls["pixels"],
+                                    want_controls["positions"], want_states)
+
+
+def test_the_fused_operators_refuse_what_they_cannot_run_naming_it():
+    assert fused.load_ops()
+    model = fused_model("three")
+    weights = list(packed_weights(model)[1].values())
+    controls, states = row_call_arguments(model, n=2)
+    pixels, positions, noise, temperature = (controls[k] for k in ("pixels", "positions", "noise", "temperature"))
+    row, width = torch.ops.genserve.pixelcnn_pp_row, model.config.image_size
+    row_noise = noise[:, :width].contiguous()
+    with pytest.raises(RuntimeError, match="positions: slot 1 at 9 is not a row start"):
+        row(pixels, positions + torch.tensor([[0], [1]]), row_noise, temperature, states, weights)
+    with pytest.raises(RuntimeError, match=r"noise: a call samples whole rows, expected \(2, 8, 1\)"):
+        row(pixels, positions, noise[:, :2].contiguous(), temperature, states, weights)
+    with pytest.raises(RuntimeError, match="states: expected u_rows, ul_rows and u_values for 3 resolutions"):
+        row(pixels, positions, row_noise, temperature, states[:-1], weights)
+    with pytest.raises(RuntimeError, match=r"ul_rows1: expected \(2, 56, 4\)"):
+        row(pixels, positions, row_noise, temperature, [*states[:4], states[4][:, 1:].contiguous(), *states[5:]],
+            weights)
+    with pytest.raises(RuntimeError, match="pixelcnn_pp weights must be contiguous float32"):
+        row(pixels, positions, row_noise, temperature, states, [w.double() for w in weights])
+    with pytest.raises(RuntimeError, match="pixelcnn_pp weights: expected 31 tensors"):
+        row(pixels, positions, row_noise, temperature, states, weights[:-1])
+    with pytest.raises(RuntimeError, match="labels: this PixelCNN\\+\\+ is unconditional"):
+        torch.ops.genserve.pixelcnn_pp_rows(pixels, positions, torch.zeros(2, 1, dtype=torch.long), noise,
+                                            temperature, states, weights, 1)
+    step = torch.ops.genserve.pixelcnn_pp_step
+    scales = model.config.num_scales
+    with pytest.raises(RuntimeError, match=r"teacher: level 5 outside \[0, 5\)"):
+        step(positions, pixels, row_noise, temperature, states[scales:2 * scales], states[2 * scales:],
+             torch.full((2, width, 1), 5), weights)
+
+
+def test_the_shipped_sampler_runs_fused_a_row_per_call_and_its_logits_are_the_networks(shipped_digit):
+    # The shipped 256-level model's fused logits, fed a held-out digit row by row, are its full network's
+    # within float32 rounding. Whole images are not compared with another implementation: where the noise
+    # falls within rounding of a CDF edge two implementations part (2 of 16 images between this operator and
+    # the ONNX graphs; near a CDF of 1 the last levels' edges lie ~1e-6 apart), and the image follows.
+    runner = load_step_runner(load_manifest(REPOSITORY / "pixelcnn_pp_mnist_sample"))
+    assert isinstance(runner, FusedStepRunner) and runner.spec.span == 28 and runner.runs_rows
+    model, digit, full, sigma = shipped_digit
+    size, levels = model.config.image_size, model.config.pixel_levels
+    run, recorded = runner.run, []
+
+    def teacher_forced(graph, feeds):
+        if graph == "step":
+            feeds = dict(feeds, teacher=digit.flatten(1)[:, feeds["positions"][0, 0] + torch.arange(size)][..., None])
+        outputs = run(graph, feeds)
+        if graph == "step":
+            recorded.append(outputs["logits"])  # (1, W, L)
+        return outputs
+
+    runner.run = teacher_forced
+    runner.row_inputs, runner.runs_rows = (), False  # every call through `run`, where the teacher is fed
+    engine = SamplingEngine(runner, EngineConfig(num_slots=1))
+    job = engine.submit(0, 1)
+    engine.run_until_idle()
+    steps = torch.cat(recorded, 1).permute(0, 2, 1).reshape(1, levels, 1, size, size)
+    assert_within_rounding(steps.numpy(), full.numpy(), sigma, "fused pixelcnn_pp_mnist logits")
     assert np.array_equal(job.images, digit.numpy())
