@@ -257,9 +257,10 @@ def test_shutdown_turns_health_not_serving_and_the_grace_period_ends_what_is_lef
     watch = health_pb2_grpc.HealthStub(api.channel).Watch(health_pb2.HealthCheckRequest(service="vae_mnist"),
                                                          timeout=60)
     try:
-        # 64 PixelCNN++ samples: about 20 s of work on a 2-core CPU, many times the 3 s grace (512 of the
-        # Gated PixelCNN's, on its fused operators, once finished within it), so the grace period ends it
-        stream = api.stub.SampleStream(pb.SampleRequest(model="pixelcnn_pp_mnist", num_samples=64, seed=4))
+        # 1,024 PixelCNN++ samples (the most a request may ask for): about 10 s of work on a 2-core CPU on its
+        # fused operators, several times the 3 s grace (512 of the Gated PixelCNN's, ~3 ms each, once finished
+        # within it), so the grace period ends it
+        stream = api.stub.SampleStream(pb.SampleRequest(model="pixelcnn_pp_mnist", num_samples=1024, seed=4))
         assert next(stream).WhichOneof("event") == "progress"
         assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
         stopping.start()
