@@ -2,8 +2,9 @@
 # The fused operators' GPU checks in one run, on a machine with a CUDA device, PyTorch, OpenAI
 # Triton and a C++ compiler, from the repository root, without installing genserve:
 #   1. builds the operator library (the CPU kernels and the operator schemas the GPU kernels attach to);
-#   2. exports the shipped Gated PixelCNN, PixelCNN, PixelVAE and MAF into model_repository/ and runs
-#      tests/gpu (exact images against naive sampling, call parity, device errors, MAF's fallback);
+#   2. exports the shipped Gated PixelCNN, PixelCNN, PixelVAE, MAF and PixelCNN++ into model_repository/ and
+#      runs tests/gpu (exact images against naive sampling, call parity, device errors, MAF's and PixelCNN++'s
+#      fallback to their graphs);
 #   3. runs bench-sampler on the GPU for the image samplers with GPU kernels (naive vs TorchScript step
 #      graphs vs fused, batch 1 .. 16384, continuous vs static);
 #   4. profiles the fused row call (deploy/gpu/profile_fused.py: wall, kernel and CUDA-graph time)
@@ -67,7 +68,7 @@ step() {
 
 step 300 build-ops genserve build-ops || exit 1
 genserve build-ops --check | tee -a "$OUT/device.txt"
-step 150 export genserve export gated_pixelcnn_mnist pixelcnn_mnist pixel_vae_mnist maf_mnist \
+step 150 export genserve export gated_pixelcnn_mnist pixelcnn_mnist pixel_vae_mnist maf_mnist pixelcnn_pp_mnist \
   --repository model_repository >/dev/null || exit 1
 
 bench() {  # bench NAME MODEL [ARGS]: naive vs step graphs vs fused on the GPU, then continuous vs static batching

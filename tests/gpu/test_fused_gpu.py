@@ -65,9 +65,10 @@ def test_the_shipped_samplers_run_on_the_gpu_kernels_and_reproduce_naive_samplin
         assert np.array_equal(generate(engine, model, 21, 3, temperature), want), temperature
 
 
-def test_a_maf_samples_on_the_gpu_through_its_graphs_as_it_has_no_gpu_kernel():
-    manifest = load_manifest(REPOSITORY / "maf_mnist_sample")
-    assert "genserve::maf_step has no CUDA implementation" in fused_unavailable(manifest, "cuda")
+@pytest.mark.parametrize("name, op", [("maf_mnist", "maf_step"), ("pixelcnn_pp_mnist", "pixelcnn_pp_step")])
+def test_a_sampler_without_gpu_kernels_samples_on_the_gpu_through_its_graphs(name, op):
+    manifest = load_manifest(REPOSITORY / f"{name}_sample")
+    assert f"genserve::{op} has no CUDA implementation" in fused_unavailable(manifest, "cuda")
     assert not isinstance(load_step_runner(manifest, "torchscript", "cuda"), FusedStepRunner)
 
 
