@@ -293,6 +293,9 @@ def test_the_fused_operators_refuse_what_they_cannot_run_naming_it():
         row(pixels, positions, row_noise, temperature, states, [w.double() for w in weights])
     with pytest.raises(RuntimeError, match="pixelcnn_pp weights: expected 31 tensors"):
         row(pixels, positions, row_noise, temperature, states, weights[:-1])
+    with pytest.raises(RuntimeError, match=r"pixelcnn_pp weights: out_w has shape \[4, 8\], expected \[4, 9\]"):
+        row(pixels, positions, row_noise, temperature, states, [*weights[:28], weights[28][:, 1:].contiguous(),
+                                                                *weights[29:]])
     with pytest.raises(RuntimeError, match="labels: this PixelCNN\\+\\+ is unconditional"):
         torch.ops.genserve.pixelcnn_pp_rows(pixels, positions, torch.zeros(2, 1, dtype=torch.long), noise,
                                             temperature, states, weights, 1)

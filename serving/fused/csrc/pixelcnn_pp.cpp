@@ -32,6 +32,12 @@ using at::Tensor;
 
 constexpr int64_t kSlotBlock = 8;
 constexpr int kWeightCount = 31;
+// In the order export/fused.py packs them (serving/fused/weights.py: PIXELCNN_PP_WEIGHTS).
+constexpr const char* kWeightNames[kWeightCount] = {
+    "u_init_w", "u_init_b", "ul_above_w", "ul_above_b", "ul_left_w", "ul_left_b", "u_in_w", "u_in_b",
+    "u_out_w", "u_out_b", "u_short_w", "u_short_b", "ul_in_w", "ul_in_b", "ul_out_w", "ul_out_b",
+    "ul_up_short_w", "ul_up_short_b", "ul_down_short_w", "ul_down_short_b", "u_down_w", "u_down_b", "ul_down_w",
+    "ul_down_b", "u_up_w", "u_up_b", "ul_up_w", "ul_up_b", "out_w", "out_b", "constants"};
 constexpr int64_t kMaxMixtures = 32;
 
 struct PPWeights {
@@ -59,18 +65,21 @@ struct PPWeights {
     up_blocks = w[16].size(0);
     per_scale = up_blocks / scales;
     mixtures = w[29].size(0) / 3;
+    const int64_t down = up_blocks + scales - 1, blocks = up_blocks + down, S1 = scales - 1, M3 = 3 * mixtures;
+    TORCH_CHECK(per_scale >= 1 && up_blocks == per_scale * scales, "pixelcnn_pp weights: ", up_blocks,
+                " up-pass blocks for ", scales, " resolutions");
+    const std::vector<std::vector<int64_t>> shapes = {
+        {12, f}, {f}, {6, f}, {f}, {4, f}, {f},                                                   // the first layer
+        {blocks, 12 * f, f}, {blocks, f}, {blocks, 12 * f, 2 * f}, {blocks, 2 * f}, {down, 2 * f, f}, {down, f},
+        {blocks, 8 * f, f}, {blocks, f}, {blocks, 8 * f, 2 * f}, {blocks, 2 * f}, {up_blocks, 2 * f, f},
+        {up_blocks, f}, {down, 4 * f, f}, {down, f},
+        {S1, 6 * f, f}, {S1, f}, {S1, 4 * f, f}, {S1, f}, {S1, 2, 3 * f, f}, {S1, f}, {S1, 2, 2 * f, f}, {S1, f},
+        {f, M3}, {M3}, {1}};
+    for (int i = 0; i < kWeightCount; ++i)
+      TORCH_CHECK(w[i].sizes() == at::IntArrayRef(shapes[i]), "pixelcnn_pp weights: ", kWeightNames[i], " has shape ",
+                  w[i].sizes(), ", expected ", at::IntArrayRef(shapes[i]), " for ", f, " filters, ", scales,
+                  " resolutions, ", per_scale, " blocks per resolution and ", mixtures, " mixtures");
     levels = static_cast<int64_t>(w[30].data_ptr<float>()[0]);
-    const int64_t down_blocks = w[10].size(0);
-    TORCH_CHECK(per_scale >= 1 && up_blocks == per_scale * scales && down_blocks == up_blocks + scales - 1,
-                "pixelcnn_pp weights: ", up_blocks, " up-pass and ", down_blocks, " down-pass blocks for ", scales,
-                " resolutions");
-    TORCH_CHECK(w[0].sizes() == at::IntArrayRef({12, f}) && w[6].sizes() == at::IntArrayRef({up_blocks + down_blocks,
-                                                                                             12 * f, f}) &&
-                    w[12].sizes() == at::IntArrayRef({up_blocks + down_blocks, 8 * f, f}) &&
-                    w[18].sizes() == at::IntArrayRef({down_blocks, 4 * f, f}) &&
-                    w[24].sizes() == at::IntArrayRef({scales - 1, 2, 3 * f, f}) &&
-                    w[28].sizes() == at::IntArrayRef({f, 3 * mixtures}),
-                "pixelcnn_pp weights: shapes do not fit ", f, " filters and ", mixtures, " mixtures");
     TORCH_CHECK(levels >= 2 && levels <= 256, "pixelcnn_pp weights: 2..256 levels, got ", levels);
     TORCH_CHECK(mixtures >= 1 && mixtures <= kMaxMixtures, "pixelcnn_pp weights: 1..", kMaxMixtures,
                 " mixtures, got ", mixtures);
