@@ -134,7 +134,7 @@ struct Call {
   const int64_t* teacher;  // or null
   float* logits;           // recorded where a teacher is given
   int64_t* pixel;          // (n, W): the row's chosen levels
-  std::vector<float*> u_rows, ul_rows, u_values;  // null where the phase does not touch them
+  std::vector<float*> u_rows, ul_rows, u_values;  // empty where the phase does not touch them
   std::vector<Layout> layouts;
   int64_t n, height, width;
 
