@@ -403,7 +403,9 @@ def pixelcnn_program(model: PixelCNN, span: int) -> StepProgram:
 # only: `refresh` computes it once per row and keeps every value the ul stream reads; each pixel step
 # then computes the ul stream's row strip, O(W) per pixel rather than O(1), and never the rows
 # above. Coarse resolutions follow "cache every, run every": their row r is computed on image row
-# r * 2**s and carried, finished, through the image rows up to the next.
+# r * 2**s and carried, finished, through the image rows up to the next. The fused operator
+# (serving/fused/csrc/pixelcnn_pp.cpp) runs the same program on the same states, but a whole row per
+# call, keeping the row so far: O(1) per pixel.
 @dataclass(frozen=True)
 class PixelCNNPPLayout:
     """What the states hold, per width (finest first): channels of each row recorded, in call order."""
