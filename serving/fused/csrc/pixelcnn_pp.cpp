@@ -462,19 +462,30 @@ struct Mixture {
   }
 
   // Every level's log-probability, the middle bins N levels at a time: a logsumexp over the components of
-  // log w + a - softplus(a) - softplus(b) + log(1 - exp(-(a - b))), a and b the bin's edges scaled.
+  // log w + a - softplus(a) - softplus(b) + log(1 - exp(-(a - b))), a and b the bin's edges scaled. A bin's
+  // lower edge is the upper edge of the bin below, so each softplus of an edge is computed once and shifted a
+  // lane up for the bin above (the graph computes b from the bin's own centre: equal to within an ulp).
   void log_probs(float* out) const {
     constexpr int N = kLanes;
     typedef typename Vec<N>::f vf;
+    typedef typename Vec<N>::i vi;
+    int32_t up_one[N];  // lane 0 from the previous vector's last lane, lane i from this one's lane i - 1
+    for (int i = 0; i < N; ++i) up_one[i] = N - 1 + i;
+    vi shift;
+    std::memcpy(&shift, up_one, sizeof shift);
     float lanes[N];
+    vf below[kMaxMixtures];  // per component, the softplus of the last vector's upper edges
+    for (int64_t k = 0; k < M; ++k) below[k] = splat<N>(0.f);
     for (int64_t l0 = 0; l0 < L; l0 += N) {
       for (int i = 0; i < N; ++i) lanes[i] = static_cast<float>(l0 + i);
       const vf centre = loadv<N>(lanes) * splat<N>(two_half) - splat<N>(1.f);
       vf terms[kMaxMixtures], best = splat<N>(-INFINITY);
       for (int64_t k = 0; k < M; ++k) {
         const vf upper = (centre + splat<N>(half) - splat<N>(means[k])) * splat<N>(inv_scales[k]);
-        const vf lower = (centre - splat<N>(half) - splat<N>(means[k])) * splat<N>(inv_scales[k]);
-        terms[k] = splat<N>(log_weights[k]) + (upper - softplusv<N>(upper) - softplusv<N>(lower) + splat<N>(factors[k]));
+        const vf upper_softplus = softplusv<N>(upper);
+        const vf lower_softplus = __builtin_shuffle(below[k], upper_softplus, shift);
+        below[k] = upper_softplus;
+        terms[k] = splat<N>(log_weights[k]) + (upper - upper_softplus - lower_softplus + splat<N>(factors[k]));
         best = terms[k] > best ? terms[k] : best;
       }
       vf sum = splat<N>(0.f);
