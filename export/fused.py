@@ -199,20 +199,22 @@ def _contiguous(packed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {name: t.detach().float().contiguous().clone() for name, t in packed.items()}
 
 
+# (model class, operator family, packer) of every family with fused operators.
+_PACKERS = (
+    (MAF, "maf", maf_weights),
+    (WaveNet, "wavenet", wavenet_weights),
+    (PixelVAE, "conditioned_gated_pixelcnn", conditioned_gated_weights),
+    (GatedPixelCNN, "gated_pixelcnn", gated_weights),
+    (PixelCNN, "pixelcnn", pixelcnn_weights),
+    (PixelCNNPP, "pixelcnn_pp", pixelcnn_pp_weights),
+)
+
+
 def packed_weights(model: AutoregressiveModel | PixelVAE | MAF) -> tuple[str, dict[str, torch.Tensor]] | None:
     """(operator family, weights) of a model with fused operators; None for the others."""
-    if isinstance(model, MAF):
-        return "maf", maf_weights(model)
-    if isinstance(model, WaveNet):
-        return "wavenet", wavenet_weights(model)
-    if isinstance(model, PixelVAE):
-        return "conditioned_gated_pixelcnn", conditioned_gated_weights(model)
-    if isinstance(model, GatedPixelCNN):
-        return "gated_pixelcnn", gated_weights(model)
-    if isinstance(model, PixelCNN):
-        return "pixelcnn", pixelcnn_weights(model)
-    if isinstance(model, PixelCNNPP):
-        return "pixelcnn_pp", pixelcnn_pp_weights(model)
+    for model_class, op, packer in _PACKERS:
+        if isinstance(model, model_class):
+            return op, packer(model)
     return None
 
 

@@ -723,11 +723,11 @@ std::vector<Tensor> pixelcnn_pp_refresh(const Tensor& pixels, const Tensor& posi
                                         at::TensorList weights) {
   const PPWeights w(weights);
   std::vector<Tensor> out = clones(u_rows);
-  const Call shapes = make_call(w, pixels, positions, u_rows, {}, {});
-  for (int64_t s = 0; s < w.scales; ++s)
-    out.push_back(at::zeros({shapes.n, shapes.layouts[s].values, shapes.width >> s}, pixels.options().dtype(at::kFloat)));
-  const at::TensorList all(out);
-  const Call call = make_call(w, pixels, positions, all.slice(0, w.scales), {}, all.slice(w.scales));
+  Call call = make_call(w, pixels, positions, out, {}, {});
+  for (int64_t s = 0; s < w.scales; ++s) {  // the values: written where live, zeros elsewhere
+    out.push_back(at::zeros({call.n, call.layouts[s].values, call.width >> s}, pixels.options().dtype(at::kFloat)));
+    call.u_values.push_back(out.back().data_ptr<float>());
+  }
   for_blocks(call, [&](const int64_t* slots, int64_t m, int64_t live) { refresh_block(w, call, slots, m, live); });
   return out;
 }
