@@ -118,11 +118,15 @@ def assert_teacher_forced_logits_equal_the_network(model, runner) -> None:
     assert np.array_equal(job.images, image.numpy())
 
 
-def assert_call_matches_the_graph(runner, model, graph: str, n: int) -> None:
+def assert_call_matches_the_graph(runner, model, graph: str, n: int, span: int | None = None,
+                                  positions: torch.Tensor | None = None) -> None:
     # Call by call on the same inputs (the exporter's examples: slots at different rows, random
-    # caches): what the engine may swap between. Tolerance: the rounding of the eager graph itself.
-    entry = getattr(step_program(model), graph)
+    # caches, unless `positions` are given): what the engine may swap between. Tolerance: the
+    # rounding of the eager graph itself.
+    entry = getattr(step_program(model, span), graph)
     inputs = entry.example(n)
+    if positions is not None:
+        inputs = tuple(positions if s.name == "positions" else value for s, value in zip(entry.inputs, inputs))
     want = entry.module(*inputs)
     want = want if isinstance(want, tuple) else (want,)
     feeds = {s.name: value.to(runner.device) for s, value in zip(entry.inputs, inputs)}
@@ -197,6 +201,21 @@ def test_row_calls_on_slots_mirrored_as_on_a_gpu_sample_exactly(name):
 def test_each_fused_call_matches_the_step_graph_it_replaces(name, graph):
     model = tiny(name)
     assert_call_matches_the_graph(fused_runner(model), model, graph, n=5)
+
+
+def slots_at_different_columns(model, span: int) -> torch.Tensor:
+    """Positions of five slots for one step call of `span` pixels, each at another column: with a
+    span shorter than the row, a sample that joins while others are mid-row steps from its own
+    column in the same call. The last slot ends its image."""
+    width = model.config.image_size
+    return torch.tensor([[0], [span], [width + 2 * span], [3 * width + span], [width * width - span]])
+
+
+@pytest.mark.parametrize("name", FUSED_MODELS)
+def test_a_step_call_on_slots_at_different_columns_matches_the_step_graph(name):
+    model, span = tiny(name), 2
+    assert_call_matches_the_graph(fused_runner(model, span), model, "step", n=5, span=span,
+                                  positions=slots_at_different_columns(model, span))
 
 
 @pytest.mark.parametrize("name", FUSED_MODELS)

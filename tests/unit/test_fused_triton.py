@@ -29,6 +29,7 @@ from tests.unit.test_fused_ops import (
     assert_row_call_equals_refresh_then_step,
     assert_teacher_forced_logits_equal_the_network,
     gated_step_arguments,
+    slots_at_different_columns,
 )
 from tests.unit.test_sampling_engine import generate, labels_for, mirrored, naive, tiny
 
@@ -45,6 +46,13 @@ def engine_for(model, span: int, num_slots: int = 4) -> SamplingEngine:
 def test_each_kernel_call_matches_the_step_graph(name, graph):
     model = tiny(name)
     assert_call_matches_the_graph(fused_runner(model, namespace=triton_ops), model, graph, n=5)
+
+
+@pytest.mark.parametrize("name", FUSED_MODELS)
+def test_a_kernel_step_on_slots_at_different_columns_matches_the_step_graph(name):
+    model, span = tiny(name), 2
+    assert_call_matches_the_graph(fused_runner(model, span, namespace=triton_ops), model, "step", n=5, span=span,
+                                  positions=slots_at_different_columns(model, span))
 
 
 @pytest.mark.parametrize("name, graph", [

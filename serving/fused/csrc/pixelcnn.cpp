@@ -158,63 +158,73 @@ void step_into(const PixelCNNWeights& w, const Tensor& positions, const Tensor& 
 
   auto step_slots = [&](int64_t b0, int64_t b1) {
     const int64_t m = b1 - b0;
-    std::vector<float> x(m * h2), act(m * h2), reduced(m * h), win(m * std::max(in0, centre_in)),
-        above(w.blocks * m * span * h), rows_above(p * padded * h), centre(w.blocks * m * padded * h), masked(m * h),
-        out_hidden(m * O), logits(m * levels);
-    // Each block's caches channels last, so that a window row's taps lie together: the rows above
-    // (one slot and block at a time), and the centre row (every block and slot, kept for the call).
+    // Each block's centre row is kept channels last for the call, so that a pixel's window is h * R
+    // consecutive floats, and goes into the channels-first cache once, at the call's end (there a
+    // pixel's h channels lie on h different cache lines).
+    const std::array<float*, 8> buffers = scratch_arrays<8>(
+        {m * h2, m * h2, m * h, m * std::max(in0, centre_in), w.blocks * m * span * h, p * padded * h,
+         w.blocks * m * padded * h, m * (O + levels)});
+    float *x = buffers[0], *act = buffers[1], *reduced = buffers[2], *win = buffers[3], *masked = buffers[4],
+          *rows_above = buffers[5], *centre = buffers[6], *out_hidden = buffers[7], *logits = out_hidden + m * O;
+    bool one_column = true;  // every slot at the same column: the windows read in place, no copy
+    for (int64_t s = 1; s < m; ++s) one_column = one_column && pos[b0 + s] % width == pos[b0] % width;
     auto channels_last = [&](const float* rows, int64_t r, float* to) {
       for (int64_t c = 0; c < h; ++c)
         for (int64_t col = 0; col < padded; ++col) to[col * h + c] = rows[(c * R + r) * padded + col];
     };
-    // The rows-above part of every block's masked layer (bias included) at each column this call steps.
+    // The masked layers' bias and rows-above part at each column this call steps, (block, slot, pixel)
+    // rows; the centre part is added per pixel.
     for (int64_t b = 0; b < w.blocks; ++b)
       for (int64_t s = 0; s < m; ++s) {
         const float* rows = caches[b] + (b0 + s) * h * R * padded;
-        float* y = above.data() + (b * m + s) * span * h;
+        float* y = masked + (b * m + s) * span * h;
         for (int64_t t = 0; t < span; ++t) std::copy_n(w.masked_b + b * h, h, y + t * h);
         for (int64_t r = 0; r < p; ++r) {
-          channels_last(rows, r, rows_above.data() + r * padded * h);
-          dense(rows_above.data() + (r * padded + pos[b0 + s] % width) * h, h,
+          channels_last(rows, r, rows_above + r * padded * h);
+          dense(rows_above + (r * padded + pos[b0 + s] % width) * h, h,
                 split.above_w.data() + (b * above_in + r * k * h) * h, k * h, h, nullptr, y, h, span, true);
         }
-        channels_last(rows, p, centre.data() + (b * m + s) * padded * h);
+        channels_last(rows, p, centre + (b * m + s) * padded * h);
       }
     for (int64_t t = 0; t < span; ++t) {
       for (int64_t s = 0; s < m; ++s)
-        gather_window(image + (b0 + s) * R0 * padded0, 1, R0, padded0, pos[b0 + s] % width + t, k0,
-                      win.data() + s * in0);
-      dense(win.data(), in0, w.in_w, in0, h2, w.in_b, x.data(), h2, m);
+        gather_window(image + (b0 + s) * R0 * padded0, 1, R0, padded0, pos[b0 + s] % width + t, k0, win + s * in0);
+      dense(win, in0, w.in_w, in0, h2, w.in_b, x, h2, m);
       for (int64_t b = 0; b < w.blocks; ++b) {
-        std::memcpy(act.data(), x.data(), m * h2 * sizeof(float));
-        relu_rows(act.data(), h2, h2, m);
-        dense(act.data(), h2, w.reduce_w + b * h2 * h, h2, h, w.reduce_b + b * h, reduced.data(), h, m);
-        relu_rows(reduced.data(), h, h, m);
-        for (int64_t s = 0; s < m; ++s) {  // the block's input at this pixel joins its row cache, then its window
-          float* rows = caches[b] + (b0 + s) * h * R * padded;
+        for (int64_t i = 0; i < m * h2; ++i) act[i] = x[i] > 0.f ? x[i] : 0.f;
+        dense(act, h2, w.reduce_w + b * h2 * h, h2, h, w.reduce_b + b * h, reduced, h, m);
+        relu_rows(reduced, h, h, m);
+        float* centre_rows = centre + b * m * padded * h;
+        for (int64_t s = 0; s < m; ++s) {  // the block's input at this pixel joins its row, then its window
           const int64_t j = pos[b0 + s] % width + t;
-          float* centre_row = centre.data() + (b * m + s) * padded * h;
-          for (int64_t c = 0; c < h; ++c) rows[(c * R + p) * padded + j + p] = reduced[s * h + c];
-          std::copy_n(reduced.data() + s * h, h, centre_row + (j + p) * h);
-          std::copy_n(centre_row + j * h, centre_in, win.data() + s * centre_in);  // the centre row's columns j-p..j
-          std::copy_n(above.data() + ((b * m + s) * span + t) * h, h, masked.data() + s * h);
+          std::copy_n(reduced + s * h, h, centre_rows + (s * padded + j + p) * h);
+          if (!one_column) std::copy_n(centre_rows + (s * padded + j) * h, centre_in, win + s * centre_in);
         }
-        dense(win.data(), centre_in, split.centre_w.data() + b * centre_in * h, centre_in, h, nullptr, masked.data(), h,
-              m, true);
-        relu_rows(masked.data(), h, h, m);
-        dense(masked.data(), h, w.expand_w + b * h * h2, h, h2, w.expand_b + b * h2, x.data(), h2, m, true);
+        const float* window = one_column ? centre_rows + (pos[b0] % width + t) * h : win;
+        float* y = masked + (b * m * span + t) * h;  // this pixel's row of every slot, span * h apart
+        dense(window, one_column ? padded * h : centre_in, split.centre_w.data() + b * centre_in * h, centre_in, h,
+              nullptr, y, span * h, m, true);
+        relu_rows(y, span * h, h, m);
+        dense(y, span * h, w.expand_w + b * h * h2, h, h2, w.expand_b + b * h2, x, h2, m, true);
       }
-      relu_rows(x.data(), h2, h2, m);
-      dense(x.data(), h2, w.oh_w, h2, O, w.oh_b, out_hidden.data(), O, m);
-      relu_rows(out_hidden.data(), O, O, m);
-      dense(out_hidden.data(), O, w.lg_w, O, levels, w.lg_b, logits.data(), levels, m);
+      relu_rows(x, h2, h2, m);
+      dense(x, h2, w.oh_w, h2, O, w.oh_b, out_hidden, O, m);
+      relu_rows(out_hidden, O, O, m);
+      dense(out_hidden, O, w.lg_w, O, levels, w.lg_b, logits, levels, m);
       for (int64_t s = 0; s < m; ++s) {
         const int64_t slot = b0 + s;
-        const int64_t value = chosen[slot * span + t] = pick_level(
-            logits.data() + s * levels, levels, slot * span + t, forced, eps, temp[slot], logits_record);
+        const int64_t value = chosen[slot * span + t] =
+            pick_level(logits + s * levels, levels, slot * span + t, forced, eps, temp[slot], logits_record);
         image[(slot * R0 + p0) * padded0 + pos[slot] % width + t + p0] = w.scale(value);
       }
     }
+    for (int64_t b = 0; b < w.blocks; ++b)  // the stepped columns of each centre row back into its cache
+      for (int64_t s = 0; s < m; ++s) {
+        float* rows = caches[b] + (b0 + s) * h * R * padded + p * padded + p + pos[b0 + s] % width;
+        const float* from = centre + ((b * m + s) * padded + p + pos[b0 + s] % width) * h;
+        for (int64_t c = 0; c < h; ++c)
+          for (int64_t t = 0; t < span; ++t) rows[c * R * padded + t] = from[t * h + c];
+      }
   };
   // Slots in blocks of kStepSlots, a block per task, as in the Gated step: a task's buffers stay small
   // whatever n is, and no slot's arithmetic depends on how the blocks are shared among the threads.
