@@ -276,6 +276,40 @@ inline void gate_rows(const float* pre, int64_t ldpre, float* out, int64_t ldout
   }
 }
 
+// dst[j * ld_dst + i] = src[i * ld_src + j] for i < rows, j < cols: 8x8 tiles through registers (three rounds
+// of two-vector shuffles), the edges element by element. Element by element throughout, a row cache's
+// (channel, column) transpose took a fifth of a batch-64 PixelCNN step.
+inline void transpose(const float* src, int64_t ld_src, float* dst, int64_t ld_dst, int64_t rows, int64_t cols) {
+  typedef Vec<8>::f vf;
+  typedef Vec<8>::i vi;
+  int64_t i = 0;
+  for (; i + 8 <= rows; i += 8) {
+    int64_t j = 0;
+    for (; j + 8 <= cols; j += 8) {
+      vf r[8], a[8], b[8];
+      for (int k = 0; k < 8; ++k) r[k] = loadv<8>(src + (i + k) * ld_src + j);
+      for (int k = 0; k < 8; k += 2) {  // rows k, k+1 interleaved: (k0 k+1,0 k1 k+1,1 | k4 ...), (k2 ...)
+        a[k] = __builtin_shuffle(r[k], r[k + 1], vi{0, 8, 1, 9, 4, 12, 5, 13});
+        a[k + 1] = __builtin_shuffle(r[k], r[k + 1], vi{2, 10, 3, 11, 6, 14, 7, 15});
+      }
+      for (int k = 0; k < 8; k += 4) {  // b[k + c]: column c of rows k..k+3, then column c + 4 of them
+        b[k] = __builtin_shuffle(a[k], a[k + 2], vi{0, 1, 8, 9, 4, 5, 12, 13});
+        b[k + 1] = __builtin_shuffle(a[k], a[k + 2], vi{2, 3, 10, 11, 6, 7, 14, 15});
+        b[k + 2] = __builtin_shuffle(a[k + 1], a[k + 3], vi{0, 1, 8, 9, 4, 5, 12, 13});
+        b[k + 3] = __builtin_shuffle(a[k + 1], a[k + 3], vi{2, 3, 10, 11, 6, 7, 14, 15});
+      }
+      for (int c = 0; c < 4; ++c) {
+        storev<8>(dst + (j + c) * ld_dst + i, __builtin_shuffle(b[c], b[c + 4], vi{0, 1, 2, 3, 8, 9, 10, 11}));
+        storev<8>(dst + (j + c + 4) * ld_dst + i, __builtin_shuffle(b[c], b[c + 4], vi{4, 5, 6, 7, 12, 13, 14, 15}));
+      }
+    }
+    for (; j < cols; ++j)
+      for (int k = 0; k < 8; ++k) dst[j * ld_dst + i + k] = src[(i + k) * ld_src + j];
+  }
+  for (; i < rows; ++i)
+    for (int64_t j = 0; j < cols; ++j) dst[j * ld_dst + i] = src[i * ld_src + j];
+}
+
 inline void relu_rows(float* x, int64_t ld, int64_t width, int64_t rows) {
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t c = 0; c < width; ++c) x[r * ld + c] = x[r * ld + c] > 0.f ? x[r * ld + c] : 0.f;

@@ -169,8 +169,7 @@ void step_into(const PixelCNNWeights& w, const Tensor& positions, const Tensor& 
     bool one_column = true;  // every slot at the same column: the windows read in place, no copy
     for (int64_t s = 1; s < m; ++s) one_column = one_column && pos[b0 + s] % width == pos[b0] % width;
     auto channels_last = [&](const float* rows, int64_t r, float* to) {
-      for (int64_t c = 0; c < h; ++c)
-        for (int64_t col = 0; col < padded; ++col) to[col * h + c] = rows[(c * R + r) * padded + col];
+      transpose(rows + r * padded, R * padded, to, h, h, padded);
     };
     // The masked layers' bias and rows-above part at each column this call steps, (block, slot, pixel)
     // rows; the centre part is added per pixel.
@@ -220,10 +219,9 @@ void step_into(const PixelCNNWeights& w, const Tensor& positions, const Tensor& 
     }
     for (int64_t b = 0; b < w.blocks; ++b)  // the stepped columns of each centre row back into its cache
       for (int64_t s = 0; s < m; ++s) {
-        float* rows = caches[b] + (b0 + s) * h * R * padded + p * padded + p + pos[b0 + s] % width;
-        const float* from = centre + ((b * m + s) * padded + p + pos[b0 + s] % width) * h;
-        for (int64_t c = 0; c < h; ++c)
-          for (int64_t t = 0; t < span; ++t) rows[c * R * padded + t] = from[t * h + c];
+        const int64_t column = p + pos[b0 + s] % width;
+        transpose(centre + ((b * m + s) * padded + column) * h, h, caches[b] + (b0 + s) * h * R * padded + p * padded + column,
+                  R * padded, span, h);
       }
   };
   // Slots in blocks of kStepSlots, a block per task, as in the Gated step: a task's buffers stay small
