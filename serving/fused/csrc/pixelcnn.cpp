@@ -168,8 +168,8 @@ void step_into(const PixelCNNWeights& w, const Tensor& positions, const Tensor& 
           *rows_above = buffers[5], *centre = buffers[6], *out_hidden = buffers[7], *logits = out_hidden + m * O;
     bool one_column = true;  // every slot at the same column: the windows read in place, no copy
     for (int64_t s = 1; s < m; ++s) one_column = one_column && pos[b0 + s] % width == pos[b0] % width;
-    auto channels_last = [&](const float* rows, int64_t r, float* to) {
-      transpose(rows + r * padded, R * padded, to, h, h, padded);
+    auto channels_last = [&](const float* rows, int64_t r, float* to, int64_t columns) {
+      transpose(rows + r * padded, R * padded, to, h, h, columns);
     };
     // The masked layers' bias and rows-above part at each column this call steps, (block, slot, pixel)
     // rows; the centre part is added per pixel.
@@ -179,11 +179,13 @@ void step_into(const PixelCNNWeights& w, const Tensor& positions, const Tensor& 
         float* y = masked + (b * m + s) * span * h;
         for (int64_t t = 0; t < span; ++t) std::copy_n(w.masked_b + b * h, h, y + t * h);
         for (int64_t r = 0; r < p; ++r) {
-          channels_last(rows, r, rows_above + r * padded * h);
+          channels_last(rows, r, rows_above + r * padded * h, padded);
           dense(rows_above + (r * padded + pos[b0 + s] % width) * h, h,
                 split.above_w.data() + (b * above_in + r * k * h) * h, k * h, h, nullptr, y, h, span, true);
         }
-        channels_last(rows, p, centre + (b * m + s) * padded * h);
+        // Of the centre row, the columns left of the slot's first pixel: a pixel's window reads its
+        // own column and those left of it, and each pixel's column is written before it is read.
+        channels_last(rows, p, centre + (b * m + s) * padded * h, p + pos[b0 + s] % width);
       }
     for (int64_t t = 0; t < span; ++t) {
       for (int64_t s = 0; s < m; ++s)
