@@ -63,7 +63,10 @@ def test_bench_sampler_prints_a_table_and_writes_json(tmp_path):
     assert report["batching_runner"] == "fused operators"
     assert [r["batching"] for r in report["batching"]] == ["static", "continuous"]
     assert all(r["requests"] == 3 and r["p99_ms"] >= r["p50_ms"] > 0 for r in report["batching"])
+    assert [r["batching"] for r in report["modelled_batching"]] == ["static", "continuous"]
+    assert report["modelled_call_ms"] > 0 and all(r["p99_ms"] >= r["p50_ms"] > 0 for r in report["modelled_batching"])
     assert "step/fused" in result.stdout and "continuous vs static" in result.stdout
+    assert "the most admission alone gains on this trace" in result.stdout
     # Without the fused operators the table says why and batching runs on the step graphs.
     result = genserve("bench-sampler", "pixelcnn_mnist", "--batch", "2", "--naive-steps", "2", "--slots", "2",
                       "--requests", "2", "--max-request-size", "1", "--min-seconds", "0", "--no-fused", "--json", "-")
