@@ -19,7 +19,7 @@ from genserve.serving.engine import EngineConfig, FusedStepRunner, SamplingEngin
 from genserve.serving.engine.graphs import RowGraphs
 from genserve.serving.engine.program import GRAPH_SLOTS, fused_unavailable
 from tests.unit.test_export import REPOSITORY
-from tests.unit.test_fused_ops import FUSED_MODELS, assert_call_matches_the_graph
+from tests.unit.test_fused_ops import FUSED_MODELS, assert_call_matches_the_graph, slots_at_different_columns
 from tests.unit.test_sampling_engine import generate, labels_for, latents_for, naive, tiny
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
@@ -38,6 +38,13 @@ def test_the_gpu_kernels_are_installed_for_cuda():
 def test_each_cuda_call_matches_the_step_graph(name, graph):
     model = tiny(name)
     assert_call_matches_the_graph(fused_runner(model, device="cuda"), model, graph, n=37)  # 3 slot blocks
+
+
+@pytest.mark.parametrize("name", FUSED_MODELS)
+def test_a_cuda_step_on_slots_at_different_columns_matches_the_step_graph(name):
+    model, span = tiny(name), 2
+    assert_call_matches_the_graph(fused_runner(model, span, device="cuda"), model, "step", n=5, span=span,
+                                  positions=slots_at_different_columns(model, span))
 
 
 @pytest.mark.parametrize("name", FUSED_MODELS)
