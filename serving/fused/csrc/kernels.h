@@ -317,7 +317,8 @@ inline void relu_rows(float* x, int64_t ld, int64_t width, int64_t rows) {
 
 // The pixel value by inverse CDF of softmax(logits / temperature) at `noise`, as the exported
 // graphs choose it: the count of CDF entries (all but the last) below the noise; temperature 0
-// takes the first argmax.
+// takes the first argmax. Each entry adds a probability (>= 0) to the one before, so the entries
+// never decrease and the count ends at the first entry not below the noise.
 inline int64_t choose_level(const float* logits, int64_t levels, float noise, float temperature) {
   int64_t best = 0;
   for (int64_t v = 1; v < levels; ++v)
@@ -329,9 +330,9 @@ inline int64_t choose_level(const float* logits, int64_t levels, float noise, fl
   for (int64_t v = 0; v < levels; ++v) total += probs[v] = std::exp(logits[v] / temperature - top);
   int64_t chosen = 0;
   float cdf = 0.f;
-  for (int64_t v = 0; v + 1 < levels; ++v) {
-    cdf += probs[v] / total;
-    chosen += cdf < noise;
+  for (; chosen + 1 < levels; ++chosen) {
+    cdf += probs[chosen] / total;
+    if (!(cdf < noise)) break;
   }
   return chosen;
 }
