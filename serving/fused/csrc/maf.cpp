@@ -104,7 +104,7 @@ inline vd expv(vd x) {
   x = x < -708. ? vd{} - 708. : x;
   const vd magic = vd{} + 6755399441055744.;  // 1.5 * 2^52: adding it rounds to an integer
   const vd n = (x * 1.4426950408889634074 + magic) - magic;
-  x = x - n * 6.93145751953125e-1;  // ln 2 in two parts, the first exact in a few bits
+  x = x - n * 6.93145751953125e-1;  // ln 2 in two parts: the first has few bits, so n times it is exact
   x = x - n * 1.42860682030941723212e-6;
   const vd xx = x * x;
   const vd p = x * ((1.26177193074810590878e-4 * xx + 3.02994407707441961300e-2) * xx + 9.99999999999999999910e-1);
