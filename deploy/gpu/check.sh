@@ -17,7 +17,9 @@
 # (batching-gated: the batching comparison at LOAD, default 0.8; profile-batch1: the step kernel's
 # launch variants at batch 1, profile-batch1.txt); BENCH_BATCHES (default
 # "1 16 64 256 1024 4096 16384") sets bench-sampler's batch sizes; PROFILE_ARGS go to profile_fused.py,
-# ENGINE_ARGS to profile_engine.py.
+# ENGINE_ARGS to profile_engine.py. BUDGET (seconds, default 0: none) bounds the whole run: a step
+# gets at most what is left of it, less 20 s to write up, and one that would get under 30 s is
+# skipped and logged as such, so a run under a command time limit still brings back steps.log.
 # Python packages the machine lacks can be put in .whl/ as wheels (installed into /tmp/site first).
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-check}
@@ -55,10 +57,20 @@ export PATH=$SHIM/bin:$PATH
 nvidia-smi -L | tee "$OUT/device.txt"
 "$PYTHON" -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)' | tee -a "$OUT/device.txt"
 
-# step SECONDS NAME COMMAND...: runs it under a time limit, logs its status and duration, never fails the script
+# step SECONDS NAME COMMAND...: runs it under a time limit (within BUDGET), logs its status and duration, never
+# fails the script
+BUDGET=${BUDGET:-0}
 step() {
   local limit=$1 name=$2 start=$SECONDS
   shift 2
+  if (( BUDGET > 0 )); then
+    local left=$((BUDGET - SECONDS - 20))
+    if (( left < 30 )); then
+      echo "$name: skipped, ${left}s of BUDGET=${BUDGET}s left" | tee -a "$OUT/steps.log"
+      return 124
+    fi
+    (( limit > left )) && limit=$left
+  fi
   echo "== $name (limit ${limit}s)"
   timeout --kill-after=10 "$limit" "$@"
   local status=$?
