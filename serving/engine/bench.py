@@ -273,9 +273,9 @@ def run_benchmark(config: BenchConfig, progress=print) -> BenchReport:
         progress(f"{batching} batching: {config.requests} Poisson arrivals at {rate:.2f} requests/s ...")
         report.batching.append(serve_poisson(runner, batching, config.slots, arrivals))
     calls_per_sample = runner.spec.length // runner.spec.span
-    report.modelled_call_ms = round(static_batch_s / calls_per_sample * 1e3, 3)
-    report.modelled_batching = modelled_batching(arrivals, config.slots, calls_per_sample,
-                                                 static_batch_s / calls_per_sample)
+    call_s = static_batch_s / calls_per_sample
+    report.modelled_call_ms = round(call_s * 1e3, 3)
+    report.modelled_batching = modelled_batching(arrivals, config.slots, calls_per_sample, call_s)
     return report
 
 
