@@ -24,7 +24,8 @@ import torch
 SOURCE_DIR = Path(__file__).parent / "csrc"
 BUILD_DIR = Path(__file__).parent / "_build"
 LIBRARY_NAME = "genserve_ops"
-SOURCES = ("gated_pixelcnn.cpp", "pixelcnn.cpp", "pixelcnn_pp.cpp", "maf.cpp", "wavenet.cpp", "noise.cpp")
+SOURCES = ("gated_pixelcnn.cpp", "pixelcnn.cpp", "pixelcnn_pp.cpp", "maf.cpp", "wavenet.cpp", "noise.cpp",
+           "gated_resident.cpp")
 # Tuned for the machine that builds (setup builds on the machine that serves); an image built on one
 # machine and run on others names a portable target instead (GENSERVE_OPS_ARCH=x86-64-v3: AVX2 + FMA).
 # IEEE semantics kept: no -ffast-math.

@@ -1,0 +1,43 @@
+// The resident Gated step (gated_resident.cuh) on a GPU: genserve::gated_step_resident's CUDA kernel.
+// Built where PyTorch has CUDA and nvcc is present (`genserve build-ops`), into a library of its own
+// that is loaded after the CPU one, whose schema (gated_resident.cpp) it implements.
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "gated_resident_op.h"
+
+namespace genserve {
+namespace {
+
+int64_t most_shared_bytes(int device) {  // a block's opt-in maximum: 227 KB on an H100 or H200
+  int most = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&most, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  return most;
+}
+
+void gated_step_resident_cuda(const at::Tensor& positions, const at::Tensor& noise, const at::Tensor& temperature,
+                              const at::Tensor& links, const at::Tensor& image_context,
+                              const at::Tensor& hidden_context, const std::optional<at::Tensor>& teacher,
+                              const at::Tensor& pixel, const at::Tensor& logits, at::TensorList weights,
+                              int64_t threads, int64_t shared_bytes) {
+  const c10::cuda::CUDAGuard guard(positions.device());
+  const ResidentGatedStep a =
+      resident_arguments(positions, noise, temperature, links, image_context, hidden_context, teacher, pixel, logits,
+                         weights, threads, shared_bytes, most_shared_bytes(positions.device().index()));
+  if (a.n == 0) return;
+  // Above 48 KB a kernel's dynamic shared memory must be asked for (a host-side attribute: allowed
+  // while a CUDA graph is being captured).
+  C10_CUDA_CHECK(cudaFuncSetAttribute(gated_step_resident_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(shared_bytes)));
+  gated_step_resident_kernel<<<static_cast<unsigned>(a.n), static_cast<unsigned>(threads),
+                               static_cast<size_t>(shared_bytes), c10::cuda::getCurrentCUDAStream()>>>(a);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(genserve, CUDA, m) { m.impl("gated_step_resident", &gated_step_resident_cuda); }
+
+}  // namespace genserve
