@@ -1,6 +1,7 @@
 """`genserve build-ops`: compile the fused sampling operators (serving/fused/csrc) for this machine.
 
-`make setup` runs it; nothing else ever compiles. The library lands beside the package
+`make setup` runs it; nothing else ever compiles. On a machine with a CUDA device and nvcc it also
+builds the CUDA C++ kernels' library. The library lands beside the package
 (serving/fused/_build) with the sha256 of the sources it was built from; servers load it only
 when that matches, and otherwise sample with the exported step graphs, saying why.
 """
@@ -27,6 +28,9 @@ def run(args: argparse.Namespace) -> int:
         print(status.reason)
         return 0 if status else 1
     print(f"building {', '.join(fused.SOURCES)} with {' '.join(fused.CFLAGS)} (about 35 s) ...", flush=True)
+    if fused.builds_cuda():
+        print(f"and, for this GPU, {', '.join(fused.CUDA_SOURCES)} with nvcc {' '.join(fused.CUDA_CFLAGS)} ...",
+              flush=True)
     start = time.monotonic()
     try:
         path = fused.build(verbose=args.verbose)

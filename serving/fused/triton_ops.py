@@ -9,6 +9,7 @@ the same launches run on CPU tensors.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -28,6 +29,12 @@ LAUNCH = {"enable_fp_fusion": True}
 # deploy/gpu/profile_fused.py). At 4, ptxas gives the shipped Gated PixelCNN's step kernel 32 registers
 # and 4.4 KB of spills per thread; at 8, 255 registers and 368 bytes (cuobjdump --dump-resource-usage).
 WARPS = {"gated_refresh": 4, "gated_step": 8, "pixelcnn_step": 4}
+# Gated steps of at most this many slots run on the resident kernel (csrc/gated_resident.cuh: a block
+# per slot, the weights in its shared memory) where the operator library has it for the device: the
+# CUDA library that `genserve build-ops` builds where nvcc and a GPU are present. 0, so off, until it
+# has been timed against the Triton step on a GPU (deploy/gpu/check.sh sets it for its batch-1 runs).
+RESIDENT_STEP_SLOTS = int(os.environ.get("GENSERVE_RESIDENT_STEP_SLOTS", "0"))
+RESIDENT_THREADS = 256  # per block: 32 groups of 8 lanes, one output each at a time
 
 
 def _tile(size: int) -> int:
@@ -194,6 +201,10 @@ def _step_into(shape: GatedShape, positions, noise, temperature, links, image_ou
         _check(teacher, torch.int64, 3, "teacher", device)
     if n == 0:
         return
+    if n <= RESIDENT_STEP_SLOTS and has_resident_step(device):
+        torch.ops.genserve.gated_step_resident(positions, noise, temperature, links, image_out, hidden_out, teacher,
+                                               pixel, logits, list(shape.weights.values()), RESIDENT_THREADS, -1)
+        return
     named = shape.weights
     grid = (-(-n // SLOTS_PER_PROGRAM),)
     triton_gated.gated_step_kernel[grid](
@@ -207,6 +218,12 @@ def _step_into(shape: GatedShape, positions, noise, temperature, links, image_ou
         SB=SLOTS_PER_PROGRAM, CB=_tile(C), XB=_tile(shape.p0 + 1), HB=_tile(shape.p * C),
         OB=_tile(shape.output_channels), LB=_tile(shape.levels), num_warps=WARPS["gated_step"], **LAUNCH,
     )
+
+
+def has_resident_step(device: torch.device) -> bool:
+    """Whether the loaded operator library has the resident step kernel for `device`."""
+    return hasattr(torch.ops.genserve, "gated_step_resident") and torch._C._dispatch_has_kernel_for_dispatch_key(
+        "genserve::gated_step_resident", "CUDA" if device.type == "cuda" else "CPU")
 
 
 @dataclass(frozen=True)

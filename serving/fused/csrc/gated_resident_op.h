@@ -46,7 +46,8 @@ inline ResidentGatedStep resident_arguments(const at::Tensor& positions, const a
   check_resident(image_context, at::kFloat, 2, "image_context", device);
   check_resident(hidden_context, at::kFloat, 3, "hidden_context", device);
   check_resident(pixel, at::kLong, 3, "pixel", device);
-  check_resident(logits, at::kFloat, 3, "logits", device);
+  TORCH_CHECK(logits.device() == device && logits.scalar_type() == at::kFloat && logits.is_contiguous(),
+              "logits: expected a contiguous float32 tensor on ", device);
   TORCH_CHECK(threads >= 32 && threads <= 1024 && threads % 32 == 0, "threads: a multiple of 32 in [32, 1024], got ",
               threads);
 

@@ -1,0 +1,214 @@
+"""The resident Gated step kernel (serving/fused/csrc/gated_resident.cuh), run on CPU threads.
+
+The operator library builds the kernel's very source for the CPU (csrc/device.h: a block's threads
+are real threads meeting at real barriers, its warp shuffles exchanges through memory), so the
+kernel a GPU runs is checked here: call by call against the step graphs and the CPU operator,
+images against naive sampling through the engine's own GPU path (triton_ops, the refresh in
+Triton's interpreter), and its CUDA build compiled by nvcc for an H100 without running it.
+The emulation takes ~0.1 s per pixel at 256 threads, so the models are the tiny ones, with 64.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from genserve.export.fused import fused_runner
+from genserve.serving import fused
+from genserve.serving.engine import EngineConfig, SamplingEngine
+from genserve.serving.fused import triton_ops
+from tests.unit.test_fused_ops import (
+    assert_call_matches_the_graph,
+    assert_teacher_forced_logits_equal_the_network,
+    gated_step_arguments,
+    slots_at_different_columns,
+)
+from tests.unit.test_sampling_engine import generate, labels_for, mirrored, naive, tiny
+
+GATED_MODELS = ["gated", "gated_conditional_3_levels", "pixel_vae"]
+TINY_THREADS = 64  # 8 groups of 8 lanes: fewer groups than the tiny models' outputs, so groups take several
+
+
+@pytest.fixture
+def resident(monkeypatch):
+    """The engine's GPU path (triton_ops) with its Gated steps on the resident kernel, as
+    GENSERVE_RESIDENT_STEP_SLOTS sets it, on CPU threads: every step call of up to 16 slots."""
+    assert fused.load_ops()
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the GPU path's refresh runs in Triton's interpreter here; tests/gpu runs it compiled")
+    monkeypatch.setattr(triton_ops, "RESIDENT_STEP_SLOTS", 16)
+    monkeypatch.setattr(triton_ops, "RESIDENT_THREADS", TINY_THREADS)
+    calls = []
+    op = torch.ops.genserve.gated_step_resident
+
+    class Counted:  # the step calls that reach the kernel, to know the tests test it
+        def __call__(self, *args):
+            calls.append(args[0].shape[0])
+            return op(*args)
+
+    monkeypatch.setattr(torch.ops.genserve, "gated_step_resident", Counted())
+    return calls
+
+
+def step_arguments(model, n: int, span: int, seed: int = 0):
+    """A step call's inputs for n slots at rows 0, 1, 2, ... (random links and contexts) and the weights."""
+    c = model.config
+    good, weights = gated_step_arguments(model)
+    generator = torch.Generator().manual_seed(seed)
+    positions = torch.arange(n).unsqueeze(1) * c.image_size
+    noise = torch.rand(n, span, 1, generator=generator)
+    temperature = torch.tensor([1.0, 0.5, 0.0] * n)[:n].unsqueeze(1)
+    links = torch.randn(n, *good[3].shape[1:], generator=generator)
+    image_context = torch.randn(n, good[4].shape[1], generator=generator)
+    hidden_context = torch.randn(n, *good[5].shape[1:], generator=generator)
+    return (positions, noise, temperature, links, image_context, hidden_context), weights
+
+
+def resident_step(arguments, weights, teacher=None, threads=TINY_THREADS, shared_bytes=-1):
+    """The operator on copies of the contexts: (pixel, image_context, hidden_context, logits)."""
+    positions, noise, temperature, links, image_context, hidden_context = arguments
+    image_out, hidden_out = image_context.clone(), hidden_context.clone()
+    pixel = torch.empty(*noise.shape, dtype=torch.long)
+    logits = torch.empty(noise.shape[0] if teacher is not None else 0, noise.shape[1], weights[16].shape[1])
+    torch.ops.genserve.gated_step_resident(positions, noise, temperature, links, image_out, hidden_out, teacher,
+                                           pixel, logits, weights, threads, shared_bytes)
+    return pixel, image_out, hidden_out, logits
+
+
+@pytest.mark.parametrize("name", GATED_MODELS)
+def test_a_resident_step_call_matches_the_step_graph(resident, name):
+    model = tiny(name)
+    assert_call_matches_the_graph(fused_runner(model, namespace=triton_ops), model, "step", n=5)
+    assert resident == [5]
+
+
+@pytest.mark.parametrize("name", GATED_MODELS)
+def test_a_resident_step_on_slots_at_different_columns_matches_the_step_graph(resident, name):
+    model, span = tiny(name), 2
+    assert_call_matches_the_graph(fused_runner(model, span, namespace=triton_ops), model, "step", n=5, span=span,
+                                  positions=slots_at_different_columns(model, span))
+    assert resident == [5]
+
+
+def test_the_resident_step_handles_the_shipped_models_sizes(resident, monkeypatch, shipped):
+    # 32 channels and 64 output channels on the engine's 256 threads (32 groups: one round per layer, two
+    # for the output layer); its skip weights do not fit beside the rest and are read from global memory.
+    monkeypatch.setattr(triton_ops, "RESIDENT_THREADS", 256)
+    model = shipped("gated_pixelcnn_mnist").model
+    assert_call_matches_the_graph(fused_runner(model, 7, namespace=triton_ops), model, "step", n=2, span=7)
+    assert resident == [2]
+
+
+@pytest.mark.parametrize("name, span, temperature", [
+    ("gated", 1, 1.0),
+    ("gated", None, 0.0),
+    ("gated_conditional_3_levels", 2, 0.5),
+    ("gated_conditional_3_levels", None, 1.0),
+    ("pixel_vae", None, 1.0),
+])
+def test_resident_sampling_equals_naive_sampling(resident, name, span, temperature):
+    # The engine's GPU path: whole-row calls (span None) on controls kept as tensors, images copied out
+    # as samples finish; a job of 5 samples in 3 slots, so two join as others finish.
+    model = tiny(name)
+    n = 5
+    labels = labels_for(model, n)
+    engine = SamplingEngine(fused_runner(model, span, namespace=triton_ops), EngineConfig(num_slots=3))
+    engine = mirrored(engine) if span is None else engine
+    images = generate(engine, model, 6, n, temperature, labels)
+    assert np.array_equal(images, naive(model, n, 6, temperature, labels))
+    assert resident and max(resident) <= 3
+
+
+def test_teacher_forced_resident_logits_equal_the_full_network(resident):
+    model = tiny("gated_conditional_3_levels")
+    assert_teacher_forced_logits_equal_the_network(model, fused_runner(model, 6, namespace=triton_ops))
+    assert resident
+
+
+@pytest.mark.parametrize("name", ["gated", "gated_conditional_3_levels"])
+def test_the_resident_step_chooses_the_cpu_operators_pixels(name):
+    # Without the interpreter or the engine: the operator against the CPU operator on the same inputs,
+    # three slots at temperatures 1, 0.5 and 0, a whole row each (contexts and logits are compared with
+    # the step graph's rounding above); with a teacher, the teacher's pixels.
+    assert fused.load_ops()
+    model = tiny(name)
+    arguments, weights = step_arguments(model, n=3, span=model.config.image_size)
+    want = torch.ops.genserve.gated_step(*arguments, None, weights)
+    assert torch.equal(resident_step(arguments, weights)[0], want[0])
+    teacher = torch.randint(0, model.config.pixel_levels, want[0].shape)
+    assert torch.equal(resident_step(arguments, weights, teacher)[0], teacher)
+
+
+def test_weights_read_from_global_memory_give_the_same_bits_as_from_shared_memory():
+    # The budget decides only where each weight is read from: 4 KB fit just the activations, 227 KB
+    # (an H100's) fit all of a tiny model's weights, 8 KB fit some. The same arithmetic in the same order.
+    assert fused.load_ops()
+    model = tiny("gated_conditional_3_levels")
+    arguments, weights = step_arguments(model, n=2, span=6, seed=3)
+    results = [resident_step(arguments, weights, shared_bytes=budget) for budget in (-1, 8192, 4128)]
+    for other in results[1:]:
+        for got, want in zip(other[:3], results[0][:3]):
+            assert torch.equal(got, want)
+
+
+def test_thread_counts_do_not_change_the_bits():
+    # Groups take outputs in rounds: 32 threads (4 groups), 64 and 256 (32 groups) compute every output
+    # with the same lanes' parts in the same order.
+    assert fused.load_ops()
+    model = tiny("gated")
+    arguments, weights = step_arguments(model, n=1, span=6, seed=5)
+    results = [resident_step(arguments, weights, threads=threads) for threads in (32, 64, 256)]
+    for other in results[1:]:
+        for got, want in zip(other[:3], results[0][:3]):
+            assert torch.equal(got, want)
+
+
+def test_the_resident_operator_refuses_bad_arguments_naming_them():
+    assert fused.load_ops()
+    model = tiny("gated")
+    arguments, weights = step_arguments(model, n=1, span=2)
+    with pytest.raises(RuntimeError, match="threads: a multiple of 32"):
+        resident_step(arguments, weights, threads=48)
+    with pytest.raises(RuntimeError, match=r"shared_bytes: 64 bytes do not hold a block's activations"):
+        resident_step(arguments, weights, shared_bytes=64)
+    positions, noise, *rest = arguments
+    with pytest.raises(RuntimeError, match="noise: expected a contiguous cpu tensor of 3 dims and type Float"):
+        resident_step((positions, noise.double(), *rest), weights)
+    with pytest.raises(RuntimeError, match="links: shape"):
+        resident_step((positions, noise, rest[0], rest[1][:, :-1], *rest[2:]), weights)
+    with pytest.raises(RuntimeError, match="gated weights: expected 18 tensors"):
+        resident_step(arguments, weights[:-1])
+
+
+NVCC = shutil.which("nvcc")
+TORCH_INCLUDE = Path(torch.__file__).parent / "include"
+
+
+@pytest.mark.skipif(NVCC is None, reason="no nvcc on this machine")
+def test_the_cuda_build_compiles_for_an_h100_without_spills(tmp_path):
+    # What `genserve build-ops` compiles on a GPU machine, compiled here by nvcc for sm_90a against this
+    # torch's headers (the CPU wheel lacks one generated header of its CUDA build: a one-line stand-in).
+    stand_in = tmp_path / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h"
+    stand_in.parent.mkdir(parents=True)
+    stand_in.write_text("#define C10_CUDA_BUILD_SHARED_LIBS\n")
+    source = fused.SOURCE_DIR / fused.CUDA_SOURCES[0]
+    result = subprocess.run(
+        [NVCC, "-c", str(source), "-o", str(tmp_path / "resident.o"), "-arch=sm_90a", *fused.CUDA_CFLAGS,
+         "-Xptxas", "-v", "-I", str(tmp_path), "-I", str(TORCH_INCLUDE),
+         "-I", str(TORCH_INCLUDE / "torch" / "csrc" / "api" / "include"), "-I", str(fused.SOURCE_DIR)],
+        capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "gated_step_resident_kernel" in result.stderr
+    usage = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads\s+"
+                      r"ptxas info\s+: Used (\d+) registers", result.stderr)
+    assert usage, result.stderr[-3000:]
+    stack, stores, loads, registers = map(int, usage.groups())
+    assert stores == loads == 0
+    assert registers * triton_ops.RESIDENT_THREADS <= 65536  # the block fits one SM's register file
