@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The fused operators' GPU checks in one run, on a machine with a CUDA device, PyTorch, OpenAI
 # Triton and a C++ compiler, from the repository root, without installing genserve:
-#   1. builds the operator library (the CPU kernels and the operator schemas the GPU kernels attach to);
+#   1. builds the operator library (the CPU kernels and the operator schemas the GPU kernels attach to) and
+#      the CUDA C++ kernels' library (nvcc);
 #   2. exports the shipped Gated PixelCNN, PixelCNN, PixelVAE, MAF and PixelCNN++ into model_repository/ and
 #      runs tests/gpu (exact images against naive sampling, call parity, device errors, MAF's and PixelCNN++'s
 #      fallback to their graphs);
@@ -15,7 +16,9 @@
 # profile-engine.txt.
 # STEPS (default "tests bench-gated profile bench-pixelcnn bench-pixel-vae") picks which of 2-4 run, in that order
 # (batching-gated: the batching comparison at LOAD, default 0.8; profile-batch1: the step kernel's
-# launch variants at batch 1, profile-batch1.txt); BENCH_BATCHES (default
+# launch variants at batch 1, profile-batch1.txt; profile-resident: the Gated step on the resident CUDA C++
+# kernel against the Triton one at batch 1-64, profile-resident.txt; bench-resident: bench-sampler with it
+# on at RESIDENT_BATCHES, default "1 16 64"); BENCH_BATCHES (default
 # "1 16 64 256 1024 4096 16384") sets bench-sampler's batch sizes; PROFILE_ARGS go to profile_fused.py,
 # ENGINE_ARGS to profile_engine.py. BUDGET (seconds, default 0: none) bounds the whole run: a step
 # gets at most what is left of it, less 20 s to write up, and one that would get under 30 s is
@@ -102,10 +105,17 @@ for what in ${STEPS:-tests bench-gated profile bench-pixelcnn bench-pixel-vae}; 
     profile-batch1)  # the step kernel's launch at batch 1: warps x slots per program, 16 slot rows vs 1-2
       step 240 profile-batch1 "$PYTHON" deploy/gpu/profile_fused.py gated_pixelcnn_mnist --out "$OUT/profile-batch1.txt" \
         --batch 1 --batch 2 --variant default --variant 8x1 --variant 4x1 --variant 1x1 --variant 4x2 ;;
+    profile-resident)  # the Gated step on the resident kernel against the Triton step, small batches
+      step 200 profile-resident "$PYTHON" deploy/gpu/profile_fused.py gated_pixelcnn_mnist \
+        --out "$OUT/profile-resident.txt" --batch 1 --batch 2 --batch 16 --batch 64 --variant default \
+        --variant resident --variant resident128 --variant resident512 ;;
+    bench-resident)  # bench-sampler with Gated steps of up to 64 slots on the resident kernel
+      GENSERVE_RESIDENT_STEP_SLOTS=64 BENCH_BATCHES="${RESIDENT_BATCHES:-1 16 64}" \
+        bench bench-resident-gated_pixelcnn_mnist gated_pixelcnn_mnist ;;
     profile-engine) step 150 profile-engine "$PYTHON" deploy/gpu/profile_engine.py --out "$OUT/profile-engine.txt" \
       ${ENGINE_ARGS:-} ;;
     *) echo "unknown step $what (tests, bench-gated, bench-pixelcnn, bench-pixel-vae, batching-gated, profile," \
-         "profile-batch1, profile-engine)"
+         "profile-batch1, profile-resident, bench-resident, profile-engine)"
        exit 2 ;;
   esac
 done

@@ -7,6 +7,8 @@ at a row start, three ways:
 - wall: the call as the engine makes it, synchronised, median over repeats;
 - kernels: the GPU time of each kernel it launches (torch.profiler), per call;
 - graph: the same call captured once in a CUDA graph and replayed (what graph capture would save).
+Variants: warps and slots per program of the Triton kernels, or the Gated step on the resident
+kernel (csrc/gated_resident.cuh) at a number of threads per block.
 From these it derives ms per image (rows per image × row time ÷ batch) and images/s. Rows print
 as they are measured, so a run cut short still reports what it finished.
 """
@@ -22,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from genserve.serving import fused
 from genserve.serving.artifacts import load_manifest
 from genserve.serving.engine import FusedStepRunner, load_step_runner
 from genserve.serving.fused import triton_ops
@@ -102,11 +105,19 @@ def profile_model(name: str, repository: Path, batches: list[int], variants: lis
     report(f"\n{name}: {rows_per_image} row calls per image, {spec.span} pixels each ({torch.cuda.get_device_name()})")
     report(f"{'variant':>7} {'batch':>5} {'wall us':>9} {'graph us':>9} {'kernels us':>10}  "
            f"{'ms/image wall':>13} {'ms/image graph':>14} {'images/s graph':>14}  kernels (us per call)")
-    defaults = dict(triton_ops.WARPS), triton_ops.SLOTS_PER_PROGRAM
-    for variant in variants:  # "default" (each kernel's own warps), or WARPSxSLOTS for every kernel
-        if variant == "default":
-            triton_ops.WARPS, triton_ops.SLOTS_PER_PROGRAM = dict(defaults[0]), defaults[1]
-        else:
+    defaults = dict(triton_ops.WARPS), triton_ops.SLOTS_PER_PROGRAM, triton_ops.RESIDENT_THREADS
+    for variant in variants:
+        # "default" (each kernel's own warps), WARPSxSLOTS for every Triton kernel, or residentTHREADS: the
+        # Gated step on the resident kernel (csrc/gated_resident.cuh), THREADS per block (default 256)
+        triton_ops.WARPS, triton_ops.SLOTS_PER_PROGRAM = dict(defaults[0]), defaults[1]
+        triton_ops.RESIDENT_STEP_SLOTS, triton_ops.RESIDENT_THREADS = 0, defaults[2]
+        if variant.startswith("resident"):
+            if not triton_ops.has_resident_step(runner.device):
+                report(f"{variant}: no resident step kernel loaded ({fused.load_ops().reason})")
+                continue
+            triton_ops.RESIDENT_STEP_SLOTS = max(batches)
+            triton_ops.RESIDENT_THREADS = int(variant.removeprefix("resident") or defaults[2])
+        elif variant != "default":
             warps, slots = (int(v) for v in variant.split("x"))
             triton_ops.WARPS, triton_ops.SLOTS_PER_PROGRAM = dict.fromkeys(defaults[0], warps), slots
         for n in batches:
@@ -146,8 +157,9 @@ def main() -> None:
     parser.add_argument("--repository", type=Path, default=Path("model_repository"))
     parser.add_argument("--batch", type=int, action="append", help="default: 1, 16, 256, 1024, 4096, 16384")
     parser.add_argument("--variant", action="append",
-                        help="'default' (triton_ops.WARPS) or WARPSxSLOTS: warps and slots per program for "
-                             "every kernel (default: default, 8x16, 4x16)")
+                        help="'default' (triton_ops.WARPS), WARPSxSLOTS: warps and slots per program for "
+                             "every Triton kernel, or residentTHREADS: the Gated step on the resident kernel "
+                             "with THREADS per block (default: default, 8x16, 4x16)")
     parser.add_argument("--out", type=Path, help="also append the lines to this file")
     args = parser.parse_args()
     report = reporter(args.out)

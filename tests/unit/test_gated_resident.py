@@ -75,8 +75,8 @@ def resident_step(arguments, weights, teacher=None, threads=TINY_THREADS, shared
     """The operator on copies of the contexts: (pixel, image_context, hidden_context, logits)."""
     positions, noise, temperature, links, image_context, hidden_context = arguments
     image_out, hidden_out = image_context.clone(), hidden_context.clone()
-    pixel = torch.empty(*noise.shape, dtype=torch.long)
-    logits = torch.empty(noise.shape[0] if teacher is not None else 0, noise.shape[1], weights[16].shape[1])
+    pixel = torch.empty(*noise.shape, dtype=torch.long, device=noise.device)
+    logits = noise.new_empty(noise.shape[0] if teacher is not None else 0, noise.shape[1], weights[16].shape[1])
     torch.ops.genserve.gated_step_resident(positions, noise, temperature, links, image_out, hidden_out, teacher,
                                            pixel, logits, weights, threads, shared_bytes)
     return pixel, image_out, hidden_out, logits

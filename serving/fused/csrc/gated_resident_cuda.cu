@@ -6,14 +6,27 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <map>
+#include <mutex>
+
 #include "gated_resident_op.h"
 
 namespace genserve {
 namespace {
 
-int64_t most_shared_bytes(int device) {  // a block's opt-in maximum: 227 KB on an H100 or H200
+// A block's opt-in maximum of shared memory on `device` (227 KB on an H100 or H200), which the kernel
+// is allowed once per device, on its first call: a CUDA graph's capture (the engine's, after a first
+// launched call) may forbid the attribute's call.
+int64_t allow_most_shared_bytes(int device) {
+  static std::mutex mutex;
+  static std::map<int, int> allowed;
+  const std::lock_guard<std::mutex> lock(mutex);
+  auto found = allowed.find(device);
+  if (found != allowed.end()) return found->second;
   int most = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&most, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  C10_CUDA_CHECK(cudaFuncSetAttribute(gated_step_resident_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, most));
+  allowed.emplace(device, most);
   return most;
 }
 
@@ -25,12 +38,8 @@ void gated_step_resident_cuda(const at::Tensor& positions, const at::Tensor& noi
   const c10::cuda::CUDAGuard guard(positions.device());
   const ResidentGatedStep a =
       resident_arguments(positions, noise, temperature, links, image_context, hidden_context, teacher, pixel, logits,
-                         weights, threads, shared_bytes, most_shared_bytes(positions.device().index()));
+                         weights, threads, shared_bytes, allow_most_shared_bytes(positions.device().index()));
   if (a.n == 0) return;
-  // Above 48 KB a kernel's dynamic shared memory must be asked for (a host-side attribute: allowed
-  // while a CUDA graph is being captured).
-  C10_CUDA_CHECK(cudaFuncSetAttribute(gated_step_resident_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      static_cast<int>(shared_bytes)));
   gated_step_resident_kernel<<<static_cast<unsigned>(a.n), static_cast<unsigned>(threads),
                                static_cast<size_t>(shared_bytes), c10::cuda::getCurrentCUDAStream()>>>(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();

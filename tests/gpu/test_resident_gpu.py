@@ -1,0 +1,90 @@
+"""The resident Gated step kernel (serving/fused/csrc/gated_resident.cuh) compiled by nvcc, on a CUDA device.
+
+The claims tests/unit/test_gated_resident.py makes of the same source on CPU threads, now on the
+GPU, through the engine's GPU path (triton_ops, with GENSERVE_RESIDENT_STEP_SLOTS's switch on): every
+call against the step graph, images against naive sampling, graph replays against launches, bits
+independent of where the weights are read from. Skipped without a CUDA device, and where the CUDA
+library was not built (`genserve build-ops` builds it where nvcc is present).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from genserve.export.fused import fused_runner
+from genserve.serving import fused
+from genserve.serving.engine import EngineConfig, SamplingEngine
+from genserve.serving.engine.graphs import RowGraphs
+from genserve.serving.fused import triton_ops
+from tests.gpu.test_fused_gpu import row_inputs
+from tests.unit.test_fused_ops import assert_call_matches_the_graph, slots_at_different_columns
+from tests.unit.test_gated_resident import GATED_MODELS, resident_step, step_arguments
+from tests.unit.test_sampling_engine import generate, labels_for, naive, tiny
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+
+@pytest.fixture
+def resident(monkeypatch):
+    status = fused.load_ops()
+    assert "CUDA C++ kernels (the resident Gated step)" in status.reason, status.reason
+    monkeypatch.setattr(triton_ops, "RESIDENT_STEP_SLOTS", 64)
+    assert triton_ops.has_resident_step(torch.device("cuda"))
+
+
+@pytest.mark.parametrize("name", GATED_MODELS)
+def test_each_resident_cuda_step_call_matches_the_step_graph(resident, name):
+    model, span = tiny(name), 2
+    assert_call_matches_the_graph(fused_runner(model, device="cuda"), model, "step", n=37)
+    assert_call_matches_the_graph(fused_runner(model, span, device="cuda"), model, "step", n=5, span=span,
+                                  positions=slots_at_different_columns(model, span))
+
+
+def test_the_resident_cuda_step_handles_the_shipped_models_sizes(resident, shipped):
+    model = shipped("gated_pixelcnn_mnist").model
+    assert_call_matches_the_graph(fused_runner(model, device="cuda"), model, "step", n=3)
+
+
+@pytest.mark.parametrize("name", GATED_MODELS)
+@pytest.mark.parametrize("span", [1, None])
+def test_resident_cuda_sampling_equals_naive_sampling(resident, name, span):
+    model = tiny(name)
+    n = 6
+    labels = labels_for(model, n)
+    engine = SamplingEngine(fused_runner(model, span, device="cuda"), EngineConfig(num_slots=4))
+    for seed in range(6):
+        assert np.array_equal(generate(engine, model, seed, n, labels=labels), naive(model, n, seed, labels=labels))
+    for temperature in (0.0, 0.5):
+        want = naive(model, n, 3, temperature, labels)
+        assert np.array_equal(generate(engine, model, 3, n, temperature, labels), want)
+
+
+def test_resident_row_calls_replayed_from_cuda_graphs_equal_launched_ones(resident):
+    model = tiny("gated_conditional_3_levels")
+    runner = fused_runner(model, device="cuda")
+    graphs = RowGraphs(runner.run_row, max_slots=4)
+    g = torch.Generator().manual_seed(0)
+    base = [torch.randn(4, *s.shape, generator=g).to(s.dtype.torch).cuda() for s in runner.spec.states]
+    twin = [state.clone() for state in base]
+    runner.run_row(row_inputs(runner, 1, 0, g), [state[:1].clone() for state in base])  # a launched call first
+    for row, n in enumerate([1, 3, 1, 4]):
+        feeds = row_inputs(runner, n, row % runner.spec.sample_shape[1], g)
+        pixel = graphs(feeds, [state[:n] for state in base]).clone()
+        assert torch.equal(pixel, runner.run_row(feeds, [state[:n] for state in twin])), (row, n)
+        for state, other in zip(base, twin):
+            assert torch.equal(state, other), (row, n)
+    assert not graphs.failed
+
+
+def test_the_resident_cuda_step_gives_the_same_bits_wherever_its_weights_are_read_from(resident):
+    model = tiny("gated_conditional_3_levels")
+    arguments, weights = step_arguments(model, n=2, span=6, seed=3)
+    on_cpu = resident_step(arguments, weights)
+    arguments, weights = [a.cuda() for a in arguments], [w.cuda() for w in weights]
+    results = [resident_step(arguments, weights, shared_bytes=budget) for budget in (-1, 8192, 4128)]
+    for other in results[1:]:
+        for got, want in zip(other[:3], results[0][:3]):
+            assert torch.equal(got, want)
+    assert torch.equal(results[0][0].cpu(), on_cpu[0])  # the pixels the same source chose on CPU threads
