@@ -108,7 +108,7 @@ for what in ${STEPS:-tests bench-gated profile bench-pixelcnn bench-pixel-vae}; 
     profile-resident)  # the Gated step on the resident kernel against the Triton step, small batches
       step 200 profile-resident "$PYTHON" deploy/gpu/profile_fused.py gated_pixelcnn_mnist \
         --out "$OUT/profile-resident.txt" --batch 1 --batch 2 --batch 16 --batch 64 --variant default \
-        --variant resident --variant resident128 --variant resident512 ;;
+        --variant resident --variant resident128 ;;
     bench-resident)  # bench-sampler with Gated steps of up to 64 slots on the resident kernel
       GENSERVE_RESIDENT_STEP_SLOTS=64 BENCH_BATCHES="${RESIDENT_BATCHES:-1 16 64}" \
         bench bench-resident-gated_pixelcnn_mnist gated_pixelcnn_mnist ;;

@@ -24,6 +24,7 @@ from genserve.export.fused import fused_runner
 from genserve.serving import fused
 from genserve.serving.engine import EngineConfig, SamplingEngine
 from genserve.serving.fused import triton_ops
+from tests.conftest import make_model
 from tests.unit.test_fused_ops import (
     assert_call_matches_the_graph,
     assert_teacher_forced_logits_equal_the_network,
@@ -34,6 +35,18 @@ from tests.unit.test_sampling_engine import generate, labels_for, mirrored, naiv
 
 GATED_MODELS = ["gated", "gated_conditional_3_levels", "pixel_vae"]
 TINY_THREADS = 64  # 8 groups of 8 lanes: fewer groups than the tiny models' outputs, so groups take several
+
+
+def wide():
+    """A tiny Gated PixelCNN as wide as the shipped one (32 channels, 64 output channels): its matrices'
+    rows are multiples of 32 floats, kept permuted in shared memory, and at 256 threads (32 groups) its
+    skip weights are held in registers."""
+    return make_model("gated_pixelcnn", image_size=6, hidden_channels=32, num_layers=3, kernel_size=3,
+                      first_kernel_size=5, output_channels=64)
+
+
+def model_named(name: str):
+    return wide() if name == "wide" else tiny(name)
 
 
 @pytest.fixture
@@ -82,9 +95,9 @@ def resident_step(arguments, weights, teacher=None, threads=TINY_THREADS, shared
     return pixel, image_out, hidden_out, logits
 
 
-@pytest.mark.parametrize("name", GATED_MODELS)
+@pytest.mark.parametrize("name", [*GATED_MODELS, "wide"])
 def test_a_resident_step_call_matches_the_step_graph(resident, name):
-    model = tiny(name)
+    model = model_named(name)
     assert_call_matches_the_graph(fused_runner(model, namespace=triton_ops), model, "step", n=5)
     assert resident == [5]
 
@@ -132,13 +145,13 @@ def test_teacher_forced_resident_logits_equal_the_full_network(resident):
     assert resident
 
 
-@pytest.mark.parametrize("name", ["gated", "gated_conditional_3_levels"])
+@pytest.mark.parametrize("name", ["gated", "gated_conditional_3_levels", "wide"])
 def test_the_resident_step_chooses_the_cpu_operators_pixels(name):
     # Without the interpreter or the engine: the operator against the CPU operator on the same inputs,
     # three slots at temperatures 1, 0.5 and 0, a whole row each (contexts and logits are compared with
     # the step graph's rounding above); with a teacher, the teacher's pixels.
     assert fused.load_ops()
-    model = tiny(name)
+    model = model_named(name)
     arguments, weights = step_arguments(model, n=3, span=model.config.image_size)
     want = torch.ops.genserve.gated_step(*arguments, None, weights)
     assert torch.equal(resident_step(arguments, weights)[0], want[0])
@@ -146,28 +159,30 @@ def test_the_resident_step_chooses_the_cpu_operators_pixels(name):
     assert torch.equal(resident_step(arguments, weights, teacher)[0], teacher)
 
 
-def test_weights_read_from_global_memory_give_the_same_bits_as_from_shared_memory():
-    # The budget decides only where each weight is read from: 4 KB fit just the activations, 227 KB
-    # (an H100's) fit all of a tiny model's weights, 8 KB fit some. The same arithmetic in the same order.
+def activation_bytes(arguments, weights) -> int:
+    """The shared memory a block needs for its activations alone, as the operator's refusal of less says."""
+    with pytest.raises(RuntimeError, match="do not hold a block's activations") as refusal:
+        resident_step(arguments, weights, shared_bytes=64)
+    return int(re.search(r"\((\d+) bytes\)", str(refusal.value)).group(1))
+
+
+@pytest.mark.parametrize("name", ["gated_conditional_3_levels", "wide"])
+def test_where_the_weights_are_read_from_and_the_thread_count_do_not_change_the_bits(name):
+    # The budget decides only where each weight is read from (shared memory, permuted where its rows are
+    # multiples of 32 floats, or global memory): all of them, some, or none of them in shared memory.
+    # The thread count decides how many outputs a group takes in turn, and at 256 threads whether the
+    # wide model's skip weights are held in registers. Every output is the same lanes' parts, in the same
+    # order, added by the same butterfly.
     assert fused.load_ops()
-    model = tiny("gated_conditional_3_levels")
+    model = model_named(name)
     arguments, weights = step_arguments(model, n=2, span=6, seed=3)
-    results = [resident_step(arguments, weights, shared_bytes=budget) for budget in (-1, 8192, 4128)]
-    for other in results[1:]:
-        for got, want in zip(other[:3], results[0][:3]):
-            assert torch.equal(got, want)
-
-
-def test_thread_counts_do_not_change_the_bits():
-    # Groups take outputs in rounds: 32 threads (4 groups), 64 and 256 (32 groups) compute every output
-    # with the same lanes' parts in the same order.
-    assert fused.load_ops()
-    model = tiny("gated")
-    arguments, weights = step_arguments(model, n=1, span=6, seed=5)
-    results = [resident_step(arguments, weights, threads=threads) for threads in (32, 64, 256)]
-    for other in results[1:]:
-        for got, want in zip(other[:3], results[0][:3]):
-            assert torch.equal(got, want)
+    least = activation_bytes(arguments, weights)
+    want = resident_step(arguments, weights)
+    for threads in (32, 128, 256):
+        for budget in (-1, least + 4 * 1024, least):
+            got = resident_step(arguments, weights, threads=threads, shared_bytes=budget)
+            for value, expected in zip(got[:3], want[:3]):
+                assert torch.equal(value, expected), (threads, budget)
 
 
 def test_the_resident_operator_refuses_bad_arguments_naming_them():

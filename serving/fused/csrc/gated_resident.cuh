@@ -1,17 +1,22 @@
-// Gated PixelCNN's step with its weights resident in shared memory: a kernel for small batches on a GPU.
+// Gated PixelCNN's step with its weights resident on the chip: a kernel for small batches on a GPU.
 //
 // At batch 1 a step is a chain of small dependent products (per pixel, every layer's horizontal
 // stack, gate and residual, then the output layers and the choice). The Triton step kernel reads
 // each layer's weights from L2 at every pixel and pads the single slot to a 16-row tile; this one
 // gives each slot a block that copies the weights into its shared memory once per call (the shipped
-// model's horizontal stacks, residual and output layers: 212 KB of the 227 KB a block may have; what
-// does not fit, the skip layer's 32 KB, is read from global memory), then steps `span` pixels
-// with every dense layer split over groups of kSplit lanes: a lane sums every kSplit-th input of one
-// output, the group adds its partial sums by warp shuffles, and its first lane stores the output.
-// Two barriers per layer (the gated outputs, then the residual stream), none per product.
+// model's: 212 KB of the 227 KB a block may have) but for the skip layer's, which its threads hold in
+// registers, then steps `span` pixels. Every dense layer is split over groups of kSplit lanes: a lane
+// sums every kSplit-th input of one output, the group adds its partial sums by warp shuffles, and its
+// first lane stores the output. Two barriers per layer (the gated outputs, then the residual stream),
+// none per product. Nothing a pixel reads from global memory waits on the chain: the next pixel's
+// links are loaded while this one's layers run, and staged in shared memory between pixels.
+//
+// A matrix whose rows are a multiple of 32 floats is kept in shared memory with each row's columns
+// permuted (column o of row r at o ^ 4 (r mod 8)): a group's 8 lanes read 8 rows of one column,
+// which would otherwise all fall in one of the 32 banks; permuted, a warp's 32 reads hit 32 banks.
 //
 // The same state tensors and packed weights as gated_step (csrc/gated_pixelcnn.cpp), the contexts
-// updated in place. device.h compiles this source for a GPU (nvcc, cuda/gated_resident.cu) and for
+// updated in place. device.h compiles this source for a GPU (nvcc, gated_resident_cuda.cu) and for
 // CPU threads (gated_resident.cpp), where the tests run it against the step graphs and naive sampling.
 #pragma once
 
@@ -27,6 +32,16 @@ namespace genserve {
 enum GatedStepWeight { kH0W, kHW, kHoutW, kHoutB, kSkipW, kSkipB, kOhW, kOhB, kLgW, kLgB, kGatedStepWeights };
 
 constexpr int kSplit = 8;  // lanes per output: a product over K inputs is K/8 dependent multiply-adds
+constexpr int kSkipRegisters = 32;  // skip weights a lane may hold: the skip layer's 8 * 32 inputs per output
+constexpr int kLinkRegisters = 4;   // the next pixel's links a thread loads ahead (the rest: between pixels)
+
+// A packed weight: `rows` rows of `cols` floats, and where a block reads it.
+struct ResidentWeight {
+  const float* data;      // global memory
+  int64_t rows, cols;
+  int64_t shared_offset;  // in floats; -1: read from global memory (or held in registers: the skip layer)
+  bool permuted;          // in shared memory with its columns permuted by row (see above)
+};
 
 struct ResidentGatedStep {
   const int64_t* positions;  // (n, 1)
@@ -38,9 +53,8 @@ struct ResidentGatedStep {
   const int64_t* teacher;    // (n, span, 1) or null
   int64_t* pixel;            // (n, span, 1)
   float* logits_out;         // (n, span, levels) where a teacher is given
-  const float* weights[kGatedStepWeights];
-  int64_t weight_floats[kGatedStepWeights];
-  int64_t shared_offset[kGatedStepWeights];  // where a block keeps each, in floats; -1: read from global memory
+  ResidentWeight weights[kGatedStepWeights];
+  bool skip_in_registers;    // each group's lanes hold their output's skip weights
   int64_t n, span, width;
   int layers, channels, p0, p, output_channels, levels;
   float level_scale;
@@ -48,23 +62,30 @@ struct ResidentGatedStep {
 
 GENSERVE_HOST_DEVICE int64_t round_up4(int64_t floats) { return (floats + 3) / 4 * 4; }
 
-// The activations a block keeps: the image context, each later layer's window (p cached columns of
-// the residual stream, then the current one), every layer's gated output, the output layers'.
-inline int64_t activation_floats(const ResidentGatedStep& a) {
+// The activations a block keeps: the image context, this pixel's links, each later layer's window
+// (p cached columns of the residual stream, then the current one), every layer's gated output, the
+// output layers'.
+GENSERVE_HOST_DEVICE int64_t activation_floats(const ResidentGatedStep& a) {
   const int64_t C = a.channels, L = a.layers;
-  return round_up4(a.p0 + 1) + round_up4((L - 1) * (a.p + 1) * C + L * C + C + a.output_channels + a.levels);
+  return round_up4(a.p0 + 1) + round_up4(L * 2 * C + (L - 1) * (a.p + 1) * C + L * C + C + a.output_channels + a.levels);
 }
 
-// Places the weights in `budget_bytes` of shared memory after the activations, in GatedStepWeight
-// order, each that fits; returns the bytes a block needs, or -1 if not even the activations fit.
-inline int64_t plan_shared_memory(ResidentGatedStep& a, int64_t budget_bytes) {
+// For a block of `threads`: whether the skip weights go to registers, and where in `budget_bytes` of
+// shared memory each other weight goes after the activations, in GatedStepWeight order, each that fits.
+// Returns the bytes a block needs, or -1 if not even the activations fit.
+inline int64_t plan_shared_memory(ResidentGatedStep& a, int threads, int64_t budget_bytes) {
   const int64_t budget = budget_bytes / static_cast<int64_t>(sizeof(float));
+  a.skip_in_registers = a.channels <= threads / kSplit && a.layers * a.channels <= kSplit * kSkipRegisters;
   int64_t used = activation_floats(a);
   if (used > budget) return -1;
   for (int k = 0; k < kGatedStepWeights; ++k) {
-    const int64_t size = round_up4(a.weight_floats[k]);
-    a.shared_offset[k] = used + size <= budget ? used : -1;
-    if (a.shared_offset[k] >= 0) used += size;
+    ResidentWeight& w = a.weights[k];
+    const int64_t size = round_up4(w.rows * w.cols);
+    const bool fits = used + size <= budget && !(k == kSkipW && a.skip_in_registers);
+    w.shared_offset = fits ? used : -1;
+    const bool bias = k == kHoutB || k == kSkipB || k == kOhB || k == kLgB;  // read by index, never permuted
+    w.permuted = fits && !bias && w.cols % 32 == 0;
+    if (fits) used += size;
   }
   return used * static_cast<int64_t>(sizeof(float));
 }
@@ -73,10 +94,21 @@ GENSERVE_DEVICE float resident_gate(float content, float gate) {  // as the othe
   return (1.f - 2.f / (expf(2.f * content) + 1.f)) * (1.f / (1.f + expf(-gate)));
 }
 
-// This lane's part of x[0..rows) · w[:, o] (w row-major, `ld` columns): every kSplit-th input.
-GENSERVE_DEVICE float lane_part(const float* x, int rows, const float* w, int ld, int o, int lane) {
+// A weight as the kernel reads it: from shared memory (its columns permuted or not) or global memory.
+struct WeightView {
+  const float* data;
+  int ld;
+  bool permuted;
+};
+
+// This lane's part of x[0..rows) · w[row0 + r, o] over every kSplit-th r. Lane q reads rows r ≡ q
+// (mod 8), so its permutation of the columns is the same at every row it reads.
+GENSERVE_DEVICE float lane_part(const float* x, int rows, WeightView w, int row0, int o, int lane) {
+  static_assert(kSplit == 8, "the columns' permutation pairs a lane with rows r = lane (mod 8)");
+  const int column = w.permuted ? o ^ (((row0 + lane) & 7) << 2) : o;
+  const float* weights = w.data + static_cast<int64_t>(row0) * w.ld + column;
   float sum = 0.f;
-  for (int r = lane; r < rows; r += kSplit) sum = fmaf(x[r], w[r * ld + o], sum);
+  for (int r = lane; r < rows; r += kSplit) sum = fmaf(x[r], weights[static_cast<int64_t>(r) * w.ld], sum);
   return sum;
 }
 
@@ -88,28 +120,27 @@ GENSERVE_DEVICE float group_sum(float part) {
   return part;
 }
 
-// store(o, x · w[:, o]) for every output o < outputs, by the block's groups of kSplit lanes. Every
+// store(o, x · w[row0.., o]) for every output o < outputs, by the block's groups of kSplit lanes. Every
 // lane shuffles as often as every other (groups past the last output add zeros).
 template <class Store>
-GENSERVE_DEVICE void dense_outputs(const float* x, int rows, const float* w, int outputs, int lane, int group,
-                                   int groups, Store store) {
+GENSERVE_DEVICE void dense_outputs(const float* x, int rows, WeightView w, int row0, int outputs, int lane,
+                                   int group, int groups, Store store) {
   for (int first = 0; first < outputs; first += groups) {
     const int o = first + group;
-    const float sum = group_sum(o < outputs ? lane_part(x, rows, w, outputs, o, lane) : 0.f);
+    const float sum = group_sum(o < outputs ? lane_part(x, rows, w, row0, o, lane) : 0.f);
     if (lane == 0 && o < outputs) store(o, sum);
   }
 }
 
-// gated[c] = gate(link content + x · w[:, c], link gate + x · w[:, C + c]) for c < C: a horizontal stack.
-GENSERVE_DEVICE void gated_outputs(const float* x, int rows, const float* w, int C, const float* link,
-                                   int64_t link_stride, float* gated, int lane, int group, int groups) {
+// gated[c] = gate(link[c] + x · w[:, c], link[C + c] + x · w[:, C + c]) for c < C: a horizontal stack.
+GENSERVE_DEVICE void gated_outputs(const float* x, int rows, WeightView w, int row0, int C, const float* link,
+                                   float* gated, int lane, int group, int groups) {
   for (int first = 0; first < C; first += groups) {
     const int c = first + group;
     const bool mine = c < C;
-    const float content = group_sum(mine ? lane_part(x, rows, w, 2 * C, c, lane) : 0.f);
-    const float gate = group_sum(mine ? lane_part(x, rows, w, 2 * C, C + c, lane) : 0.f);
-    if (lane == 0 && mine)
-      gated[c] = resident_gate(link[c * link_stride] + content, link[(C + c) * link_stride] + gate);
+    const float content = group_sum(mine ? lane_part(x, rows, w, row0, c, lane) : 0.f);
+    const float gate = group_sum(mine ? lane_part(x, rows, w, row0, C + c, lane) : 0.f);
+    if (lane == 0 && mine) gated[c] = resident_gate(link[c] + content, link[C + c] + gate);
   }
 }
 
@@ -140,63 +171,102 @@ GENSERVE_GLOBAL void gated_step_resident_kernel(const ResidentGatedStep a) {
   const int C = a.channels, C2 = 2 * C, L = a.layers, P0 = a.p0, O = a.output_channels, V = a.levels;
   const int cached = a.p * C, hidden = cached + C;  // a window: p cached columns, then the current one
 
-  const float* w[kGatedStepWeights];
+  // The weights into shared memory, 8 loads in flight per thread.
+  WeightView w[kGatedStepWeights];
   GENSERVE_UNROLL
   for (int k = 0; k < kGatedStepWeights; ++k) {
-    w[k] = a.weights[k];
-    if (a.shared_offset[k] < 0) continue;
-    float* copy = shared + a.shared_offset[k];
-    for (int64_t i = thread; i < a.weight_floats[k]; i += threads) copy[i] = a.weights[k][i];
-    w[k] = copy;
+    const ResidentWeight& from = a.weights[k];
+    w[k] = {from.data, static_cast<int>(from.cols), false};
+    if (from.shared_offset < 0) continue;
+    float* copy = shared + from.shared_offset;
+    const int64_t size = from.rows * from.cols;
+    for (int64_t first = thread; first < size; first += 8 * threads) {
+      float value[8];
+      GENSERVE_UNROLL
+      for (int u = 0; u < 8; ++u) value[u] = first + u * threads < size ? from.data[first + u * threads] : 0.f;
+      GENSERVE_UNROLL
+      for (int u = 0; u < 8; ++u) {
+        const int64_t i = first + u * threads;
+        if (i < size) copy[from.permuted ? i ^ (((i / from.cols) & 7) << 2) : i] = value[u];
+      }
+    }
+    w[k] = {copy, static_cast<int>(from.cols), from.permuted};
   }
-  float* context = shared;                         // the row's last P0 + 1 pixel values
-  float* windows = context + round_up4(P0 + 1);    // layer l's window at (l - 1) * hidden, l = 1..L-1
-  float* gated = windows + (L - 1) * hidden;       // layer l's gated output at l * C
+  // The skip weights of this lane's rows of its group's output, if held in registers.
+  float skip_weights[kSkipRegisters];
+  GENSERVE_UNROLL
+  for (int j = 0; j < kSkipRegisters; ++j) {
+    const int r = lane + j * kSplit;
+    skip_weights[j] = a.skip_in_registers && group < C && r < L * C ? a.weights[kSkipW].data[r * C + group] : 0.f;
+  }
+
+  float* context = shared;                          // the row's last P0 + 1 pixel values
+  float* links = context + round_up4(P0 + 1);       // this pixel's links, (L, 2C)
+  float* windows = links + L * C2;                  // layer l's window at (l - 1) * hidden, l = 1..L-1
+  float* gated = windows + (L - 1) * hidden;        // layer l's gated output at l * C
   float* skips = gated + L * C;
   float* out_hidden = skips + C;
   float* logits = out_hidden + O;
+  const float* slot_links = a.links + s * L * C2 * a.width + a.positions[s] % a.width;  // (L * 2C) rows of W, at column0
+  const auto link_at = [&](int i, int64_t t) { return slot_links[i * a.width + t]; };
   for (int i = thread; i <= P0; i += threads) context[i] = a.image_context[s * (P0 + 1) + i];
+  for (int i = thread; i < L * C2; i += threads) links[i] = link_at(i, 0);
   for (int i = thread; i < (L - 1) * cached; i += threads)
     windows[i / cached * hidden + i % cached] = a.hidden_context[(s * (L - 1)) * cached + i];
-  const int64_t column0 = a.positions[s] % a.width;
   const float temperature = a.temperature[s];
-  const int64_t link_stride = a.width;  // links (L, 2C, W) of this slot: (layer, channel) rows of W columns
   GENSERVE_SYNC();
 
   for (int64_t t = 0; t < a.span; ++t) {
-    const float* link = a.links + s * L * C2 * a.width + column0 + t;
-    gated_outputs(context, P0 + 1, w[kH0W], C, link, link_stride, gated, lane, group, groups);
+    const int64_t index = s * a.span + t;
+    const bool another = t + 1 < a.span;
+    float next_links[kLinkRegisters];  // loaded now, used once this pixel's are no longer read
+    GENSERVE_UNROLL
+    for (int j = 0; j < kLinkRegisters; ++j) {
+      const int i = thread + j * threads;
+      next_links[j] = another && i < L * C2 ? link_at(i, t + 1) : 0.f;
+    }
+    const float draw = thread == 0 && !a.teacher ? a.noise[index] : 0.f;
+
+    gated_outputs(context, P0 + 1, w[kH0W], 0, C, links, gated, lane, group, groups);
     GENSERVE_SYNC();
     for (int l = 1; l < L; ++l) {
       // The residual stream entering layer l, into its window: layer l-1's output 1x1 (and bias), plus
       // the stream entering layer l-1 (none before layer 1).
       float* window = windows + (l - 1) * hidden;
       const float* before = l > 1 ? windows + (l - 2) * hidden + cached : nullptr;
-      const float* bias = w[kHoutB] + (l - 1) * C;
-      dense_outputs(gated + (l - 1) * C, C, w[kHoutW] + (l - 1) * C * C, C, lane, group, groups,
+      const float* bias = w[kHoutB].data + (l - 1) * C;
+      dense_outputs(gated + (l - 1) * C, C, w[kHoutW], (l - 1) * C, C, lane, group, groups,
                     [&](int o, float sum) { window[cached + o] = (before ? before[o] : 0.f) + (sum + bias[o]); });
       GENSERVE_SYNC();
-      gated_outputs(window, hidden, w[kHW] + (l - 1) * hidden * C2, C, link + l * C2 * link_stride, link_stride,
-                    gated + l * C, lane, group, groups);
+      gated_outputs(window, hidden, w[kHW], (l - 1) * hidden, C, links + l * C2, gated + l * C, lane, group,
+                    groups);
       GENSERVE_SYNC();
     }
-    dense_outputs(gated, L * C, w[kSkipW], C, lane, group, groups,
-                  [&](int o, float sum) { skips[o] = fmaxf(sum + w[kSkipB][o], 0.f); });
+    const auto store_skip = [&](int o, float sum) { skips[o] = fmaxf(sum + w[kSkipB].data[o], 0.f); };
+    if (a.skip_in_registers) {  // the same products in the same order as lane_part's
+      float part = 0.f;
+      GENSERVE_UNROLL
+      for (int j = 0; j < kSkipRegisters; ++j)
+        if (lane + j * kSplit < L * C) part = fmaf(gated[lane + j * kSplit], skip_weights[j], part);
+      const float sum = group_sum(part);
+      if (lane == 0 && group < C) store_skip(group, sum);
+    } else {
+      dense_outputs(gated, L * C, w[kSkipW], 0, C, lane, group, groups, store_skip);
+    }
     GENSERVE_SYNC();
-    dense_outputs(skips, C, w[kOhW], O, lane, group, groups,
-                  [&](int o, float sum) { out_hidden[o] = fmaxf(sum + w[kOhB][o], 0.f); });
+    dense_outputs(skips, C, w[kOhW], 0, O, lane, group, groups,
+                  [&](int o, float sum) { out_hidden[o] = fmaxf(sum + w[kOhB].data[o], 0.f); });
     GENSERVE_SYNC();
-    dense_outputs(out_hidden, O, w[kLgW], V, lane, group, groups,
-                  [&](int o, float sum) { logits[o] = sum + w[kLgB][o]; });
+    dense_outputs(out_hidden, O, w[kLgW], 0, V, lane, group, groups,
+                  [&](int o, float sum) { logits[o] = sum + w[kLgB].data[o]; });
     GENSERVE_SYNC();
     if (thread == 0) {
-      const int64_t index = s * a.span + t;
       int64_t value;
       if (a.teacher) {
         for (int v = 0; v < V; ++v) a.logits_out[index * V + v] = logits[v];
         value = a.teacher[index];
       } else {
-        value = resident_choice(logits, V, a.noise[index], temperature);
+        value = resident_choice(logits, V, draw, temperature);
       }
       a.pixel[index] = value;
       for (int i = 0; i < P0; ++i) context[i] = context[i + 1];
@@ -211,6 +281,12 @@ GENSERVE_GLOBAL void gated_step_resident_kernel(const ResidentGatedStep a) {
       const float moved = mine ? windows[at + C] : 0.f;
       GENSERVE_SYNC();
       if (mine) windows[at] = moved;
+    }
+    if (another) {  // this pixel's links were last read before the barriers above
+      GENSERVE_UNROLL
+      for (int j = 0; j < kLinkRegisters; ++j)
+        if (thread + j * threads < L * C2) links[thread + j * threads] = next_links[j];
+      for (int i = thread + kLinkRegisters * threads; i < L * C2; i += threads) links[i] = link_at(i, t + 1);
     }
     GENSERVE_SYNC();
   }

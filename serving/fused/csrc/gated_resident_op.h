@@ -88,16 +88,18 @@ inline ResidentGatedStep resident_arguments(const at::Tensor& positions, const a
   a.pixel = pixel.data_ptr<int64_t>();
   a.logits_out = logits.data_ptr<float>();
   for (int k = 0; k < kGatedStepWeights; ++k) {  // the step's ten, packed after the refresh's eight
-    a.weights[k] = weights[8 + k].data_ptr<float>();
-    a.weight_floats[k] = weights[8 + k].numel();
+    const at::Tensor& weight = weights[8 + k];
+    const int64_t cols = weight.size(-1);
+    a.weights[k] = {weight.data_ptr<float>(), weight.numel() / cols, cols, -1, false};
   }
+  a.weights[kHoutW].rows = (L - 1) * C;  // the last layer's output 1x1 feeds nothing
   a.n = n;
   a.span = span;
   a.width = links.size(3);
   a.level_scale = static_cast<float>(2.0 / (a.levels - 1));
 
   const int64_t budget = shared_bytes < 0 ? device_most : std::min(shared_bytes, device_most);
-  shared_bytes = plan_shared_memory(a, budget);
+  shared_bytes = plan_shared_memory(a, static_cast<int>(threads), budget);
   TORCH_CHECK(shared_bytes >= 0, "shared_bytes: ", budget, " bytes do not hold a block's activations (",
               activation_floats(a) * 4, " bytes)");
   return a;
