@@ -101,15 +101,31 @@ struct WeightView {
   bool permuted;
 };
 
-// This lane's part of x[0..rows) · w[row0 + r, o] over every kSplit-th r. Lane q reads rows r ≡ q
-// (mod 8), so its permutation of the columns is the same at every row it reads.
-GENSERVE_DEVICE float lane_part(const float* x, int rows, WeightView w, int row0, int o, int lane) {
+// Where this lane reads column o of rows row0 + r, r = lane (mod 8): lane q reads rows r ≡ q (mod 8),
+// so its permutation of the columns is the same at every row it reads.
+GENSERVE_DEVICE const float* lane_column(WeightView w, int row0, int o, int lane) {
   static_assert(kSplit == 8, "the columns' permutation pairs a lane with rows r = lane (mod 8)");
-  const int column = w.permuted ? o ^ (((row0 + lane) & 7) << 2) : o;
-  const float* weights = w.data + static_cast<int64_t>(row0) * w.ld + column;
+  return w.data + static_cast<int64_t>(row0) * w.ld + (w.permuted ? o ^ (((row0 + lane) & 7) << 2) : o);
+}
+
+// This lane's part of x[0..rows) · w[row0 + r, o] over every kSplit-th r.
+GENSERVE_DEVICE float lane_part(const float* x, int rows, WeightView w, int row0, int o, int lane) {
+  const float* weights = lane_column(w, row0, o, lane);
   float sum = 0.f;
   for (int r = lane; r < rows; r += kSplit) sum = fmaf(x[r], weights[static_cast<int64_t>(r) * w.ld], sum);
   return sum;
+}
+
+// The same for two outputs at once: two independent chains of multiply-adds, each in lane_part's order.
+GENSERVE_DEVICE void lane_parts(const float* x, int rows, WeightView w, int row0, int o1, int o2, int lane,
+                                float& sum1, float& sum2) {
+  const float *weights1 = lane_column(w, row0, o1, lane), *weights2 = lane_column(w, row0, o2, lane);
+  sum1 = sum2 = 0.f;
+  for (int r = lane; r < rows; r += kSplit) {
+    const float input = x[r];
+    sum1 = fmaf(input, weights1[static_cast<int64_t>(r) * w.ld], sum1);
+    sum2 = fmaf(input, weights2[static_cast<int64_t>(r) * w.ld], sum2);
+  }
 }
 
 // The group's kSplit parts added by a butterfly: every lane ends with the same sum, bit for bit
@@ -138,8 +154,10 @@ GENSERVE_DEVICE void gated_outputs(const float* x, int rows, WeightView w, int r
   for (int first = 0; first < C; first += groups) {
     const int c = first + group;
     const bool mine = c < C;
-    const float content = group_sum(mine ? lane_part(x, rows, w, row0, c, lane) : 0.f);
-    const float gate = group_sum(mine ? lane_part(x, rows, w, row0, C + c, lane) : 0.f);
+    float content = 0.f, gate = 0.f;
+    if (mine) lane_parts(x, rows, w, row0, c, C + c, lane, content, gate);
+    content = group_sum(content);
+    gate = group_sum(gate);
     if (lane == 0 && mine) gated[c] = resident_gate(link[c] + content, link[C + c] + gate);
   }
 }
