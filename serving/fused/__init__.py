@@ -94,7 +94,7 @@ def build(verbose: bool = False) -> Path:
             name=CUDA_LIBRARY_NAME,
             sources=[str(SOURCE_DIR / name) for name in CUDA_SOURCES],
             build_directory=str(BUILD_DIR),
-            extra_cflags=["-O3", "-std=c++17"],
+            extra_cflags=list(CUDA_CFLAGS),  # the registration's host code
             extra_cuda_cflags=list(CUDA_CFLAGS),
             is_python_module=False,
             verbose=verbose,

@@ -63,11 +63,11 @@ struct ResidentGatedStep {
 GENSERVE_HOST_DEVICE int64_t round_up4(int64_t floats) { return (floats + 3) / 4 * 4; }
 
 // The activations a block keeps: the image context, this pixel's links, each later layer's window
-// (p cached columns of the residual stream, then the current one), every layer's gated output, the
-// output layers'.
+// (p cached columns of the residual stream, then the current one) twice (this pixel's, and the next
+// one's, into which the cached columns move), every layer's gated output, the output layers'.
 GENSERVE_HOST_DEVICE int64_t activation_floats(const ResidentGatedStep& a) {
-  const int64_t C = a.channels, L = a.layers;
-  return round_up4(a.p0 + 1) + round_up4(L * 2 * C + (L - 1) * (a.p + 1) * C + L * C + C + a.output_channels + a.levels);
+  const int64_t C = a.channels, L = a.layers, windows = 2 * (L - 1) * (a.p + 1) * C;
+  return round_up4(a.p0 + 1) + round_up4(L * 2 * C + windows + L * C + C + a.output_channels + a.levels);
 }
 
 // For a block of `threads`: whether the skip weights go to registers, and where in `budget_bytes` of
@@ -220,8 +220,9 @@ GENSERVE_GLOBAL void gated_step_resident_kernel(const ResidentGatedStep a) {
 
   float* context = shared;                          // the row's last P0 + 1 pixel values
   float* links = context + round_up4(P0 + 1);       // this pixel's links, (L, 2C)
-  float* windows = links + L * C2;                  // layer l's window at (l - 1) * hidden, l = 1..L-1
-  float* gated = windows + (L - 1) * hidden;        // layer l's gated output at l * C
+  float* windows = links + L * C2;                  // layer l's window at (l - 1) * hidden, l = 1..L-1, twice
+  const int window_set = (L - 1) * hidden;          // pixel t's windows at windows + (t % 2) * window_set
+  float* gated = windows + 2 * window_set;          // layer l's gated output at l * C
   float* skips = gated + L * C;
   float* out_hidden = skips + C;
   float* logits = out_hidden + O;
@@ -235,6 +236,8 @@ GENSERVE_GLOBAL void gated_step_resident_kernel(const ResidentGatedStep a) {
   GENSERVE_SYNC();
 
   for (int64_t t = 0; t < a.span; ++t) {
+    float* const now = windows + (t % 2) * window_set;
+    float* const next = windows + (1 - t % 2) * window_set;
     const int64_t index = s * a.span + t;
     const bool another = t + 1 < a.span;
     float next_links[kLinkRegisters];  // loaded now, used once this pixel's are no longer read
@@ -250,8 +253,8 @@ GENSERVE_GLOBAL void gated_step_resident_kernel(const ResidentGatedStep a) {
     for (int l = 1; l < L; ++l) {
       // The residual stream entering layer l, into its window: layer l-1's output 1x1 (and bias), plus
       // the stream entering layer l-1 (none before layer 1).
-      float* window = windows + (l - 1) * hidden;
-      const float* before = l > 1 ? windows + (l - 2) * hidden + cached : nullptr;
+      float* window = now + (l - 1) * hidden;
+      const float* before = l > 1 ? now + (l - 2) * hidden + cached : nullptr;
       const float* bias = w[kHoutB].data + (l - 1) * C;
       dense_outputs(gated + (l - 1) * C, C, w[kHoutW], (l - 1) * C, C, lane, group, groups,
                     [&](int o, float sum) { window[cached + o] = (before ? before[o] : 0.f) + (sum + bias[o]); });
@@ -290,15 +293,10 @@ GENSERVE_GLOBAL void gated_step_resident_kernel(const ResidentGatedStep a) {
       for (int i = 0; i < P0; ++i) context[i] = context[i + 1];
       context[P0] = GENSERVE_MUL(static_cast<float>(value), a.level_scale) - 1.f;  // as level_value
     }
-    // Each window drops its oldest column, a block of entries at a time: every read of a block
-    // before any of its writes; a later block reads only entries no earlier block writes.
-    for (int first = 0; first < (L - 1) * cached; first += threads) {
-      const int i = first + thread;
-      const bool mine = i < (L - 1) * cached;
+    // The next pixel's windows: these, less their oldest column (its current one is written then).
+    for (int i = thread; i < (L - 1) * cached; i += threads) {
       const int at = i / cached * hidden + i % cached;
-      const float moved = mine ? windows[at + C] : 0.f;
-      GENSERVE_SYNC();
-      if (mine) windows[at] = moved;
+      next[at] = now[at + C];
     }
     if (another) {  // this pixel's links were last read before the barriers above
       GENSERVE_UNROLL
@@ -309,8 +307,9 @@ GENSERVE_GLOBAL void gated_step_resident_kernel(const ResidentGatedStep a) {
     GENSERVE_SYNC();
   }
   for (int i = thread; i <= P0; i += threads) a.image_context[s * (P0 + 1) + i] = context[i];
+  const float* last = windows + (a.span % 2) * window_set;  // what the last pixel left for the next
   for (int i = thread; i < (L - 1) * cached; i += threads)
-    a.hidden_context[(s * (L - 1)) * cached + i] = windows[i / cached * hidden + i % cached];
+    a.hidden_context[(s * (L - 1)) * cached + i] = last[i / cached * hidden + i % cached];
 }
 
 }  // namespace genserve
