@@ -26,7 +26,7 @@ from tests.unit.test_sampling_engine import tiny
 
 POINTER_TYPES = {torch.float32: "*fp32", torch.int64: "*i64", torch.uint8: "*u8"}
 KERNELS = ((triton_gated, "gated_refresh_kernel"), (triton_gated, "gated_step_kernel"),
-           (triton_pixelcnn, "pixelcnn_step_kernel"))
+           (triton_gated, "gated_prepare_kernel"), (triton_pixelcnn, "pixelcnn_step_kernel"))
 
 
 class CompileInstead:
@@ -78,6 +78,10 @@ def compile_all(capability: int) -> None:
                                      refresh["vertical"], refresh.get("condition"), weights)
             triton_ops.gated_step(*controls, step["links"], step["image_context"], step["hidden_context"], None,
                                   weights)
+            triton_ops.SPLIT_REFRESH_SLOTS = 2  # the split refresh: its prepare kernel, then the rest
+            triton_ops.gated_refresh(refresh["pixels"], refresh["positions"], refresh.get("labels"),
+                                     refresh["vertical"], refresh.get("condition"), weights)
+            triton_ops.SPLIT_REFRESH_SLOTS = 0
         else:
             blocks = [step[s.name] for s in program.states if s.name.startswith("block")]
             triton_ops.pixelcnn_step(*controls, step["image_rows"], blocks, None, weights)

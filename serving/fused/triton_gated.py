@@ -117,16 +117,76 @@ def _link_and_hand_on(pre_a, pre_b, layer, s, j, c, labels, condition_row, links
 
 
 @triton.jit
+def _kernel_row(pre_a, pre_b, rows, row_stride, rr, weights, j, c, column_ok, channel_ok,
+                WIDTH: tl.constexpr, C: tl.constexpr, P: tl.constexpr, CB: tl.constexpr):
+    """Adds kernel row rr of a later layer's vertical stack over one row of the layer before's outputs
+    (`rows` + c * row_stride + column, zero outside the row), tap by tap."""
+    C2: tl.constexpr = 2 * C
+    K: tl.constexpr = 2 * P + 1
+    for kk in range(K):
+        source = j - P + kk  # (WB, 1): the column each output column reads at this tap
+        ok = (source >= 0) & (source < WIDTH) & column_ok & channel_ok
+        x = tl.load(rows + c * row_stride + source, mask=ok, other=0.0)
+        tap = (rr * K + kk) * C
+        pre_a += _dot(x, _matrix(weights, tap, C, 0, C, C2, CB, CB))
+        pre_b += _dot(x, _matrix(weights, tap, C, C, C, C2, CB, CB))
+    return pre_a, pre_b
+
+
+@triton.jit
+def _cache_part(s, layer, vertical, v_w, v_b, j, c, column_ok, channel_ok,
+                WIDTH: tl.constexpr, LAYERS: tl.constexpr, C: tl.constexpr, P: tl.constexpr, WB: tl.constexpr,
+                CB: tl.constexpr):
+    """A later layer's vertical pre-activations (two CB halves) as far as its cache gives them: the bias,
+    then kernel rows 0..P-1 over rows i-P..i-1 of the layer before's outputs. Nothing of the row being
+    started: the part gated_prepare_kernel can compute apart."""
+    C2: tl.constexpr = 2 * C
+    K: tl.constexpr = 2 * P + 1
+    cache = vertical + (s * (LAYERS - 1) + layer - 1) * C * P * WIDTH  # (C, P, W)
+    weights = v_w + (layer - 1) * (P + 1) * K * C * C2
+    pre_a = tl.zeros((WB, CB), tl.float32) + _row(v_b, (layer - 1) * C2, C, CB)
+    pre_b = tl.zeros((WB, CB), tl.float32) + _row(v_b, (layer - 1) * C2 + C, C, CB)
+    for rr in tl.static_range(P):
+        pre_a, pre_b = _kernel_row(pre_a, pre_b, cache + rr * WIDTH, P * WIDTH, rr, weights, j, c, column_ok,
+                                   channel_ok, WIDTH, C, P, CB)
+    return pre_a, pre_b
+
+
+@triton.jit
+def gated_prepare_kernel(
+    vertical, prepared, v_w, v_b,
+    WIDTH: tl.constexpr, LAYERS: tl.constexpr, C: tl.constexpr, P: tl.constexpr, WB: tl.constexpr,
+    CB: tl.constexpr,
+):
+    """One (slot, later layer) per program: `_cache_part` into `prepared` (n, L - 1, 2C, W), for a refresh
+    launched with PREPARED. At batch 1 the refresh is one program; this spreads two thirds of the shipped
+    model's refresh arithmetic (the cache's part, P of P + 1 kernel rows) over L - 1 programs."""
+    s = tl.program_id(0).to(tl.int64)
+    layer = tl.program_id(1).to(tl.int64) + 1
+    j = tl.arange(0, WB)[:, None]
+    c = tl.arange(0, CB)[None, :]
+    column_ok = j < WIDTH
+    channel_ok = c < C
+    pre_a, pre_b = _cache_part(s, layer, vertical, v_w, v_b, j, c, column_ok, channel_ok, WIDTH, LAYERS, C, P, WB,
+                               CB)
+    out = prepared + (s * (LAYERS - 1) + layer - 1) * 2 * C * WIDTH
+    tl.store(out + c * WIDTH + j, pre_a, mask=column_ok & channel_ok)
+    tl.store(out + (C + c) * WIDTH + j, pre_b, mask=column_ok & channel_ok)
+
+
+@triton.jit
 def gated_refresh_kernel(
-    pixels, positions, labels, vertical, condition, vertical_out, links, scratch,
+    pixels, positions, labels, vertical, condition, vertical_out, links, scratch, prepared,
     v0_w, v0_b, v_w, v_b, link_w, link_bias, h_b, class_bias, cond_w, cond_b,
     level_scale,
     HEIGHT: tl.constexpr, WIDTH: tl.constexpr, LAYERS: tl.constexpr, C: tl.constexpr, P0: tl.constexpr,
-    P: tl.constexpr, CLASSES: tl.constexpr, COND: tl.constexpr,
+    P: tl.constexpr, CLASSES: tl.constexpr, COND: tl.constexpr, PREPARED: tl.constexpr,
     WB: tl.constexpr, CB: tl.constexpr, QB: tl.constexpr, VB: tl.constexpr, CCB: tl.constexpr,
 ):
     """One slot's row start. Tiles: WB columns, CB channels, QB first-layer window taps, VB cache entries,
-    CCB conditioning channels (COND of them; 0 for a network without a conditioning map).
+    CCB conditioning channels (COND of them; 0 for a network without a conditioning map). With
+    PREPARED, the later layers' cache parts are read from `prepared` (gated_prepare_kernel, launched
+    before on the same caches) rather than computed: the same values, so the same bits.
 
     The layers after the first run in a loop, not unrolled: unrolled, the shipped model's 7 layers
     of 15 taps made a kernel that Triton's compiler had not finished after 15 minutes."""
@@ -161,20 +221,16 @@ def gated_refresh_kernel(
 
     for layer in range(1, LAYERS):  # rows i-P..i of the previous layer's vertical output, columns j-P..j+P
         cache = vertical + (s * (LAYERS - 1) + layer - 1) * C * P * WIDTH  # (C, P, W)
-        weights = v_w + (layer - 1) * (P + 1) * K * C * C2
-        pre_a = tl.zeros((WB, CB), tl.float32) + _row(v_b, (layer - 1) * C2, C, CB)
-        pre_b = tl.zeros((WB, CB), tl.float32) + _row(v_b, (layer - 1) * C2 + C, C, CB)
-        for rr in tl.static_range(P + 1):
-            for kk in range(K):
-                source = j - P + kk  # (WB, 1): the column each output column reads at this tap
-                ok = (source >= 0) & (source < WIDTH) & column_ok & channel_ok
-                if rr < P:
-                    x = tl.load(cache + (c * P + rr) * WIDTH + source, mask=ok, other=0.0)
-                else:
-                    x = tl.load(scratch + (s * C + c) * WIDTH + source, mask=ok, other=0.0)
-                tap = (rr * K + kk) * C
-                pre_a += _dot(x, _matrix(weights, tap, C, 0, C, C2, CB, CB))
-                pre_b += _dot(x, _matrix(weights, tap, C, C, C, C2, CB, CB))
+        if PREPARED:
+            part = prepared + (s * (LAYERS - 1) + layer - 1) * C2 * WIDTH
+            pre_a = tl.load(part + c * WIDTH + j, mask=column_ok & channel_ok, other=0.0)
+            pre_b = tl.load(part + (C + c) * WIDTH + j, mask=column_ok & channel_ok, other=0.0)
+        else:
+            pre_a, pre_b = _cache_part(s, layer, vertical, v_w, v_b, j, c, column_ok, channel_ok, WIDTH, LAYERS, C,
+                                       P, WB, CB)
+        pre_a, pre_b = _kernel_row(pre_a, pre_b, scratch + s * C * WIDTH, WIDTH, P,
+                                   v_w + (layer - 1) * (P + 1) * K * C * C2, j, c, column_ok, channel_ok, WIDTH, C, P,
+                                   CB)
         # The previous layer's cache moves up one row (rows i-P+1..i), its newest row the output in scratch.
         v = tl.arange(0, VB)[None, :]  # cache entries (channel, row) = v // P, v % P
         cached = column_ok & (v < C * P)

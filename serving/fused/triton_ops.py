@@ -35,6 +35,10 @@ WARPS = {"gated_refresh": 4, "gated_step": 8, "pixelcnn_step": 4}
 # has been timed against the Triton step on a GPU (deploy/gpu/check.sh sets it for its batch-1 runs).
 RESIDENT_STEP_SLOTS = int(os.environ.get("GENSERVE_RESIDENT_STEP_SLOTS", "0"))
 RESIDENT_THREADS = 256  # per block: 32 groups of 8 lanes, one output each at a time
+# Gated refreshes of at most this many slots run in two launches: every (slot, later layer)'s cache part
+# in a program of its own (gated_prepare_kernel), then the rest; else one program per slot does it all.
+# 0, so off, until timed on a GPU (deploy/gpu/check.sh's profile-resident step times it).
+SPLIT_REFRESH_SLOTS = int(os.environ.get("GENSERVE_SPLIT_REFRESH_SLOTS", "0"))
 
 
 def _tile(size: int) -> int:
@@ -167,15 +171,22 @@ def _refresh_into(shape: GatedShape, pixels, positions, labels, vertical, condit
     named = shape.weights
     scratch = torch.empty(n, C, width, device=device)  # each layer's vertical output, the next one's input
     unused = named["lg_b"]  # where a network has no conditioning: a pointer the kernel never reads
+    prepared = unused
+    if n <= SPLIT_REFRESH_SLOTS:
+        prepared = torch.empty(n, L - 1, 2 * C, width, device=device)
+        triton_gated.gated_prepare_kernel[(n, L - 1)](
+            vertical, prepared, named["v_w"], named["v_b"], WIDTH=width, LAYERS=L, C=C, P=shape.p,
+            WB=_tile(width), CB=_tile(C), num_warps=WARPS["gated_refresh"], **LAUNCH,
+        )
     triton_gated.gated_refresh_kernel[(n,)](
         pixels, positions, labels if shape.classes else positions, vertical, condition if cc else unused,
-        vertical_out, links, scratch,
+        vertical_out, links, scratch, prepared,
         *(named[k] for k in ("v0_w", "v0_b", "v_w", "v_b", "link_w", "link_b", "h_b", "class_bias")),
         named.get("cond_w", unused), named.get("cond_b", unused),
         _level_scale(shape.levels),
         HEIGHT=height, WIDTH=width, LAYERS=L, C=C, P0=shape.p0, P=shape.p, CLASSES=shape.classes, COND=cc,
-        WB=_tile(width), CB=_tile(C), QB=_tile((shape.p0 + 1) * (2 * shape.p0 + 1)), VB=_tile(C * shape.p),
-        CCB=_tile(cc),
+        PREPARED=prepared is not unused, WB=_tile(width), CB=_tile(C),
+        QB=_tile((shape.p0 + 1) * (2 * shape.p0 + 1)), VB=_tile(C * shape.p), CCB=_tile(cc),
         num_warps=WARPS["gated_refresh"], **LAUNCH,
     )
 

@@ -3,7 +3,8 @@
 The claims tests/unit/test_gated_resident.py makes of the same source on CPU threads, now on the
 GPU, through the engine's GPU path (triton_ops, with GENSERVE_RESIDENT_STEP_SLOTS's switch on): every
 call against the step graph, images against naive sampling, graph replays against launches, bits
-independent of where the weights are read from. Skipped without a CUDA device, and where the CUDA
+independent of where the weights are read from. And the refresh split in two launches
+(GENSERVE_SPLIT_REFRESH_SLOTS), bit for bit the whole one. Skipped without a CUDA device, and where the CUDA
 library was not built (`genserve build-ops` builds it where nvcc is present).
 """
 
@@ -20,6 +21,7 @@ from genserve.serving.engine.graphs import RowGraphs
 from genserve.serving.fused import triton_ops
 from tests.gpu.test_fused_gpu import row_inputs
 from tests.unit.test_fused_ops import assert_call_matches_the_graph, slots_at_different_columns
+from tests.unit.test_fused_triton import refresh_arguments
 from tests.unit.test_gated_resident import GATED_MODELS, resident_step, step_arguments
 from tests.unit.test_sampling_engine import generate, labels_for, naive, tiny
 
@@ -88,3 +90,28 @@ def test_the_resident_cuda_step_gives_the_same_bits_wherever_its_weights_are_rea
         for got, want in zip(other[:3], results[0][:3]):
             assert torch.equal(got, want)
     assert torch.equal(results[0][0].cpu(), on_cpu[0])  # the pixels the same source chose on CPU threads
+
+
+@pytest.mark.parametrize("name", [*GATED_MODELS, "shipped"])
+def test_a_split_cuda_refresh_gives_the_bits_of_the_whole_one(monkeypatch, shipped, name):
+    model = shipped("gated_pixelcnn_mnist").model if name == "shipped" else tiny(name)
+    inputs, weights = refresh_arguments(model)
+    arguments = [None if value is None else value.cuda() for value in (
+        inputs["pixels"], inputs["positions"], inputs.get("labels"), inputs["vertical"], inputs.get("condition"))]
+    weights = [w.cuda() for w in weights]
+    whole = triton_ops.gated_refresh(*arguments, weights)
+    monkeypatch.setattr(triton_ops, "SPLIT_REFRESH_SLOTS", 16)
+    for got, want in zip(triton_ops.gated_refresh(*arguments, weights), whole):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("name", GATED_MODELS)
+def test_cuda_sampling_on_the_resident_step_and_split_refreshes_equals_naive_sampling(resident, monkeypatch, name):
+    # The batch-1 configuration check.sh's bench-resident runs, CUDA graphs included.
+    monkeypatch.setattr(triton_ops, "SPLIT_REFRESH_SLOTS", 64)
+    model = tiny(name)
+    n = 6
+    labels = labels_for(model, n)
+    engine = SamplingEngine(fused_runner(model, device="cuda"), EngineConfig(num_slots=4))
+    for seed in range(4):
+        assert np.array_equal(generate(engine, model, seed, n, labels=labels), naive(model, n, seed, labels=labels))

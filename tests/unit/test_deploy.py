@@ -130,3 +130,31 @@ def test_the_compose_file_builds_what_exists_and_prometheus_scrapes_its_services
     assert {t.split(":")[0] for t in targets} == set(services) - {"prometheus", "grafana"}
     mounted = [v.split(":")[0] for v in services["grafana"]["volumes"]]
     assert all((DEPLOY / m).exists() for m in mounted)
+
+
+def test_the_gpu_profiles_variants_set_the_switches_they_name(monkeypatch):
+    # deploy/gpu/profile_fused.py runs only where a GPU is; its variants are what a short GPU session
+    # measures, so their parsing is checked here.
+    import importlib.util
+
+    from genserve.serving.fused import triton_ops
+
+    spec = importlib.util.spec_from_file_location("profile_fused", DEPLOY / "gpu" / "profile_fused.py")
+    profile = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(profile)
+    for name in ("WARPS", "SLOTS_PER_PROGRAM", "RESIDENT_STEP_SLOTS", "RESIDENT_THREADS", "SPLIT_REFRESH_SLOTS"):
+        monkeypatch.setattr(triton_ops, name, getattr(triton_ops, name))  # restored after the test
+    warps = dict(triton_ops.WARPS)
+
+    def switches():
+        return (triton_ops.WARPS, triton_ops.SLOTS_PER_PROGRAM, triton_ops.RESIDENT_STEP_SLOTS,
+                triton_ops.RESIDENT_THREADS, triton_ops.SPLIT_REFRESH_SLOTS)
+
+    profile.apply_variant("resident128+split", 64)
+    assert switches() == (warps, 16, 64, 128, 64)
+    profile.apply_variant("8x1", 2)
+    assert switches() == (dict.fromkeys(warps, 8), 1, 0, 256, 0)
+    profile.apply_variant("resident", 1)
+    assert switches() == (warps, 16, 1, 256, 0)
+    profile.apply_variant("default", 1)
+    assert switches() == (warps, 16, 0, 256, 0)

@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 import torch
 
-from genserve.export.fused import fused_runner, gated_weights, pixelcnn_weights
+from genserve.export.fused import fused_runner, gated_weights, packed_weights, pixelcnn_weights
 from genserve.export.steps import step_program
 from genserve.serving.engine import EngineConfig, SamplingEngine
-from genserve.serving.fused import triton_ops
+from genserve.serving.fused import triton_gated, triton_ops
 from tests.unit.test_fused_ops import (
     FUSED_MODELS,
     assert_a_map_is_taken_exactly_where_the_network_has_one,
@@ -192,13 +192,14 @@ def test_every_kernel_compiles_for_an_h100_with_tritons_own_compiler(tmp_path):
                             timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     compiled = [line.split(" compiled for ")[0] for line in result.stdout.splitlines()]
+    gated = ["gated_refresh_kernel", "gated_step_kernel", "gated_prepare_kernel", "gated_refresh_kernel"]
     assert compiled == [
-        "tiny gated_conditional_3_levels: gated_refresh_kernel", "tiny gated_conditional_3_levels: gated_step_kernel",
+        *(f"tiny gated_conditional_3_levels: {kernel}" for kernel in gated),
         "tiny pixelcnn_3_levels: pixelcnn_step_kernel",
-        "tiny pixel_vae: gated_refresh_kernel", "tiny pixel_vae: gated_step_kernel",
-        "gated_pixelcnn_mnist: gated_refresh_kernel", "gated_pixelcnn_mnist: gated_step_kernel",
+        *(f"tiny pixel_vae: {kernel}" for kernel in gated),
+        *(f"gated_pixelcnn_mnist: {kernel}" for kernel in gated),
         "pixelcnn_mnist: pixelcnn_step_kernel",
-        "pixel_vae_mnist: gated_refresh_kernel", "pixel_vae_mnist: gated_step_kernel",
+        *(f"pixel_vae_mnist: {kernel}" for kernel in gated),
     ], result.stdout
     assert all(line.endswith("bytes shared)") and "sm_90" in line for line in result.stdout.splitlines())
 
@@ -212,3 +213,57 @@ def test_step_programs_of_one_slot_sample_exactly(monkeypatch, name):
     engine = mirrored(engine_for(model, span=None, num_slots=3))
     images = engine.generate(4, 3, 1.0, labels_for(model, 3))
     assert np.array_equal(images, naive(model, 3, 4, labels=labels_for(model, 3)))
+
+
+GATED_FUSED_MODELS = [name for name in FUSED_MODELS if not name.startswith("pixelcnn")]
+
+
+def refresh_arguments(model, n: int = 3):
+    """A refresh call's inputs for n slots at rows 0, 1, 3, ... of random images and caches, and the weights."""
+    program, c = step_program(model), model.config
+    generator = torch.Generator().manual_seed(2)
+    inputs = dict(zip((s.name for s in program.refresh.inputs), program.refresh.example(n)))
+    inputs["vertical"] = torch.randn(inputs["vertical"].shape, generator=generator)
+    inputs["positions"] = torch.tensor([[0], [1], [3]])[:n] * c.image_size
+    return inputs, list(packed_weights(model)[1].values())
+
+
+@pytest.mark.parametrize("name", [*GATED_FUSED_MODELS, "shipped"])
+def test_a_split_refresh_gives_the_bits_of_the_whole_one(monkeypatch, shipped, name):
+    # The cache's part in programs of its own (gated_prepare_kernel), the rest after: the same sums in
+    # the same order, so the same links, caches and pixels, bit for bit, with or without the split.
+    model = shipped("gated_pixelcnn_mnist").model if name == "shipped" else tiny(name)
+    inputs, weights = refresh_arguments(model)
+    arguments = (inputs["pixels"], inputs["positions"], inputs.get("labels"), inputs["vertical"],
+                 inputs.get("condition"), weights)
+    whole = triton_ops.gated_refresh(*arguments)
+    monkeypatch.setattr(triton_ops, "SPLIT_REFRESH_SLOTS", 16)
+    launched = []
+    prepare = triton_gated.gated_prepare_kernel
+    monkeypatch.setattr(triton_gated, "gated_prepare_kernel", _Recorded(prepare, launched))
+    split = triton_ops.gated_refresh(*arguments)
+    layers = weights[4].shape[0]  # link_w: (L, 2C, 2C)
+    assert launched == [(3, layers - 1)]  # a program per (slot, later layer)
+    for got, want in zip(split, whole):
+        assert torch.equal(got, want)
+
+
+class _Recorded:
+    """A kernel whose launches' grids are recorded."""
+
+    def __init__(self, kernel, grids: list) -> None:
+        self.kernel, self.grids = kernel, grids
+
+    def __getitem__(self, grid):
+        self.grids.append(grid)
+        return self.kernel[grid]
+
+
+def test_sampling_with_split_refreshes_equals_naive_sampling(monkeypatch):
+    monkeypatch.setattr(triton_ops, "SPLIT_REFRESH_SLOTS", 16)
+    model = tiny("gated_conditional_3_levels")
+    n = 4
+    labels = labels_for(model, n)
+    engine = mirrored(engine_for(model, span=None, num_slots=3))
+    images = engine.generate(5, n, 1.0, labels)
+    assert np.array_equal(images, naive(model, n, 5, labels=labels))
