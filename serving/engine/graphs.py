@@ -8,7 +8,9 @@ costs one replay (on an H200 at batch 1, a Gated PixelCNN row call took 1270 µs
 Occupancy changes only when samples join or finish, and an engine always passes the same
 state views for the same slot count (leading slices of its own tensors), so one graph per
 slot count replays on exactly the tensors it was captured on. The controls (pixels,
-positions, noise, ...) are copied into the graph's own input tensors before each replay.
+positions, noise, ...) are copied into the graph's own input tensors before each replay, or,
+where the caller passes the same control tensors every time too (`copy_inputs=False`: the
+engine's mirrored rows, runner.py), the graph is captured on them and replays with nothing copied.
 Each engine has its own graphs (runner.py), captured when it is made: a capture while
 samples are in flight would stall them all.
 """
@@ -29,7 +31,7 @@ RowCall = Callable[[Mapping[str, torch.Tensor | None], list[torch.Tensor]], torc
 @dataclass(frozen=True)
 class CapturedRow:
     graph: torch.cuda.CUDAGraph
-    inputs: dict[str, torch.Tensor | None]  # the graph's own copies of the controls
+    inputs: dict[str, torch.Tensor | None]  # the graph's own copies of the controls (or the controls)
     states: list[torch.Tensor]  # held so that their memory cannot pass to other tensors
     pixel: torch.Tensor  # the graph's output, rewritten by every replay
 
@@ -37,8 +39,10 @@ class CapturedRow:
 class RowGraphs:
     """Runs `call(feeds, states)` through a CUDA graph per slot count up to `max_slots`, eagerly above."""
 
-    def __init__(self, call: RowCall, max_slots: int) -> None:
-        self.call, self.max_slots = call, max_slots
+    def __init__(self, call: RowCall, max_slots: int, copy_inputs: bool = True) -> None:
+        """`copy_inputs=False`: every call passes the same control tensors for a slot count (and `call`
+        touches nothing else but the states), so graphs are captured on them and nothing is copied."""
+        self.call, self.max_slots, self.copy_inputs = call, max_slots, copy_inputs
         # One memory pool for every graph: they replay one at a time on one stream, and the only
         # memory a graph leaves in use is its `pixel`, read before the next replay.
         self.pool = torch.cuda.graph_pool_handle()
@@ -50,9 +54,10 @@ class RowGraphs:
         row = self.prepare(feeds, states)
         if row is None:
             return self.call(feeds, states)
-        for name, tensor in row.inputs.items():
-            if tensor is not None:
-                tensor.copy_(feeds[name])
+        if self.copy_inputs:
+            for name, tensor in row.inputs.items():
+                if tensor is not None:
+                    tensor.copy_(feeds[name])
         row.graph.replay()
         return row.pixel
 
@@ -63,6 +68,8 @@ class RowGraphs:
         if n > self.max_slots or self.failed:
             return None
         key = (n, *(state.data_ptr() for state in states))
+        if not self.copy_inputs:  # captured on the controls themselves
+            key += tuple(tensor.data_ptr() for tensor in feeds.values() if tensor is not None)
         row = self.captured.get(key)
         if row is None:
             try:
@@ -74,13 +81,15 @@ class RowGraphs:
         return row
 
     def _capture(self, feeds, states) -> CapturedRow:
-        inputs = {name: None if tensor is None else tensor.clone() for name, tensor in feeds.items()}
+        copies = {name: None if tensor is None else tensor.clone() for name, tensor in feeds.items()}
+        inputs = copies if self.copy_inputs else dict(feeds)
         # One call outside the capture, so that any kernel this slot count needs is compiled first (a
-        # compiler cannot run inside a capture), on copies of the states: a row call updates its states.
+        # compiler cannot run inside a capture), on copies of the states and controls: a row call updates
+        # its states (and a device row its controls).
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            self.call(inputs, [state.clone() for state in states])
+            self.call(copies, [state.clone() for state in states])
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         # Records the kernels, runs nothing. Thread-local: CUDA work of the server's other threads (other

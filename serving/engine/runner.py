@@ -69,11 +69,13 @@ class SlotRunner:
         # written in place, and a slice costs microseconds of dispatch on every row call.
         self._leading_states: dict[int, list[torch.Tensor]] = {}
         self._leading_controls: dict[int, dict[str, torch.Tensor]] = {}  # the same for the row call's controls
-        self.row_graphs = None  # the row call's CUDA graphs, one per slot count, all captured now
-        if runner.row_graph_slots and runner.row_inputs:
-            self.row_graphs = RowGraphs(runner.run_row, runner.row_graph_slots)
+        # The mirrored row's CUDA graphs, one per slot count, all captured now: each replays the whole row
+        # (noise picked, row call, pixels written, positions advanced) on the engine's own tensors.
+        self.row_graphs = None
+        if runner.row_graph_slots and runner.row_inputs and self.mirror:
+            self.row_graphs = RowGraphs(self._device_row, runner.row_graph_slots, copy_inputs=False)
             for n in range(1, min(num_slots, runner.row_graph_slots) + 1):
-                self.row_graphs.prepare(self._feeds(runner.row_inputs, slice(0, n)), self._states_of_first(n))
+                self.row_graphs.prepare(self._row_controls(n), self._states_of_first(n))
 
     def occupy(self, job: SampleJob, ks: range) -> None:
         """Puts samples `ks` of `job` into the next free slots, with fresh (zero) caches."""
@@ -128,21 +130,25 @@ class SlotRunner:
         """
         n = self.active
         if self.whole_rows:  # every slot starts a row at every call: all complete `rows` rows
-            self.runner.run_rows(self._row_feeds(n), self._states_of_first(n), rows)
+            self.runner.run_rows(self._row_controls(n), self._states_of_first(n), rows)
             return self._slot_index[:n]
         if rows != 1:
             raise ValueError(f"this program runs one row per call, not {rows}")
         positions = self.positions[:n]
         starting = np.flatnonzero(positions % self.spec.period == 0) if REFRESH in self.spec.graphs else []
         if len(starting) == n and self.runner.row_inputs:  # one in-place call: refresh, then step
-            pixel = (self.row_graphs or self.runner.run_row)(self._row_feeds(n), self._states_of_first(n))
+            if self.mirror:  # pixels written and program positions advanced by the row itself
+                (self.row_graphs or self._device_row)(self._row_controls(n), self._states_of_first(n))
+            else:
+                pixel = self.runner.run_row({**self._row_controls(n), **self._feeds(("noise",), slice(0, n))},
+                                            self._states_of_first(n))
+                self._write_pixels(pixel, n)
         else:
             if len(starting) == n:
                 self._run(REFRESH, slice(0, n))
             elif len(starting):
                 self._run(REFRESH, starting)
-            pixel = self._run("step", slice(0, n))[PIXEL]
-        self._write_pixels(pixel, n)
+            self._write_pixels(self._run("step", slice(0, n))[PIXEL], n)
         positions += self.spec.span  # on the host, also the program's positions
         return np.flatnonzero(positions % self.spec.sample_shape[2] == 0)
 
@@ -152,28 +158,52 @@ class SlotRunner:
         images, span = self.controls["pixels"], self.spec.span
         if self.mirror:
             program_positions = self.controls["positions"][:n]
-            taken = (program_positions + self._span)[:, None, :].expand(-1, pixel.shape[2], -1)  # (n, C, span)
-            images[:n].scatter_(2, taken, pixel.transpose(1, 2).to(torch.uint8))
+            self._scatter_pixels(images[:n], program_positions, pixel)
             program_positions += span
         else:  # span divides the length, so positions are multiples of it: a step fills one (C, span) block
             blocks = images.reshape(len(images), images.shape[1], -1, span)  # a view
             blocks[self._slot_index[:n], :, self.positions[:n] // span] = pixel.numpy().transpose(0, 2, 1)
 
-    def _row_feeds(self, n: int) -> dict[str, torch.Tensor]:
-        """The row call's controls of slots 0..n-1: views of the controls, made once per slot count (the
-        controls are only written in place), but for the noise, picked anew at the slots' positions
-        (for `run_rows`, the noise too is a view: of the whole images' noise)."""
+    def _scatter_pixels(self, images: torch.Tensor, positions: torch.Tensor, pixel: torch.Tensor) -> None:
+        """A step's pixels (n, span, C) into device images (n, C, H * W) at positions (n, 1) onwards."""
+        taken = (positions + self._span)[:, None, :].expand(-1, pixel.shape[2], -1)  # (n, C, span)
+        images.scatter_(2, taken, pixel.transpose(1, 2).to(torch.uint8))
+
+    def _device_row(self, controls: dict[str, torch.Tensor | None], states: list[torch.Tensor]) -> torch.Tensor:
+        """A whole row of slots 0..n-1 on the device, from its controls (`_row_controls`) alone: the noise
+        picked at the slots' positions, the row call, its pixels written into the images, the positions
+        advanced. It reads and writes nothing but `controls` and `states`, which are the engine's own
+        tensors, so a CUDA graph of it replays with nothing to copy: a row costs the host one replay."""
+        positions, images, noise = controls["positions"], controls["pixels"], controls["noise"]
+        n, span = len(positions), self.spec.span
+        blocks = noise.reshape(n, -1, span, noise.shape[2])  # (n, blocks, span, C)
+        feeds = {name: controls[name] for name in self.runner.row_inputs if name not in ("pixels", "noise")}
+        feeds["pixels"] = images.reshape(n, *self.spec.sample_shape)
+        feeds["noise"] = blocks[self._slot_index[:n], positions[:, 0] // span]  # (n, span, C)
+        pixel = self.runner.run_row(feeds, states)
+        self._scatter_pixels(images, positions, pixel)
+        positions += span
+        return pixel
+
+    def _row_controls(self, n: int) -> dict[str, torch.Tensor | None]:
+        """The row call's controls of slots 0..n-1 as views of the controls, made once per slot count (the
+        controls are only written in place). The noise is the slots' whole images' (a row call on the
+        host picks its part: `_feeds`; a device row picks it itself; `run_rows` picks per row), and the
+        pixels (n, C, H * W) on the device, (n, C, H, W) on the host."""
         views = self._leading_controls.get(n)
         if views is None:
             views = self._leading_controls[n] = self._control_views(n)
-        return views if self.whole_rows else {**views, **self._feeds(("noise",), slice(0, n))}
+        return views
 
     def _control_views(self, n: int) -> dict[str, torch.Tensor | None]:
-        if not self.whole_rows:
-            return self._feeds(self.runner.row_inputs, slice(0, n))
-        views = self._feeds(("pixels", "positions", "temperature"), slice(0, n))
-        views["noise"] = torch.from_numpy(self.controls["noise"][:n])
-        views["labels"] = self._feeds(("labels",), slice(0, n))["labels"] if self.spec.num_classes else None
+        names = self.runner.row_inputs if not self.whole_rows else ("pixels", "positions", "temperature", "labels")
+        views = self._feeds([name for name in names if name != "noise"], slice(0, n))
+        if self.whole_rows:
+            views["noise"] = torch.from_numpy(self.controls["noise"][:n])
+            views["labels"] = views["labels"] if self.spec.num_classes else None
+        elif self.mirror:
+            views["noise"] = self.controls["noise"][:n]
+            views["pixels"] = self.controls["pixels"][:n]
         return views
 
     def _states_of_first(self, n: int) -> list[torch.Tensor]:
