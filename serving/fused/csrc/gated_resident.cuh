@@ -4,8 +4,8 @@
 // stack, gate and residual, then the output layers and the choice). The Triton step kernel reads
 // each layer's weights from L2 at every pixel and pads the single slot to a 16-row tile; this one
 // gives each slot a block that copies the weights into its shared memory once per call (the shipped
-// model's: 212 KB of the 227 KB a block may have) but for the skip layer's, which its threads hold in
-// registers, then steps `span` pixels. Every dense layer is split over groups of kSplit lanes: a lane
+// model's 207 KB, 216 KB with the activations, of the 227 KB a block may have) but for the skip
+// layer's, which its threads hold in registers, then steps `span` pixels. Every dense layer is split over groups of kSplit lanes: a lane
 // sums every kSplit-th input of one output, the group adds its partial sums by warp shuffles, and its
 // first lane stores the output. Two barriers per layer (the gated outputs, then the residual stream),
 // none per product. Nothing a pixel reads from global memory waits on the chain: the next pixel's
@@ -226,7 +226,8 @@ GENSERVE_GLOBAL void gated_step_resident_kernel(const ResidentGatedStep a) {
   float* skips = gated + L * C;
   float* out_hidden = skips + C;
   float* logits = out_hidden + O;
-  const float* slot_links = a.links + s * L * C2 * a.width + a.positions[s] % a.width;  // (L * 2C) rows of W, at column0
+  // This slot's links (L * 2C rows of W columns) from its first pixel's column on.
+  const float* slot_links = a.links + s * L * C2 * a.width + a.positions[s] % a.width;
   const auto link_at = [&](int i, int64_t t) { return slot_links[i * a.width + t]; };
   for (int i = thread; i <= P0; i += threads) context[i] = a.image_context[s * (P0 + 1) + i];
   for (int i = thread; i < L * C2; i += threads) links[i] = link_at(i, 0);
