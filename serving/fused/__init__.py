@@ -29,7 +29,7 @@ LIBRARY_NAME = "genserve_ops"
 SOURCES = ("gated_pixelcnn.cpp", "pixelcnn.cpp", "pixelcnn_pp.cpp", "maf.cpp", "wavenet.cpp", "noise.cpp",
            "gated_resident.cpp")
 CUDA_LIBRARY_NAME = "genserve_cuda_ops"
-CUDA_SOURCES = ("gated_resident_cuda.cu",)
+CUDA_SOURCES = ("gated_resident_cuda.cpp", "gated_resident_launch.cu")
 # Tuned for the machine that builds (setup builds on the machine that serves); an image built on one
 # machine and run on others names a portable target instead (GENSERVE_OPS_ARCH=x86-64-v3: AVX2 + FMA).
 # IEEE semantics kept: no -ffast-math.

@@ -208,17 +208,13 @@ TORCH_INCLUDE = Path(torch.__file__).parent / "include"
 
 @pytest.mark.skipif(NVCC is None, reason="no nvcc on this machine")
 def test_the_cuda_build_compiles_for_an_h100_without_spills(tmp_path):
-    # What `genserve build-ops` compiles on a GPU machine, compiled here by nvcc for sm_90a against this
-    # torch's headers (the CPU wheel lacks one generated header of its CUDA build: a one-line stand-in).
-    stand_in = tmp_path / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h"
-    stand_in.parent.mkdir(parents=True)
-    stand_in.write_text("#define C10_CUDA_BUILD_SHARED_LIBS\n")
-    source = fused.SOURCE_DIR / fused.CUDA_SOURCES[0]
-    result = subprocess.run(
-        [NVCC, "-c", str(source), "-o", str(tmp_path / "resident.o"), "-arch=sm_90a", *fused.CUDA_CFLAGS,
-         "-Xptxas", "-v", "-I", str(tmp_path), "-I", str(TORCH_INCLUDE),
-         "-I", str(TORCH_INCLUDE / "torch" / "csrc" / "api" / "include"), "-I", str(fused.SOURCE_DIR)],
-        capture_output=True, text=True, timeout=600)
+    # What `genserve build-ops` compiles on a GPU machine, compiled here: the kernel's launch by nvcc for
+    # sm_90a (ptxas reports its registers and spills), the operator around it by the host compiler against
+    # this torch's headers (the CPU wheel lacks one generated header of its CUDA build: a one-line stand-in).
+    registration, launch = (fused.SOURCE_DIR / name for name in fused.CUDA_SOURCES)  # the .cpp, then the .cu
+    result = subprocess.run([NVCC, "-c", str(launch), "-o", str(tmp_path / "launch.o"), "-arch=sm_90a",
+                             *fused.CUDA_CFLAGS, "-Xptxas", "-v", "-I", str(fused.SOURCE_DIR)],
+                            capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "gated_step_resident_kernel" in result.stderr
     usage = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads\s+"
@@ -227,3 +223,17 @@ def test_the_cuda_build_compiles_for_an_h100_without_spills(tmp_path):
     stack, stores, loads, registers = map(int, usage.groups())
     assert stores == loads == 0
     assert registers * triton_ops.RESIDENT_THREADS <= 65536  # the block fits one SM's register file
+
+    stand_in = tmp_path / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h"
+    stand_in.parent.mkdir(parents=True)
+    stand_in.write_text("#define C10_CUDA_BUILD_SHARED_LIBS\n")
+    # Where this nvcc finds cuda_runtime.h: the CUDA runtime's headers, which the operator includes.
+    preprocessed = subprocess.run([NVCC, "-E", "-x", "cu", "-"], input="#include <cuda_runtime.h>\n",
+                                  capture_output=True, text=True, timeout=120).stdout
+    cuda_include = Path(re.search(r'# \d+ "([^"]*)/cuda_runtime\.h"', preprocessed).group(1))
+    result = subprocess.run(
+        ["g++", "-fsyntax-only", *fused.CUDA_CFLAGS, str(registration), "-I", str(tmp_path),
+         "-I", str(TORCH_INCLUDE), "-I", str(TORCH_INCLUDE / "torch" / "csrc" / "api" / "include"),
+         "-I", str(cuda_include), "-I", str(fused.SOURCE_DIR)],
+        capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]

@@ -3,6 +3,7 @@
 // barrier is a mutex, and a call takes seconds. The CUDA implementation is cuda/gated_resident.cu.
 #include <torch/library.h>
 
+#include "gated_resident.cuh"
 #include "gated_resident_op.h"
 
 namespace genserve {

@@ -12,7 +12,7 @@
 #include <algorithm>
 #include <optional>
 
-#include "gated_resident.cuh"
+#include "gated_resident.h"
 
 namespace genserve {
 

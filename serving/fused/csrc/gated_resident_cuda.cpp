@@ -1,6 +1,7 @@
 // The resident Gated step (gated_resident.cuh) on a GPU: genserve::gated_step_resident's CUDA kernel.
-// Built where PyTorch has CUDA and nvcc is present (`genserve build-ops`), into a library of its own
-// that is loaded after the CPU one, whose schema (gated_resident.cpp) it implements.
+// Built where PyTorch has CUDA and nvcc is present (`genserve build-ops`), with the kernel's launch
+// (gated_resident_launch.cu), into a library of its own that is loaded after the CPU one, whose
+// schema (gated_resident.cpp) it implements.
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -9,6 +10,7 @@
 #include <map>
 #include <mutex>
 
+#include "gated_resident_launch.h"
 #include "gated_resident_op.h"
 
 namespace genserve {
@@ -25,7 +27,7 @@ int64_t allow_most_shared_bytes(int device) {
   if (found != allowed.end()) return found->second;
   int most = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&most, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  C10_CUDA_CHECK(cudaFuncSetAttribute(gated_step_resident_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, most));
+  C10_CUDA_CHECK(allow_resident_shared_bytes(most));
   allowed.emplace(device, most);
   return most;
 }
@@ -40,9 +42,8 @@ void gated_step_resident_cuda(const at::Tensor& positions, const at::Tensor& noi
       resident_arguments(positions, noise, temperature, links, image_context, hidden_context, teacher, pixel, logits,
                          weights, threads, shared_bytes, allow_most_shared_bytes(positions.device().index()));
   if (a.n == 0) return;
-  gated_step_resident_kernel<<<static_cast<unsigned>(a.n), static_cast<unsigned>(threads),
-                               static_cast<size_t>(shared_bytes), c10::cuda::getCurrentCUDAStream()>>>(a);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  C10_CUDA_CHECK(launch_gated_step_resident(a, static_cast<int>(threads), shared_bytes,
+                                            c10::cuda::getCurrentCUDAStream()));
 }
 
 }  // namespace
