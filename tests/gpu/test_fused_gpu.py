@@ -50,11 +50,16 @@ def test_a_cuda_step_on_slots_at_different_columns_matches_the_step_graph(name):
 @pytest.mark.parametrize("name", FUSED_MODELS)
 @pytest.mark.parametrize("span", [1, 2, None])  # None: a whole row
 def test_cuda_sampling_equals_naive_sampling_on_many_seeds(name, span):
+    assert_cuda_sampling_equals_naive_sampling(name, span, seeds=10)
+
+
+def assert_cuda_sampling_equals_naive_sampling(name: str, span: int | None, seeds: int) -> None:
+    """6 samples in 4 slots on CUDA, at `seeds` seeds and temperature 1, then at 0 and 0.5: naive's images."""
     model = tiny(name)
     n = 6
     labels = labels_for(model, n)
     engine = SamplingEngine(fused_runner(model, span, device="cuda"), EngineConfig(num_slots=4))
-    for seed in range(10):
+    for seed in range(seeds):
         assert np.array_equal(generate(engine, model, seed, n, labels=labels), naive(model, n, seed, labels=labels))
     for temperature in (0.0, 0.5):
         want = naive(model, n, 3, temperature, labels)

@@ -19,7 +19,7 @@ from genserve.serving import fused
 from genserve.serving.engine import EngineConfig, SamplingEngine
 from genserve.serving.engine.graphs import RowGraphs
 from genserve.serving.fused import triton_ops
-from tests.gpu.test_fused_gpu import row_inputs
+from tests.gpu.test_fused_gpu import assert_cuda_sampling_equals_naive_sampling, row_inputs
 from tests.unit.test_fused_ops import assert_call_matches_the_graph, slots_at_different_columns
 from tests.unit.test_fused_triton import refresh_arguments
 from tests.unit.test_gated_resident import GATED_MODELS, resident_step, step_arguments
@@ -52,15 +52,7 @@ def test_the_resident_cuda_step_handles_the_shipped_models_sizes(resident, shipp
 @pytest.mark.parametrize("name", GATED_MODELS)
 @pytest.mark.parametrize("span", [1, None])
 def test_resident_cuda_sampling_equals_naive_sampling(resident, name, span):
-    model = tiny(name)
-    n = 6
-    labels = labels_for(model, n)
-    engine = SamplingEngine(fused_runner(model, span, device="cuda"), EngineConfig(num_slots=4))
-    for seed in range(6):
-        assert np.array_equal(generate(engine, model, seed, n, labels=labels), naive(model, n, seed, labels=labels))
-    for temperature in (0.0, 0.5):
-        want = naive(model, n, 3, temperature, labels)
-        assert np.array_equal(generate(engine, model, 3, n, temperature, labels), want)
+    assert_cuda_sampling_equals_naive_sampling(name, span, seeds=6)
 
 
 def test_resident_row_calls_replayed_from_cuda_graphs_equal_launched_ones(resident):
