@@ -109,7 +109,9 @@ void launch(int64_t blocks, int threads, size_t shared_bytes, Kernel kernel, con
 
 }  // namespace genserve::emulation
 
-#define GENSERVE_GLOBAL
+// Internal linkage: the CUDA library's kernel has the same name (its host stub), and the two libraries
+// share a process.
+#define GENSERVE_GLOBAL static
 #define GENSERVE_DEVICE inline
 #define GENSERVE_HOST_DEVICE inline
 #define GENSERVE_UNROLL
