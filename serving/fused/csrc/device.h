@@ -21,6 +21,10 @@
 // A product rounded on its own, never fused into a following addition (nvcc fuses by default).
 #define GENSERVE_MUL(a, b) __fmul_rn(a, b)
 
+namespace genserve {
+using Float4 = float4;  // four floats moved by one 16-byte load or store
+}  // namespace genserve
+
 #else
 
 #include <condition_variable>
@@ -31,6 +35,12 @@
 #include <stdexcept>
 #include <thread>
 #include <vector>
+
+namespace genserve {
+struct alignas(16) Float4 {
+  float x, y, z, w;
+};
+}  // namespace genserve
 
 namespace genserve::emulation {
 

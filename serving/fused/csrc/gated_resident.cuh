@@ -134,16 +134,29 @@ GENSERVE_GLOBAL void gated_step_resident_kernel(const ResidentGatedStep a) {
     const ResidentWeight& from = a.weights[k];
     w[k] = {from.data, static_cast<int>(from.cols), false};
     if (from.shared_offset < 0) continue;
-    float* copy = shared + from.shared_offset;
+    float* copy = shared + from.shared_offset;  // 16-byte aligned: offsets are multiples of 4 floats
     const int64_t size = from.rows * from.cols;
-    for (int64_t first = thread; first < size; first += 8 * threads) {
-      float value[8];
-      GENSERVE_UNROLL
-      for (int u = 0; u < 8; ++u) value[u] = first + u * threads < size ? from.data[first + u * threads] : 0.f;
-      GENSERVE_UNROLL
-      for (int u = 0; u < 8; ++u) {
-        const int64_t i = first + u * threads;
-        if (i < size) copy[from.permuted ? i ^ (((i / from.cols) & 7) << 2) : i] = value[u];
+    // Where a permuted row's column o lies: o ^ 4(r mod 8) keeps each aligned group of 4 columns together.
+    const auto place = [&](int64_t i) { return from.permuted ? i ^ (((i / from.cols) & 7) << 2) : i; };
+    if (reinterpret_cast<uintptr_t>(from.data) % 16 == 0 && size % 4 == 0 && from.cols % 4 == 0) {
+      const Float4* source = reinterpret_cast<const Float4*>(from.data);  // 4 floats a load
+      for (int64_t first = thread; first < size / 4; first += 8 * threads) {
+        Float4 value[8];
+        GENSERVE_UNROLL
+        for (int u = 0; u < 8; ++u) value[u] = first + u * threads < size / 4 ? source[first + u * threads] : Float4{};
+        GENSERVE_UNROLL
+        for (int u = 0; u < 8; ++u)
+          if (first + u * threads < size / 4)
+            *reinterpret_cast<Float4*>(copy + place(4 * (first + u * threads))) = value[u];
+      }
+    } else {
+      for (int64_t first = thread; first < size; first += 8 * threads) {
+        float value[8];
+        GENSERVE_UNROLL
+        for (int u = 0; u < 8; ++u) value[u] = first + u * threads < size ? from.data[first + u * threads] : 0.f;
+        GENSERVE_UNROLL
+        for (int u = 0; u < 8; ++u)
+          if (first + u * threads < size) copy[place(first + u * threads)] = value[u];
       }
     }
     w[k] = {copy, static_cast<int>(from.cols), from.permuted};
