@@ -4,7 +4,7 @@
 // stack, gate and residual, then the output layers and the choice). The Triton step kernel reads
 // each layer's weights from L2 at every pixel and pads the single slot to a 16-row tile; this one
 // gives each slot a block that copies the weights into its shared memory once per call (the shipped
-// model's 207 KB, 216 KB with the activations, of the 227 KB a block may have) but for the skip
+// model's 207 KB, 215 KB with the activations, of the 227 KB a block may have) but for the skip
 // layer's, which its threads hold in registers, then steps `span` pixels. Every dense layer is split over groups of kSplit lanes: a lane
 // sums every kSplit-th input of one output, the group adds its partial sums by warp shuffles, and its
 // first lane stores the output. Two barriers per layer (the gated outputs, then the residual stream),
