@@ -10,7 +10,7 @@ that library only if it was built from the sources present, so a request never w
 compiler and a stale or missing build falls back to the exported graphs with the reason stated.
 Where a CUDA device and OpenAI Triton are present, `load_ops` also installs the GPU kernels
 (triton_ops) as the operators' CUDA implementations. Where nvcc is present too, `build` also compiles
-the CUDA C++ kernels (CUDA_SOURCES: the resident Gated step) into a second library, loaded after the
+the CUDA C++ kernels (CUDA_SOURCES: the resident Gated and PixelCNN steps) into a second library, loaded after the
 first, whose operators it implements for CUDA.
 """
 
@@ -27,9 +27,9 @@ SOURCE_DIR = Path(__file__).parent / "csrc"
 BUILD_DIR = Path(__file__).parent / "_build"
 LIBRARY_NAME = "genserve_ops"
 SOURCES = ("gated_pixelcnn.cpp", "pixelcnn.cpp", "pixelcnn_pp.cpp", "maf.cpp", "wavenet.cpp", "noise.cpp",
-           "gated_resident.cpp")
+           "gated_resident.cpp", "pixelcnn_resident.cpp")
 CUDA_LIBRARY_NAME = "genserve_cuda_ops"
-CUDA_SOURCES = ("gated_resident_cuda.cpp", "gated_resident_launch.cu")
+CUDA_SOURCES = ("resident_cuda.cpp", "resident_launch.cu")
 # Tuned for the machine that builds (setup builds on the machine that serves); an image built on one
 # machine and run on others names a portable target instead (GENSERVE_OPS_ARCH=x86-64-v3: AVX2 + FMA).
 # IEEE semantics kept: no -ffast-math.
@@ -152,4 +152,4 @@ def _load_cuda_library() -> str:
         torch.ops.load_library(str(path))
     except (OSError, RuntimeError) as error:
         return f"; no CUDA C++ kernels ({path} does not load: {error})"
-    return "; CUDA C++ kernels (the resident Gated step)"
+    return "; CUDA C++ kernels (the resident Gated and PixelCNN steps)"

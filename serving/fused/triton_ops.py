@@ -29,10 +29,11 @@ LAUNCH = {"enable_fp_fusion": True}
 # deploy/gpu/profile_fused.py). At 4, ptxas gives the shipped Gated PixelCNN's step kernel 32 registers
 # and 4.4 KB of spills per thread; at 8, 255 registers and 368 bytes (cuobjdump --dump-resource-usage).
 WARPS = {"gated_refresh": 4, "gated_step": 8, "pixelcnn_step": 4}
-# Gated steps of at most this many slots run on the resident kernel (csrc/gated_resident.cuh: a block
-# per slot, the weights in its shared memory) where the operator library has it for the device: the
-# CUDA library that `genserve build-ops` builds where nvcc and a GPU are present. 0, so off, until it
-# has been timed against the Triton step on a GPU (deploy/gpu/check.sh sets it for its batch-1 runs).
+# Steps of at most this many slots run on the resident kernels (csrc/gated_resident.cuh and
+# csrc/pixelcnn_resident.cuh: a block per slot, the weights in its shared memory) where the operator library
+# has them for the device: the CUDA library that `genserve build-ops` builds where nvcc and a GPU are
+# present. 0, so off, until they have been timed against the Triton steps on a GPU (deploy/gpu/check.sh
+# sets it for its batch-1 runs).
 RESIDENT_STEP_SLOTS = int(os.environ.get("GENSERVE_RESIDENT_STEP_SLOTS", "0"))
 RESIDENT_THREADS = 256  # per block: 32 groups of 8 lanes, one output each at a time
 # Gated refreshes of at most this many slots run in two launches: every (slot, later layer)'s cache part
@@ -212,7 +213,7 @@ def _step_into(shape: GatedShape, positions, noise, temperature, links, image_ou
         _check(teacher, torch.int64, 3, "teacher", device)
     if n == 0:
         return
-    if n <= RESIDENT_STEP_SLOTS and has_resident_step(device):
+    if n <= RESIDENT_STEP_SLOTS and has_resident_step("gated_step_resident", device):
         torch.ops.genserve.gated_step_resident(positions, noise, temperature, links, image_out, hidden_out, teacher,
                                                pixel, logits, list(shape.weights.values()), RESIDENT_THREADS, -1)
         return
@@ -231,10 +232,10 @@ def _step_into(shape: GatedShape, positions, noise, temperature, links, image_ou
     )
 
 
-def has_resident_step(device: torch.device) -> bool:
-    """Whether the loaded operator library has the resident step kernel for `device`."""
-    return hasattr(torch.ops.genserve, "gated_step_resident") and torch._C._dispatch_has_kernel_for_dispatch_key(
-        "genserve::gated_step_resident", "CUDA" if device.type == "cuda" else "CPU")
+def has_resident_step(op: str, device: torch.device) -> bool:
+    """Whether the loaded operator library has the resident step kernel `op` for `device`."""
+    return hasattr(torch.ops.genserve, op) and torch._C._dispatch_has_kernel_for_dispatch_key(
+        f"genserve::{op}", "CUDA" if device.type == "cuda" else "CPU")
 
 
 @dataclass(frozen=True)
@@ -277,16 +278,16 @@ def pixelcnn_row(positions, noise, temperature, states, weights):
     shape = PixelCNNShape.of(weights)
     if len(states) != shape.blocks + 1:
         raise RuntimeError("states: image_rows and one cache per block")
-    for rows in states:
-        rows[:, :, :-1].copy_(rows[:, :, 1:].clone())
-        rows[:, :, -1].zero_()
     pixel = positions.new_empty(positions.shape[0], noise.shape[1], 1)
-    _pixelcnn_step_into(shape, positions, noise, temperature, list(states), None, pixel, states[0].new_empty(0))
+    _pixelcnn_step_into(shape, positions, noise, temperature, list(states), None, pixel, states[0].new_empty(0),
+                        roll=True)
     return pixel
 
 
-def _pixelcnn_step_into(shape: PixelCNNShape, positions, noise, temperature, caches, teacher, pixel, logits):
-    """The step on `caches` (image_rows, then each block's rows), updated in place."""
+def _pixelcnn_step_into(shape: PixelCNNShape, positions, noise, temperature, caches, teacher, pixel, logits,
+                        roll=False):
+    """The step on `caches` (image_rows, then each block's rows), updated in place; with `roll`, every
+    cache first moves up a row (the refresh)."""
     device = shape.weights["lg_w"].device  # every weight's (checked)
     image_rows, block_rows = caches[0], caches[1:]
     for tensor, dtype, dim, name in ((positions, torch.int64, 2, "positions"), (noise, torch.float32, 3, "noise"),
@@ -307,6 +308,16 @@ def _pixelcnn_step_into(shape: PixelCNNShape, positions, noise, temperature, cac
             raise RuntimeError(f"block rows: shape {tuple(rows.shape)} does not match the weights")
     if teacher is not None:
         _check(teacher, torch.int64, 3, "teacher", device)
+    if n <= RESIDENT_STEP_SLOTS and has_resident_step("pixelcnn_step_resident", device):
+        if n:  # one launch: the roll too
+            torch.ops.genserve.pixelcnn_step_resident(positions, noise, temperature, image_rows, block_rows, teacher,
+                                                      pixel, logits, list(shape.weights.values()), roll,
+                                                      RESIDENT_THREADS, -1)
+        return
+    if roll:
+        for rows in caches:
+            rows[:, :, :-1].copy_(rows[:, :, 1:].clone())
+            rows[:, :, -1].zero_()
     if n == 0:
         return
     # The blocks' caches stacked, so the kernel indexes them by block; copied back after.

@@ -1,6 +1,6 @@
 // The resident Gated step (gated_resident.cuh) on CPU threads: the kernel a GPU runs, each block's
 // threads real threads (device.h), so that tests check it where no GPU is. Not for serving: every
-// barrier is a mutex, and a call takes seconds. The CUDA implementation is cuda/gated_resident.cu.
+// barrier is a mutex, and a call takes seconds. The CUDA implementation is resident_cuda.cpp's.
 #include <torch/library.h>
 
 #include "gated_resident.cuh"

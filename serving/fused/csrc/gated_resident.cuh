@@ -5,85 +5,29 @@
 // each layer's weights from L2 at every pixel and pads the single slot to a 16-row tile; this one
 // gives each slot a block that copies the weights into its shared memory once per call (the shipped
 // model's 207 KB, 215 KB with the activations, of the 227 KB a block may have) but for the skip
-// layer's, which its threads hold in registers, then steps `span` pixels. Every dense layer is split over groups of kSplit lanes: a lane
-// sums every kSplit-th input of one output, the group adds its partial sums by warp shuffles, and its
-// first lane stores the output. Two barriers per layer (the gated outputs, then the residual stream),
-// none per product. Nothing a pixel reads from global memory waits on the chain: the next pixel's
-// links are loaded while this one's layers run, and staged in shared memory between pixels.
+// layer's, which its threads hold in registers, then steps `span` pixels. Every dense layer is split
+// over groups of kSplit lanes (resident.cuh). Two barriers per layer (the gated outputs, then the
+// residual stream), none per product. Nothing a pixel reads from global memory waits on the chain:
+// the next pixel's links are loaded while this one's layers run, and staged in shared memory between
+// pixels.
 //
-// A matrix whose rows are a multiple of 32 floats is kept in shared memory with each row's columns
-// permuted (column o of row r at o ^ 4 (r mod 8)): a group's 8 lanes read 8 rows of one column,
-// which would otherwise all fall in one of the 32 banks; permuted, a warp's 32 reads hit 32 banks.
+// Matrices are kept in shared memory with their columns permuted as resident.cuh describes.
 //
 // The same state tensors and packed weights as gated_step (csrc/gated_pixelcnn.cpp), the contexts
-// updated in place. device.h compiles this source for a GPU (nvcc, gated_resident_launch.cu) and for
+// updated in place. device.h compiles this source for a GPU (nvcc, resident_launch.cu) and for
 // CPU threads (gated_resident.cpp), where the tests run it against the step graphs and naive sampling.
 #pragma once
 
 #include <cmath>
 #include <cstdint>
 
-#include "device.h"
 #include "gated_resident.h"
+#include "resident.cuh"
 
 namespace genserve {
 
 GENSERVE_DEVICE float resident_gate(float content, float gate) {  // as the other implementations write it
   return (1.f - 2.f / (expf(2.f * content) + 1.f)) * (1.f / (1.f + expf(-gate)));
-}
-
-// A weight as the kernel reads it: from shared memory (its columns permuted or not) or global memory.
-struct WeightView {
-  const float* data;
-  int ld;
-  bool permuted;
-};
-
-// Where this lane reads column o of rows row0 + r, r = lane (mod 8): lane q reads rows r ≡ q (mod 8),
-// so its permutation of the columns is the same at every row it reads.
-GENSERVE_DEVICE const float* lane_column(WeightView w, int row0, int o, int lane) {
-  static_assert(kSplit == 8, "the columns' permutation pairs a lane with rows r = lane (mod 8)");
-  return w.data + static_cast<int64_t>(row0) * w.ld + (w.permuted ? o ^ (((row0 + lane) & 7) << 2) : o);
-}
-
-// This lane's part of x[0..rows) · w[row0 + r, o] over every kSplit-th r.
-GENSERVE_DEVICE float lane_part(const float* x, int rows, WeightView w, int row0, int o, int lane) {
-  const float* weights = lane_column(w, row0, o, lane);
-  float sum = 0.f;
-  for (int r = lane; r < rows; r += kSplit) sum = fmaf(x[r], weights[static_cast<int64_t>(r) * w.ld], sum);
-  return sum;
-}
-
-// The same for two outputs at once: two independent chains of multiply-adds, each in lane_part's order.
-GENSERVE_DEVICE void lane_parts(const float* x, int rows, WeightView w, int row0, int o1, int o2, int lane,
-                                float& sum1, float& sum2) {
-  const float *weights1 = lane_column(w, row0, o1, lane), *weights2 = lane_column(w, row0, o2, lane);
-  sum1 = sum2 = 0.f;
-  for (int r = lane; r < rows; r += kSplit) {
-    const float input = x[r];
-    sum1 = fmaf(input, weights1[static_cast<int64_t>(r) * w.ld], sum1);
-    sum2 = fmaf(input, weights2[static_cast<int64_t>(r) * w.ld], sum2);
-  }
-}
-
-// The group's kSplit parts added by a butterfly: every lane ends with the same sum, bit for bit
-// (each addition's two operands are the same pair on both lanes that make it).
-GENSERVE_DEVICE float group_sum(float part) {
-  GENSERVE_UNROLL
-  for (int mask = kSplit / 2; mask > 0; mask /= 2) part += GENSERVE_SHUFFLE_XOR(part, mask);
-  return part;
-}
-
-// store(o, x · w[row0.., o]) for every output o < outputs, by the block's groups of kSplit lanes. Every
-// lane shuffles as often as every other (groups past the last output add zeros).
-template <class Store>
-GENSERVE_DEVICE void dense_outputs(const float* x, int rows, WeightView w, int row0, int outputs, int lane,
-                                   int group, int groups, Store store) {
-  for (int first = 0; first < outputs; first += groups) {
-    const int o = first + group;
-    const float sum = group_sum(o < outputs ? lane_part(x, rows, w, row0, o, lane) : 0.f);
-    if (lane == 0 && o < outputs) store(o, sum);
-  }
 }
 
 // gated[c] = gate(link[c] + x · w[:, c], link[C + c] + x · w[:, C + c]) for c < C: a horizontal stack.
@@ -100,24 +44,6 @@ GENSERVE_DEVICE void gated_outputs(const float* x, int rows, WeightView w, int r
   }
 }
 
-// The inverse-CDF choice as csrc/kernels.h's choose_level makes it (the same order of operations).
-GENSERVE_DEVICE int64_t resident_choice(const float* logits, int levels, float noise, float temperature) {
-  int best = 0;
-  for (int v = 1; v < levels; ++v)
-    if (logits[v] > logits[best]) best = v;
-  if (temperature == 0.f) return best;
-  const float top = logits[best] / temperature;
-  float total = 0.f;
-  for (int v = 0; v < levels; ++v) total += expf(logits[v] / temperature - top);
-  int chosen = 0;
-  float cdf = 0.f;
-  for (; chosen + 1 < levels; ++chosen) {
-    cdf += expf(logits[chosen] / temperature - top) / total;
-    if (!(cdf < noise)) break;
-  }
-  return chosen;
-}
-
 // One block per slot, blockDim a multiple of 32; dynamic shared memory as plan_shared_memory sized it.
 GENSERVE_GLOBAL void gated_step_resident_kernel(const ResidentGatedStep a) {
   GENSERVE_SHARED_FLOATS(shared);
@@ -130,37 +56,7 @@ GENSERVE_GLOBAL void gated_step_resident_kernel(const ResidentGatedStep a) {
   // The weights into shared memory, 8 loads in flight per thread.
   WeightView w[kGatedStepWeights];
   GENSERVE_UNROLL
-  for (int k = 0; k < kGatedStepWeights; ++k) {
-    const ResidentWeight& from = a.weights[k];
-    w[k] = {from.data, static_cast<int>(from.cols), false};
-    if (from.shared_offset < 0) continue;
-    float* copy = shared + from.shared_offset;  // 16-byte aligned: offsets are multiples of 4 floats
-    const int64_t size = from.rows * from.cols;
-    // Where a permuted row's column o lies: o ^ 4(r mod 8) keeps each aligned group of 4 columns together.
-    const auto place = [&](int64_t i) { return from.permuted ? i ^ (((i / from.cols) & 7) << 2) : i; };
-    if (reinterpret_cast<uintptr_t>(from.data) % 16 == 0 && size % 4 == 0 && from.cols % 4 == 0) {
-      const Float4* source = reinterpret_cast<const Float4*>(from.data);  // 4 floats a load
-      for (int64_t first = thread; first < size / 4; first += 8 * threads) {
-        Float4 value[8];
-        GENSERVE_UNROLL
-        for (int u = 0; u < 8; ++u) value[u] = first + u * threads < size / 4 ? source[first + u * threads] : Float4{};
-        GENSERVE_UNROLL
-        for (int u = 0; u < 8; ++u)
-          if (first + u * threads < size / 4)
-            *reinterpret_cast<Float4*>(copy + place(4 * (first + u * threads))) = value[u];
-      }
-    } else {
-      for (int64_t first = thread; first < size; first += 8 * threads) {
-        float value[8];
-        GENSERVE_UNROLL
-        for (int u = 0; u < 8; ++u) value[u] = first + u * threads < size ? from.data[first + u * threads] : 0.f;
-        GENSERVE_UNROLL
-        for (int u = 0; u < 8; ++u)
-          if (first + u * threads < size) copy[place(first + u * threads)] = value[u];
-      }
-    }
-    w[k] = {copy, static_cast<int>(from.cols), from.permuted};
-  }
+  for (int k = 0; k < kGatedStepWeights; ++k) w[k] = copy_weight(a.weights[k], shared, thread, threads);
   // The skip weights of this lane's rows of its group's output, if held in registers.
   float skip_weights[kSkipRegisters];
   GENSERVE_UNROLL
@@ -216,7 +112,7 @@ GENSERVE_GLOBAL void gated_step_resident_kernel(const ResidentGatedStep a) {
       GENSERVE_SYNC();
     }
     const auto store_skip = [&](int o, float sum) { skips[o] = fmaxf(sum + w[kSkipB].data[o], 0.f); };
-    if (a.skip_in_registers) {  // the same products in the same order as lane_part's
+    if (a.skip_in_registers) {  // the same products in the same order as lane_sum's
       float part = 0.f;
       GENSERVE_UNROLL
       for (int j = 0; j < kSkipRegisters; ++j)

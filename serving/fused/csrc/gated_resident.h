@@ -4,7 +4,7 @@
 
 #include <cstdint>
 
-#include "device.h"
+#include "resident.h"
 
 namespace genserve {
 
@@ -12,17 +12,8 @@ namespace genserve {
 // shared memory: the horizontal stacks' first (every layer of every pixel reads them).
 enum GatedStepWeight { kH0W, kHW, kHoutW, kHoutB, kSkipW, kSkipB, kOhW, kOhB, kLgW, kLgB, kGatedStepWeights };
 
-constexpr int kSplit = 8;  // lanes per output: a product over K inputs is K/8 dependent multiply-adds
 constexpr int kSkipRegisters = 32;  // skip weights a lane may hold: the skip layer's 8 * 32 inputs per output
 constexpr int kLinkRegisters = 4;   // the next pixel's links a thread loads ahead (the rest: between pixels)
-
-// A packed weight: `rows` rows of `cols` floats, and where a block reads it.
-struct ResidentWeight {
-  const float* data;      // global memory
-  int64_t rows, cols;
-  int64_t shared_offset;  // in floats; -1: read from global memory (or held in registers: the skip layer)
-  bool permuted;          // in shared memory with its columns permuted by row (see above)
-};
 
 struct ResidentGatedStep {
   const int64_t* positions;  // (n, 1)
@@ -41,8 +32,6 @@ struct ResidentGatedStep {
   float level_scale;
 };
 
-GENSERVE_HOST_DEVICE int64_t round_up4(int64_t floats) { return (floats + 3) / 4 * 4; }
-
 // The activations a block keeps: the image context, this pixel's links, each later layer's window
 // (p cached columns of the residual stream, then the current one) twice (this pixel's, and the next
 // one's, into which the cached columns move), every layer's gated output, the output layers'.
@@ -57,18 +46,10 @@ GENSERVE_HOST_DEVICE int64_t activation_floats(const ResidentGatedStep& a) {
 inline int64_t plan_shared_memory(ResidentGatedStep& a, int threads, int64_t budget_bytes) {
   const int64_t budget = budget_bytes / static_cast<int64_t>(sizeof(float));
   a.skip_in_registers = a.channels <= threads / kSplit && a.layers * a.channels <= kSplit * kSkipRegisters;
-  int64_t used = activation_floats(a);
+  const int64_t used = activation_floats(a);
   if (used > budget) return -1;
-  for (int k = 0; k < kGatedStepWeights; ++k) {
-    ResidentWeight& w = a.weights[k];
-    const int64_t size = round_up4(w.rows * w.cols);
-    const bool fits = used + size <= budget && !(k == kSkipW && a.skip_in_registers);
-    w.shared_offset = fits ? used : -1;
-    const bool bias = k == kHoutB || k == kSkipB || k == kOhB || k == kLgB;  // read by index, never permuted
-    w.permuted = fits && !bias && w.cols % 32 == 0;
-    if (fits) used += size;
-  }
-  return used * static_cast<int64_t>(sizeof(float));
+  a.weights[kSkipW].held = a.skip_in_registers;
+  return place_weights(a.weights, kGatedStepWeights, used, budget) * static_cast<int64_t>(sizeof(float));
 }
 
 }  // namespace genserve

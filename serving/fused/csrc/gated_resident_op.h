@@ -1,5 +1,5 @@
 // The resident Gated step's operator around its kernel (gated_resident.cuh): the checks and the
-// kernel's arguments, the same on both devices (gated_resident.cpp: CPU threads; cuda/: a GPU).
+// kernel's arguments, the same on both devices (gated_resident.cpp: CPU threads; resident_cuda.cpp: a GPU).
 //
 // genserve::gated_step_resident(positions, noise, temperature, links, image_context!, hidden_context!,
 //   teacher?, pixel!, logits!, weights, threads, shared_bytes): gated_step's arguments and outputs, the
@@ -13,17 +13,9 @@
 #include <optional>
 
 #include "gated_resident.h"
+#include "resident_op.h"
 
 namespace genserve {
-
-constexpr int64_t kH100SharedBytes = 227 * 1024;  // the most dynamic shared memory an H100 or H200 block may have
-
-inline void check_resident(const at::Tensor& t, at::ScalarType type, int64_t dim, const char* name,
-                           const at::Device& device) {
-  TORCH_CHECK(t.device() == device && t.scalar_type() == type && t.dim() == dim && t.is_contiguous(), name,
-              ": expected a contiguous ", device, " tensor of ", dim, " dims and type ", type, ", got ", t.sizes(),
-              " ", t.scalar_type(), " on ", t.device());
-}
 
 // The kernel's arguments, checked; `shared_bytes` (the budget, or -1 for `device_most`) becomes what a
 // block needs.
@@ -48,8 +40,7 @@ inline ResidentGatedStep resident_arguments(const at::Tensor& positions, const a
   check_resident(pixel, at::kLong, 3, "pixel", device);
   TORCH_CHECK(logits.device() == device && logits.scalar_type() == at::kFloat && logits.is_contiguous(),
               "logits: expected a contiguous float32 tensor on ", device);
-  TORCH_CHECK(threads >= 32 && threads <= 1024 && threads % 32 == 0, "threads: a multiple of 32 in [32, 1024], got ",
-              threads);
+  check_resident_threads(threads);
 
   ResidentGatedStep a{};
   const at::Tensor& h0_w = weights[8];
@@ -87,11 +78,8 @@ inline ResidentGatedStep resident_arguments(const at::Tensor& positions, const a
   a.teacher = teacher.has_value() ? teacher->data_ptr<int64_t>() : nullptr;
   a.pixel = pixel.data_ptr<int64_t>();
   a.logits_out = logits.data_ptr<float>();
-  for (int k = 0; k < kGatedStepWeights; ++k) {  // the step's ten, packed after the refresh's eight
-    const at::Tensor& weight = weights[8 + k];
-    const int64_t cols = weight.size(-1);
-    a.weights[k] = {weight.data_ptr<float>(), weight.numel() / cols, cols, -1, false};
-  }
+  for (int k = 0; k < kGatedStepWeights; ++k)  // the step's ten, packed after the refresh's eight
+    a.weights[k] = resident_weight(weights[8 + k], k == kHoutB || k == kSkipB || k == kOhB || k == kLgB);
   a.weights[kHoutW].rows = (L - 1) * C;  // the last layer's output 1x1 feeds nothing
   a.n = n;
   a.span = span;
