@@ -49,25 +49,29 @@ def model_named(name: str):
     return wide() if name == "wide" else tiny(name)
 
 
-@pytest.fixture
-def resident(monkeypatch):
-    """The engine's GPU path (triton_ops) with its Gated steps on the resident kernel, as
-    GENSERVE_RESIDENT_STEP_SLOTS sets it, on CPU threads: every step call of up to 16 slots."""
+def resident_calls(monkeypatch, op_name: str) -> list[int]:
+    """The engine's GPU path (triton_ops) with its steps on the resident kernels, as
+    GENSERVE_RESIDENT_STEP_SLOTS sets it, on CPU threads: every step call of up to 16 slots. Returns the
+    slot counts of the calls that reach `op_name`, to know the tests test it."""
     assert fused.load_ops()
     if os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("the GPU path's refresh runs in Triton's interpreter here; tests/gpu runs it compiled")
+        pytest.skip("the GPU path's other kernels run in Triton's interpreter here; tests/gpu runs them compiled")
     monkeypatch.setattr(triton_ops, "RESIDENT_STEP_SLOTS", 16)
     monkeypatch.setattr(triton_ops, "RESIDENT_THREADS", TINY_THREADS)
     calls = []
-    op = torch.ops.genserve.gated_step_resident
+    op = getattr(torch.ops.genserve, op_name)
 
-    class Counted:  # the step calls that reach the kernel, to know the tests test it
-        def __call__(self, *args):
-            calls.append(args[0].shape[0])
-            return op(*args)
+    def counted(*args):
+        calls.append(args[0].shape[0])
+        return op(*args)
 
-    monkeypatch.setattr(torch.ops.genserve, "gated_step_resident", Counted())
+    monkeypatch.setattr(torch.ops.genserve, op_name, counted)
     return calls
+
+
+@pytest.fixture
+def resident(monkeypatch):
+    return resident_calls(monkeypatch, "gated_step_resident")
 
 
 def step_arguments(model, n: int, span: int, seed: int = 0):
@@ -208,21 +212,22 @@ TORCH_INCLUDE = Path(torch.__file__).parent / "include"
 
 @pytest.mark.skipif(NVCC is None, reason="no nvcc on this machine")
 def test_the_cuda_build_compiles_for_an_h100_without_spills(tmp_path):
-    # What `genserve build-ops` compiles on a GPU machine, compiled here: the kernel's launch by nvcc for
-    # sm_90a (ptxas reports its registers and spills), the operator around it by the host compiler against
-    # this torch's headers (the CPU wheel lacks one generated header of its CUDA build: a one-line stand-in).
+    # What `genserve build-ops` compiles on a GPU machine, compiled here: the kernels' launches by nvcc for
+    # sm_90a (ptxas reports each kernel's registers and spills), the operators around them by the host
+    # compiler against this torch's headers (the CPU wheel lacks one generated header of its CUDA build: a
+    # one-line stand-in).
     registration, launch = (fused.SOURCE_DIR / name for name in fused.CUDA_SOURCES)  # the .cpp, then the .cu
     result = subprocess.run([NVCC, "-c", str(launch), "-o", str(tmp_path / "launch.o"), "-arch=sm_90a",
                              *fused.CUDA_CFLAGS, "-Xptxas", "-v", "-I", str(fused.SOURCE_DIR)],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "gated_step_resident_kernel" in result.stderr
-    usage = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads\s+"
-                      r"ptxas info\s+: Used (\d+) registers", result.stderr)
-    assert usage, result.stderr[-3000:]
-    stack, stores, loads, registers = map(int, usage.groups())
-    assert stores == loads == 0
-    assert registers * triton_ops.RESIDENT_THREADS <= 65536  # the block fits one SM's register file
+    for kernel in ("gated_step_resident_kernel", "pixelcnn_step_resident_kernel"):
+        usage = re.search(rf"Function properties for \S*{kernel}\S*\s+(\d+) bytes stack frame, (\d+) bytes spill "
+                          rf"stores, (\d+) bytes spill loads\s+ptxas info\s+: Used (\d+) registers", result.stderr)
+        assert usage, (kernel, result.stderr[-3000:])
+        stack, stores, loads, registers = map(int, usage.groups())
+        assert stores == loads == 0, kernel
+        assert registers * triton_ops.RESIDENT_THREADS <= 65536, kernel  # the block fits one SM's register file
 
     stand_in = tmp_path / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h"
     stand_in.parent.mkdir(parents=True)
