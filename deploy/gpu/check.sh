@@ -16,10 +16,10 @@
 # profile-engine.txt.
 # STEPS (default "tests bench-gated profile bench-pixelcnn bench-pixel-vae") picks which of 2-4 run, in that order
 # (batching-gated: the batching comparison at LOAD, default 0.8; profile-batch1: the step kernel's
-# launch variants at batch 1, profile-batch1.txt; profile-resident: the Gated step on the resident CUDA C++
-# kernel and the Gated refresh split in two launches, against the Triton kernels at batch 1-4096,
-# profile-resident.txt; bench-resident: bench-sampler with both on at RESIDENT_BATCHES, default
-# "1 16 64 4096"); BENCH_BATCHES (default
+# launch variants at batch 1, profile-batch1.txt; profile-resident: the Gated and PixelCNN steps on the
+# resident CUDA C++ kernels and the Gated refresh split in two launches, against the Triton kernels at
+# batch 1-4096, profile-resident.txt; bench-resident: bench-sampler with both on at RESIDENT_BATCHES,
+# default "1 16 64 4096", Gated PixelCNN then PixelCNN); BENCH_BATCHES (default
 # "1 16 64 256 1024 4096 16384") sets bench-sampler's batch sizes; PROFILE_ARGS go to profile_fused.py,
 # ENGINE_ARGS to profile_engine.py. BUDGET (seconds, default 0: none) bounds the whole run: a step
 # gets at most what is left of it, less 20 s to write up, and one that would get under 30 s is
@@ -106,13 +106,15 @@ for what in ${STEPS:-tests bench-gated profile bench-pixelcnn bench-pixel-vae}; 
     profile-batch1)  # the step kernel's launch at batch 1: warps x slots per program, 16 slot rows vs 1-2
       step 240 profile-batch1 "$PYTHON" deploy/gpu/profile_fused.py gated_pixelcnn_mnist --out "$OUT/profile-batch1.txt" \
         --batch 1 --batch 2 --variant default --variant 8x1 --variant 4x1 --variant 1x1 --variant 4x2 ;;
-    profile-resident)  # the resident step kernel and the split refresh against the Triton kernels
-      step 300 profile-resident "$PYTHON" deploy/gpu/profile_fused.py gated_pixelcnn_mnist \
+    profile-resident)  # the resident step kernels and the split refresh against the Triton kernels
+      step 360 profile-resident "$PYTHON" deploy/gpu/profile_fused.py gated_pixelcnn_mnist pixelcnn_mnist \
         --out "$OUT/profile-resident.txt" --batch 1 --batch 2 --batch 16 --batch 64 --batch 256 --batch 4096 \
         --variant default --variant resident --variant resident128 --variant split --variant resident+split ;;
-    bench-resident)  # bench-sampler with every Gated step on the resident kernel, refreshes of <= 64 slots split
-      GENSERVE_RESIDENT_STEP_SLOTS=1000000 GENSERVE_SPLIT_REFRESH_SLOTS=64 \
-        BENCH_BATCHES="${RESIDENT_BATCHES:-1 16 64 4096}" bench bench-resident-gated_pixelcnn_mnist gated_pixelcnn_mnist ;;
+    bench-resident)  # bench-sampler with every step on the resident kernels, Gated refreshes of <= 64 slots split
+      for model in gated_pixelcnn_mnist pixelcnn_mnist; do
+        GENSERVE_RESIDENT_STEP_SLOTS=1000000 GENSERVE_SPLIT_REFRESH_SLOTS=64 \
+          BENCH_BATCHES="${RESIDENT_BATCHES:-1 16 64 4096}" bench "bench-resident-$model" "$model"
+      done ;;
     profile-engine) step 150 profile-engine "$PYTHON" deploy/gpu/profile_engine.py --out "$OUT/profile-engine.txt" \
       ${ENGINE_ARGS:-} ;;
     *) echo "unknown step $what (tests, bench-gated, bench-pixelcnn, bench-pixel-vae, batching-gated, profile," \

@@ -7,8 +7,9 @@ at a row start, three ways:
 - wall: the call as the engine makes it, synchronised, median over repeats;
 - kernels: the GPU time of each kernel it launches (torch.profiler), per call;
 - graph: the same call captured once in a CUDA graph and replayed (what graph capture would save).
-Variants: warps and slots per program of the Triton kernels, the Gated step on the resident kernel
-(csrc/gated_resident.cuh) at a number of threads per block, the Gated refresh split in two launches.
+Variants: warps and slots per program of the Triton kernels, the step on the resident kernels
+(csrc/gated_resident.cuh, csrc/pixelcnn_resident.cuh) at a number of threads per block, the Gated refresh
+split in two launches.
 From these it derives ms per image (rows per image × row time ÷ batch) and images/s. Rows print
 as they are measured, so a run cut short still reports what it finished.
 """
@@ -101,7 +102,7 @@ DEFAULTS = dict(triton_ops.WARPS), triton_ops.SLOTS_PER_PROGRAM, triton_ops.RESI
 def apply_variant(variant: str, slots: int) -> None:
     """Sets triton_ops' launch switches for a variant of calls of up to `slots` slots: parts joined by '+',
     each "default" (each kernel's own warps), WARPSxSLOTS (warps and slots per program of every Triton
-    kernel), residentTHREADS (the Gated step on the resident kernel, THREADS per block, default 256) or
+    kernel), residentTHREADS (the step on the resident kernels, THREADS per block, default 256) or
     "split" (the Gated refresh in two launches, its cache part first, a program per layer)."""
     triton_ops.WARPS, triton_ops.SLOTS_PER_PROGRAM = dict(DEFAULTS[0]), DEFAULTS[1]
     triton_ops.RESIDENT_STEP_SLOTS, triton_ops.RESIDENT_THREADS, triton_ops.SPLIT_REFRESH_SLOTS = 0, DEFAULTS[2], 0
@@ -116,6 +117,9 @@ def apply_variant(variant: str, slots: int) -> None:
             triton_ops.WARPS, triton_ops.SLOTS_PER_PROGRAM = dict.fromkeys(DEFAULTS[0], warps), per_program
 
 
+RESIDENT_OPS = {"gated_step": "gated_step_resident", "pixelcnn_step": "pixelcnn_step_resident"}
+
+
 def profile_model(name: str, repository: Path, batches: list[int], variants: list[str], report) -> None:
     runner = load_step_runner(load_manifest(repository / f"{name}_sample"), "torchscript", "cuda")
     if not isinstance(runner, FusedStepRunner):
@@ -126,9 +130,13 @@ def profile_model(name: str, repository: Path, batches: list[int], variants: lis
     report(f"\n{name}: {rows_per_image} row calls per image, {spec.span} pixels each ({torch.cuda.get_device_name()})")
     report(f"{'variant':>7} {'batch':>5} {'wall us':>9} {'graph us':>9} {'kernels us':>10}  "
            f"{'ms/image wall':>13} {'ms/image graph':>14} {'images/s graph':>14}  kernels (us per call)")
+    resident_op = RESIDENT_OPS.get(runner.op.step)
     for variant in variants:
+        if "split" in variant.split("+") and runner.op.step != "gated_step":
+            continue  # only the Gated refresh splits: the same calls as without it
         apply_variant(variant, max(batches))
-        if triton_ops.RESIDENT_STEP_SLOTS and not triton_ops.has_resident_step(runner.device):
+        if triton_ops.RESIDENT_STEP_SLOTS and not (resident_op and triton_ops.has_resident_step(resident_op,
+                                                                                            runner.device)):
             report(f"{variant}: no resident step kernel loaded ({fused.load_ops().reason})")
             continue
         for n in batches:
@@ -169,7 +177,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, action="append", help="default: 1, 16, 256, 1024, 4096, 16384")
     parser.add_argument("--variant", action="append",
                         help="'default' (triton_ops.WARPS), WARPSxSLOTS: warps and slots per program for "
-                             "every Triton kernel, residentTHREADS: the Gated step on the resident kernel "
+                             "every Triton kernel, residentTHREADS: the step on the resident kernel "
                              "with THREADS per block, 'split': the Gated refresh's cache part in programs of "
                              "its own; joined by '+' (default: default, 8x16, 4x16)")
     parser.add_argument("--out", type=Path, help="also append the lines to this file")
