@@ -16,7 +16,7 @@ void gated_step_resident(const at::Tensor& positions, const at::Tensor& noise, c
   const ResidentGatedStep a = resident_arguments(positions, noise, temperature, links, image_context, hidden_context,
                                                  teacher, pixel, logits, weights, threads, shared_bytes,
                                                  kH100SharedBytes);
-  emulation::launch(a.n, static_cast<int>(threads), static_cast<size_t>(shared_bytes), gated_step_resident_kernel, a);
+  emulation::launch(a.io.n, static_cast<int>(threads), static_cast<size_t>(shared_bytes), gated_step_resident_kernel, a);
 }
 
 }  // namespace

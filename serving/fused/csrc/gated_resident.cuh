@@ -50,13 +50,14 @@ GENSERVE_GLOBAL void gated_step_resident_kernel(const ResidentGatedStep a) {
   const int thread = GENSERVE_THREAD, threads = GENSERVE_THREADS;
   const int lane = thread % kSplit, group = thread / kSplit, groups = threads / kSplit;
   const int64_t s = GENSERVE_BLOCK;
-  const int C = a.channels, C2 = 2 * C, L = a.layers, P0 = a.p0, O = a.output_channels, V = a.levels;
+  const int C = a.channels, C2 = 2 * C, L = a.layers, P0 = a.p0, O = a.output_channels;
   const int cached = a.p * C, hidden = cached + C;  // a window: p cached columns, then the current one
 
   // The weights into shared memory, 8 loads in flight per thread.
   WeightView w[kGatedStepWeights];
   GENSERVE_UNROLL
   for (int k = 0; k < kGatedStepWeights; ++k) w[k] = copy_weight(a.weights[k], shared, thread, threads);
+  const OutputLayers output_layers{w[kOhW], w[kOhB], w[kLgW], w[kLgB], C, O};
   // The skip weights of this lane's rows of its group's output, if held in registers.
   float skip_weights[kSkipRegisters];
   GENSERVE_UNROLL
@@ -74,27 +75,26 @@ GENSERVE_GLOBAL void gated_step_resident_kernel(const ResidentGatedStep a) {
   float* out_hidden = skips + C;
   float* logits = out_hidden + O;
   // This slot's links (L * 2C rows of W columns) from its first pixel's column on.
-  const float* slot_links = a.links + s * L * C2 * a.width + a.positions[s] % a.width;
+  const float* slot_links = a.links + s * L * C2 * a.width + a.io.positions[s] % a.width;
   const auto link_at = [&](int i, int64_t t) { return slot_links[i * a.width + t]; };
   for (int i = thread; i <= P0; i += threads) context[i] = a.image_context[s * (P0 + 1) + i];
   for (int i = thread; i < L * C2; i += threads) links[i] = link_at(i, 0);
   for (int i = thread; i < (L - 1) * cached; i += threads)
     windows[i / cached * hidden + i % cached] = a.hidden_context[(s * (L - 1)) * cached + i];
-  const float temperature = a.temperature[s];
+  const float temperature = a.io.temperature[s];
   GENSERVE_SYNC();
 
-  for (int64_t t = 0; t < a.span; ++t) {
+  for (int64_t t = 0; t < a.io.span; ++t) {
     float* const now = windows + (t % 2) * window_set;
     float* const next = windows + (1 - t % 2) * window_set;
-    const int64_t index = s * a.span + t;
-    const bool another = t + 1 < a.span;
+    const bool another = t + 1 < a.io.span;
     float next_links[kLinkRegisters];  // loaded now, used once this pixel's are no longer read
     GENSERVE_UNROLL
     for (int j = 0; j < kLinkRegisters; ++j) {
       const int i = thread + j * threads;
       next_links[j] = another && i < L * C2 ? link_at(i, t + 1) : 0.f;
     }
-    const float draw = thread == 0 && !a.teacher ? a.noise[index] : 0.f;
+    const float draw = thread == 0 && !a.io.teacher ? a.io.noise[s * a.io.span + t] : 0.f;
 
     gated_outputs(context, P0 + 1, w[kH0W], 0, C, links, gated, lane, group, groups);
     GENSERVE_SYNC();
@@ -123,23 +123,11 @@ GENSERVE_GLOBAL void gated_step_resident_kernel(const ResidentGatedStep a) {
       dense_outputs(gated, L * C, w[kSkipW], 0, C, lane, group, groups, store_skip);
     }
     GENSERVE_SYNC();
-    dense_outputs(skips, C, w[kOhW], 0, O, lane, group, groups,
-                  [&](int o, float sum) { out_hidden[o] = fmaxf(sum + w[kOhB].data[o], 0.f); });
-    GENSERVE_SYNC();
-    dense_outputs(out_hidden, O, w[kLgW], 0, V, lane, group, groups,
-                  [&](int o, float sum) { logits[o] = sum + w[kLgB].data[o]; });
-    GENSERVE_SYNC();
+    const int64_t value = output_pixel(a.io, output_layers, skips, out_hidden, logits, s, t, draw, temperature,
+                                       thread, lane, group, groups);
     if (thread == 0) {
-      int64_t value;
-      if (a.teacher) {
-        for (int v = 0; v < V; ++v) a.logits_out[index * V + v] = logits[v];
-        value = a.teacher[index];
-      } else {
-        value = resident_choice(logits, V, draw, temperature);
-      }
-      a.pixel[index] = value;
       for (int i = 0; i < P0; ++i) context[i] = context[i + 1];
-      context[P0] = GENSERVE_MUL(static_cast<float>(value), a.level_scale) - 1.f;  // as level_value
+      context[P0] = resident_level_value(value, a.io);
     }
     // The next pixel's windows: these, less their oldest column (its current one is written then).
     for (int i = thread; i < (L - 1) * cached; i += threads) {
@@ -155,7 +143,7 @@ GENSERVE_GLOBAL void gated_step_resident_kernel(const ResidentGatedStep a) {
     GENSERVE_SYNC();
   }
   for (int i = thread; i <= P0; i += threads) a.image_context[s * (P0 + 1) + i] = context[i];
-  const float* last = windows + (a.span % 2) * window_set;  // what the last pixel left for the next
+  const float* last = windows + (a.io.span % 2) * window_set;  // what the last pixel left for the next
   for (int i = thread; i < (L - 1) * cached; i += threads)
     a.hidden_context[(s * (L - 1)) * cached + i] = last[i / cached * hidden + i % cached];
 }

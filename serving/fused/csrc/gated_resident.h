@@ -16,20 +16,14 @@ constexpr int kSkipRegisters = 32;  // skip weights a lane may hold: the skip la
 constexpr int kLinkRegisters = 4;   // the next pixel's links a thread loads ahead (the rest: between pixels)
 
 struct ResidentGatedStep {
-  const int64_t* positions;  // (n, 1)
-  const float* noise;        // (n, span, 1)
-  const float* temperature;  // (n, 1)
+  ResidentStepIO io;
   const float* links;        // (n, L, 2C, W)
   float* image_context;      // (n, p0 + 1), advanced in place
   float* hidden_context;     // (n, L - 1, p * C), advanced in place
-  const int64_t* teacher;    // (n, span, 1) or null
-  int64_t* pixel;            // (n, span, 1)
-  float* logits_out;         // (n, span, levels) where a teacher is given
   ResidentWeight weights[kGatedStepWeights];
   bool skip_in_registers;    // each group's lanes hold their output's skip weights
-  int64_t n, span, width;
-  int layers, channels, p0, p, output_channels, levels;
-  float level_scale;
+  int64_t width;
+  int layers, channels, p0, p, output_channels;
 };
 
 // The activations a block keeps: the image context, this pixel's links, each later layer's window
@@ -37,7 +31,7 @@ struct ResidentGatedStep {
 // one's, into which the cached columns move), every layer's gated output, the output layers'.
 GENSERVE_HOST_DEVICE int64_t activation_floats(const ResidentGatedStep& a) {
   const int64_t C = a.channels, L = a.layers, windows = 2 * (L - 1) * (a.p + 1) * C;
-  return round_up4(a.p0 + 1) + round_up4(L * 2 * C + windows + L * C + C + a.output_channels + a.levels);
+  return round_up4(a.p0 + 1) + round_up4(L * 2 * C + windows + L * C + C + a.output_channels + a.io.levels);
 }
 
 // For a block of `threads`: whether the skip weights go to registers, and where in `budget_bytes` of

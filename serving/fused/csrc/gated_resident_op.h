@@ -28,63 +28,32 @@ inline ResidentGatedStep resident_arguments(const at::Tensor& positions, const a
   const at::Device device = positions.device();
   TORCH_CHECK(weights.size() == 18 || weights.size() == 20,
               "gated weights: expected 18 tensors (20 with conditioning), got ", weights.size());
-  for (const at::Tensor& t : weights)
-    TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.device() == device,
-                "gated weights must be contiguous float32 tensors on ", device);
-  check_resident(positions, at::kLong, 2, "positions", device);
-  check_resident(noise, at::kFloat, 3, "noise", device);
-  check_resident(temperature, at::kFloat, 2, "temperature", device);
+  check_resident_weights(weights, "gated", device);
   check_resident(links, at::kFloat, 4, "links", device);
   check_resident(image_context, at::kFloat, 2, "image_context", device);
   check_resident(hidden_context, at::kFloat, 3, "hidden_context", device);
-  check_resident(pixel, at::kLong, 3, "pixel", device);
-  TORCH_CHECK(logits.device() == device && logits.scalar_type() == at::kFloat && logits.is_contiguous(),
-              "logits: expected a contiguous float32 tensor on ", device);
   check_resident_threads(threads);
 
   ResidentGatedStep a{};
-  const at::Tensor& h0_w = weights[8];
+  a.io = resident_io(positions, noise, temperature, teacher, pixel, logits, weights[16].size(1), "gated");
   a.layers = static_cast<int>(weights[4].size(0));
   a.channels = static_cast<int>(weights[10].size(1));
-  a.p0 = static_cast<int>(h0_w.size(0) - 1);
+  a.p0 = static_cast<int>(weights[8].size(0) - 1);
   a.p = static_cast<int>(weights[9].size(1) / a.channels - 1);
   a.output_channels = static_cast<int>(weights[14].size(1));
-  a.levels = static_cast<int>(weights[16].size(1));
-  TORCH_CHECK(a.levels >= 2 && a.levels <= 256, "gated weights: 2..256 pixel levels, got ", a.levels);
-  const int64_t n = positions.size(0), span = noise.size(1), L = a.layers, C = a.channels;
-  TORCH_CHECK(noise.size(0) == n && noise.size(2) == 1 && temperature.size(0) == n,
-              "noise, temperature: expected (", n, ", span, 1) and (", n, ", 1), got ", noise.sizes(), " and ",
-              temperature.sizes());
+  const int64_t n = a.io.n, L = a.layers, C = a.channels;
   TORCH_CHECK(links.size(0) == n && links.size(1) == L && links.size(2) == 2 * C, "links: shape ", links.sizes(),
               " does not match the weights");
   TORCH_CHECK(image_context.sizes() == at::IntArrayRef({n, a.p0 + 1}) &&
                   hidden_context.sizes() == at::IntArrayRef({n, L - 1, a.p * C}),
               "contexts: shapes ", image_context.sizes(), " and ", hidden_context.sizes(), " do not match the weights");
-  if (teacher.has_value()) {
-    check_resident(*teacher, at::kLong, 3, "teacher", device);
-    TORCH_CHECK(teacher->sizes() == noise.sizes(), "teacher: expected the noise's shape ", noise.sizes(), ", got ",
-                teacher->sizes());
-  }
-  TORCH_CHECK(pixel.sizes() == at::IntArrayRef({n, span, 1}) &&
-                  logits.numel() == (teacher.has_value() ? n * span * a.levels : 0),
-              "pixel, logits: outputs of the wrong shape");
-
-  a.positions = positions.data_ptr<int64_t>();
-  a.noise = noise.data_ptr<float>();
-  a.temperature = temperature.data_ptr<float>();
   a.links = links.data_ptr<float>();
   a.image_context = image_context.data_ptr<float>();
   a.hidden_context = hidden_context.data_ptr<float>();
-  a.teacher = teacher.has_value() ? teacher->data_ptr<int64_t>() : nullptr;
-  a.pixel = pixel.data_ptr<int64_t>();
-  a.logits_out = logits.data_ptr<float>();
   for (int k = 0; k < kGatedStepWeights; ++k)  // the step's ten, packed after the refresh's eight
     a.weights[k] = resident_weight(weights[8 + k], k == kHoutB || k == kSkipB || k == kOhB || k == kLgB);
   a.weights[kHoutW].rows = (L - 1) * C;  // the last layer's output 1x1 feeds nothing
-  a.n = n;
-  a.span = span;
   a.width = links.size(3);
-  a.level_scale = static_cast<float>(2.0 / (a.levels - 1));
 
   const int64_t budget = shared_bytes < 0 ? device_most : std::min(shared_bytes, device_most);
   shared_bytes = plan_shared_memory(a, static_cast<int>(threads), budget);

@@ -17,7 +17,7 @@ void pixelcnn_step_resident(const at::Tensor& positions, const at::Tensor& noise
   const ResidentPixelCNNStep a =
       pixelcnn_resident_arguments(positions, noise, temperature, image_rows, block_rows, teacher, pixel, logits,
                                   weights, roll, threads, shared_bytes, kH100SharedBytes);
-  emulation::launch(a.n, static_cast<int>(threads), static_cast<size_t>(shared_bytes), pixelcnn_step_resident_kernel,
+  emulation::launch(a.io.n, static_cast<int>(threads), static_cast<size_t>(shared_bytes), pixelcnn_step_resident_kernel,
                     a);
 }
 

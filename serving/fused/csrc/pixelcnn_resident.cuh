@@ -65,8 +65,8 @@ GENSERVE_GLOBAL void pixelcnn_step_resident_kernel(const ResidentPixelCNNStep a)
   const int lane = thread % kSplit, group = thread / kSplit, groups = threads / kSplit;
   const int64_t s = GENSERVE_BLOCK;
   const int B = a.blocks, h = a.hidden, h2 = 2 * h, R = a.rows, p = R - 1, k = 2 * p + 1;
-  const int R0 = a.r0, P0 = R0 - 1, K0 = 2 * P0 + 1, O = a.output_channels, V = a.levels;
-  const int64_t span = a.span, padded = a.width + 2 * p, padded0 = a.width + 2 * P0;
+  const int R0 = a.r0, P0 = R0 - 1, K0 = 2 * P0 + 1, O = a.output_channels;
+  const int64_t span = a.io.span, padded = a.width + 2 * p, padded0 = a.width + 2 * P0;
   const int64_t block_cache = static_cast<int64_t>(h) * R * padded;  // one slot's cache of one block
   float* const slot_image = a.image_rows + s * R0 * padded0;
   const auto slot_cache = [&](int b) { return a.block_rows[b] + s * block_cache; };
@@ -86,6 +86,7 @@ GENSERVE_GLOBAL void pixelcnn_step_resident_kernel(const ResidentPixelCNNStep a)
   GENSERVE_UNROLL
   for (int i = kCentreW + 1; i < kPixelCNNStepWeights; ++i) w[i] = copy_weight(a.weights[i], shared, thread, threads);
   const bool centre_shared = a.weights[kCentreW].shared_offset >= 0;
+  const OutputLayers output_layers{w[kOutHiddenW], w[kOutHiddenB], w[kLogitsW], w[kLogitsB], h2, O};
 
   float* const image = shared;                                    // the slot's image rows, (R0, padded0)
   float* const above_rows = image + round_up4(R0 * padded0);      // (B, h, p, padded): the blocks' rows above
@@ -96,7 +97,7 @@ GENSERVE_GLOBAL void pixelcnn_step_resident_kernel(const ResidentPixelCNNStep a)
   float* const masked = active + h2;                              // a block's masked layer's output, h
   float* const out_hidden = masked + h;
   float* const logits = out_hidden + O;
-  const int64_t col0 = a.positions[s] % a.width;
+  const int64_t col0 = a.io.positions[s] % a.width;
   for (int64_t i = thread; i < R0 * padded0; i += threads) image[i] = slot_image[i];
   for (int64_t i = thread; i < B * h * p * padded; i += threads) {  // rows 0..p-1 of each channel's cache
     const int64_t b = i / (h * p * padded), c = i / (p * padded) % h;
@@ -131,10 +132,10 @@ GENSERVE_GLOBAL void pixelcnn_step_resident_kernel(const ResidentPixelCNNStep a)
   GENSERVE_SYNC();
 
   // Phase two: the pixels.
-  const float temperature = a.temperature[s];
+  const float temperature = a.io.temperature[s];
   for (int64_t t = 0; t < span; ++t) {
-    const int64_t j = col0 + t, index = s * span + t;
-    const float draw = thread == 0 && !a.teacher ? a.noise[index] : 0.f;
+    const int64_t j = col0 + t;
+    const float draw = thread == 0 && !a.io.teacher ? a.io.noise[s * span + t] : 0.f;
     // The masked input layer on the image's window at column j (its taps from the pixel on are masked).
     dense_outputs(ImageWindow{image, padded0, K0, j}, R0 * K0, w[kInW], 0, h2, lane, group, groups,
                   [&](int o, float sum) {
@@ -168,22 +169,10 @@ GENSERVE_GLOBAL void pixelcnn_step_resident_kernel(const ResidentPixelCNNStep a)
       });
       GENSERVE_SYNC();
     }
-    dense_outputs(active, h2, w[kOutHiddenW], 0, O, lane, group, groups,
-                  [&](int o, float sum) { out_hidden[o] = fmaxf(sum + w[kOutHiddenB].data[o], 0.f); });
-    GENSERVE_SYNC();
-    dense_outputs(out_hidden, O, w[kLogitsW], 0, V, lane, group, groups,
-                  [&](int o, float sum) { logits[o] = sum + w[kLogitsB].data[o]; });
-    GENSERVE_SYNC();
-    if (thread == 0) {
-      int64_t value;
-      if (a.teacher) {
-        for (int v = 0; v < V; ++v) a.logits_out[index * V + v] = logits[v];
-        value = a.teacher[index];
-      } else {
-        value = resident_choice(logits, V, draw, temperature);
-      }
-      a.pixel[index] = value;
-      const float level = GENSERVE_MUL(static_cast<float>(value), a.level_scale) - 1.f;  // as level_value
+    const int64_t value = output_pixel(a.io, output_layers, active, out_hidden, logits, s, t, draw, temperature,
+                                       thread, lane, group, groups);
+    if (thread == 0) {  // the pixel's value joins the image's row
+      const float level = resident_level_value(value, a.io);
       image[P0 * padded0 + P0 + j] = level;
       slot_image[P0 * padded0 + P0 + j] = level;
     }

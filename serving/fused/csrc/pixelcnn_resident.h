@@ -20,20 +20,14 @@ enum PixelCNNStepWeight {
 constexpr int kMaxResidentBlocks = 32;  // residual blocks whose caches a call takes
 
 struct ResidentPixelCNNStep {
-  const int64_t* positions;  // (n, 1)
-  const float* noise;        // (n, span, 1)
-  const float* temperature;  // (n, 1)
+  ResidentStepIO io;
   float* image_rows;         // (n, 1, r0, W + 2(r0 - 1)), written in place
   float* block_rows[kMaxResidentBlocks];  // each (n, h, R, W + 2p), written in place
-  const int64_t* teacher;    // (n, span, 1) or null
-  int64_t* pixel;            // (n, span, 1)
-  float* logits_out;         // (n, span, levels) where a teacher is given
   const float* masked_w;     // (blocks, h R k, h): the masked kernels as packed
   ResidentWeight weights[kPixelCNNStepWeights];
   bool roll;                 // every cache moves up a row first (the refresh): calls that start rows
-  int64_t n, span, width;
-  int blocks, hidden, r0, rows, output_channels, levels;  // rows: R = p + 1 of a block's cache
-  float level_scale;
+  int64_t width;
+  int blocks, hidden, r0, rows, output_channels;  // rows: R = p + 1 of a block's cache
 };
 
 // The activations a block keeps: the image's rows, each block's rows above (for the call's first
@@ -43,8 +37,8 @@ struct ResidentPixelCNNStep {
 GENSERVE_HOST_DEVICE int64_t pixelcnn_activation_floats(const ResidentPixelCNNStep& a) {
   const int64_t B = a.blocks, h = a.hidden, p = a.rows - 1, padded = a.width + 2 * p;
   const int64_t image = a.r0 * (a.width + 2 * (a.r0 - 1));
-  return round_up4(image) + round_up4(B * h * p * padded) + round_up4(B * a.span * h) +
-         round_up4(B * (p + a.span) * h) + round_up4(4 * h + h + a.output_channels + a.levels);
+  return round_up4(image) + round_up4(B * h * p * padded) + round_up4(B * a.io.span * h) +
+         round_up4(B * (p + a.io.span) * h) + round_up4(4 * h + h + a.output_channels + a.io.levels);
 }
 
 // Where in `budget_bytes` of shared memory each weight goes after the activations, in

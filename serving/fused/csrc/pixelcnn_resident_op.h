@@ -26,20 +26,13 @@ inline ResidentPixelCNNStep pixelcnn_resident_arguments(
     int64_t device_most) {
   const at::Device device = positions.device();
   TORCH_CHECK(weights.size() == 12, "pixelcnn weights: expected 12 tensors, got ", weights.size());
-  for (const at::Tensor& t : weights)
-    TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.device() == device && t.dim() >= 1,
-                "pixelcnn weights must be contiguous float32 tensors on ", device);
-  check_resident(positions, at::kLong, 2, "positions", device);
-  check_resident(noise, at::kFloat, 3, "noise", device);
-  check_resident(temperature, at::kFloat, 2, "temperature", device);
+  check_resident_weights(weights, "pixelcnn", device);
   check_resident(image_rows, at::kFloat, 4, "image_rows", device);
   for (const at::Tensor& rows : block_rows) check_resident(rows, at::kFloat, 4, "block_rows", device);
-  check_resident(pixel, at::kLong, 3, "pixel", device);
-  TORCH_CHECK(logits.device() == device && logits.scalar_type() == at::kFloat && logits.is_contiguous(),
-              "logits: expected a contiguous float32 tensor on ", device);
   check_resident_threads(threads);
 
   ResidentPixelCNNStep a{};
+  a.io = resident_io(positions, noise, temperature, teacher, pixel, logits, weights[10].size(1), "pixelcnn");
   const int64_t blocks = weights[2].numel() ? weights[2].size(0) : 0;
   TORCH_CHECK(static_cast<int64_t>(block_rows.size()) == blocks, "block_rows: ", block_rows.size(), " caches for ",
               blocks, " blocks");
@@ -48,12 +41,7 @@ inline ResidentPixelCNNStep pixelcnn_resident_arguments(
   a.blocks = static_cast<int>(blocks);
   a.hidden = static_cast<int>(weights[1].size(0) / 2);
   a.output_channels = static_cast<int>(weights[8].size(1));
-  a.levels = static_cast<int>(weights[10].size(1));
-  TORCH_CHECK(a.levels >= 2 && a.levels <= 256, "pixelcnn weights: 2..256 pixel levels, got ", a.levels);
-  const int64_t n = positions.size(0), span = noise.size(1), h = a.hidden;
-  TORCH_CHECK(positions.size(1) == 1 && noise.size(0) == n && noise.size(2) == 1 && temperature.size(0) == n,
-              "positions, noise, temperature: expected (n, 1), (n, span, 1) and (n, 1), got ", positions.sizes(), ", ",
-              noise.sizes(), " and ", temperature.sizes());
+  const int64_t n = a.io.n, span = a.io.span, h = a.hidden;
   a.r0 = static_cast<int>(image_rows.size(2));
   a.width = image_rows.size(3) - 2 * (a.r0 - 1);
   TORCH_CHECK(image_rows.size(0) == n && image_rows.size(1) == 1 && a.r0 >= 1 && a.width >= 1 &&
@@ -67,23 +55,9 @@ inline ResidentPixelCNNStep pixelcnn_resident_arguments(
   TORCH_CHECK(!blocks || weights[4].sizes() == at::IntArrayRef({blocks, h * R * k, h}), "block rows: ", R,
               " rows do not match the masked kernels ", weights[4].sizes());
   TORCH_CHECK(span >= 1 && span <= a.width, "noise: ", span, " pixels per call, a row is ", a.width);
-  if (teacher.has_value()) {
-    check_resident(*teacher, at::kLong, 3, "teacher", device);
-    TORCH_CHECK(teacher->sizes() == noise.sizes(), "teacher: expected the noise's shape ", noise.sizes(), ", got ",
-                teacher->sizes());
-  }
-  TORCH_CHECK(pixel.sizes() == at::IntArrayRef({n, span, 1}) &&
-                  logits.numel() == (teacher.has_value() ? n * span * a.levels : 0),
-              "pixel, logits: outputs of the wrong shape");
 
-  a.positions = positions.data_ptr<int64_t>();
-  a.noise = noise.data_ptr<float>();
-  a.temperature = temperature.data_ptr<float>();
   a.image_rows = image_rows.data_ptr<float>();
   for (int64_t b = 0; b < blocks; ++b) a.block_rows[b] = block_rows[b].data_ptr<float>();
-  a.teacher = teacher.has_value() ? teacher->data_ptr<int64_t>() : nullptr;
-  a.pixel = pixel.data_ptr<int64_t>();
-  a.logits_out = logits.data_ptr<float>();
   a.masked_w = weights[4].data_ptr<float>();
   // Packed order: in_w, in_b, reduce_w, reduce_b, masked_w, masked_b, expand_w, expand_b, oh_w, oh_b, lg_w, lg_b.
   const int packed[kPixelCNNStepWeights] = {4, 2, 6, 8, 0, 10, 1, 3, 5, 7, 9, 11};
@@ -91,9 +65,6 @@ inline ResidentPixelCNNStep pixelcnn_resident_arguments(
   a.weights[kCentreW].rows = blocks * R * h;  // the centre row's taps up to the centre, gathered
   a.weights[kCentreW].cols = h;
   a.roll = roll;
-  a.n = n;
-  a.span = span;
-  a.level_scale = static_cast<float>(2.0 / (a.levels - 1));
 
   const int64_t budget = shared_bytes < 0 ? device_most : std::min(shared_bytes, device_most);
   shared_bytes = plan_pixelcnn_shared_memory(a, budget);

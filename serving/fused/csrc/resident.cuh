@@ -104,6 +104,43 @@ GENSERVE_DEVICE int64_t resident_choice(const float* logits, int levels, float n
   return chosen;
 }
 
+// A step's output layers, from the features of its last residual layer: a relu'd hidden layer, then the
+// logits.
+struct OutputLayers {
+  WeightView hidden_w, hidden_b, logits_w, logits_b;
+  int features, hidden;
+};
+
+// Pixel `t` of slot `s` from `features`: the output layers (their activations in `out_hidden` and
+// `logits`, a barrier after each), then thread 0 records the teacher's value and the logits, or chooses
+// by the inverse CDF on `draw`, and writes the pixel. Returns the value on thread 0 (0 elsewhere).
+GENSERVE_DEVICE int64_t output_pixel(const ResidentStepIO& io, const OutputLayers& out, const float* features,
+                                     float* out_hidden, float* logits, int64_t s, int64_t t, float draw,
+                                     float temperature, int thread, int lane, int group, int groups) {
+  dense_outputs(features, out.features, out.hidden_w, 0, out.hidden, lane, group, groups,
+                [&](int o, float sum) { out_hidden[o] = fmaxf(sum + out.hidden_b.data[o], 0.f); });
+  GENSERVE_SYNC();
+  dense_outputs(out_hidden, out.hidden, out.logits_w, 0, io.levels, lane, group, groups,
+                [&](int o, float sum) { logits[o] = sum + out.logits_b.data[o]; });
+  GENSERVE_SYNC();
+  if (thread != 0) return 0;
+  const int64_t index = s * io.span + t;
+  int64_t value;
+  if (io.teacher) {
+    for (int v = 0; v < io.levels; ++v) io.logits_out[index * io.levels + v] = logits[v];
+    value = io.teacher[index];
+  } else {
+    value = resident_choice(logits, io.levels, draw, temperature);
+  }
+  io.pixel[index] = value;
+  return value;
+}
+
+// A level's value in [-1, 1], as csrc/kernels.h's level_value rounds it.
+GENSERVE_DEVICE float resident_level_value(int64_t value, const ResidentStepIO& io) {
+  return GENSERVE_MUL(static_cast<float>(value), io.level_scale) - 1.f;
+}
+
 // A weight's rows, source_row(r) of `from` for r < from.rows, into shared memory where the plan put it,
 // by the block's threads, 8 loads in flight per thread (4 floats a load where the rows allow it).
 // Returns how the kernel reads the weight: there, or where it is in global memory.

@@ -20,6 +20,19 @@ struct ResidentWeight {
   bool held;              // kept out of shared memory (the Gated skip weights, in registers)
 };
 
+// What every resident step reads and writes besides its states: the controls, the pixels, a teacher's.
+struct ResidentStepIO {
+  const int64_t* positions;  // (n, 1)
+  const float* noise;        // (n, span, 1)
+  const float* temperature;  // (n, 1)
+  const int64_t* teacher;    // (n, span, 1) or null
+  int64_t* pixel;            // (n, span, 1)
+  float* logits_out;         // (n, span, levels) where a teacher is given
+  int64_t n, span;
+  int levels;
+  float level_scale;         // level v's value in [-1, 1]: v * level_scale - 1
+};
+
 GENSERVE_HOST_DEVICE int64_t round_up4(int64_t floats) { return (floats + 3) / 4 * 4; }
 
 // Each weight in turn into shared memory after `used` floats, where it fits in `budget` floats (and is

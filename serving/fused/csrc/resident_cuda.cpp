@@ -43,7 +43,7 @@ void gated_step_resident_cuda(const at::Tensor& positions, const at::Tensor& noi
   const ResidentGatedStep a =
       resident_arguments(positions, noise, temperature, links, image_context, hidden_context, teacher, pixel, logits,
                          weights, threads, shared_bytes, allow_most_shared_bytes(positions.device().index()));
-  if (a.n == 0) return;
+  if (a.io.n == 0) return;
   C10_CUDA_CHECK(launch_gated_step_resident(a, static_cast<int>(threads), shared_bytes,
                                             c10::cuda::getCurrentCUDAStream()));
 }
@@ -57,7 +57,7 @@ void pixelcnn_step_resident_cuda(const at::Tensor& positions, const at::Tensor& 
   const ResidentPixelCNNStep a = pixelcnn_resident_arguments(
       positions, noise, temperature, image_rows, block_rows, teacher, pixel, logits, weights, roll, threads,
       shared_bytes, allow_most_shared_bytes(positions.device().index()));
-  if (a.n == 0) return;
+  if (a.io.n == 0) return;
   C10_CUDA_CHECK(launch_pixelcnn_step_resident(a, static_cast<int>(threads), shared_bytes,
                                                c10::cuda::getCurrentCUDAStream()));
 }

@@ -17,14 +17,14 @@ cudaError_t allow_resident_shared_bytes(int bytes) {
 
 cudaError_t launch_gated_step_resident(const ResidentGatedStep& a, int threads, int64_t shared_bytes,
                                        cudaStream_t stream) {
-  gated_step_resident_kernel<<<static_cast<unsigned>(a.n), static_cast<unsigned>(threads),
+  gated_step_resident_kernel<<<static_cast<unsigned>(a.io.n), static_cast<unsigned>(threads),
                                static_cast<size_t>(shared_bytes), stream>>>(a);
   return cudaGetLastError();
 }
 
 cudaError_t launch_pixelcnn_step_resident(const ResidentPixelCNNStep& a, int threads, int64_t shared_bytes,
                                           cudaStream_t stream) {
-  pixelcnn_step_resident_kernel<<<static_cast<unsigned>(a.n), static_cast<unsigned>(threads),
+  pixelcnn_step_resident_kernel<<<static_cast<unsigned>(a.io.n), static_cast<unsigned>(threads),
                                   static_cast<size_t>(shared_bytes), stream>>>(a);
   return cudaGetLastError();
 }
