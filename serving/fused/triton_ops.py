@@ -9,6 +9,7 @@ the same launches run on CPU tensors.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 
@@ -16,6 +17,8 @@ import torch
 
 from . import triton_gated, triton_pixelcnn
 from .weights import CONDITIONED_GATED_WEIGHTS, GATED_WEIGHTS, PIXELCNN_WEIGHTS
+
+log = logging.getLogger("genserve.fused")
 
 # Slots per step program: the rows of its tiles. 16 is what was measured on an H200. Triton 3.9's
 # tl.dot also takes float32 tiles of 1 or 2 rows (compiled for sm_90 here), less padded work at
@@ -36,6 +39,7 @@ WARPS = {"gated_refresh": 4, "gated_step": 8, "pixelcnn_step": 4}
 # sets it for its batch-1 runs).
 RESIDENT_STEP_SLOTS = int(os.environ.get("GENSERVE_RESIDENT_STEP_SLOTS", "0"))
 RESIDENT_THREADS = 256  # per block: 32 groups of 8 lanes, one output each at a time
+RESIDENT_SHARED_BYTES = -1  # the shared memory a block may use: -1, the device's most
 # Gated refreshes of at most this many slots run in two launches: every (slot, later layer)'s cache part
 # in a program of its own (gated_prepare_kernel), then the rest; else one program per slot does it all.
 # 0, so off, until timed on a GPU (deploy/gpu/check.sh's profile-resident step times it).
@@ -213,9 +217,14 @@ def _step_into(shape: GatedShape, positions, noise, temperature, links, image_ou
         _check(teacher, torch.int64, 3, "teacher", device)
     if n == 0:
         return
-    if n <= RESIDENT_STEP_SLOTS and has_resident_step("gated_step_resident", device):
-        torch.ops.genserve.gated_step_resident(positions, noise, temperature, links, image_out, hidden_out, teacher,
-                                               pixel, logits, list(shape.weights.values()), RESIDENT_THREADS, -1)
+    weights = list(shape.weights.values())
+
+    def resident(*tensors):  # the step call's tensors, then the weights, threads, shared memory
+        torch.ops.genserve.gated_step_resident(*tensors, weights, RESIDENT_THREADS, RESIDENT_SHARED_BYTES)
+
+    tensors = (positions, noise, temperature, links, image_out, hidden_out, teacher, pixel, logits)
+    if n <= RESIDENT_STEP_SLOTS and _fits_resident("gated_step_resident", resident, tensors, weights):
+        resident(*tensors)
         return
     named = shape.weights
     grid = (-(-n // SLOTS_PER_PROGRAM),)
@@ -236,6 +245,33 @@ def has_resident_step(op: str, device: torch.device) -> bool:
     """Whether the loaded operator library has the resident step kernel `op` for `device`."""
     return hasattr(torch.ops.genserve, op) and torch._C._dispatch_has_kernel_for_dispatch_key(
         f"genserve::{op}", "CUDA" if device.type == "cuda" else "CPU")
+
+
+# Whether a model's steps fit a resident kernel, by operator, device and sizes: found once per size.
+_resident_fits: dict[tuple, bool] = {}
+
+
+def _fits_resident(op: str, call, tensors: tuple, weights: list[torch.Tensor]) -> bool:
+    """Whether the resident kernel `op` is loaded for the step call's device and a block of it holds this
+    model's activations (larger models' do not fit its shared memory). The operator plans its shared
+    memory before it launches anything, so `call` on no slots (every tensor's first n rows: none) finds
+    out without running the kernel; a model that does not fit steps on the Triton kernel, said once."""
+    device = tensors[0].device
+    if not has_resident_step(op, device):
+        return False
+    shapes = tuple(None if t is None else tuple(t.shape[1:]) for t in tensors)
+    key = (op, device, RESIDENT_THREADS, RESIDENT_SHARED_BYTES, shapes, tuple(tuple(w.shape) for w in weights))
+    if key not in _resident_fits:
+        try:
+            call(*(None if t is None else t[:0] for t in tensors))
+            _resident_fits[key] = True
+        except RuntimeError as error:
+            if "do not hold a block's activations" not in str(error):
+                raise
+            log.warning("%s: this model does not fit the resident step kernel, its steps run on the Triton kernel "
+                        "(%s)", op, error)
+            _resident_fits[key] = False
+    return _resident_fits[key]
 
 
 @dataclass(frozen=True)
@@ -308,11 +344,16 @@ def _pixelcnn_step_into(shape: PixelCNNShape, positions, noise, temperature, cac
             raise RuntimeError(f"block rows: shape {tuple(rows.shape)} does not match the weights")
     if teacher is not None:
         _check(teacher, torch.int64, 3, "teacher", device)
-    if n <= RESIDENT_STEP_SLOTS and has_resident_step("pixelcnn_step_resident", device):
-        if n:  # one launch: the roll too
-            torch.ops.genserve.pixelcnn_step_resident(positions, noise, temperature, image_rows, block_rows, teacher,
-                                                      pixel, logits, list(shape.weights.values()), roll,
-                                                      RESIDENT_THREADS, -1)
+    weights = list(shape.weights.values())
+
+    def resident(positions, noise, temperature, image_rows, teacher, pixel, logits, *block_rows):
+        torch.ops.genserve.pixelcnn_step_resident(positions, noise, temperature, image_rows, list(block_rows), teacher,
+                                                  pixel, logits, weights, roll, RESIDENT_THREADS,
+                                                  RESIDENT_SHARED_BYTES)
+
+    tensors = (positions, noise, temperature, image_rows, teacher, pixel, logits, *block_rows)
+    if 0 < n <= RESIDENT_STEP_SLOTS and _fits_resident("pixelcnn_step_resident", resident, tensors, weights):
+        resident(*tensors)  # one launch: the roll too
         return
     if roll:
         for rows in caches:

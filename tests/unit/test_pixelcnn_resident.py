@@ -198,3 +198,24 @@ def test_the_resident_operator_refuses_bad_arguments_naming_them():
         resident_step((positions, torch.rand(1, 7, 1), temperature, image_rows, block_rows), weights)
     with pytest.raises(RuntimeError, match="pixelcnn weights: expected 12 tensors"):
         resident_step(arguments, weights[:-1])
+
+
+@pytest.mark.parametrize("name", ["gated", "pixelcnn"])
+def test_a_model_too_large_for_a_block_steps_on_the_triton_kernel(monkeypatch, caplog, name):
+    # A block too small for the model's activations (here by a budget of 64 bytes; in use, a model larger
+    # than the shipped ones): the operator's plan refuses it on a call of no slots, made once per size, and
+    # the steps run on the Triton kernel, images still equal naive sampling, with one warning.
+    op = "gated_step_resident" if name == "gated" else "pixelcnn_step_resident"
+    calls = resident_calls(monkeypatch, op)
+    monkeypatch.setattr(triton_ops, "RESIDENT_SHARED_BYTES", 64)
+    model = tiny(name)
+    engine = mirrored(SamplingEngine(fused_runner(model, namespace=triton_ops), EngineConfig(num_slots=2)))
+    with caplog.at_level("WARNING", logger="genserve.fused"):
+        images = generate(engine, model, 6, 3)
+    assert np.array_equal(images, naive(model, 3, 6))
+    assert calls == []  # none with slots reached the kernel
+    warnings = [r.message for r in caplog.records if "does not fit the resident step kernel" in r.message]
+    assert len(warnings) == 1 and re.fullmatch(
+        f"{op}: this model does not fit the resident step kernel, its steps run on the Triton kernel "
+        r"\(shared_bytes: 64 bytes do not hold a block's activations \(\d+ bytes\)\)", warnings[0]), warnings
+

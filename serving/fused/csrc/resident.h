@@ -1,5 +1,5 @@
-// What the resident kernels (gated_resident.cuh, pixelcnn_resident.cuh) and the host code that plans
-// their shared memory share: how a weight is described, and where in shared memory it goes.
+// What the resident kernels (gated_resident.cuh, pixelcnn_resident.cuh) and the host code around them
+// share: a step's controls and outputs, how a weight is described, and where in shared memory it goes.
 #pragma once
 
 #include <cstdint>
