@@ -107,10 +107,11 @@ for what in ${STEPS:-tests bench-gated profile bench-pixelcnn bench-pixel-vae}; 
       step 240 profile-batch1 "$PYTHON" deploy/gpu/profile_fused.py gated_pixelcnn_mnist --out "$OUT/profile-batch1.txt" \
         --batch 1 --batch 2 --variant default --variant 8x1 --variant 4x1 --variant 1x1 --variant 4x2 ;;
     profile-resident)  # the resident step kernels and the split refresh against the Triton kernels
+      # (WxS: W warps per Triton program, for the split refresh's kernels at batch 1 and the Triton step at 4096)
       step 360 profile-resident "$PYTHON" deploy/gpu/profile_fused.py gated_pixelcnn_mnist pixelcnn_mnist \
         --out "$OUT/profile-resident.txt" --batch 1 --batch 2 --batch 16 --batch 64 --batch 256 --batch 4096 \
         --variant default --variant resident --variant resident128 --variant split --variant resident+split \
-        --variant 16x16 ;;  # last: 16 warps per Triton program, where ptxas spills least at 16 slots
+        --variant resident+split+8x16 --variant resident+split+16x16 --variant 16x16 ;;
     bench-resident)  # bench-sampler with every step on the resident kernels, Gated refreshes of <= 64 slots split
       for model in gated_pixelcnn_mnist pixelcnn_mnist; do
         GENSERVE_RESIDENT_STEP_SLOTS=1000000 GENSERVE_SPLIT_REFRESH_SLOTS=64 \
