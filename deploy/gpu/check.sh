@@ -111,7 +111,7 @@ for what in ${STEPS:-tests bench-gated profile bench-pixelcnn bench-pixel-vae}; 
       step 360 profile-resident "$PYTHON" deploy/gpu/profile_fused.py gated_pixelcnn_mnist pixelcnn_mnist \
         --out "$OUT/profile-resident.txt" --batch 1 --batch 2 --batch 16 --batch 64 --batch 256 --batch 4096 \
         --variant default --variant resident --variant resident128 --variant split --variant resident+split \
-        --variant resident+split+8x16 --variant resident+split+16x16 --variant 16x16 ;;
+        --variant resident+split+4x16 --variant resident+split+16x16 --variant 16x16 ;;
     bench-resident)  # bench-sampler with every step on the resident kernels, Gated refreshes of <= 64 slots split
       for model in gated_pixelcnn_mnist pixelcnn_mnist; do
         GENSERVE_RESIDENT_STEP_SLOTS=1000000 GENSERVE_SPLIT_REFRESH_SLOTS=64 \

@@ -31,7 +31,10 @@ LAUNCH = {"enable_fp_fusion": True}
 # Warps per program, by kernel, as measured fastest on an H200 at batch 1 and at 4096 (8 vs 4 warps,
 # deploy/gpu/profile_fused.py). At 4, ptxas gives the shipped Gated PixelCNN's step kernel 32 registers
 # and 4.4 KB of spills per thread; at 8, 255 registers and 368 bytes (cuobjdump --dump-resource-usage).
-WARPS = {"gated_refresh": 4, "gated_step": 8, "pixelcnn_step": 4}
+WARPS = {"gated_refresh": 4, "gated_step": 8, "pixelcnn_step": 4,
+         # The split refresh's two kernels (off by default): not yet timed, so by ptxas (Triton 3.9, sm_90a,
+         # the shipped model) the fewest warps without spills: at 4 its refresh kernel spills ~1 KB per thread.
+         "gated_prepare": 8, "gated_refresh_split": 8}
 # Steps of at most this many slots run on the resident kernels (csrc/gated_resident.cuh and
 # csrc/pixelcnn_resident.cuh: a block per slot, the weights in its shared memory) where the operator library
 # has them for the device: the CUDA library that `genserve build-ops` builds where nvcc and a GPU are
@@ -181,7 +184,7 @@ def _refresh_into(shape: GatedShape, pixels, positions, labels, vertical, condit
         prepared = torch.empty(n, L - 1, 2 * C, width, device=device)
         triton_gated.gated_prepare_kernel[(n, L - 1)](
             vertical, prepared, named["v_w"], named["v_b"], WIDTH=width, LAYERS=L, C=C, P=shape.p,
-            WB=_tile(width), CB=_tile(C), num_warps=WARPS["gated_refresh"], **LAUNCH,
+            WB=_tile(width), CB=_tile(C), num_warps=WARPS["gated_prepare"], **LAUNCH,
         )
     triton_gated.gated_refresh_kernel[(n,)](
         pixels, positions, labels if shape.classes else positions, vertical, condition if cc else unused,
@@ -192,7 +195,7 @@ def _refresh_into(shape: GatedShape, pixels, positions, labels, vertical, condit
         HEIGHT=height, WIDTH=width, LAYERS=L, C=C, P0=shape.p0, P=shape.p, CLASSES=shape.classes, COND=cc,
         PREPARED=prepared is not unused, WB=_tile(width), CB=_tile(C),
         QB=_tile((shape.p0 + 1) * (2 * shape.p0 + 1)), VB=_tile(C * shape.p), CCB=_tile(cc),
-        num_warps=WARPS["gated_refresh"], **LAUNCH,
+        num_warps=WARPS["gated_refresh" if prepared is unused else "gated_refresh_split"], **LAUNCH,
     )
 
 
