@@ -245,3 +245,26 @@ def test_the_cuda_build_compiles_for_an_h100_without_spills(tmp_path):
          "-I", str(cuda_include), "-I", str(fused.SOURCE_DIR)],
         capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def schedules_give_the_same_bits(monkeypatch, run) -> None:
+    """`run()`'s tensors with the block's threads free-running, then run one at a time in two seeded
+    orders (GENSERVE_EMULATION_SEED: csrc/device.h's Scheduler, shared memory starting as NaNs): equal
+    bit for bit, or a read races another thread's write, or reads what no thread wrote."""
+    want = run()
+    for seed in ("1", "2"):
+        monkeypatch.setenv("GENSERVE_EMULATION_SEED", seed)
+        for got, expected in zip(run(), want):
+            assert torch.equal(got, expected), seed
+
+
+@pytest.mark.parametrize("name, threads", [("gated_conditional_3_levels", TINY_THREADS), ("wide", 256)])
+def test_threads_run_one_at_a_time_in_random_orders_give_the_same_bits(monkeypatch, name, threads):
+    # Sampled, and teacher-forced for every pixel's logits (a sampled pixel of 2 levels may come out the
+    # same from wrong logits).
+    assert fused.load_ops()
+    model = model_named(name)
+    arguments, weights = step_arguments(model, n=2, span=4, seed=5)
+    teacher = torch.randint(0, model.config.pixel_levels, (2, 4, 1), generator=torch.Generator().manual_seed(5))
+    schedules_give_the_same_bits(monkeypatch, lambda: (*resident_step(arguments, weights, threads=threads)[:3],
+                                                       *resident_step(arguments, weights, teacher, threads=threads)))

@@ -24,7 +24,7 @@ from tests.unit.test_fused_ops import (
     assert_teacher_forced_logits_equal_the_network,
     slots_at_different_columns,
 )
-from tests.unit.test_gated_resident import TINY_THREADS, resident_calls
+from tests.unit.test_gated_resident import TINY_THREADS, resident_calls, schedules_give_the_same_bits
 from tests.unit.test_sampling_engine import generate, mirrored, naive, tiny
 
 PIXELCNN_MODELS = ["pixelcnn", "pixelcnn_3_levels"]
@@ -219,3 +219,21 @@ def test_a_model_too_large_for_a_block_steps_on_the_triton_kernel(monkeypatch, c
         f"{op}: this model does not fit the resident step kernel, its steps run on the Triton kernel "
         r"\(shared_bytes: 64 bytes do not hold a block's activations \(\d+ bytes\)\)", warnings[0]), warnings
 
+
+
+@pytest.mark.parametrize("name, threads", [("pixelcnn_3_levels", TINY_THREADS), ("wide", 256)])
+def test_threads_run_one_at_a_time_in_random_orders_give_the_same_bits(monkeypatch, name, threads):
+    # With the roll: its in-place moves are each thread's own columns, read by others after a barrier.
+    assert fused.load_ops()
+    model = model_named(name)
+    (positions, *rest), weights = step_arguments(model, n=2, span=4, seed=5)
+    arguments = (positions - positions % model.config.image_size, *rest)
+
+    teacher = torch.randint(0, model.config.pixel_levels, (2, 4, 1), generator=torch.Generator().manual_seed(5))
+
+    def run():  # sampled, and teacher-forced for every pixel's logits
+        pixel, image_rows, block_rows, _ = resident_step(arguments, weights, roll=True, threads=threads)
+        *_, logits = resident_step(arguments, weights, teacher, roll=True, threads=threads)
+        return pixel, image_rows, *block_rows, logits
+
+    schedules_give_the_same_bits(monkeypatch, run)

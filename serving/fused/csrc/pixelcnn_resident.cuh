@@ -129,7 +129,8 @@ GENSERVE_GLOBAL void pixelcnn_step_resident_kernel(const ResidentPixelCNNStep a)
     const float sum = group_sum(part);
     if (lane == 0 && mine) above[(b * span + t) * h + c] = sum + w[kMaskedB].data[b * h + c];
   }
-  GENSERVE_SYNC();
+  // No barrier here: these parts are first read after the first pixel's input layer and its barrier,
+  // and that layer touches nothing phase one does.
 
   // Phase two: the pixels.
   const float temperature = a.io.temperature[s];
