@@ -39,7 +39,7 @@ def resident(monkeypatch):
         assert triton_ops.has_resident_step(op, torch.device("cuda"))
 
 
-@pytest.mark.parametrize("name", GATED_MODELS)
+@pytest.mark.parametrize("name", [*GATED_MODELS, *pixelcnn_resident.PIXELCNN_MODELS])
 def test_each_resident_cuda_step_call_matches_the_step_graph(resident, name):
     model, span = tiny(name), 2
     assert_call_matches_the_graph(fused_runner(model, device="cuda"), model, "step", n=37)
@@ -47,12 +47,13 @@ def test_each_resident_cuda_step_call_matches_the_step_graph(resident, name):
                                   positions=slots_at_different_columns(model, span))
 
 
-def test_the_resident_cuda_step_handles_the_shipped_models_sizes(resident, shipped):
-    model = shipped("gated_pixelcnn_mnist").model
+@pytest.mark.parametrize("name", ["gated_pixelcnn_mnist", "pixelcnn_mnist"])
+def test_the_resident_cuda_step_handles_the_shipped_models_sizes(resident, shipped, name):
+    model = shipped(name).model
     assert_call_matches_the_graph(fused_runner(model, device="cuda"), model, "step", n=3)
 
 
-@pytest.mark.parametrize("name", GATED_MODELS)
+@pytest.mark.parametrize("name", [*GATED_MODELS, *pixelcnn_resident.PIXELCNN_MODELS])
 @pytest.mark.parametrize("span", [1, None])
 def test_resident_cuda_sampling_equals_naive_sampling(resident, name, span):
     assert_cuda_sampling_equals_naive_sampling(name, span, seeds=6)
@@ -110,25 +111,6 @@ def test_cuda_sampling_on_the_resident_step_and_split_refreshes_equals_naive_sam
     engine = SamplingEngine(fused_runner(model, device="cuda"), EngineConfig(num_slots=4))
     for seed in range(4):
         assert np.array_equal(generate(engine, model, seed, n, labels=labels), naive(model, n, seed, labels=labels))
-
-
-@pytest.mark.parametrize("name", pixelcnn_resident.PIXELCNN_MODELS)
-def test_each_resident_cuda_pixelcnn_step_call_matches_the_step_graph(resident, name):
-    model, span = tiny(name), 2
-    assert_call_matches_the_graph(fused_runner(model, device="cuda"), model, "step", n=37)
-    assert_call_matches_the_graph(fused_runner(model, span, device="cuda"), model, "step", n=5, span=span,
-                                  positions=slots_at_different_columns(model, span))
-
-
-def test_the_resident_cuda_pixelcnn_step_handles_the_shipped_models_sizes(resident, shipped):
-    model = shipped("pixelcnn_mnist").model
-    assert_call_matches_the_graph(fused_runner(model, device="cuda"), model, "step", n=3)
-
-
-@pytest.mark.parametrize("name", pixelcnn_resident.PIXELCNN_MODELS)
-@pytest.mark.parametrize("span", [1, None])
-def test_resident_cuda_pixelcnn_sampling_equals_naive_sampling(resident, name, span):
-    assert_cuda_sampling_equals_naive_sampling(name, span, seeds=6)
 
 
 @pytest.mark.parametrize("roll", [False, True])
