@@ -252,6 +252,8 @@ def has_resident_step(op: str, device: torch.device) -> bool:
 
 # Whether a model's steps fit a resident kernel, by operator, device and sizes: found once per size.
 _resident_fits: dict[tuple, bool] = {}
+# How the resident operators refuse a model too large for a block (csrc/*_resident_op.h).
+TOO_LARGE_FOR_A_BLOCK = ("do not hold a block's activations", "more than a block holds")
 
 
 def _fits_resident(op: str, call, tensors: tuple, weights: list[torch.Tensor]) -> bool:
@@ -269,7 +271,7 @@ def _fits_resident(op: str, call, tensors: tuple, weights: list[torch.Tensor]) -
             call(*(None if t is None else t[:0] for t in tensors))
             _resident_fits[key] = True
         except RuntimeError as error:
-            if "do not hold a block's activations" not in str(error):
+            if not any(refusal in str(error) for refusal in TOO_LARGE_FOR_A_BLOCK):
                 raise
             log.warning("%s: this model does not fit the resident step kernel, its steps run on the Triton kernel "
                         "(%s)", op, error)

@@ -235,3 +235,15 @@ def test_threads_run_one_at_a_time_in_random_orders_give_the_same_bits(monkeypat
         return pixel, image_rows, *block_rows, logits
 
     schedules_give_the_same_bits(monkeypatch, run)
+
+
+def test_a_pixelcnn_of_more_blocks_than_a_block_holds_steps_on_the_triton_kernel(monkeypatch, caplog):
+    # The kernel takes the blocks' caches as an array of 32 pointers: a 33-block network falls back too.
+    calls = resident_calls(monkeypatch, "pixelcnn_step_resident")
+    model = make_model("pixelcnn", image_size=3, hidden_channels=2, num_residual_blocks=33, output_channels=4,
+                       first_kernel_size=3, kernel_size=3)
+    with caplog.at_level("WARNING", logger="genserve.fused"):
+        assert_call_matches_the_graph(fused_runner(model, 1, namespace=triton_ops), model, "step", n=1, span=1)
+    assert calls == []
+    assert any("pixelcnn weights: 33 residual blocks, more than a block holds (32)" in r.message
+               for r in caplog.records)

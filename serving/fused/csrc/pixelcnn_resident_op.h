@@ -36,8 +36,8 @@ inline ResidentPixelCNNStep pixelcnn_resident_arguments(
   const int64_t blocks = weights[2].numel() ? weights[2].size(0) : 0;
   TORCH_CHECK(static_cast<int64_t>(block_rows.size()) == blocks, "block_rows: ", block_rows.size(), " caches for ",
               blocks, " blocks");
-  TORCH_CHECK(blocks <= kMaxResidentBlocks, "pixelcnn weights: at most ", kMaxResidentBlocks,
-              " residual blocks, got ", blocks);
+  TORCH_CHECK(blocks <= kMaxResidentBlocks, "pixelcnn weights: ", blocks, " residual blocks, more than a block "
+              "holds (", kMaxResidentBlocks, ")");
   a.blocks = static_cast<int>(blocks);
   a.hidden = static_cast<int>(weights[1].size(0) / 2);
   a.output_channels = static_cast<int>(weights[8].size(1));
