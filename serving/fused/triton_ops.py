@@ -220,15 +220,16 @@ def _step_into(shape: GatedShape, positions, noise, temperature, links, image_ou
         _check(teacher, torch.int64, 3, "teacher", device)
     if n == 0:
         return
-    weights = list(shape.weights.values())
+    if n <= RESIDENT_STEP_SLOTS:
+        weights = list(shape.weights.values())
 
-    def resident(*tensors):  # the step call's tensors, then the weights, threads, shared memory
-        torch.ops.genserve.gated_step_resident(*tensors, weights, RESIDENT_THREADS, RESIDENT_SHARED_BYTES)
+        def resident(*tensors):  # the step call's tensors, then the weights, threads, shared memory
+            torch.ops.genserve.gated_step_resident(*tensors, weights, RESIDENT_THREADS, RESIDENT_SHARED_BYTES)
 
-    tensors = (positions, noise, temperature, links, image_out, hidden_out, teacher, pixel, logits)
-    if n <= RESIDENT_STEP_SLOTS and _fits_resident("gated_step_resident", resident, tensors, weights):
-        resident(*tensors)
-        return
+        tensors = (positions, noise, temperature, links, image_out, hidden_out, teacher, pixel, logits)
+        if _fits_resident("gated_step_resident", resident, tensors, weights):
+            resident(*tensors)
+            return
     named = shape.weights
     grid = (-(-n // SLOTS_PER_PROGRAM),)
     triton_gated.gated_step_kernel[grid](
@@ -349,17 +350,18 @@ def _pixelcnn_step_into(shape: PixelCNNShape, positions, noise, temperature, cac
             raise RuntimeError(f"block rows: shape {tuple(rows.shape)} does not match the weights")
     if teacher is not None:
         _check(teacher, torch.int64, 3, "teacher", device)
-    weights = list(shape.weights.values())
+    if 0 < n <= RESIDENT_STEP_SLOTS:
+        weights = list(shape.weights.values())
 
-    def resident(positions, noise, temperature, image_rows, teacher, pixel, logits, *block_rows):
-        torch.ops.genserve.pixelcnn_step_resident(positions, noise, temperature, image_rows, list(block_rows), teacher,
-                                                  pixel, logits, weights, roll, RESIDENT_THREADS,
-                                                  RESIDENT_SHARED_BYTES)
+        def resident(positions, noise, temperature, image_rows, teacher, pixel, logits, *block_rows):
+            torch.ops.genserve.pixelcnn_step_resident(positions, noise, temperature, image_rows, list(block_rows),
+                                                      teacher, pixel, logits, weights, roll, RESIDENT_THREADS,
+                                                      RESIDENT_SHARED_BYTES)
 
-    tensors = (positions, noise, temperature, image_rows, teacher, pixel, logits, *block_rows)
-    if 0 < n <= RESIDENT_STEP_SLOTS and _fits_resident("pixelcnn_step_resident", resident, tensors, weights):
-        resident(*tensors)  # one launch: the roll too
-        return
+        tensors = (positions, noise, temperature, image_rows, teacher, pixel, logits, *block_rows)
+        if _fits_resident("pixelcnn_step_resident", resident, tensors, weights):
+            resident(*tensors)  # one launch: the roll too
+            return
     if roll:
         for rows in caches:
             rows[:, :, :-1].copy_(rows[:, :, 1:].clone())
