@@ -224,12 +224,12 @@ def test_the_in_place_row_call_equals_refresh_then_step(name):
     assert_row_call_equals_refresh_then_step(fused_runner(model), model)
 
 
-def row_call_arguments(model, n: int = 3):
+def row_call_arguments(model, n: int = 3, seed: int = 2):
     """A row call's controls and states for slots at rows 0, 1 and 3 (then again) of random images, as the
     engine keeps them (positions (n, 1), the whole images' noise (n, H * W, 1)), and the program's states
     (random)."""
     program, c = step_program(model), model.config
-    generator = torch.Generator().manual_seed(2)
+    generator = torch.Generator().manual_seed(seed)
     width = c.image_size
     controls = {
         "pixels": torch.randint(0, c.pixel_levels, (n, 1, width, width), dtype=torch.uint8, generator=generator),
@@ -242,25 +242,31 @@ def row_call_arguments(model, n: int = 3):
     return controls, states
 
 
+def by_row_calls(runner, controls, states, rows: int):
+    """What `rows` row calls with the engine's Python around each do to copies of `controls` and `states`: the
+    row's noise picked at each slot's position, its pixels written into the images, the positions advanced."""
+    controls = {k: None if v is None else v.clone() for k, v in controls.items()}
+    states = [state.clone() for state in states]
+    n, width = controls["pixels"].shape[0], controls["pixels"].shape[-1]
+    slots = torch.arange(n)[:, None]
+    for _ in range(rows):
+        taken = controls["positions"] + torch.arange(width)  # (n, W): this row's pixels
+        feeds = {**controls, "noise": controls["noise"][slots, taken]}
+        pixel = runner.run_row(feeds, states)  # (n, W, 1)
+        controls["pixels"].view(n, -1)[slots, taken] = pixel[..., 0].to(torch.uint8)
+        controls["positions"] += width
+    return controls, states
+
+
 @pytest.mark.parametrize("name", FUSED_MODELS)
 def test_a_multi_row_call_equals_row_calls_with_the_engines_bookkeeping(name):
-    # run_rows(k) must do exactly what k row calls do with the engine's Python around each: the row's
-    # noise picked at each slot's position, its pixels written into the images, the positions advanced.
+    # run_rows(k) must do exactly what k row calls do with the engine's Python around each.
     model = tiny(name)
     runner = fused_runner(model)
     assert runner.runs_rows
-    width, rows = model.config.image_size, 2
     controls, states = row_call_arguments(model)
-    want_controls = {k: None if v is None else v.clone() for k, v in controls.items()}
-    want_states = [state.clone() for state in states]
-    slots = torch.arange(3)[:, None]
-    for _ in range(rows):
-        taken = want_controls["positions"] + torch.arange(width)  # (n, W): this row's pixels
-        feeds = {**want_controls, "noise": want_controls["noise"][slots, taken]}
-        pixel = runner.run_row(feeds, want_states)  # (n, W, 1)
-        want_controls["pixels"].view(3, -1)[slots, taken] = pixel[..., 0].to(torch.uint8)
-        want_controls["positions"] += width
-    runner.run_rows(controls, states, rows)
+    want_controls, want_states = by_row_calls(runner, controls, states, 2)
+    runner.run_rows(controls, states, 2)
     for key in ("pixels", "positions"):
         assert torch.equal(controls[key], want_controls[key]), key
     for got, want in zip(states, want_states):
@@ -315,12 +321,50 @@ def test_a_multi_row_call_gives_the_same_bits_on_one_thread_or_several(name):
         assert torch.equal(got, want)
 
 
+# PixelCNNs whose rows a multi-row call steps at once (below): the images' rows 14 wide, so that rows
+# overlap; the input layer's window reaching 6 columns right of a pixel, or the blocks' 2.
+WAVEFRONT_MODELS = {"image_reaches_far": dict(image_size=14, first_kernel_size=13),
+                    "blocks_reach_far": dict(image_size=14, first_kernel_size=3, kernel_size=5, pixel_levels=3)}
+
+
+@pytest.mark.parametrize("name", ["pixelcnn", *WAVEFRONT_MODELS, "pixelcnn_mnist"])
+@pytest.mark.parametrize("n", [1, 5, 8])
+def test_pixelcnn_rows_stepped_at_once_give_the_row_calls_bits_on_any_threads(shipped, name, n):
+    # Up to 8 slots, PixelCNN's multi-row call steps several rows at once, a thread each, each pixel
+    # waiting only until the row above is far enough ahead: as far as its windows reach into the row above
+    # (the input layer's), and for each 6 pixels' rows-above parts of the blocks' masked layers as far as
+    # theirs reach past them. However many threads take the rows (one takes them all; two or three at once,
+    # more than the cores) and however they interleave, the images, positions and caches must be the bits
+    # row calls give. Ten calls per thread count, each on other images and caches: a thread that read a
+    # column of the row above too soon would find what the call before left there, or the zero the row
+    # starts as. Slots at rows 0, 1 and 3, every row left to all of them taken in one call.
+    if name == "pixelcnn_mnist":
+        model = shipped(name).model
+        runner = load_step_runner(load_manifest(REPOSITORY / f"{name}_sample"))
+    else:
+        model = make_model("pixelcnn", **WAVEFRONT_MODELS[name]) if name in WAVEFRONT_MODELS else tiny(name)
+        runner = fused_runner(model)
+    rows = model.config.image_size - 3
+    for threads in (1, 2, 3):
+        for seed in range(10):
+            controls, states = row_call_arguments(model, n, seed)
+            want_controls, want_states = by_row_calls(runner, controls, states, rows)
+            assert not torch.equal(want_controls["pixels"], controls["pixels"])  # it sampled
+            with intra_op_threads(threads):
+                runner.run_rows(controls, states, rows)
+            for key in ("pixels", "positions"):
+                assert torch.equal(controls[key], want_controls[key]), (threads, seed, key)
+            for k, (got, want) in enumerate(zip(states, want_states)):
+                assert torch.equal(got, want), (threads, seed, k)
+
+
 @pytest.mark.parametrize("name", FUSED_MODELS)
-def test_fused_sampling_on_several_threads_equals_naive_sampling(name):
+@pytest.mark.parametrize("n", [3, 11])
+def test_fused_sampling_on_several_threads_equals_naive_sampling(name, n):
     # All rows after the first in one call (an unbounded time budget): each row's step runs while the
-    # next row's refresh part is prepared on the other threads.
+    # next row's refresh part is prepared on the other threads (Gated PixelCNN), or the rows of up to
+    # 8 slots run a few columns apart, a thread each (PixelCNN).
     model = tiny(name)
-    n = 11
     labels = labels_for(model, n)
     engine = SamplingEngine(fused_runner(model), EngineConfig(num_slots=n, call_budget_ms=1e9))
     with intra_op_threads(3):

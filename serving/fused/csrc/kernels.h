@@ -20,27 +20,28 @@ namespace genserve {
 // `count` floats of scratch, uninitialised, 64-byte aligned, owned by the calling thread and reused
 // by its later calls (each call must be done with it before the next starts). A per-call
 // std::vector of megabytes (the refresh's at batch 64) went back to the OS at every call: the page
-// faults and zeroing of fresh pages took ~5% of a batch-64 sampling run.
-inline float* thread_scratch(size_t count) {
+// faults and zeroing of fresh pages took ~5% of a batch-64 sampling run. Each `pool` is a buffer of
+// its own: a thread may hand pool 1 to others for a call while it steps on pool 0 itself.
+inline float* thread_scratch(size_t count, int pool = 0) {
   struct alignas(64) Line {
     float values[16];
   };
-  thread_local std::unique_ptr<Line[]> buffer;
-  thread_local size_t capacity = 0;
-  if (capacity < count) {
-    capacity = (count + 15) / 16 * 16;
-    buffer.reset(new Line[capacity / 16]);
+  thread_local std::unique_ptr<Line[]> buffers[2];
+  thread_local size_t capacities[2] = {0, 0};
+  if (capacities[pool] < count) {
+    capacities[pool] = (count + 15) / 16 * 16;
+    buffers[pool].reset(new Line[capacities[pool] / 16]);
   }
-  return buffer.get()->values;
+  return buffers[pool].get()->values;
 }
 
-// Consecutive arrays of the given float counts in one thread_scratch, each from a cache line's start:
-// a vector load or store never straddles two lines.
+// Consecutive arrays of the given float counts in one thread_scratch (of `pool`), each from a cache
+// line's start: a vector load or store never straddles two lines.
 template <size_t K>
-inline std::array<float*, K> scratch_arrays(const std::array<int64_t, K>& counts) {
+inline std::array<float*, K> scratch_arrays(const std::array<int64_t, K>& counts, int pool = 0) {
   size_t total = 0;
   for (int64_t count : counts) total += (count + 15) / 16 * 16;
-  float* next = thread_scratch(total);
+  float* next = thread_scratch(total, pool);
   std::array<float*, K> arrays;
   for (size_t i = 0; i < K; ++i) {
     arrays[i] = next;
@@ -161,11 +162,15 @@ inline void dense_rows(const float* x, int64_t ldx, const float* w, int64_t in, 
   }
 }
 
+// The most rows a tile of dense() takes; its tiles of that many start at multiples of it.
+constexpr int64_t kTileRows = 6;
+
 template <int N>
 inline void dense_in(const float* x, int64_t ldx, const float* w, int64_t in, int64_t out, const float* bias, float* y,
                      int64_t ldy, int64_t rows, bool accumulate) {
   int64_t r = 0;
-  for (; r + 6 <= rows; r += 6) dense_rows<6, N>(x + r * ldx, ldx, w, in, out, bias, y + r * ldy, ldy, accumulate);
+  for (; r + kTileRows <= rows; r += kTileRows)
+    dense_rows<kTileRows, N>(x + r * ldx, ldx, w, in, out, bias, y + r * ldy, ldy, accumulate);
   for (; r + 4 <= rows; r += 4) dense_rows<4, N>(x + r * ldx, ldx, w, in, out, bias, y + r * ldy, ldy, accumulate);
   for (; r + 2 <= rows; r += 2) dense_rows<2, N>(x + r * ldx, ldx, w, in, out, bias, y + r * ldy, ldy, accumulate);
   if (r < rows) dense_rows<1, N>(x + r * ldx, ldx, w, in, out, bias, y + r * ldy, ldy, accumulate);
@@ -179,6 +184,15 @@ inline void dense(const float* x, int64_t ldx, const float* w, int64_t in, int64
                   int64_t ldy, int64_t rows, bool accumulate = false) {
   if (rows < 4) dense_in<8>(x, ldx, w, in, out, bias, y, ldy, rows, accumulate);
   else dense_in<kLanes>(x, ldx, w, in, out, bias, y, ldy, rows, accumulate);
+}
+
+// Rows first..last of dense() over `rows` rows, with the bits the whole call gives them: `first` a
+// multiple of kTileRows and `last` one too or `rows`, so the part is made of the whole call's tiles;
+// under 4 rows the whole call is one part.
+inline void dense_part(const float* x, int64_t ldx, const float* w, int64_t in, int64_t out, const float* bias,
+                       float* y, int64_t ldy, int64_t rows, int64_t first, int64_t last, bool accumulate = false) {
+  if (rows < 4) dense_in<8>(x, ldx, w, in, out, bias, y, ldy, rows, accumulate);
+  else dense_in<kLanes>(x + first * ldx, ldx, w, in, out, bias, y + first * ldy, ldy, last - first, accumulate);
 }
 
 // exp on every lane (Cephes' expf polynomial, ~1 ulp), inputs clamped to the finite range.

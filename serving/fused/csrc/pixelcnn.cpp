@@ -12,6 +12,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
+#include <memory>
+#include <thread>
 #include <vector>
 
 #include "kernels.h"
@@ -112,6 +115,102 @@ struct MaskedSplit {
   }
 };
 
+// A step on a group of at most kStepSlots slots on one thread: the call's sizes, the packed weights and
+// the thread's buffers. A row is stepped in two parts: each block's masked layer's bias and rows-above
+// part at the pixels stepped (`above_part`), then the chain pixel by pixel (`pixel`). Where the group's
+// rows live is the caller's: a step call keeps them in the caches, a multi-row call in rows of its own.
+struct GroupStep {
+  const PixelCNNWeights& w;
+  const MaskedSplit& split;
+  const int64_t m, span, h, h2, R0, p0, k0, padded0, in0, p, padded;
+  float *x, *act, *reduced, *win, *masked, *out_hidden, *logits;
+  float *rows_above, *centre;  // for rows from the caches (`own_rows`): p rows, and every (block, slot)'s centre row
+
+  GroupStep(const PixelCNNWeights& w, const MaskedSplit& split, int64_t m, int64_t span, int64_t width, int64_t R0,
+            bool own_rows)
+      : w(w), split(split), m(m), span(span), h(w.hidden), h2(2 * w.hidden), R0(R0), p0(R0 - 1), k0(2 * R0 - 1),
+        padded0(width + 2 * (R0 - 1)), in0(R0 * (2 * R0 - 1)), p(split.p), padded(width + 2 * split.p) {
+    const int64_t O = w.output_channels;
+    const std::array<float*, 8> buffers = scratch_arrays<8>(
+        {m * h2, m * h2, m * h, m * std::max(in0, split.centre_in), w.blocks * m * span * h, m * (O + w.levels),
+         own_rows ? p * padded * h : 0, own_rows ? w.blocks * m * padded * h : 0});
+    x = buffers[0], act = buffers[1], reduced = buffers[2], win = buffers[3], masked = buffers[4];
+    out_hidden = buffers[5], logits = out_hidden + m * O, rows_above = buffers[6], centre = buffers[7];
+  }
+
+  // Each block's masked layer's bias and rows-above part at pixels first..last of the span, (block, slot,
+  // pixel) rows of `masked`, slot s's span from column column[s]; above(b, s, r) is block b's r-th row above
+  // for slot s, channels last. The whole span's sums whatever the parts (dense_part).
+  template <class Above>
+  void above_part(int64_t first, int64_t last, const int64_t* column, Above above) {
+    for (int64_t b = 0; b < w.blocks; ++b)
+      for (int64_t s = 0; s < m; ++s) {
+        float* y = masked + (b * m + s) * span * h;
+        for (int64_t t = first; t < last; ++t) std::copy_n(w.masked_b + b * h, h, y + t * h);
+        for (int64_t r = 0; r < p; ++r)
+          dense_part(above(b, s, r) + column[s] * h, h, split.above_w.data() + (b * split.above_in + r * split.k * h) * h,
+                     split.k * h, h, nullptr, y, h, span, first, last, true);
+      }
+  }
+
+  // Pixel t of the span, slot s at column column[s] (`same_column`: every slot at the same one), through
+  // the input layer, every residual block and the output layers; choose(s, logits) gives slot s's level,
+  // which goes into its image. image + s * image_slot: slot s's R0 image rows, padded0 apart; `centre`:
+  // every (block, slot)'s centre row, channels last, into which each block's input at the pixel goes.
+  template <class Choose>
+  void pixel(int64_t t, const int64_t* column, bool same_column, float* image, int64_t image_slot, float* centre,
+             Choose choose) {
+    const int64_t centre_in = split.centre_in, O = w.output_channels;
+    for (int64_t s = 0; s < m; ++s) gather_window(image + s * image_slot, 1, R0, padded0, column[s], k0, win + s * in0);
+    dense(win, in0, w.in_w, in0, h2, w.in_b, x, h2, m);
+    for (int64_t b = 0; b < w.blocks; ++b) {
+      for (int64_t i = 0; i < m * h2; ++i) act[i] = x[i] > 0.f ? x[i] : 0.f;
+      dense(act, h2, w.reduce_w + b * h2 * h, h2, h, w.reduce_b + b * h, reduced, h, m);
+      relu_rows(reduced, h, h, m);
+      float* centre_rows = centre + b * m * padded * h;
+      for (int64_t s = 0; s < m; ++s) {  // the block's input at this pixel joins its row, then its window
+        std::copy_n(reduced + s * h, h, centre_rows + (s * padded + column[s] + p) * h);
+        if (!same_column) std::copy_n(centre_rows + (s * padded + column[s]) * h, centre_in, win + s * centre_in);
+      }
+      const float* window = same_column ? centre_rows + column[0] * h : win;
+      float* y = masked + (b * m * span + t) * h;  // this pixel's row of every slot, span * h apart
+      dense(window, same_column ? padded * h : centre_in, split.centre_w.data() + b * centre_in * h, centre_in, h,
+            nullptr, y, span * h, m, true);
+      relu_rows(y, span * h, h, m);
+      dense(y, span * h, w.expand_w + b * h * h2, h, h2, w.expand_b + b * h2, x, h2, m, true);
+    }
+    relu_rows(x, h2, h2, m);
+    dense(x, h2, w.oh_w, h2, O, w.oh_b, out_hidden, O, m);
+    relu_rows(out_hidden, O, O, m);
+    dense(out_hidden, O, w.lg_w, O, w.levels, w.lg_b, logits, w.levels, m);
+    for (int64_t s = 0; s < m; ++s)
+      image[s * image_slot + p0 * padded0 + column[s] + p0] = w.scale(choose(s, logits + s * w.levels));
+  }
+};
+
+// The checks of the caches that a step reads and writes in place: image_rows (n, 1, p0 + 1, W + 2p0),
+// each block's rows (n, h, p + 1, W + 2p), contiguous float32.
+void check_caches(const PixelCNNWeights& w, const MaskedSplit& split, const Tensor& image_rows,
+                  at::TensorList block_rows) {
+  TORCH_CHECK(image_rows.scalar_type() == at::kFloat && image_rows.dim() == 4 && image_rows.size(1) == 1 &&
+                  image_rows.size(2) >= 1 && image_rows.is_contiguous(),
+              "image_rows: expected (n, 1, p0+1, W+2p0) float32");
+  TORCH_CHECK(static_cast<int64_t>(block_rows.size()) == w.blocks, "block_rows: ", block_rows.size(),
+              " caches for ", w.blocks, " blocks");
+  const int64_t width = image_rows.size(3) - 2 * (image_rows.size(2) - 1);
+  for (const Tensor& rows : block_rows)
+    TORCH_CHECK(rows.scalar_type() == at::kFloat && rows.dim() == 4 && rows.size(0) == image_rows.size(0) &&
+                    rows.size(1) == w.hidden && rows.size(2) == split.R && rows.size(3) == width + 2 * split.p &&
+                    rows.is_contiguous(),
+                "block rows: shape ", rows.sizes(), " does not match the weights");
+}
+
+void check_temperature(const Tensor& temperature, int64_t n) {
+  TORCH_CHECK(temperature.scalar_type() == at::kFloat && temperature.is_contiguous() && temperature.numel() == n,
+              "temperature: expected (n, 1) float32 for n = ", n, ", got ", temperature.sizes(), " ",
+              temperature.scalar_type());
+}
+
 // The step on caches updated in place (contiguous float32): pixels into `pixel`, logits (teacher only).
 void step_into(const PixelCNNWeights& w, const Tensor& positions, const Tensor& noise, const Tensor& temperature,
                Tensor& image_rows, at::TensorList block_rows, const std::optional<Tensor>& teacher, Tensor& pixel,
@@ -120,21 +219,11 @@ void step_into(const PixelCNNWeights& w, const Tensor& positions, const Tensor& 
               "positions: expected (n, 1) int64");
   TORCH_CHECK(noise.scalar_type() == at::kFloat && noise.dim() == 3 && noise.size(2) == 1 && noise.is_contiguous(),
               "noise: expected (n, span, 1) float32 (single-channel images only)");
-  TORCH_CHECK(temperature.scalar_type() == at::kFloat && temperature.is_contiguous(), "temperature: expected float32");
-  TORCH_CHECK(image_rows.scalar_type() == at::kFloat && image_rows.dim() == 4 && image_rows.size(1) == 1 &&
-                  image_rows.is_contiguous(),
-              "image_rows: expected (n, 1, p0+1, W+2p0) float32");
-  TORCH_CHECK(static_cast<int64_t>(block_rows.size()) == w.blocks, "block_rows: ", block_rows.size(),
-              " caches for ", w.blocks, " blocks");
-  const int64_t n = positions.size(0), span = noise.size(1), h = w.hidden, h2 = 2 * h, O = w.output_channels;
-  const int64_t levels = w.levels, R0 = image_rows.size(2), p0 = R0 - 1, k0 = 2 * p0 + 1;
-  const int64_t padded0 = image_rows.size(3), width = padded0 - 2 * p0;
-  const int64_t R = split.R, p = split.p, k = split.k, padded = width + 2 * p;
-  const int64_t above_in = split.above_in, centre_in = split.centre_in;
-  for (const Tensor& rows : block_rows)
-    TORCH_CHECK(rows.scalar_type() == at::kFloat && rows.dim() == 4 && rows.size(1) == h && rows.size(2) == R &&
-                    rows.size(3) == padded && rows.is_contiguous(),
-                "block rows: shape ", rows.sizes(), " does not match the weights");
+  const int64_t n = positions.size(0), span = noise.size(1), h = w.hidden, levels = w.levels;
+  check_temperature(temperature, n);
+  check_caches(w, split, image_rows, block_rows);
+  const int64_t R0 = image_rows.size(2), p0 = R0 - 1, padded0 = image_rows.size(3), width = padded0 - 2 * p0;
+  const int64_t R = split.R, p = split.p, padded = width + 2 * p;
   const int64_t* forced = nullptr;
   if (teacher.has_value()) {
     TORCH_CHECK(teacher->scalar_type() == at::kLong && teacher->is_contiguous(), "teacher: expected int64");
@@ -150,7 +239,6 @@ void step_into(const PixelCNNWeights& w, const Tensor& positions, const Tensor& 
   const int64_t* pos = positions.data_ptr<int64_t>();
   const float* eps = noise.data_ptr<float>();
   const float* temp = temperature.data_ptr<float>();
-  const int64_t in0 = R0 * k0;
   TORCH_CHECK(span <= width, "noise: ", span, " pixels per call, more than a row of ", width);
   for (int64_t s = 0; s < n; ++s)
     TORCH_CHECK(pos[s] >= 0 && pos[s] % width + span <= width, "positions: slot ", s, " at ", pos[s],
@@ -158,73 +246,39 @@ void step_into(const PixelCNNWeights& w, const Tensor& positions, const Tensor& 
 
   auto step_slots = [&](int64_t b0, int64_t b1) {
     const int64_t m = b1 - b0;
+    GroupStep group(w, split, m, span, width, R0, true);
+    int64_t first[kStepSlots], column[kStepSlots];
+    bool same_column = true;  // every slot at the same column: the windows read in place, no copy
+    for (int64_t s = 0; s < m; ++s) {
+      first[s] = pos[b0 + s] % width;
+      same_column = same_column && first[s] == first[0];
+    }
+    auto cache = [&](int64_t b, int64_t s) { return caches[b] + (b0 + s) * h * R * padded; };
+    group.above_part(0, span, first, [&](int64_t b, int64_t s, int64_t r) {
+      float* row = group.rows_above + r * padded * h;
+      transpose(cache(b, s) + r * padded, R * padded, row, h, h, padded);
+      return row;
+    });
     // Each block's centre row is kept channels last for the call, so that a pixel's window is h * R
     // consecutive floats, and goes into the channels-first cache once, at the call's end (there a
-    // pixel's h channels lie on h different cache lines).
-    const std::array<float*, 8> buffers = scratch_arrays<8>(
-        {m * h2, m * h2, m * h, m * std::max(in0, centre_in), w.blocks * m * span * h, p * padded * h,
-         w.blocks * m * padded * h, m * (O + levels)});
-    float *x = buffers[0], *act = buffers[1], *reduced = buffers[2], *win = buffers[3], *masked = buffers[4],
-          *rows_above = buffers[5], *centre = buffers[6], *out_hidden = buffers[7], *logits = out_hidden + m * O;
-    bool one_column = true;  // every slot at the same column: the windows read in place, no copy
-    for (int64_t s = 1; s < m; ++s) one_column = one_column && pos[b0 + s] % width == pos[b0] % width;
-    auto channels_last = [&](const float* rows, int64_t r, float* to, int64_t columns) {
-      transpose(rows + r * padded, R * padded, to, h, h, columns);
-    };
-    // The masked layers' bias and rows-above part at each column this call steps, (block, slot, pixel)
-    // rows; the centre part is added per pixel.
+    // pixel's h channels lie on h different cache lines). Of it only the columns left of the slot's first
+    // pixel are read in: a pixel's window reads its own column and those left of it, and each pixel's
+    // column is written before it is read.
     for (int64_t b = 0; b < w.blocks; ++b)
-      for (int64_t s = 0; s < m; ++s) {
-        const float* rows = caches[b] + (b0 + s) * h * R * padded;
-        float* y = masked + (b * m + s) * span * h;
-        for (int64_t t = 0; t < span; ++t) std::copy_n(w.masked_b + b * h, h, y + t * h);
-        for (int64_t r = 0; r < p; ++r) {
-          channels_last(rows, r, rows_above + r * padded * h, padded);
-          dense(rows_above + (r * padded + pos[b0 + s] % width) * h, h,
-                split.above_w.data() + (b * above_in + r * k * h) * h, k * h, h, nullptr, y, h, span, true);
-        }
-        // Of the centre row, the columns left of the slot's first pixel: a pixel's window reads its
-        // own column and those left of it, and each pixel's column is written before it is read.
-        channels_last(rows, p, centre + (b * m + s) * padded * h, p + pos[b0 + s] % width);
-      }
-    for (int64_t t = 0; t < span; ++t) {
       for (int64_t s = 0; s < m; ++s)
-        gather_window(image + (b0 + s) * R0 * padded0, 1, R0, padded0, pos[b0 + s] % width + t, k0, win + s * in0);
-      dense(win, in0, w.in_w, in0, h2, w.in_b, x, h2, m);
-      for (int64_t b = 0; b < w.blocks; ++b) {
-        for (int64_t i = 0; i < m * h2; ++i) act[i] = x[i] > 0.f ? x[i] : 0.f;
-        dense(act, h2, w.reduce_w + b * h2 * h, h2, h, w.reduce_b + b * h, reduced, h, m);
-        relu_rows(reduced, h, h, m);
-        float* centre_rows = centre + b * m * padded * h;
-        for (int64_t s = 0; s < m; ++s) {  // the block's input at this pixel joins its row, then its window
-          const int64_t j = pos[b0 + s] % width + t;
-          std::copy_n(reduced + s * h, h, centre_rows + (s * padded + j + p) * h);
-          if (!one_column) std::copy_n(centre_rows + (s * padded + j) * h, centre_in, win + s * centre_in);
-        }
-        const float* window = one_column ? centre_rows + (pos[b0] % width + t) * h : win;
-        float* y = masked + (b * m * span + t) * h;  // this pixel's row of every slot, span * h apart
-        dense(window, one_column ? padded * h : centre_in, split.centre_w.data() + b * centre_in * h, centre_in, h,
-              nullptr, y, span * h, m, true);
-        relu_rows(y, span * h, h, m);
-        dense(y, span * h, w.expand_w + b * h * h2, h, h2, w.expand_b + b * h2, x, h2, m, true);
-      }
-      relu_rows(x, h2, h2, m);
-      dense(x, h2, w.oh_w, h2, O, w.oh_b, out_hidden, O, m);
-      relu_rows(out_hidden, O, O, m);
-      dense(out_hidden, O, w.lg_w, O, levels, w.lg_b, logits, levels, m);
-      for (int64_t s = 0; s < m; ++s) {
-        const int64_t slot = b0 + s;
-        const int64_t value = chosen[slot * span + t] =
-            pick_level(logits + s * levels, levels, slot * span + t, forced, eps, temp[slot], logits_record);
-        image[(slot * R0 + p0) * padded0 + pos[slot] % width + t + p0] = w.scale(value);
-      }
+        transpose(cache(b, s) + p * padded, R * padded, group.centre + (b * m + s) * padded * h, h, h, p + first[s]);
+    for (int64_t t = 0; t < span; ++t) {
+      for (int64_t s = 0; s < m; ++s) column[s] = first[s] + t;
+      group.pixel(t, column, same_column, image + b0 * R0 * padded0, R0 * padded0, group.centre,
+                  [&](int64_t s, const float* logits) {
+                    const int64_t index = (b0 + s) * span + t;
+                    return chosen[index] = pick_level(logits, levels, index, forced, eps, temp[b0 + s], logits_record);
+                  });
     }
     for (int64_t b = 0; b < w.blocks; ++b)  // the stepped columns of each centre row back into its cache
-      for (int64_t s = 0; s < m; ++s) {
-        const int64_t column = p + pos[b0 + s] % width;
-        transpose(centre + ((b * m + s) * padded + column) * h, h, caches[b] + (b0 + s) * h * R * padded + p * padded + column,
+      for (int64_t s = 0; s < m; ++s)
+        transpose(group.centre + ((b * m + s) * padded + p + first[s]) * h, h, cache(b, s) + p * padded + p + first[s],
                   R * padded, span, h);
-      }
   };
   // Slots in blocks of kStepSlots, a block per task, as in the Gated step: a task's buffers stay small
   // whatever n is, and no slot's arithmetic depends on how the blocks are shared among the threads.
@@ -232,6 +286,115 @@ void step_into(const PixelCNNWeights& w, const Tensor& positions, const Tensor& 
     for (int64_t block = first_block; block < last_block; ++block)
       step_slots(block * kStepSlots, std::min(n, (block + 1) * kStepSlots));
   });
+}
+
+// Waits until `row` of a multi-row call has `columns` pixels done; `seen`: what the caller last saw of it.
+inline void wait_for_row(const std::atomic<int64_t>& row, int64_t columns, int64_t& seen) {
+  for (int spins = 0; seen < columns; ++spins) {
+    if (spins > 0) {
+      if (spins < 1024) {
+#if defined(__x86_64__) || defined(__i386__)
+        __builtin_ia32_pause();
+#endif
+      } else {
+        std::this_thread::yield();  // the row's thread is not running: let it
+      }
+    }
+    seen = row.load(std::memory_order_acquire);
+  }
+}
+
+// `rows` whole rows of at most kStepSlots slots that all start a row, several rows at once. A row call
+// steps a row whose rows above are complete; but a pixel's windows reach only p0 columns right of it in
+// the image's rows above (the input layer) and p in the blocks' (their masked layers), so here each
+// thread takes the next row nobody has taken and steps each of its pixels as soon as the row above is
+// that far ahead: rows a few columns apart, on as many threads as there are (at batch 1 the row calls
+// leave all but one idle). The rows are kept for the call in buffers of their own, each block's channels
+// last: each of the call's rows is written by one thread and read by the next row's once its count of
+// pixels done says so, and the caches get the last rows at the end. Each pixel's sums are the row
+// call's (the rows-above part in whole tiles: dense_part), so the bits are the same on any number of threads.
+void rows_at_once(const PixelCNNWeights& w, const MaskedSplit& split, const Tensor& pixels, const Tensor& positions,
+                  const Tensor& noise, const Tensor& temperature, at::TensorList states, int64_t rows) {
+  const int64_t n = positions.size(0), width = pixels.size(3), length = pixels.size(2) * width, h = w.hidden;
+  const Tensor& image_rows = states[0];
+  const at::TensorList block_rows = states.slice(1);
+  check_temperature(temperature, n);
+  check_caches(w, split, image_rows, block_rows);
+  const int64_t R0 = image_rows.size(2), p0 = R0 - 1, padded0 = width + 2 * p0;
+  const int64_t R = split.R, p = split.p, padded = width + 2 * p;
+  TORCH_CHECK(image_rows.size(0) == n && image_rows.size(3) == padded0, "image_rows: expected (", n, ", 1, ", R0,
+              ", ", padded0, ") for images ", width, " wide, got ", image_rows.sizes());
+  if (rows == 0) return;
+  // The call's own rows, from p0 (the image's) or p (each block's) rows above its first: the image's
+  // (slot, row, column), the blocks' (row, block, slot, column, channel).
+  const int64_t image_slot = (p0 + rows) * padded0, block_row = w.blocks * n * padded * h;
+  const std::array<float*, 2> own = scratch_arrays<2>({n * image_slot, (p + rows) * block_row}, 1);
+  float *image = own[0], *features = own[1];
+  float* image_cache = image_rows.data_ptr<float>();
+  auto cache = [&](int64_t b, int64_t s) { return block_rows[b].data_ptr<float>() + s * h * R * padded; };
+  auto feature_row = [&](int64_t row, int64_t b, int64_t s) {  // `row` of the call's: -p up to rows
+    return features + (p + row) * block_row + (b * n + s) * padded * h;
+  };
+  // The rows above the first: the caches' rows but their first (a row call first moves the caches up a
+  // row). The call's rows start empty: zero where a pixel's windows reach before it is written (the
+  // padding columns; the image's row right of the pixel, which the masked input layer weighs by zero).
+  for (int64_t s = 0; s < n; ++s) {
+    std::copy_n(image_cache + (s * R0 + 1) * padded0, p0 * padded0, image + s * image_slot);
+    std::fill_n(image + s * image_slot + p0 * padded0, rows * padded0, 0.f);
+    for (int64_t b = 0; b < w.blocks; ++b) {
+      for (int64_t r = 0; r < p; ++r)
+        transpose(cache(b, s) + (r + 1) * padded, R * padded, feature_row(r - p, b, s), h, h, padded);
+      for (int64_t t = 0; t < rows; ++t) {
+        std::fill_n(feature_row(t, b, s), p * h, 0.f);
+        std::fill_n(feature_row(t, b, s) + (p + width) * h, p * h, 0.f);
+      }
+    }
+  }
+  int64_t* pos = positions.data_ptr<int64_t>();
+  const float* all_noise = noise.data_ptr<float>();
+  const float* temp = temperature.data_ptr<float>();
+  uint8_t* images = pixels.data_ptr<uint8_t>();
+  std::unique_ptr<std::atomic<int64_t>[]> done(new std::atomic<int64_t>[rows]());  // pixels done per row
+  std::atomic<int64_t> next_row{0};
+  const int64_t part = width < 4 ? width : kTileRows;  // the rows-above part in whole tiles of dense()
+  auto step_rows = [&] {
+    GroupStep group(w, split, n, width, width, R0, false);
+    const int64_t first[kStepSlots] = {};
+    int64_t column[kStepSlots];
+    for (int64_t t; (t = next_row.fetch_add(1)) < rows;) {
+      int64_t seen = 0;  // of row t - 1's pixels done
+      for (int64_t j = 0; j < width; ++j) {
+        if (j % part == 0) {
+          const int64_t last = std::min(j + part, width);
+          if (t > 0) wait_for_row(done[t - 1], std::min(last + p, width), seen);
+          group.above_part(j, last, first, [&](int64_t b, int64_t s, int64_t r) { return feature_row(t - p + r, b, s); });
+        }
+        if (t > 0) wait_for_row(done[t - 1], std::min(j + p0 + 1, width), seen);
+        std::fill_n(column, n, j);
+        group.pixel(j, column, true, image + t * padded0, image_slot, feature_row(t, 0, 0),
+                    [&](int64_t s, const float* logits) {
+                      const int64_t at = s * length + pos[s] + t * width + j;
+                      const int64_t level = choose_level(logits, w.levels, all_noise[at], temp[s]);
+                      images[at] = static_cast<uint8_t>(level);
+                      return level;
+                    });
+        done[t].store(j + 1, std::memory_order_release);
+      }
+    }
+  };
+  // A thread waits only on the row before its own, which another took earlier and steps meanwhile (or
+  // it did itself): the call ends on any number of threads, even one that takes every row.
+  at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), rows), 1, [&](int64_t first, int64_t last) {
+    for (int64_t i = first; i < last; ++i) step_rows();
+  });
+  // The caches as the last row call leaves them: each its last R0 or R rows; the positions a row on per row.
+  for (int64_t s = 0; s < n; ++s) {
+    pos[s] += rows * width;
+    std::copy_n(image + s * image_slot + (rows - 1) * padded0, R0 * padded0, image_cache + s * R0 * padded0);
+    for (int64_t b = 0; b < w.blocks; ++b)
+      for (int64_t r = 0; r < R; ++r)
+        transpose(feature_row(rows - R + r, b, s), h, cache(b, s) + r * padded, R * padded, padded, h);
+  }
 }
 
 // The rows each residual block's cache holds (R = p + 1); 1 where there are no blocks.
@@ -289,6 +452,11 @@ void pixelcnn_rows(const Tensor& pixels, const Tensor& positions, const std::opt
   const PixelCNNWeights w(weights);
   check_states(w, states);
   const MaskedSplit split(w, block_cache_rows(states.slice(1)));
+  if (positions.size(0) <= kStepSlots) {  // one group of slots, which row calls would step on one thread
+    check_rows(pixels, positions, noise, rows);
+    rows_at_once(w, split, pixels, positions, noise, temperature, states, rows);
+    return;
+  }
   for_rows(pixels, positions, noise, rows, [&](const Tensor& step_noise, bool) {
     return row_in_place(w, split, positions, step_noise, temperature, states);
   });

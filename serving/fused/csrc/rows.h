@@ -19,15 +19,10 @@ inline void check_cpu(const at::Tensor& t, at::ScalarType type, int64_t dim, con
               t.scalar_type());
 }
 
-// `rows` row calls for slots that each start a row: before each, the row's noise is picked at the
-// slots' positions; after, its pixels go into `pixels` and the positions advance by a row.
-// pixels: (n, 1, H, W) uint8; positions: (n, 1) int64, each a row start with `rows` rows left;
-// noise: (n, H * W, 1) float32, each sample's noise over its whole image.
-// `row(step_noise, another_follows)` makes one call on (n, W, 1) noise and returns its (n, W, 1)
-// int64 pixels; `another_follows` says whether this call makes another row after it.
-template <class RowCall>
-void for_rows(const at::Tensor& pixels, const at::Tensor& positions, const at::Tensor& noise, int64_t rows,
-              RowCall row) {
+// The checks of a multi-row call's controls (for_rows, below): pixels (n, 1, H, W) uint8;
+// positions (n, 1) int64, each a row start with `rows` rows left; noise (n, H * W, 1) float32,
+// each sample's noise over its whole image.
+inline void check_rows(const at::Tensor& pixels, const at::Tensor& positions, const at::Tensor& noise, int64_t rows) {
   check_cpu(pixels, at::kByte, 4, "pixels");
   check_cpu(positions, at::kLong, 2, "positions");
   check_cpu(noise, at::kFloat, 3, "noise");
@@ -41,6 +36,18 @@ void for_rows(const at::Tensor& pixels, const at::Tensor& positions, const at::T
   for (int64_t s = 0; s < n; ++s)
     TORCH_CHECK(pos[s] >= 0 && pos[s] % width == 0 && pos[s] + rows * width <= length, "positions: slot ", s,
                 " at ", pos[s], " does not start one of ", rows, " rows left in an image of ", length, " pixels");
+}
+
+// `rows` row calls for slots that each start a row: before each, the row's noise is picked at the
+// slots' positions; after, its pixels go into `pixels` and the positions advance by a row.
+// `row(step_noise, another_follows)` makes one call on (n, W, 1) noise and returns its (n, W, 1)
+// int64 pixels; `another_follows` says whether this call makes another row after it.
+template <class RowCall>
+void for_rows(const at::Tensor& pixels, const at::Tensor& positions, const at::Tensor& noise, int64_t rows,
+              RowCall row) {
+  check_rows(pixels, positions, noise, rows);
+  const int64_t n = positions.size(0), width = pixels.size(3), length = pixels.size(2) * width;
+  int64_t* pos = positions.data_ptr<int64_t>();
   const float* all_noise = noise.data_ptr<float>();
   uint8_t* images = pixels.data_ptr<uint8_t>();
   at::Tensor step_noise = at::empty({n, width, 1}, noise.options());
