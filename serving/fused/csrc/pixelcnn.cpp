@@ -383,8 +383,12 @@ void rows_at_once(const PixelCNNWeights& w, const MaskedSplit& split, const Tens
     }
   };
   // A thread waits only on the row before its own, which another took earlier and steps meanwhile (or
-  // it did itself): the call ends on any number of threads, even one that takes every row.
-  at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), rows), 1, [&](int64_t first, int64_t last) {
+  // it did itself): the call ends on any number of threads, even one that takes every row. A row starts
+  // at least `lag` columns behind the one above (at a part's start it waits for the part and p columns
+  // more; at a pixel, for p0 columns more), so about width / lag + 1 rows run at once: threads beyond
+  // that would only wait.
+  const int64_t lag = std::max(part + p, p0 + 1), useful = width / lag + 1;
+  at::parallel_for(0, std::min<int64_t>({at::get_num_threads(), rows, useful}), 1, [&](int64_t first, int64_t last) {
     for (int64_t i = first; i < last; ++i) step_rows();
   });
   // The caches as the last row call leaves them: each its last R0 or R rows; the positions a row on per row.
