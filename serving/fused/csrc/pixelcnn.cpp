@@ -288,8 +288,14 @@ void step_into(const PixelCNNWeights& w, const Tensor& positions, const Tensor& 
   });
 }
 
+// A row's count of pixels done, alone on its cache line: the threads of the rows before and after
+// it write theirs at every pixel.
+struct alignas(64) PixelsDone {
+  std::atomic<int64_t> count{0};
+};
+
 // Waits until `row` of a multi-row call has `columns` pixels done; `seen`: what the caller last saw of it.
-inline void wait_for_row(const std::atomic<int64_t>& row, int64_t columns, int64_t& seen) {
+inline void wait_for_row(const PixelsDone& row, int64_t columns, int64_t& seen) {
   for (int spins = 0; seen < columns; ++spins) {
     if (spins > 0) {
       if (spins < 1024) {
@@ -300,7 +306,7 @@ inline void wait_for_row(const std::atomic<int64_t>& row, int64_t columns, int64
         std::this_thread::yield();  // the row's thread is not running: let it
       }
     }
-    seen = row.load(std::memory_order_acquire);
+    seen = row.count.load(std::memory_order_acquire);
   }
 }
 
@@ -354,7 +360,7 @@ void rows_at_once(const PixelCNNWeights& w, const MaskedSplit& split, const Tens
   const float* all_noise = noise.data_ptr<float>();
   const float* temp = temperature.data_ptr<float>();
   uint8_t* images = pixels.data_ptr<uint8_t>();
-  std::unique_ptr<std::atomic<int64_t>[]> done(new std::atomic<int64_t>[rows]());  // pixels done per row
+  const std::unique_ptr<PixelsDone[]> done(new PixelsDone[rows]);
   std::atomic<int64_t> next_row{0};
   const int64_t part = width < 4 ? width : kTileRows;  // the rows-above part in whole tiles of dense()
   auto step_rows = [&] {
@@ -378,7 +384,7 @@ void rows_at_once(const PixelCNNWeights& w, const MaskedSplit& split, const Tens
                       images[at] = static_cast<uint8_t>(level);
                       return level;
                     });
-        done[t].store(j + 1, std::memory_order_release);
+        done[t].count.store(j + 1, std::memory_order_release);
       }
     }
   };
