@@ -328,16 +328,18 @@ WAVEFRONT_MODELS = {"image_reaches_far": dict(image_size=14, first_kernel_size=1
 
 
 @pytest.mark.parametrize("name", ["pixelcnn", *WAVEFRONT_MODELS, "pixelcnn_mnist"])
-@pytest.mark.parametrize("n", [1, 5, 8])
+@pytest.mark.parametrize("n", [1, 5, 8, 11, 19])
 def test_pixelcnn_rows_stepped_at_once_give_the_row_calls_bits_on_any_threads(shipped, name, n):
-    # Up to 8 slots, PixelCNN's multi-row call steps several rows at once, a thread each, each pixel
-    # waiting only until the row above is far enough ahead: as far as its windows reach into the row above
-    # (the input layer's), and for each 6 pixels' rows-above parts of the blocks' masked layers as far as
-    # theirs reach past them. However many threads take the rows (one takes them all; two or three at once,
+    # PixelCNN's multi-row call steps several rows of a group of up to 8 slots at once, a thread each,
+    # each pixel waiting only until the group's row above is far enough ahead: as far as its windows reach
+    # into the row above (the input layer's), and for each 6 pixels' rows-above parts of the blocks' masked
+    # layers as far as theirs reach past them; each block's rows in a ring per group, a row written where
+    # one no longer read was. However many threads take the rows (one takes them all; two or three at once,
     # more than the cores) and however they interleave, the images, positions and caches must be the bits
     # row calls give. Ten calls per thread count, each on other images and caches: a thread that read a
     # column of the row above too soon would find what the call before left there, or the zero the row
-    # starts as. Slots at rows 0, 1 and 3, every row left to all of them taken in one call.
+    # starts as. Slots at rows 0, 1 and 3, every row left to all of them taken in one call; 11 and 19
+    # slots in two and three groups, the last partial.
     if name == "pixelcnn_mnist":
         model = shipped(name).model
         runner = load_step_runner(load_manifest(REPOSITORY / f"{name}_sample"))

@@ -310,15 +310,16 @@ inline void wait_for_row(const PixelsDone& row, int64_t columns, int64_t& seen) 
   }
 }
 
-// `rows` whole rows of at most kStepSlots slots that all start a row, several rows at once. A row call
-// steps a row whose rows above are complete; but a pixel's windows reach only p0 columns right of it in
-// the image's rows above (the input layer) and p in the blocks' (their masked layers), so here each
-// thread takes the next row nobody has taken and steps each of its pixels as soon as the row above is
-// that far ahead: rows a few columns apart, on as many threads as there are (at batch 1 the row calls
-// leave all but one idle). The rows are kept for the call in buffers of their own, each block's channels
-// last: each of the call's rows is written by one thread and read by the next row's once its count of
-// pixels done says so, and the caches get the last rows at the end. Each pixel's sums are the row
-// call's (the rows-above part in whole tiles: dense_part), so the bits are the same on any number of threads.
+// `rows` whole rows of slots that all start a row, several rows at once. A row call steps a row whose
+// rows above are complete; but a pixel's windows reach only p0 columns right of it in the image's rows
+// above (the input layer) and p in the blocks' (their masked layers). So here the slots go in groups of
+// kStepSlots, as in the step, and each thread takes the next (row, group) nobody has taken, rows in
+// order, and steps each of its pixels as soon as the group's row above is that far ahead: a group's rows
+// run a few columns apart (at batch 1 the row calls leave all threads but one idle). For the call, each
+// block's rows are kept channels last in buffers of their own, not in the channels-first caches (no
+// transposes per row): each row is written by one thread and read by the next row's once its count of
+// pixels done says so, and the caches get the last rows at the end. Each pixel's sums are the row call's
+// (the rows-above part in whole tiles: dense_part), so the bits are the same on any number of threads.
 void rows_at_once(const PixelCNNWeights& w, const MaskedSplit& split, const Tensor& pixels, const Tensor& positions,
                   const Tensor& noise, const Tensor& temperature, at::TensorList states, int64_t rows) {
   const int64_t n = positions.size(0), width = pixels.size(3), length = pixels.size(2) * width, h = w.hidden;
@@ -330,80 +331,93 @@ void rows_at_once(const PixelCNNWeights& w, const MaskedSplit& split, const Tens
   const int64_t R = split.R, p = split.p, padded = width + 2 * p;
   TORCH_CHECK(image_rows.size(0) == n && image_rows.size(3) == padded0, "image_rows: expected (", n, ", 1, ", R0,
               ", ", padded0, ") for images ", width, " wide, got ", image_rows.sizes());
-  if (rows == 0) return;
-  // The call's own rows, from p0 (the image's) or p (each block's) rows above its first: the image's
-  // (slot, row, column), the blocks' (row, block, slot, column, channel).
-  const int64_t image_slot = (p0 + rows) * padded0, block_row = w.blocks * n * padded * h;
-  const std::array<float*, 2> own = scratch_arrays<2>({n * image_slot, (p + rows) * block_row}, 1);
+  if (rows == 0 || n == 0) return;
+  const int64_t groups = (n + kStepSlots - 1) / kStepSlots;
+  auto group_size = [&](int64_t g) { return std::min(kStepSlots, n - g * kStepSlots); };
+  const int64_t part = width < 4 ? width : kTileRows;  // the rows-above part in whole tiles of dense()
+  // A row starts at least `lag` columns behind the one above (at a part's start it waits for the part and
+  // p columns more; at a pixel, for p0 more), so about width / lag + 1 rows of a group run at once:
+  // threads beyond that would only wait.
+  const int64_t lag = std::max(part + p, p0 + 1);
+  const int64_t threads = std::min<int64_t>({at::get_num_threads(), rows * groups, groups * (width / lag + 1)});
+  // The image's rows from p0 above the call's first, (slot, row, column). Each block's rows from p above
+  // it in a ring of `ring` rows per group, (group, ring row, block, slot, column, channel), row t where
+  // row t - ring was. That row is read by rows up to t - ring + p = t - threads, all done by then: a
+  // group's rows are taken in order and end in order (a row's last pixel waits for the row above to end),
+  // and each row being stepped holds a thread, so when row t is taken the others being stepped are at
+  // most rows t - threads + 1 to t - 1, and every row before them has ended.
+  const int64_t image_slot = (p0 + rows) * padded0, slot_row = w.blocks * padded * h, ring = threads + p;
+  const std::array<float*, 2> own = scratch_arrays<2>({n * image_slot, ring * n * slot_row}, 1);
   float *image = own[0], *features = own[1];
-  float* image_cache = image_rows.data_ptr<float>();
-  auto cache = [&](int64_t b, int64_t s) { return block_rows[b].data_ptr<float>() + s * h * R * padded; };
-  auto feature_row = [&](int64_t row, int64_t b, int64_t s) {  // `row` of the call's: -p up to rows
-    return features + (p + row) * block_row + (b * n + s) * padded * h;
+  auto feature_row = [&](int64_t g, int64_t row, int64_t b, int64_t s) {  // `row` of the call's: -p up to rows
+    const int64_t m = group_size(g);
+    return features + (g * kStepSlots * ring + (row + p) % ring * m) * slot_row + (b * m + s) * padded * h;
   };
+  float* image_cache = image_rows.data_ptr<float>();
+  auto cache = [&](int64_t b, int64_t slot) { return block_rows[b].data_ptr<float>() + slot * h * R * padded; };
   // The rows above the first: the caches' rows but their first (a row call first moves the caches up a
-  // row). The call's rows start empty: zero where a pixel's windows reach before it is written (the
-  // padding columns; the image's row right of the pixel, which the masked input layer weighs by zero).
-  for (int64_t s = 0; s < n; ++s) {
-    std::copy_n(image_cache + (s * R0 + 1) * padded0, p0 * padded0, image + s * image_slot);
-    std::fill_n(image + s * image_slot + p0 * padded0, rows * padded0, 0.f);
-    for (int64_t b = 0; b < w.blocks; ++b) {
+  // row). The image's rows start as zeros: the masked input layer reads its row right of the pixel (and
+  // weighs it by zero). A block's row gets zero padding columns when its (row, group) is taken.
+  for (int64_t slot = 0; slot < n; ++slot) {
+    std::copy_n(image_cache + (slot * R0 + 1) * padded0, p0 * padded0, image + slot * image_slot);
+    std::fill_n(image + slot * image_slot + p0 * padded0, rows * padded0, 0.f);
+    for (int64_t b = 0; b < w.blocks; ++b)
       for (int64_t r = 0; r < p; ++r)
-        transpose(cache(b, s) + (r + 1) * padded, R * padded, feature_row(r - p, b, s), h, h, padded);
-      for (int64_t t = 0; t < rows; ++t) {
-        std::fill_n(feature_row(t, b, s), p * h, 0.f);
-        std::fill_n(feature_row(t, b, s) + (p + width) * h, p * h, 0.f);
-      }
-    }
+        transpose(cache(b, slot) + (r + 1) * padded, R * padded,
+                  feature_row(slot / kStepSlots, r - p, b, slot % kStepSlots), h, h, padded);
   }
   int64_t* pos = positions.data_ptr<int64_t>();
   const float* all_noise = noise.data_ptr<float>();
   const float* temp = temperature.data_ptr<float>();
   uint8_t* images = pixels.data_ptr<uint8_t>();
-  const std::unique_ptr<PixelsDone[]> done(new PixelsDone[rows]);
-  std::atomic<int64_t> next_row{0};
-  const int64_t part = width < 4 ? width : kTileRows;  // the rows-above part in whole tiles of dense()
+  const std::unique_ptr<PixelsDone[]> done(new PixelsDone[rows * groups]);  // per (row, group)
+  std::atomic<int64_t> next{0};
   auto step_rows = [&] {
-    GroupStep group(w, split, n, width, width, R0, false);
     const int64_t first[kStepSlots] = {};
     int64_t column[kStepSlots];
-    for (int64_t t; (t = next_row.fetch_add(1)) < rows;) {
-      int64_t seen = 0;  // of row t - 1's pixels done
+    for (int64_t taken; (taken = next.fetch_add(1)) < rows * groups;) {
+      const int64_t t = taken / groups, g = taken % groups, m = group_size(g), slot0 = g * kStepSlots;
+      GroupStep group(w, split, m, width, width, R0, false);
+      for (int64_t b = 0; b < w.blocks; ++b)
+        for (int64_t s = 0; s < m; ++s) {
+          std::fill_n(feature_row(g, t, b, s), p * h, 0.f);
+          std::fill_n(feature_row(g, t, b, s) + (p + width) * h, p * h, 0.f);
+        }
+      int64_t seen = 0;  // of the row above's pixels done
       for (int64_t j = 0; j < width; ++j) {
         if (j % part == 0) {
           const int64_t last = std::min(j + part, width);
-          if (t > 0) wait_for_row(done[t - 1], std::min(last + p, width), seen);
-          group.above_part(j, last, first, [&](int64_t b, int64_t s, int64_t r) { return feature_row(t - p + r, b, s); });
+          if (t > 0) wait_for_row(done[taken - groups], std::min(last + p, width), seen);
+          group.above_part(j, last, first, [&](int64_t b, int64_t s, int64_t r) {
+            return feature_row(g, t - p + r, b, s);
+          });
         }
-        if (t > 0) wait_for_row(done[t - 1], std::min(j + p0 + 1, width), seen);
-        std::fill_n(column, n, j);
-        group.pixel(j, column, true, image + t * padded0, image_slot, feature_row(t, 0, 0),
+        if (t > 0) wait_for_row(done[taken - groups], std::min(j + p0 + 1, width), seen);
+        std::fill_n(column, m, j);
+        group.pixel(j, column, true, image + slot0 * image_slot + t * padded0, image_slot, feature_row(g, t, 0, 0),
                     [&](int64_t s, const float* logits) {
-                      const int64_t at = s * length + pos[s] + t * width + j;
-                      const int64_t level = choose_level(logits, w.levels, all_noise[at], temp[s]);
+                      const int64_t at = (slot0 + s) * length + pos[slot0 + s] + t * width + j;
+                      const int64_t level = choose_level(logits, w.levels, all_noise[at], temp[slot0 + s]);
                       images[at] = static_cast<uint8_t>(level);
                       return level;
                     });
-        done[t].count.store(j + 1, std::memory_order_release);
+        done[taken].count.store(j + 1, std::memory_order_release);
       }
     }
   };
   // A thread waits only on the row before its own, which another took earlier and steps meanwhile (or
-  // it did itself): the call ends on any number of threads, even one that takes every row. A row starts
-  // at least `lag` columns behind the one above (at a part's start it waits for the part and p columns
-  // more; at a pixel, for p0 columns more), so about width / lag + 1 rows run at once: threads beyond
-  // that would only wait.
-  const int64_t lag = std::max(part + p, p0 + 1), useful = width / lag + 1;
-  at::parallel_for(0, std::min<int64_t>({at::get_num_threads(), rows, useful}), 1, [&](int64_t first, int64_t last) {
+  // it did itself): the call ends on any number of threads, even one that takes every row.
+  at::parallel_for(0, threads, 1, [&](int64_t first, int64_t last) {
     for (int64_t i = first; i < last; ++i) step_rows();
   });
   // The caches as the last row call leaves them: each its last R0 or R rows; the positions a row on per row.
-  for (int64_t s = 0; s < n; ++s) {
-    pos[s] += rows * width;
-    std::copy_n(image + s * image_slot + (rows - 1) * padded0, R0 * padded0, image_cache + s * R0 * padded0);
+  for (int64_t slot = 0; slot < n; ++slot) {
+    pos[slot] += rows * width;
+    std::copy_n(image + slot * image_slot + (rows - 1) * padded0, R0 * padded0, image_cache + slot * R0 * padded0);
     for (int64_t b = 0; b < w.blocks; ++b)
       for (int64_t r = 0; r < R; ++r)
-        transpose(feature_row(rows - R + r, b, s), h, cache(b, s) + r * padded, R * padded, padded, h);
+        transpose(feature_row(slot / kStepSlots, rows - R + r, b, slot % kStepSlots), h, cache(b, slot) + r * padded,
+                  R * padded, padded, h);
   }
 }
 
@@ -452,9 +466,9 @@ Tensor pixelcnn_row(const Tensor& positions, const Tensor& noise, const Tensor& 
   return row_in_place(w, MaskedSplit(w, block_cache_rows(states.slice(1))), positions, noise, temperature, states);
 }
 
-// `rows` whole rows in one call (rows.h): the images and positions advanced in place, the masked
-// kernels split once. An unconditional family: `labels` is accepted for the engine's one
-// signature and must be None.
+// `rows` whole rows in one call, stepped at once (rows_at_once): the images and positions advanced in
+// place, the masked kernels split once. An unconditional family: `labels` is accepted for the engine's
+// one signature and must be None.
 void pixelcnn_rows(const Tensor& pixels, const Tensor& positions, const std::optional<Tensor>& labels,
                    const Tensor& noise, const Tensor& temperature, at::TensorList states, at::TensorList weights,
                    int64_t rows) {
@@ -462,14 +476,8 @@ void pixelcnn_rows(const Tensor& pixels, const Tensor& positions, const std::opt
   const PixelCNNWeights w(weights);
   check_states(w, states);
   const MaskedSplit split(w, block_cache_rows(states.slice(1)));
-  if (positions.size(0) <= kStepSlots) {  // one group of slots, which row calls would step on one thread
-    check_rows(pixels, positions, noise, rows);
-    rows_at_once(w, split, pixels, positions, noise, temperature, states, rows);
-    return;
-  }
-  for_rows(pixels, positions, noise, rows, [&](const Tensor& step_noise, bool) {
-    return row_in_place(w, split, positions, step_noise, temperature, states);
-  });
+  check_rows(pixels, positions, noise, rows);
+  rows_at_once(w, split, pixels, positions, noise, temperature, states, rows);
 }
 
 }  // namespace
