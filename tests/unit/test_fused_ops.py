@@ -364,8 +364,8 @@ def test_pixelcnn_rows_stepped_at_once_give_the_row_calls_bits_on_any_threads(sh
 @pytest.mark.parametrize("n", [3, 11])
 def test_fused_sampling_on_several_threads_equals_naive_sampling(name, n):
     # All rows after the first in one call (an unbounded time budget): each row's step runs while the
-    # next row's refresh part is prepared on the other threads (Gated PixelCNN), or the rows of up to
-    # 8 slots run a few columns apart, a thread each (PixelCNN).
+    # next row's refresh part is prepared on the other threads (Gated PixelCNN), or rows run a few
+    # columns apart, a thread each (PixelCNN).
     model = tiny(name)
     labels = labels_for(model, n)
     engine = SamplingEngine(fused_runner(model), EngineConfig(num_slots=n, call_budget_ms=1e9))
