@@ -33,7 +33,8 @@ def test_a_dead_sampling_engine_answers_unavailable_and_health_says_not_serving(
     api = Connected(server_config())
     try:
         engine = api.server.runtime.engines["pixelcnn_mnist_sample"]
-        stream = api.stub.SampleStream(pb.SampleRequest(model="pixelcnn_mnist", num_samples=8, seed=1), timeout=60)
+        # 512 samples: ~0.2 s of work on a 2-core CPU, far more than the engine does before its step is replaced
+        stream = api.stub.SampleStream(pb.SampleRequest(model="pixelcnn_mnist", num_samples=512, seed=1), timeout=60)
         assert next(stream).WhichOneof("event") == "progress"  # the samples are in the engine
 
         def die():
