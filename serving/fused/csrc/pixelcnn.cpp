@@ -358,14 +358,16 @@ void rows_at_once(const PixelCNNWeights& w, const MaskedSplit& split, const Tens
   // The rows above the first: the caches' rows but their first (a row call first moves the caches up a
   // row). The image's rows start as zeros: the masked input layer reads its row right of the pixel (and
   // weighs it by zero). A block's row gets zero padding columns when its (row, group) is taken.
-  for (int64_t slot = 0; slot < n; ++slot) {
-    std::copy_n(image_cache + (slot * R0 + 1) * padded0, p0 * padded0, image + slot * image_slot);
-    std::fill_n(image + slot * image_slot + p0 * padded0, rows * padded0, 0.f);
-    for (int64_t b = 0; b < w.blocks; ++b)
-      for (int64_t r = 0; r < p; ++r)
-        transpose(cache(b, slot) + (r + 1) * padded, R * padded,
-                  feature_row(slot / kStepSlots, r - p, b, slot % kStepSlots), h, h, padded);
-  }
+  at::parallel_for(0, n, kStepSlots, [&](int64_t first_slot, int64_t last_slot) {
+    for (int64_t slot = first_slot; slot < last_slot; ++slot) {
+      std::copy_n(image_cache + (slot * R0 + 1) * padded0, p0 * padded0, image + slot * image_slot);
+      std::fill_n(image + slot * image_slot + p0 * padded0, rows * padded0, 0.f);
+      for (int64_t b = 0; b < w.blocks; ++b)
+        for (int64_t r = 0; r < p; ++r)
+          transpose(cache(b, slot) + (r + 1) * padded, R * padded,
+                    feature_row(slot / kStepSlots, r - p, b, slot % kStepSlots), h, h, padded);
+    }
+  });
   int64_t* pos = positions.data_ptr<int64_t>();
   const float* all_noise = noise.data_ptr<float>();
   const float* temp = temperature.data_ptr<float>();
@@ -411,14 +413,16 @@ void rows_at_once(const PixelCNNWeights& w, const MaskedSplit& split, const Tens
     for (int64_t i = first; i < last; ++i) step_rows();
   });
   // The caches as the last row call leaves them: each its last R0 or R rows; the positions a row on per row.
-  for (int64_t slot = 0; slot < n; ++slot) {
-    pos[slot] += rows * width;
-    std::copy_n(image + slot * image_slot + (rows - 1) * padded0, R0 * padded0, image_cache + slot * R0 * padded0);
-    for (int64_t b = 0; b < w.blocks; ++b)
-      for (int64_t r = 0; r < R; ++r)
-        transpose(feature_row(slot / kStepSlots, rows - R + r, b, slot % kStepSlots), h, cache(b, slot) + r * padded,
-                  R * padded, padded, h);
-  }
+  at::parallel_for(0, n, kStepSlots, [&](int64_t first_slot, int64_t last_slot) {
+    for (int64_t slot = first_slot; slot < last_slot; ++slot) {
+      pos[slot] += rows * width;
+      std::copy_n(image + slot * image_slot + (rows - 1) * padded0, R0 * padded0, image_cache + slot * R0 * padded0);
+      for (int64_t b = 0; b < w.blocks; ++b)
+        for (int64_t r = 0; r < R; ++r)
+          transpose(feature_row(slot / kStepSlots, rows - R + r, b, slot % kStepSlots), h,
+                    cache(b, slot) + r * padded, R * padded, padded, h);
+    }
+  });
 }
 
 // The rows each residual block's cache holds (R = p + 1); 1 where there are no blocks.
