@@ -26,10 +26,8 @@ from genserve.serving.engine import EngineConfig, SamplingEngine
 from genserve.serving.fused import triton_ops
 from tests.conftest import make_model
 from tests.unit.test_fused_ops import (
-    assert_call_matches_the_graph,
     assert_teacher_forced_logits_equal_the_network,
     gated_step_arguments,
-    slots_at_different_columns,
 )
 from tests.unit.test_sampling_engine import generate, labels_for, mirrored, naive, tiny
 
@@ -100,30 +98,6 @@ def resident_step(arguments, weights, teacher=None, threads=TINY_THREADS, shared
     torch.ops.genserve.gated_step_resident(positions, noise, temperature, links, image_out, hidden_out, teacher,
                                            pixel, logits, weights, threads, shared_bytes)
     return pixel, image_out, hidden_out, logits
-
-
-@pytest.mark.parametrize("name", [*GATED_MODELS, "wide"])
-def test_a_resident_step_call_matches_the_step_graph(resident, name):
-    model = model_named(name)
-    assert_call_matches_the_graph(fused_runner(model, namespace=triton_ops), model, "step", n=5)
-    assert resident == [5]
-
-
-@pytest.mark.parametrize("name", GATED_MODELS)
-def test_a_resident_step_on_slots_at_different_columns_matches_the_step_graph(resident, name):
-    model, span = tiny(name), 2
-    assert_call_matches_the_graph(fused_runner(model, span, namespace=triton_ops), model, "step", n=5, span=span,
-                                  positions=slots_at_different_columns(model, span))
-    assert resident == [5]
-
-
-def test_the_resident_step_handles_the_shipped_models_sizes(resident, monkeypatch, shipped):
-    # 32 channels and 64 output channels on the engine's 256 threads (32 groups: one round per layer, two
-    # for the output layer); its skip weights do not fit beside the rest and are read from global memory.
-    monkeypatch.setattr(triton_ops, "RESIDENT_THREADS", 256)
-    model = shipped("gated_pixelcnn_mnist").model
-    assert_call_matches_the_graph(fused_runner(model, 7, namespace=triton_ops), model, "step", n=2, span=7)
-    assert resident == [2]
 
 
 @pytest.mark.parametrize("name, span, temperature", [

@@ -22,7 +22,6 @@ from tests.conftest import make_model
 from tests.unit.test_fused_ops import (
     assert_call_matches_the_graph,
     assert_teacher_forced_logits_equal_the_network,
-    slots_at_different_columns,
 )
 from tests.unit.test_gated_resident import TINY_THREADS, resident_calls, schedules_give_the_same_bits
 from tests.unit.test_sampling_engine import generate, mirrored, naive, tiny
@@ -69,30 +68,6 @@ def resident_step(arguments, weights, teacher=None, roll=False, threads=TINY_THR
     torch.ops.genserve.pixelcnn_step_resident(positions, noise, temperature, image_out, blocks_out, teacher, pixel,
                                               logits, weights, roll, threads, shared_bytes)
     return pixel, image_out, blocks_out, logits
-
-
-@pytest.mark.parametrize("name", [*PIXELCNN_MODELS, "wide"])
-def test_a_resident_step_call_matches_the_step_graph(resident, name):
-    model = model_named(name)
-    assert_call_matches_the_graph(fused_runner(model, namespace=triton_ops), model, "step", n=5)
-    assert resident == [5]
-
-
-@pytest.mark.parametrize("name", PIXELCNN_MODELS)
-def test_a_resident_step_on_slots_at_different_columns_matches_the_step_graph(resident, name):
-    model, span = tiny(name), 2
-    assert_call_matches_the_graph(fused_runner(model, span, namespace=triton_ops), model, "step", n=5, span=span,
-                                  positions=slots_at_different_columns(model, span))
-    assert resident == [5]
-
-
-def test_the_resident_step_handles_the_shipped_models_sizes(resident, monkeypatch, shipped):
-    # 32 hidden channels, 5 residual blocks, 64 output channels on the engine's 256 threads (32 groups:
-    # one round per reduce and masked layer, two per expand and output layer).
-    monkeypatch.setattr(triton_ops, "RESIDENT_THREADS", 256)
-    model = shipped("pixelcnn_mnist").model
-    assert_call_matches_the_graph(fused_runner(model, 7, namespace=triton_ops), model, "step", n=2, span=7)
-    assert resident == [2]
 
 
 @pytest.mark.parametrize("name, span, temperature", [
