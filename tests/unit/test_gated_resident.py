@@ -140,10 +140,11 @@ def test_the_resident_step_chooses_the_cpu_operators_pixels(name):
     assert torch.equal(resident_step(arguments, weights, teacher)[0], teacher)
 
 
-def activation_bytes(arguments, weights) -> int:
-    """The shared memory a block needs for its activations alone, as the operator's refusal of less says."""
+def activation_bytes(step, arguments, weights) -> int:
+    """The shared memory a block of a resident kernel needs for its activations alone, as the operator's
+    refusal of less says; `step` runs the operator (a test file's `resident_step`)."""
     with pytest.raises(RuntimeError, match="do not hold a block's activations") as refusal:
-        resident_step(arguments, weights, shared_bytes=64)
+        step(arguments, weights, shared_bytes=64)
     return int(re.search(r"\((\d+) bytes\)", str(refusal.value)).group(1))
 
 
@@ -157,7 +158,7 @@ def test_where_the_weights_are_read_from_and_the_thread_count_do_not_change_the_
     assert fused.load_ops()
     model = model_named(name)
     arguments, weights = step_arguments(model, n=2, span=6, seed=3)
-    least = activation_bytes(arguments, weights)
+    least = activation_bytes(resident_step, arguments, weights)
     want = resident_step(arguments, weights)
     for threads in (32, 128, 256):
         for budget in (-1, least + 4 * 1024, least):

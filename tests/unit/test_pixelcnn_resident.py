@@ -23,7 +23,12 @@ from tests.unit.test_fused_ops import (
     assert_call_matches_the_graph,
     assert_teacher_forced_logits_equal_the_network,
 )
-from tests.unit.test_gated_resident import TINY_THREADS, resident_calls, schedules_give_the_same_bits
+from tests.unit.test_gated_resident import (
+    TINY_THREADS,
+    activation_bytes,
+    resident_calls,
+    schedules_give_the_same_bits,
+)
 from tests.unit.test_sampling_engine import generate, mirrored, naive, tiny
 
 PIXELCNN_MODELS = ["pixelcnn", "pixelcnn_3_levels"]
@@ -126,13 +131,6 @@ def test_a_rolling_call_is_the_refresh_then_the_step(name):
     assert all(torch.equal(a, b) for a, b in zip(got[2], want[2]))
 
 
-def activation_bytes(arguments, weights) -> int:
-    """The shared memory a block needs for its activations alone, as the operator's refusal of less says."""
-    with pytest.raises(RuntimeError, match="do not hold a block's activations") as refusal:
-        resident_step(arguments, weights, shared_bytes=64)
-    return int(re.search(r"\((\d+) bytes\)", str(refusal.value)).group(1))
-
-
 @pytest.mark.parametrize("name", ["pixelcnn_3_levels", "wide"])
 def test_where_the_weights_are_read_from_and_the_thread_count_do_not_change_the_bits(name):
     # The budget decides only where each weight is read from: all of them in shared memory (the centre
@@ -143,7 +141,7 @@ def test_where_the_weights_are_read_from_and_the_thread_count_do_not_change_the_
     assert fused.load_ops()
     model = model_named(name)
     arguments, weights = step_arguments(model, n=2, span=4, seed=3)
-    least = activation_bytes(arguments, weights)
+    least = activation_bytes(resident_step, arguments, weights)
     want = resident_step(arguments, weights)
     for threads in (32, 128, 256):
         for budget in (-1, least + 4 * 1024, least):
