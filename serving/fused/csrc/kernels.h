@@ -20,34 +20,44 @@ namespace genserve {
 // `count` floats of scratch, uninitialised, 64-byte aligned, owned by the calling thread and reused
 // by its later calls (each call must be done with it before the next starts). A per-call
 // std::vector of megabytes (the refresh's at batch 64) went back to the OS at every call: the page
-// faults and zeroing of fresh pages took ~5% of a batch-64 sampling run. Each `pool` is a buffer of
-// its own: a thread may hand pool 1 to others for a call while it steps on pool 0 itself.
-inline float* thread_scratch(size_t count, int pool = 0) {
+// faults and zeroing of fresh pages took ~5% of a batch-64 sampling run.
+inline float* thread_scratch(size_t count) {
   struct alignas(64) Line {
     float values[16];
   };
-  thread_local std::unique_ptr<Line[]> buffers[2];
-  thread_local size_t capacities[2] = {0, 0};
-  if (capacities[pool] < count) {
-    capacities[pool] = (count + 15) / 16 * 16;
-    buffers[pool].reset(new Line[capacities[pool] / 16]);
+  thread_local std::unique_ptr<Line[]> buffer;
+  thread_local size_t capacity = 0;
+  if (capacity < count) {
+    capacity = (count + 15) / 16 * 16;
+    buffer.reset(new Line[capacity / 16]);
   }
-  return buffers[pool].get()->values;
+  return buffer.get()->values;
 }
 
-// Consecutive arrays of the given float counts in one thread_scratch (of `pool`), each from a cache
-// line's start: a vector load or store never straddles two lines.
+// The floats that consecutive arrays of the given counts take, each from a cache line's start: a
+// vector load or store never straddles two lines.
 template <size_t K>
-inline std::array<float*, K> scratch_arrays(const std::array<int64_t, K>& counts, int pool = 0) {
-  size_t total = 0;
+inline int64_t arrays_size(const std::array<int64_t, K>& counts) {
+  int64_t total = 0;
   for (int64_t count : counts) total += (count + 15) / 16 * 16;
-  float* next = thread_scratch(total, pool);
+  return total;
+}
+
+// Those arrays, from `base` (64-byte aligned, arrays_size(counts) floats) on.
+template <size_t K>
+inline std::array<float*, K> carve_arrays(const std::array<int64_t, K>& counts, float* base) {
   std::array<float*, K> arrays;
   for (size_t i = 0; i < K; ++i) {
-    arrays[i] = next;
-    next += (counts[i] + 15) / 16 * 16;
+    arrays[i] = base;
+    base += (counts[i] + 15) / 16 * 16;
   }
   return arrays;
+}
+
+// Those arrays in one thread_scratch.
+template <size_t K>
+inline std::array<float*, K> scratch_arrays(const std::array<int64_t, K>& counts) {
+  return carve_arrays(counts, thread_scratch(arrays_size(counts)));
 }
 
 #if defined(__AVX512F__)

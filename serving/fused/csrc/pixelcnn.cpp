@@ -126,16 +126,24 @@ struct GroupStep {
   float *x, *act, *reduced, *win, *masked, *out_hidden, *logits;
   float *rows_above, *centre;  // for rows from the caches (`own_rows`): p rows, and every (block, slot)'s centre row
 
+  // The buffers in `base` (buffer_counts' arrays), or where it is null in the calling thread's scratch.
   GroupStep(const PixelCNNWeights& w, const MaskedSplit& split, int64_t m, int64_t span, int64_t width, int64_t R0,
-            bool own_rows)
+            bool own_rows, float* base = nullptr)
       : w(w), split(split), m(m), span(span), h(w.hidden), h2(2 * w.hidden), R0(R0), p0(R0 - 1), k0(2 * R0 - 1),
         padded0(width + 2 * (R0 - 1)), in0(R0 * (2 * R0 - 1)), p(split.p), padded(width + 2 * split.p) {
-    const int64_t O = w.output_channels;
-    const std::array<float*, 8> buffers = scratch_arrays<8>(
-        {m * h2, m * h2, m * h, m * std::max(in0, split.centre_in), w.blocks * m * span * h, m * (O + w.levels),
-         own_rows ? p * padded * h : 0, own_rows ? w.blocks * m * padded * h : 0});
+    const std::array<int64_t, 8> counts = buffer_counts(w, split, m, span, width, R0, own_rows);
+    const std::array<float*, 8> buffers = base ? carve_arrays(counts, base) : scratch_arrays(counts);
     x = buffers[0], act = buffers[1], reduced = buffers[2], win = buffers[3], masked = buffers[4];
-    out_hidden = buffers[5], logits = out_hidden + m * O, rows_above = buffers[6], centre = buffers[7];
+    out_hidden = buffers[5], logits = out_hidden + m * w.output_channels, rows_above = buffers[6], centre = buffers[7];
+  }
+
+  // The floats of each of a step's buffers, in the order of the fields above.
+  static std::array<int64_t, 8> buffer_counts(const PixelCNNWeights& w, const MaskedSplit& split, int64_t m,
+                                              int64_t span, int64_t width, int64_t R0, bool own_rows) {
+    const int64_t h = w.hidden, in0 = R0 * (2 * R0 - 1), padded = width + 2 * split.p;
+    return {m * 2 * h, m * 2 * h, m * h, m * std::max(in0, split.centre_in), w.blocks * m * span * h,
+            m * (w.output_channels + w.levels), own_rows ? split.p * padded * h : 0,
+            own_rows ? w.blocks * m * padded * h : 0};
   }
 
   // Each block's masked layer's bias and rows-above part at pixels first..last of the span, (block, slot,
@@ -346,8 +354,11 @@ void rows_at_once(const PixelCNNWeights& w, const MaskedSplit& split, const Tens
   // group's rows are taken in order and end in order (a row's last pixel waits for the row above to end),
   // and each row being stepped holds a thread, so when row t is taken the others being stepped are at
   // most rows t - threads + 1 to t - 1, and every row before them has ended.
+  // And each thread's step buffers: taken here, so that nothing in the stepping can fail (a thread that
+  // stopped there would leave the next row's waiting forever).
   const int64_t image_slot = (p0 + rows) * padded0, slot_row = w.blocks * padded * h, ring = threads + p;
-  const std::array<float*, 2> own = scratch_arrays<2>({n * image_slot, ring * n * slot_row}, 1);
+  const int64_t step_floats = arrays_size(GroupStep::buffer_counts(w, split, kStepSlots, width, width, R0, false));
+  const std::array<float*, 3> own = scratch_arrays<3>({n * image_slot, ring * n * slot_row, threads * step_floats});
   float *image = own[0], *features = own[1];
   auto feature_row = [&](int64_t g, int64_t row, int64_t b, int64_t s) {  // `row` of the call's: -p up to rows
     const int64_t m = group_size(g);
@@ -374,12 +385,12 @@ void rows_at_once(const PixelCNNWeights& w, const MaskedSplit& split, const Tens
   uint8_t* images = pixels.data_ptr<uint8_t>();
   const std::unique_ptr<PixelsDone[]> done(new PixelsDone[rows * groups]);  // per (row, group)
   std::atomic<int64_t> next{0};
-  auto step_rows = [&] {
+  auto step_rows = [&](int64_t thread) {
     const int64_t first[kStepSlots] = {};
     int64_t column[kStepSlots];
     for (int64_t taken; (taken = next.fetch_add(1)) < rows * groups;) {
       const int64_t t = taken / groups, g = taken % groups, m = group_size(g), slot0 = g * kStepSlots;
-      GroupStep group(w, split, m, width, width, R0, false);
+      GroupStep group(w, split, m, width, width, R0, false, own[2] + thread * step_floats);
       for (int64_t b = 0; b < w.blocks; ++b)
         for (int64_t s = 0; s < m; ++s) {
           std::fill_n(feature_row(g, t, b, s), p * h, 0.f);
@@ -410,7 +421,7 @@ void rows_at_once(const PixelCNNWeights& w, const MaskedSplit& split, const Tens
   // A thread waits only on the row before its own, which another took earlier and steps meanwhile (or
   // it did itself): the call ends on any number of threads, even one that takes every row.
   at::parallel_for(0, threads, 1, [&](int64_t first, int64_t last) {
-    for (int64_t i = first; i < last; ++i) step_rows();
+    for (int64_t thread = first; thread < last; ++thread) step_rows(thread);
   });
   // The caches as the last row call leaves them: each its last R0 or R rows; the positions a row on per row.
   at::parallel_for(0, n, kStepSlots, [&](int64_t first_slot, int64_t last_slot) {
